@@ -1,0 +1,213 @@
+"""Command-line interface: parse arguments, call the library, print. No logic of its own.
+
+Every user mistake surfaces as a GlmlabError, printed as one message with its fix, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from glmlab import __version__
+from glmlab.errors import GlmlabError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="text files -> tokenizer + token files (a data directory)",
+                       description="Read text, split it, train a tokenizer on the training split, and write "
+                                   "token ids. With no INPUT, uses the bundled Tiny Shakespeare.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt files, directories of .txt, or .jsonl files")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="data directory to write")
+    p.add_argument("--tokenizer", default="char", choices=("char", "word", "bpe"), help="tokenizer kind (default: char)")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary cap for word/bpe (default 20000/4096)")
+    p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions (default 0.9,0.05,0.05)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle for splits")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    p.add_argument("--errors", default="strict", choices=("strict", "replace"),
+                   help="invalid UTF-8: stop with an error (strict) or substitute U+FFFD (replace)")
+    p.add_argument("--val", metavar="FILE", help="use this file as the validation split instead of carving one")
+    p.add_argument("--test", metavar="FILE", help="use this file as the test split instead of carving one")
+    p.set_defaults(handler=cmd_prepare)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a data directory into a run directory",
+                       description="Train a model. Config: a YAML file (--config) with sections model: and "
+                                   "train:, then key=value overrides, e.g. model.n_layer=4 train.max_steps=500.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (section.key=value)")
+    p.add_argument("--data", metavar="DATA_DIR", help="data directory from glmlab prepare")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory to write (or to resume)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
+    p.set_defaults(handler=cmd_train)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a trained run",
+                       description="Sample continuations of a prompt. Temperature 0 is greedy; the same --seed "
+                                   "gives the same text. A prompt longer than the context keeps its last tokens.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when this text appears (not included in the output); repeatable")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(handler=cmd_generate)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="measure NLL, perplexity and bits per char/byte of a run",
+                       description="Score every token of a split (or a file) in context windows.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--split", choices=("train", "val", "test"), default=None, help="split to score (default val)")
+    target.add_argument("--file", metavar="F", help="score a text file (.txt or .jsonl) instead of a split")
+    p.add_argument("--data", metavar="DATA_DIR", help="data directory (default: the one the run was trained on)")
+    p.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: block size)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(handler=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmlab", description="Generative language models: prepare -> train -> "
+                                     "generate / eval.")
+    parser.add_argument("--version", action="version", version=f"glmlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_eval(sub)
+    return parser
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from glmlab.data.prepare import format_summary, prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, split=args.split,
+                   seed=args.seed, text_field=args.text_field, errors=args.errors, val_file=args.val,
+                   test_file=args.test)
+    print(format_summary(meta, args.out))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from glmlab.config import describe_keys, read_yaml, resolve_config
+    from glmlab.runs import read_run_config
+    from glmlab.training.trainer import config_changes, train
+
+    if args.list_keys:
+        print(describe_keys())
+        return 0
+    if not args.out:
+        raise GlmlabError("no run directory given", "add --out RUN_DIR")
+    if args.resume:
+        if args.config:
+            raise GlmlabError("--config cannot be combined with --resume (the run keeps its own config.json)",
+                              "give changes as key=value overrides, e.g. train.max_steps=4000")
+        saved, raw = read_run_config(Path(args.out))
+        config = resolve_config({"model": raw["model"], "train": raw["train"]}, args.overrides)
+        changed = config_changes(saved, config)
+        if changed:
+            raise GlmlabError(f"a resumed run cannot change its model ({', '.join(changed)})",
+                              "start a new run with --out NEW_DIR to train a different model")
+        data_dir = args.data or raw.get("data", {}).get("dir")
+    else:
+        if not args.data:
+            raise GlmlabError("no data directory given", "add --data DATA_DIR (made by glmlab prepare)")
+        config = resolve_config(read_yaml(args.config) if args.config else {}, args.overrides)
+        data_dir = args.data
+    result = train(config, data_dir, args.out, resume=args.resume, show_progress=not args.quiet)
+    print(f"{result.stopped_by} after step {result.step} ({result.elapsed:.0f}s, {result.tokens_per_sec:,.0f} "
+          f"tokens/s): best val loss {result.best_val_loss:.4f}, last {result.last_val_loss:.4f} -> {result.run_dir}")
+    return EXIT_INTERRUPTED if result.stopped_by == "interrupted" else 0
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        from glmlab.data.corpus import decode_text
+
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise GlmlabError(f"prompt file {path} does not exist", "check the path given to --prompt-file")
+        return decode_text(path.read_bytes(), str(path))
+    return args.prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from glmlab.generation.generate import GenerationSettings, generate, stream
+    from glmlab.runs import load_run
+    from glmlab.runtime import select_device
+
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
+    prompt = _read_prompt(args)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                  num_samples=args.num_samples, stop=args.stop)
+    settings.validate()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.stream:
+            if args.num_samples != 1:
+                raise GlmlabError("--stream prints one sample", "drop --num-samples or --stream")
+            sys.stdout.write(prompt)
+            for delta in stream(run.model, run.tokenizer, prompt, settings):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            texts = generate(run.model, run.tokenizer, prompt, settings)
+            for i, text in enumerate(texts):
+                if len(texts) > 1:
+                    print(f"--- sample {i + 1} ---")
+                print(prompt + text)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from glmlab.evaluation.report import evaluate_run
+
+    report, label = evaluate_run(args.run_dir, split=args.split, file=args.file, data_dir=args.data,
+                                 stride=args.stride, batch_size=args.batch_size, checkpoint=args.checkpoint,
+                                 device=args.device)
+    if args.json:
+        print(json.dumps({"target": label, **report.to_dict()}, indent=2))
+    else:
+        print(f"{label}: {report.format()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except GlmlabError as exc:
+        print(f"glmlab {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"glmlab {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0

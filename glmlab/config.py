@@ -1,0 +1,263 @@
+"""Configs as dataclasses: YAML files plus dotted `key=value` overrides, validated with clear errors.
+
+A run's config has two sections. ``model`` is the config dataclass of the chosen family (looked up in
+the model registry by ``model.family``); ``train`` is :class:`TrainConfig`. Each field carries its
+help text, and optionally ``min``/``max``/``choices``, in its metadata, so validation and
+``glmlab train --list-keys`` need no extra tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glmlab.errors import ConfigError
+
+
+def field(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text and optional ``min``, ``max``, ``choices`` checks."""
+    return dataclasses.field(default=default, metadata={"help": help, **checks})
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"90s"``, ``"3m"`` or ``"1.5h"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (use seconds, or e.g. 90s, 3m, 1.5h)")
+    scale = {"s": 1, "sec": 1, None: 1, "m": 60, "min": 60, "h": 3600}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train: budget, optimiser, schedule, evaluation, precision and device."""
+
+    batch_size: int = field(32, "sequences per micro-batch", min=1)
+    grad_accum: int = field(1, "micro-batches per optimiser step (global batch = batch_size * grad_accum)", min=1)
+    max_steps: int = field(2000, "optimiser steps to train for", min=1)
+    max_time: float | None = field(None, "wall-clock training budget in seconds (or '3m', '1h'); none = unlimited")
+    lr: float = field(1e-3, "peak learning rate", min=0.0)
+    min_lr: float | None = field(None, "final learning rate of the decay; none = lr / 10", min=0.0)
+    lr_schedule: str = field("cosine", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = field(100, "linear learning-rate warm-up steps", min=0)
+    weight_decay: float = field(0.1, "AdamW weight decay (matrices only; biases, norms, embeddings of position exempt)",
+                                min=0.0)
+    beta1: float = field(0.9, "AdamW beta1", min=0.0, max=0.999999)
+    beta2: float = field(0.99, "AdamW beta2", min=0.0, max=0.999999)
+    grad_clip: float = field(1.0, "clip the global gradient norm to this value; 0 = no clipping", min=0.0)
+    eval_interval: int = field(250, "evaluate on the validation split every N steps", min=1)
+    eval_tokens: int = field(65536, "validation tokens scored per evaluation; 0 = the whole split", min=0)
+    log_interval: int = field(10, "write a training line to metrics.jsonl every N steps", min=1)
+    patience: int = field(0, "stop after N evaluations without a better val loss; 0 = never", min=0)
+    precision: str = field("auto", "numeric precision: auto = bf16 autocast where the hardware supports it",
+                           choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = field(False, "torch.compile the model before training")
+    seed: int = field(1337, "seed for initialisation, batch sampling and dropout", min=0)
+    device: str = field("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    threads: int = field(0, "CPU threads for PyTorch; 0 = PyTorch's default", min=0)
+    sample_tokens: int = field(200, "tokens of sample text written to samples.txt at each evaluation", min=0)
+    sample_prompt: str = field("\n", "prompt for the samples written during training")
+
+    def validate(self) -> None:
+        if self.max_time is not None:
+            try:
+                self.max_time = parse_duration(self.max_time)
+            except ValueError as exc:
+                raise ConfigError(f"train.max_time: {exc}", "write e.g. train.max_time=180 or 3m") from None
+            if self.max_time <= 0:
+                raise ConfigError("train.max_time must be positive", "omit it for no time limit")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}", "lower train.min_lr")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"train.device={self.device!r} is not a device", "use auto, cpu, cuda or cuda:N")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The whole resolved config of a run, as saved in the run directory's config.json."""
+
+    model: Any
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` to the field's declared type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        inner = [a for a in options if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    wanted = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            if isinstance(value, str):
+                return int(value.replace("_", ""))
+            if isinstance(value, (int, float)):
+                return int(value)
+            raise ValueError
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}={value!r} is not a valid {wanted}",
+                          f"give {key} a {wanted} value") from None
+    return value
+
+
+def suggest(name: str, known: typing.Iterable[str]) -> str:
+    """'did you mean ...' text for an unknown name, or a list of the valid ones."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "valid keys: " + ", ".join(known)
+
+
+def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values`` with type coercion and range checks."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{key}'",
+                              suggest(f"{section}.{name}", (f"{section}.{f}" for f in fields)))
+        value = _coerce(value, hints[name], key)
+        meta = fields[name].metadata
+        if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+            if "min" in meta and value < meta["min"]:
+                raise ConfigError(f"{key}={value} is out of range", f"use a value >= {meta['min']}")
+            if "max" in meta and value > meta["max"]:
+                raise ConfigError(f"{key}={value} is out of range", f"use a value <= {meta['max']}")
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, meta['choices']))}",
+                              f"set {key} to one of: {', '.join(map(str, meta['choices']))}")
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def parse_overrides(items: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["model.n_layer=6", "train.lr=3e-4"]`` -> ``{"model": {"n_layer": "6"}, "train": {...}}``.
+
+    Values stay strings (YAML-parsed where that is unambiguous); coercion to the field type
+    happens in :func:`build_section`, so ``3e-4`` is a float whatever YAML thinks of it.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} has no '='", "write overrides as section.key=value, "
+                              "e.g. train.lr=3e-4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key {key!r} is not of the form section.key",
+                              "e.g. model.n_layer=6 or train.max_steps=500")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict, with clear errors for missing or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", "check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0],
+                          "fix the syntax (sections model: and train:, two-space indents)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping with sections model: and train:")
+    return data
+
+
+SECTIONS = ("model", "train")
+
+
+def resolve_config(base: dict[str, Any] | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Merge a config dict (e.g. from YAML) with overrides and validate it into a RunConfig."""
+    from glmlab.models import family_config_class
+
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for layer in (base or {}, parse_overrides(overrides)):
+        for section, values in layer.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section '{section}'", suggest(section, SECTIONS))
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+            merged[section].update(values)
+    model_values = dict(merged["model"])
+    family = str(model_values.get("family", "gpt"))
+    model_cls = family_config_class(family)
+    return RunConfig(model=build_section(model_cls, model_values, "model"),
+                     train=build_section(TrainConfig, merged["train"], "train"))
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from a run directory's config.json contents."""
+    return resolve_config({s: data.get(s, {}) for s in SECTIONS})
+
+
+def describe_keys() -> str:
+    """Every config key with its default and help text, for ``glmlab train --list-keys``."""
+    from glmlab.models import FAMILIES
+
+    lines = []
+    sections: list[tuple[str, type]] = [(f"model ({name})", entry.config) for name, entry in FAMILIES.items()]
+    sections.append(("train", TrainConfig))
+    for title, cls in sections:
+        lines.append(f"[{title}]")
+        prefix = title.split(" ")[0]
+        for f in dataclasses.fields(cls):
+            extra = f" (one of: {', '.join(f.metadata['choices'])})" if "choices" in f.metadata else ""
+            lines.append(f"  {prefix}.{f.name} = {f.default!r}\n      {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)

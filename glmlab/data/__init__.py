@@ -1,0 +1,1 @@
+"""Data pipeline: corpus reading and splits, tokenizers, token datasets."""

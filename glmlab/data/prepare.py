@@ -1,0 +1,126 @@
+"""`glmlab prepare`: text -> corpus -> splits -> tokenizer -> token files + meta.json in a data directory.
+
+A data directory holds ``tokenizer.json``, ``{train,val,test}.bin`` (token ids, ``np.memmap``-able,
+uint16 below 65,536 ids, else uint32; each document followed by ``<eos>``) and ``meta.json``
+(counts per split, vocab size, dtype, source file hashes, and the options that made it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glmlab import atomic
+from glmlab.data.corpus import SPLIT_NAMES, Corpus, default_corpus_path, parse_split, read_corpus, split_documents
+from glmlab.data.tokenizer import Tokenizer, iter_lines, train_tokenizer
+from glmlab.errors import DataError
+
+META_VERSION = 1
+
+
+@dataclass
+class SplitStats:
+    documents: int
+    characters: int
+    bytes: int
+    tokens: int
+    unk_tokens: int
+
+    @property
+    def unk_rate(self) -> float:
+        return self.unk_tokens / self.tokens if self.tokens else 0.0
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+
+
+def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
+    """All documents as one id stream, each document followed by ``<eos>``."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    parts: list[np.ndarray] = []
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    for doc in documents:
+        chunks = list(iter_lines([doc]))
+        for ids in tokenizer.encode_batch(chunks):
+            parts.append(np.asarray(ids, dtype=dtype))
+        parts.append(eos)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def write_tokens(path: Path, ids: np.ndarray) -> None:
+    """Write ids as a raw little-endian array that ``np.memmap(path, dtype)`` reads back."""
+    atomic.write_with(path, lambda tmp: ids.astype(ids.dtype.newbyteorder("<"), copy=False).tofile(tmp))
+
+
+def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
+            split: str = "0.9,0.05,0.05", seed: int = 1337, text_field: str = "text", errors: str = "strict",
+            val_file: str | Path | None = None, test_file: str | Path | None = None) -> dict[str, Any]:
+    """Build a data directory at ``out``; returns the meta dict that is also saved as meta.json."""
+    started = time.perf_counter()
+    fractions = dict(zip(SPLIT_NAMES, parse_split(split), strict=True))
+    sources = list(inputs) or [default_corpus_path()]
+    corpus = read_corpus(sources, text_field, errors)
+    explicit = {"val": val_file, "test": test_file}
+    carved = tuple(name for name in SPLIT_NAMES if not explicit.get(name))
+    splits = split_documents(corpus.documents, tuple(fractions[n] for n in carved), carved, seed)
+    all_sources = list(corpus.sources)
+    for name, path in explicit.items():
+        if path:
+            extra: Corpus = read_corpus([path], text_field, errors)
+            splits[name] = extra.documents
+            all_sources.extend(extra.sources)
+    if not splits["train"]:
+        raise DataError("the training split is empty", "give more text, or a larger train fraction in --split")
+    if not splits["val"]:
+        raise DataError("the validation split is empty (training needs one to evaluate)",
+                        "give more text, a larger val fraction in --split, or --val FILE")
+
+    tok = train_tokenizer(tokenizer, splits["train"], vocab_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    stats: dict[str, SplitStats] = {}
+    for name in SPLIT_NAMES:
+        docs = splits.get(name, [])
+        ids = encode_documents(tok, docs)
+        write_tokens(out / f"{name}.bin", ids)
+        unk = int((ids == tok.unk_id).sum()) if tok.unk_id is not None else 0
+        stats[name] = SplitStats(documents=len(docs), characters=sum(len(d) for d in docs),
+                                 bytes=sum(len(d.encode("utf-8")) for d in docs), tokens=int(ids.size),
+                                 unk_tokens=unk)
+    tok.save(out / "tokenizer.json")
+    meta = {
+        "version": META_VERSION,
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "special_tokens": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id},
+        "documents_end_with": "<eos>",
+        "splits": {name: dataclasses.asdict(s) for name, s in stats.items()},
+        "sources": [dataclasses.asdict(s) for s in all_sources],
+        "options": {"split": split, "seed": seed, "text_field": text_field, "errors": errors,
+                    "vocab_size": vocab_size, "val_file": str(val_file) if val_file else None,
+                    "test_file": str(test_file) if test_file else None},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic.write_json(out / "meta.json", meta)
+    return meta
+
+
+def format_summary(meta: dict[str, Any], out: str | Path) -> str:
+    """The table `glmlab prepare` prints."""
+    lines = [f"prepared {out}  ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']:,}, "
+             f"{meta['dtype']}, {len(meta['sources'])} source file(s), {meta['seconds']:.1f}s)",
+             f"  {'split':<6} {'documents':>10} {'characters':>12} {'tokens':>12} {'chars/token':>11} {'unk rate':>9}"]
+    for name, s in meta["splits"].items():
+        per = s["characters"] / s["tokens"] if s["tokens"] else 0.0
+        unk = s["unk_tokens"] / s["tokens"] if s["tokens"] else 0.0
+        lines.append(f"  {name:<6} {s['documents']:>10,} {s['characters']:>12,} {s['tokens']:>12,} {per:>11.2f} "
+                     f"{unk:>9.3%}")
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""Tokenizers: char, word and byte-level BPE, all Hugging Face ``tokenizers`` objects.
+
+Whatever the kind, the result is saved as a standard ``tokenizer.json`` that
+``tokenizers.Tokenizer.from_file`` loads, with the same four special tokens at ids 0-3.
+:class:`Tokenizer` wraps it with what glmlab needs: special ids, decoding that restores line
+breaks for word-level text, and a check that names the characters a tokenizer cannot encode.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from glmlab import atomic
+from glmlab.errors import DataError, EncodingError, RunDirError
+
+# Declared once: every tokenizer glmlab builds has exactly these, at these ids.
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+KINDS = ("char", "word", "bpe")
+DEFAULT_VOCAB_SIZE = {"word": 20000, "bpe": 4096}
+
+# Word-level pieces: runs of non-space characters, and each line break as a token of its own.
+_WORD_PATTERN = r"\n|[^\s]+"
+_WORD_DECODE_CLEANUP = re.compile(r" ?\n ?")
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer plus the special ids and checks glmlab relies on."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        self.hf = hf
+        self.kind = _infer_kind(hf)
+        self.pad_id = hf.token_to_id(PAD)
+        self.unk_id = hf.token_to_id(UNK)
+        self.bos_id = hf.token_to_id(BOS)
+        self.eos_id = hf.token_to_id(EOS)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {i for i in (self.pad_id, self.unk_id, self.bos_id, self.eos_id) if i is not None}
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        text = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.kind == "word":
+            text = _WORD_DECODE_CLEANUP.sub("\n", text)
+        return text
+
+    def unencodable(self, text: str) -> list[str]:
+        """The pieces of ``text`` (characters, or words for a word tokenizer) that map to ``<unk>``."""
+        if self.unk_id is None:
+            return []
+        enc = self.hf.encode(text, add_special_tokens=False)
+        bad: list[str] = []
+        for token_id, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+            piece = text[start:end]
+            if token_id == self.unk_id and piece != UNK and piece not in bad:
+                bad.append(piece)
+        return bad
+
+    def encode_checked(self, text: str, what: str = "prompt") -> list[int]:
+        """Encode ``text``, refusing with a clear error if any part of it would become ``<unk>``."""
+        bad = self.unencodable(text)
+        if bad:
+            shown = ", ".join(repr(p) for p in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            unit = "words" if self.kind == "word" else "characters"
+            raise EncodingError(f"the {what} contains {unit} this {self.kind} tokenizer cannot encode: {shown}",
+                                f"remove or replace them (the tokenizer knows {self.vocab_size} tokens from its "
+                                "training text), or prepare data with --tokenizer bpe, which encodes any text")
+        return self.encode(text)
+
+    def save(self, path: str | Path) -> None:
+        atomic.write_text(path, self.hf.to_str(pretty=True))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise RunDirError(f"tokenizer file {path} is missing", "re-run glmlab prepare, or copy tokenizer.json")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # tokenizers raises plain Exception on malformed JSON
+            raise RunDirError(f"{path} is not a valid tokenizer.json ({str(exc).splitlines()[0]})",
+                              "re-run glmlab prepare to rebuild it") from None
+
+
+def _infer_kind(hf: HFTokenizer) -> str:
+    spec = json.loads(hf.to_str())
+    model_type = spec.get("model", {}).get("type")
+    if model_type == "WordLevel":
+        decoder = spec.get("decoder") or {}
+        return "char" if decoder.get("type") == "Fuse" else "word"
+    return "bpe"
+
+
+def _with_specials(hf: HFTokenizer) -> HFTokenizer:
+    hf.add_special_tokens(list(SPECIAL_TOKENS))
+    return hf
+
+
+def train_char(texts: Iterable[str]) -> Tokenizer:
+    """One token per distinct character of the training text (sorted), after the special tokens."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(chars):
+        vocab.setdefault(ch, len(vocab))
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    return Tokenizer(_with_specials(hf))
+
+
+def train_word(texts: Iterator[str] | list[str], vocab_size: int) -> Tokenizer:
+    """Whitespace-separated words (and line breaks), the ``vocab_size`` most frequent; the rest ``<unk>``."""
+    hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="removed", invert=True)
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(_with_specials(hf))
+
+
+def train_bpe(texts: Iterator[str] | list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style): encodes any text, never produces ``<unk>``."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(_with_specials(hf))
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int | None = None) -> Tokenizer:
+    """Train a tokenizer of ``kind`` on ``texts`` (the training split only)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown tokenizer {kind!r}", f"use one of: {', '.join(KINDS)}")
+    if kind == "char":
+        return train_char(texts)
+    size = vocab_size or DEFAULT_VOCAB_SIZE[kind]
+    minimum = len(SPECIAL_TOKENS) + (256 if kind == "bpe" else 1)
+    if size < minimum:
+        raise DataError(f"--vocab-size {size} is too small for a {kind} tokenizer",
+                        f"use at least {minimum}")
+    if kind == "word":
+        return train_word(iter_lines(texts), size)
+    return train_bpe(iter_lines(texts), size)
+
+
+def iter_lines(texts: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[str]:
+    """Texts cut into chunks of about ``chunk_chars`` at line breaks (for batched encoding and training)."""
+    for text in texts:
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + chunk_chars)
+            if end < len(text):
+                newline = text.find("\n", end)
+                end = len(text) if newline == -1 else newline + 1
+            yield text[start:end]
+            start = end

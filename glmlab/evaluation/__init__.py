@@ -1,0 +1,1 @@
+"""Evaluation: likelihood metrics (NLL, perplexity, bits per character and per byte)."""

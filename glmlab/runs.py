@@ -1,0 +1,145 @@
+"""The run directory, the unit everything exchanges, and ``glmlab.load``.
+
+Layout (every file written atomically)::
+
+    RUN_DIR/config.json         resolved config + data provenance
+    RUN_DIR/tokenizer.json      the data's tokenizer (Hugging Face format)
+    RUN_DIR/model.safetensors   weights at the last checkpoint (pairs with trainer_state.pt)
+    RUN_DIR/trainer_state.pt    optimiser, schedule, step, data position, RNG states (weights_only)
+    RUN_DIR/best/model.safetensors  weights with the best validation loss so far
+    RUN_DIR/metrics.jsonl       one JSON record per log line / evaluation
+    RUN_DIR/loss.png            training and validation loss curves
+    RUN_DIR/samples.txt         text sampled at the latest evaluation
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from glmlab import atomic
+from glmlab.config import RunConfig, config_from_dict
+from glmlab.data.tokenizer import Tokenizer
+from glmlab.errors import GlmlabError, RunDirError
+from glmlab.models import build_model
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+WEIGHTS = "model.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+BEST_DIR = "best"
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+SAMPLES = "samples.txt"
+CHECKPOINTS = ("best", "last")
+
+
+def save_weights(model: nn.Module, path: Path) -> str:
+    """Write weights as safetensors (tied weights stored once); returns the file's sha256."""
+    atomic.write_with(path, lambda tmp: save_model(model, str(tmp)))
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise RunDirError(f"{path} cannot be read as model weights ({str(exc).splitlines()[0]})",
+                          "the checkpoint is damaged; resume from another run or retrain") from None
+    if missing or unexpected:
+        raise RunDirError(f"{path} does not match the model in config.json "
+                          f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})",
+                          "check that config.json and the weights come from the same run")
+
+
+def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's RunConfig and the raw config.json dict (which also holds data provenance)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist",
+                          "train one with: glmlab train --data DATA_DIR --out RUN_DIR")
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a glmlab run directory (no {CONFIG})",
+                          "point to a directory written by glmlab train")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return config_from_dict(raw), raw
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RunDirError(f"{path} is corrupted (not JSON)", "restore it from a backup or retrain") from None
+    except GlmlabError as exc:
+        raise RunDirError(f"{path} holds an invalid config: {exc.problem}", "restore it or retrain") from None
+
+
+def weights_path(run_dir: Path, checkpoint: str) -> Path:
+    """The weights file of ``checkpoint`` (best falls back to last when no evaluation has run yet)."""
+    if checkpoint not in CHECKPOINTS:
+        raise RunDirError(f"unknown checkpoint {checkpoint!r}", "use best or last")
+    best = run_dir / BEST_DIR / WEIGHTS
+    last = run_dir / WEIGHTS
+    path = best if checkpoint == "best" and best.is_file() else last
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no model weights ({WEIGHTS}); training has not saved a checkpoint yet",
+                          "train longer, or resume with: glmlab train --resume --out " + str(run_dir))
+    return path
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with its tokenizer and config, ready to generate or evaluate.
+
+    Unpacks as ``model, tokenizer = glmlab.load(run_dir)``.
+    """
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: RunConfig
+    run_dir: Path
+    raw_config: dict[str, Any]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompt: str = "", **settings: Any) -> list[str]:
+        """Continuations of ``prompt`` (one per ``num_samples``); settings as in :class:`GenerationSettings`."""
+        from glmlab.generation.generate import GenerationSettings, generate
+
+        return generate(self.model, self.tokenizer, prompt, GenerationSettings(**settings))
+
+    def stream(self, prompt: str = "", **settings: Any) -> Iterator[str]:
+        """Text deltas of one continuation as they are generated (never half a character)."""
+        from glmlab.generation.generate import GenerationSettings, stream
+
+        return stream(self.model, self.tokenizer, prompt, GenerationSettings(**settings))
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Load a run directory's model (``best`` or ``last`` weights) and tokenizer, in eval mode."""
+    run_dir = Path(run_dir)
+    config, raw = read_run_config(run_dir)
+    tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
+    model = build_model(config.model)
+    load_weights(model, weights_path(run_dir, checkpoint))
+    model.to(device).eval()
+    return LoadedRun(model, tokenizer, config, run_dir, raw)

@@ -1,0 +1,64 @@
+"""Where and how tensors run: device choice, autocast precision, CPU threads."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from glmlab.errors import ConfigError
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if present, else CPU; an explicit device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available here",
+                          "use train.device=auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' was asked for but is not available here", "use train.device=auto or cpu")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` on ``device``; None means plain fp32."""
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        if name == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if name == "bf16" else torch.float16
+    if name == "fp16":
+        raise ConfigError(f"fp16 autocast needs a CUDA device, not {device.type}",
+                          "use train.precision=bf16 or fp32 on this device")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn("this CPU has no native bf16 support; bf16 autocast will be slow", stacklevel=2)
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """An autocast context for ``dtype`` on ``device``, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)

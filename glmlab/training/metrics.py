@@ -1,0 +1,62 @@
+"""metrics.jsonl (one JSON record per line) and the loss.png plot drawn from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from glmlab import atomic
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl; on resume, drops records from steps after the checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if record.get("step", 0) <= resume_step:
+                    self.records.append(record)
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self._file = open(path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training loss (each log line) and validation loss (each evaluation) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and math.isfinite(r["loss"])]
+    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and math.isfinite(r["loss"])]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", alpha=0.7, linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val", linewidth=1.5, markersize=3)
+        best = min(val, key=lambda sv: sv[1])
+        ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 8), ha="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
