@@ -25,7 +25,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                                    "token ids. With no INPUT, uses the bundled Tiny Shakespeare.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt files, directories of .txt, or .jsonl files")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="data directory to write")
-    p.add_argument("--tokenizer", default="char", choices=("char", "word", "bpe"), help="tokenizer kind (default: char)")
+    p.add_argument("--tokenizer", default="char", choices=("char", "word", "bpe"),
+                   help="tokenizer kind (default: char)")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary cap for word/bpe (default 20000/4096)")
     p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions (default 0.9,0.05,0.05)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle for splits")

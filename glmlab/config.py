@@ -49,7 +49,8 @@ class TrainConfig:
     batch_size: int = field(32, "sequences per micro-batch", min=1)
     grad_accum: int = field(1, "micro-batches per optimiser step (global batch = batch_size * grad_accum)", min=1)
     max_steps: int = field(2000, "optimiser steps to train for", min=1)
-    max_time: float | None = field(None, "wall-clock training budget in seconds (or '3m', '1h'); none = unlimited")
+    max_time: float | None = field(None, "wall-clock training budget in seconds (or '90s', '3m', '1h'); "
+                                   "none = unlimited", parse=parse_duration, min=1e-9)
     lr: float = field(1e-3, "peak learning rate", min=0.0)
     min_lr: float | None = field(None, "final learning rate of the decay; none = lr / 10", min=0.0)
     lr_schedule: str = field("cosine", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
@@ -73,13 +74,6 @@ class TrainConfig:
     sample_prompt: str = field("\n", "prompt for the samples written during training")
 
     def validate(self) -> None:
-        if self.max_time is not None:
-            try:
-                self.max_time = parse_duration(self.max_time)
-            except ValueError as exc:
-                raise ConfigError(f"train.max_time: {exc}", "write e.g. train.max_time=180 or 3m") from None
-            if self.max_time <= 0:
-                raise ConfigError("train.max_time must be positive", "omit it for no time limit")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}", "lower train.min_lr")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
@@ -102,9 +96,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in options:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in options:
+            return None
         inner = [a for a in options if a is not type(None)]
         return _coerce(value, inner[0], key)
     wanted = annotation.__name__ if isinstance(annotation, type) else str(annotation)
@@ -160,8 +154,13 @@ def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
         if name not in fields:
             raise ConfigError(f"unknown config key '{key}'",
                               suggest(f"{section}.{name}", (f"{section}.{f}" for f in fields)))
-        value = _coerce(value, hints[name], key)
         meta = fields[name].metadata
+        if "parse" in meta and value is not None and str(value).lower() not in ("none", "null"):
+            try:
+                value = meta["parse"](value)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}", f"write e.g. {key}=180") from None
+        value = _coerce(value, hints[name], key)
         if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
             if "min" in meta and value < meta["min"]:
                 raise ConfigError(f"{key}={value} is out of range", f"use a value >= {meta['min']}")

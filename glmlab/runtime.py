@@ -24,10 +24,12 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, c, lambda: False)() for c in checks)
+    """True where the CPU has AMX tiles enabled, the one case where bf16 matmuls beat fp32 on a CPU.
+
+    AVX512-BF16 alone is not enough: measured on a 2-core Sapphire Rapids VM whose kernel does not
+    expose AMX, a 1024x1024 bf16 matmul ran at 169 GFLOP/s against 327 GFLOP/s in fp32.
+    """
+    return bool(getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)())
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -44,7 +46,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     if device.type == "cpu" and not cpu_has_fast_bf16():
-        warnings.warn("this CPU has no native bf16 support; bf16 autocast will be slow", stacklevel=2)
+        warnings.warn("this CPU exposes no AMX tiles; bf16 autocast is likely slower than fp32 here", stacklevel=2)
     return torch.bfloat16
 
 

@@ -41,7 +41,8 @@ class GenerationSettings:
             (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)"),
             (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)"),
             (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
-            (1 <= self.num_samples <= MAX_NUM_SAMPLES, f"num_samples={self.num_samples} must be in 1..{MAX_NUM_SAMPLES}"),
+            (1 <= self.num_samples <= MAX_NUM_SAMPLES,
+             f"num_samples={self.num_samples} must be in 1..{MAX_NUM_SAMPLES}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty text"),
         ]
         for ok, problem in checks:

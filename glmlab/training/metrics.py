@@ -25,7 +25,7 @@ class MetricsLog:
                 if record.get("step", 0) <= resume_step:
                     self.records.append(record)
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self._file = open(path, "a", encoding="utf-8", buffering=1)
+        self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the run
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}

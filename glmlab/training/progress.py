@@ -39,7 +39,8 @@ class Progress:
         if not self.enabled:
             return
         val = f" | val {self.val:.4f}" if self.val is not None else ""
-        text = f"loss {loss:.4f}{val} | {tokens_per_sec / 1000:.1f}k tok/s | eta {_clock(self.eta(step, elapsed, steps_per_sec))}"
+        eta = _clock(self.eta(step, elapsed, steps_per_sec))
+        text = f"loss {loss:.4f}{val} | {tokens_per_sec / 1000:.1f}k tok/s | eta {eta}"
         if self.interactive:
             self.bar.n = step
             self.bar.set_postfix_str(text, refresh=True)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a small Shakespeare data directory and a tiny trained run, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glmlab.config import resolve_config
+from glmlab.data.corpus import default_corpus_path
+from glmlab.data.prepare import prepare
+from glmlab.training.trainer import train
+
+TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0"]
+TINY_TRAIN = ["train.batch_size=8", "train.eval_interval=20", "train.log_interval=5", "train.warmup_steps=5",
+              "train.lr=3e-3", "train.sample_tokens=20", "train.eval_tokens=2048"]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_excerpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 40,000 characters of the bundled corpus, as a .txt file."""
+    path = tmp_path_factory.mktemp("corpus") / "excerpt.txt"
+    path.write_text(default_corpus_path().read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory: pytest.TempPathFactory, shakespeare_excerpt: Path) -> Path:
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare([shakespeare_excerpt], out, tokenizer="char")
+    return out
+
+
+def tiny_config(*extra: str):
+    return resolve_config({}, [*TINY_MODEL, *TINY_TRAIN, *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, char_data: Path) -> Path:
+    """A tiny gpt trained for 40 steps (two evaluations)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_config("train.max_steps=40"), char_data, out, show_progress=False)
+    return out

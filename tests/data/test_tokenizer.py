@@ -1,0 +1,53 @@
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from glmlab.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from glmlab.errors import DataError, EncodingError
+
+TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n" * 20
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_saved_tokenizer_loads_with_hf_and_keeps_special_ids(kind, tmp_path):
+    tok = train_tokenizer(kind, [TEXT], vocab_size=300 if kind == "bpe" else 50)
+    tok.save(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert [hf.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    again = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert again.kind == kind
+    assert hf.encode("to be").ids == tok.encode("to be")
+
+
+def test_char_round_trip_and_unencodable_characters():
+    tok = train_tokenizer("char", [TEXT])
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    assert tok.vocab_size == len(set(TEXT)) + 4
+    assert tok.unencodable("Tö be €") == ["ö", "€"]
+    with pytest.raises(EncodingError) as err:
+        tok.encode_checked("zebra")
+    assert "'z'" in str(err.value) and "--tokenizer bpe" in str(err.value)
+
+
+def test_word_vocab_cap_unknowns_and_line_breaks():
+    tok = train_tokenizer("word", [TEXT], vocab_size=10)
+    assert tok.vocab_size == 10
+    ids = tok.encode("the zyzzyva\nthe")
+    assert ids[1] == tok.unk_id
+    assert tok.unencodable("the zyzzyva") == ["zyzzyva"]
+    full = train_tokenizer("word", [TEXT], vocab_size=1000)
+    assert full.decode(full.encode("to be, or not\nto be:")) == "to be, or not\nto be:"
+
+
+def test_bpe_encodes_any_text():
+    tok = train_tokenizer("bpe", [TEXT], vocab_size=300)
+    weird = "naïve 😀 日本語 \t tabs\n"
+    assert tok.unencodable(weird) == []
+    assert tok.decode(tok.encode(weird)) == weird
+    assert tok.vocab_size <= 300
+
+
+def test_vocab_size_too_small_and_unknown_kind():
+    with pytest.raises(DataError, match="too small"):
+        train_tokenizer("bpe", [TEXT], vocab_size=100)
+    with pytest.raises(DataError, match="unknown tokenizer"):
+        train_tokenizer("sentencepiece", [TEXT])

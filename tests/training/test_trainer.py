@@ -1,0 +1,87 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glmlab.errors import DataError, GlmlabError, RunDirError
+from glmlab.runs import load_run
+from glmlab.training.trainer import train
+from tests.conftest import tiny_config
+
+
+def _records(run, split):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_training_lowers_the_loss_and_fills_the_run_directory(trained_run):
+    train_records = _records(trained_run, "train")
+    val_records = _records(trained_run, "val")
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.5
+    assert [r["step"] for r in val_records] == [20, 40]
+    assert val_records[-1]["loss"] < math.log(40)  # better than uniform over the char vocab
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "trainer_state.pt", "best/model.safetensors",
+                 "loss.png", "samples.txt"):
+        assert (trained_run / name).is_file(), name
+    assert (trained_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (trained_run / "samples.txt").read_text().startswith("# step 40")
+    state = torch.load(trained_run / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 40 and "optimizer" in state and "sampler" in state
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["model"]["vocab_size"] > 4 and config["train"]["max_steps"] == 40
+
+
+def test_resume_is_bit_exact(char_data, tmp_path):
+    # A constant schedule makes a 10-step run the first half of the 20-step one; dropout checks RNG restore.
+    common = ("train.lr_schedule=constant", "model.dropout=0.1", "train.eval_interval=10")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_config("train.max_steps=20", *common), char_data, straight, show_progress=False)
+    train(tiny_config("train.max_steps=10", *common), char_data, split, show_progress=False)
+    result = train(tiny_config("train.max_steps=20", *common), char_data, split, resume=True, show_progress=False)
+    assert result.step == 20
+    a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _records(straight, "train")] == [r["loss"] for r in _records(split, "train")]
+    assert [r["step"] for r in _records(split, "val")] == [10, 20]
+
+
+def test_existing_run_is_not_overwritten(trained_run, char_data):
+    before = (trained_run / "model.safetensors").read_bytes()
+    with pytest.raises(RunDirError, match="--resume"):
+        train(tiny_config("train.max_steps=5"), char_data, trained_run, show_progress=False)
+    assert (trained_run / "model.safetensors").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_says_how_to_extend(trained_run, char_data):
+    with pytest.raises(GlmlabError, match="train.max_steps=80"):
+        train(tiny_config("train.max_steps=40"), char_data, trained_run, resume=True, show_progress=False)
+
+
+def test_damaged_checkpoint_is_refused(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config("train.max_steps=10"), char_data, run, show_progress=False)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100] + b"\x00" * 100)
+    with pytest.raises(RunDirError, match="does not match"):
+        train(tiny_config("train.max_steps=20"), char_data, run, resume=True, show_progress=False)
+
+
+def test_block_size_larger_than_the_split(char_data, tmp_path):
+    with pytest.raises(DataError, match="block_size=4096"):
+        train(tiny_config("model.block_size=4096"), char_data, tmp_path / "run", show_progress=False)
+
+
+def test_patience_stops_early(char_data, tmp_path):
+    result = train(tiny_config("train.max_steps=200", "train.eval_interval=5", "train.lr=0", "train.min_lr=0",
+                               "train.patience=2"), char_data, tmp_path / "run", show_progress=False)
+    assert result.stopped_by == "patience" and result.step == 15
+
+
+def test_load_returns_a_ready_model(trained_run):
+    run = load_run(trained_run)
+    model, tokenizer = run
+    assert not model.training and tokenizer.kind == "char"
+    text = run.generate("First", max_new_tokens=10, seed=0, temperature=0)[0]
+    assert len(text) == 10
