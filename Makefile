@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := data/shakespeare-char
-RUN := runs/shakespeare-char
+RUN ?= runs/shakespeare-char
 
 .PHONY: run test lint install clean
 
@@ -20,7 +20,11 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/glmlab prepare --out $(DATA) --tokenizer char
-	$(BIN)/glmlab train --data $(DATA) --out $(RUN) --config configs/shakespeare-char.yaml
+	@if [ -f $(RUN)/config.json ]; then \
+		echo "$(RUN) already holds a trained run: sampling from it (delete it, or make run RUN=runs/other, to train anew)"; \
+	else \
+		$(BIN)/glmlab train --data $(DATA) --out $(RUN) --config configs/shakespeare-char.yaml; \
+	fi
 	$(BIN)/glmlab eval $(RUN) --split test
 	$(BIN)/glmlab generate $(RUN) --prompt "ROMEO:" --max-new-tokens 300 --num-samples 2 --temperature 0.8 --seed 1
 
