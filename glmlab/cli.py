@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -57,7 +58,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                        description="Sample continuations of a prompt. Temperature 0 is greedy; the same --seed "
                                    "gives the same text. A prompt longer than the context keeps its last tokens.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document); \\n and \\t "
+                   "are read as newline and tab")
     p.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
@@ -66,7 +68,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="stop when this text appears (not included in the output); repeatable")
+                   help="stop when this text appears (not included in the output; \\n = newline); repeatable")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -143,6 +145,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.stopped_by == "interrupted" else 0
 
 
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """Turn the two-character sequences \\n, \\t and \\\\ typed on a command line into newline, tab, backslash."""
+    return re.sub(r"\\[nt\\]", lambda m: _ESCAPES[m.group(0)], text)
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file:
         from glmlab.data.corpus import decode_text
@@ -151,7 +161,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
         if not path.is_file():
             raise GlmlabError(f"prompt file {path} does not exist", "check the path given to --prompt-file")
         return decode_text(path.read_bytes(), str(path))
-    return args.prompt
+    return unescape(args.prompt)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -163,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                  num_samples=args.num_samples, stop=args.stop)
+                                  num_samples=args.num_samples, stop=[unescape(s) for s in args.stop])
     settings.validate()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -169,3 +169,17 @@ def test_eval_file(capsys, trained_run, tmp_path):
     code, out, _ = run_cli(capsys, "eval", trained_run, "--file", text, "--json")
     report = json.loads(out)
     assert code == 0 and report["characters"] == len(text.read_text()) and report["tokens"] == report["characters"] + 1
+
+
+def test_command_line_escapes():
+    from glmlab.cli import unescape
+
+    assert unescape(r"ROMEO:\nO\tgentle \\n") == "ROMEO:\nO\tgentle \\n"
+
+
+def test_eval_refuses_data_with_another_tokenizer(capsys, trained_run, shakespeare_excerpt, tmp_path):
+    from glmlab.data.prepare import prepare
+
+    prepare([shakespeare_excerpt], tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
+    code, _, err = run_cli(capsys, "eval", trained_run, "--data", tmp_path / "bpe")
+    assert code == 1 and "different tokenizer" in err

@@ -35,6 +35,9 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path
             raise GlmlabError(f"the run's data directory {directory} is not there",
                               "pass --data DATA_DIR, or score a text file with --file F")
         data = open_data_dir(directory)
+        if data.tokenizer.hf.to_str() != tok.hf.to_str():
+            raise GlmlabError(f"{directory} was tokenized with a different tokenizer than {run_dir}",
+                              "pass the data directory the run was trained on, or score raw text with --file F")
         tokens = data.tokens(split)
         if len(tokens) == 0:
             raise GlmlabError(f"the {split} split of {directory} is empty", "score another split or --file F")

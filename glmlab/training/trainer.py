@@ -140,7 +140,7 @@ def train(config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool
                                                                    "vocab_size": tokenizer.vocab_size},
                                      "glmlab_version": __version__})
 
-    compiled = torch.compile(model) if cfg.compile else model
+    loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
     metrics = MetricsLog(out / METRICS, resume_step=state["step"] if resume else None)
     progress = Progress(cfg.max_steps, state["step"], cfg.max_time, enabled=show_progress)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size
@@ -156,7 +156,7 @@ def train(config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool
 
     def evaluate() -> None:
         limit = cfg.eval_tokens or len(val_tokens)
-        nll, count = sum_nll(compiled, val_tokens[:limit], tokenizer.eos_id, batch_size=cfg.batch_size,
+        nll, count = sum_nll(model, val_tokens[:limit], tokenizer.eos_id, batch_size=cfg.batch_size,
                              device=device, autocast=amp)
         val = nll / count
         improved = val < state["best_val_loss"]
@@ -192,7 +192,7 @@ def train(config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool
                 x, y = sampler.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with amp:
-                    loss = compiled.loss(x, y) / cfg.grad_accum
+                    loss = loss_fn(x, y) / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
             if scaler is not None:
