@@ -183,3 +183,13 @@ def test_eval_refuses_data_with_another_tokenizer(capsys, trained_run, shakespea
     prepare([shakespeare_excerpt], tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
     code, _, err = run_cli(capsys, "eval", trained_run, "--data", tmp_path / "bpe")
     assert code == 1 and "different tokenizer" in err
+
+
+def test_prompt_file_and_greedy_determinism(capsys, trained_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes("\ufeffFirst Citizen:\r\n".encode())
+    code, a, _ = run_cli(capsys, "generate", trained_run, "--prompt-file", prompt, "--temperature", "0",
+                         "--max-new-tokens", "15", "--seed", "1")
+    code, b, _ = run_cli(capsys, "generate", trained_run, "--prompt", r"First Citizen:\n", "--temperature", "0",
+                         "--max-new-tokens", "15", "--seed", "2")
+    assert code == 0 and a == b and a.startswith("First Citizen:\n")

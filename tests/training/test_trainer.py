@@ -85,3 +85,13 @@ def test_load_returns_a_ready_model(trained_run):
     assert not model.training and tokenizer.kind == "char"
     text = run.generate("First", max_new_tokens=10, seed=0, temperature=0)[0]
     assert len(text) == 10
+
+
+def test_gradient_accumulation_matches_one_large_batch(char_data, tmp_path):
+    one = train(tiny_config("train.max_steps=3", "train.batch_size=8", "train.eval_interval=3"), char_data,
+                tmp_path / "one", show_progress=False)
+    two = train(tiny_config("train.max_steps=3", "train.batch_size=4", "train.grad_accum=2",
+                            "train.eval_interval=3"), char_data, tmp_path / "two", show_progress=False)
+    a, b = load_file(one.run_dir / "model.safetensors"), load_file(two.run_dir / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert _records(one.run_dir, "val")[0]["loss"] == pytest.approx(_records(two.run_dir, "val")[0]["loss"], rel=1e-4)
