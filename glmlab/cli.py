@@ -140,8 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = resolve_config(read_yaml(args.config) if args.config else {}, args.overrides)
         data_dir = args.data
     result = train(config, data_dir, args.out, resume=args.resume, show_progress=not args.quiet)
-    print(f"{result.stopped_by} after step {result.step} ({result.elapsed:.0f}s, {result.tokens_per_sec:,.0f} "
-          f"tokens/s): best val loss {result.best_val_loss:.4f}, last {result.last_val_loss:.4f} -> {result.run_dir}")
+    if result.main_process:
+        print(f"{result.stopped_by} after step {result.step} ({result.elapsed:.0f}s, {result.tokens_per_sec:,.0f} "
+              f"tokens/s): best val loss {result.best_val_loss:.4f}, last {result.last_val_loss:.4f} -> "
+              f"{result.run_dir}")
     return EXIT_INTERRUPTED if result.stopped_by == "interrupted" else 0
 
 
@@ -211,7 +213,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options too (glmlab train --quiet train.lr=3e-4 ...).
+    if getattr(args, "overrides", None) is not None and all(not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except GlmlabError as exc:

@@ -64,6 +64,10 @@ class TrainConfig:
     eval_tokens: int = field(65536, "validation tokens scored per evaluation; 0 = the whole split", min=0)
     log_interval: int = field(10, "write a training line to metrics.jsonl every N steps", min=1)
     patience: int = field(0, "stop after N evaluations without a better val loss; 0 = never", min=0)
+    checkpoint_interval: int = field(0, "save a crash-safe checkpoint every N steps; 0 = at each evaluation", min=0)
+    keep_checkpoints: int = field(2, "checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)", min=1)
+    on_nonfinite: str = field("stop", "a NaN/inf loss: stop the run (the last checkpoint stays intact) or skip "
+                              "the batch (one host sync per step)", choices=("stop", "skip"))
     precision: str = field("auto", "numeric precision: auto = bf16 autocast where the hardware supports it",
                            choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = field(False, "torch.compile the model before training")

@@ -66,10 +66,13 @@ def open_data_dir(path: str | Path) -> DataDir:
 class RandomWindows:
     """Random (x, y) windows of ``block_size`` tokens from a token stream, reproducible from a seed.
 
-    The sampler's position in the data is its generator state, saved with every checkpoint.
+    The sampler's position in the data is its generator state, saved with every checkpoint. In a
+    distributed run every process draws the same global batch (``batch_size * world_size`` windows)
+    and keeps its own slice, so N processes read exactly what one process with N times the batch reads.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         if len(tokens) < block_size + 1:
             raise DataError(f"model.block_size={block_size} needs at least {block_size + 1} tokens per split, "
                             f"but the training split has {len(tokens):,}",
@@ -79,9 +82,12 @@ class RandomWindows:
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._span = np.arange(block_size + 1)
+        self.rank, self.world_size = rank, world_size
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size * self.world_size,),
+                               generator=self.generator)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         rows = torch.from_numpy(self.tokens[starts.numpy()[:, None] + self._span].astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 

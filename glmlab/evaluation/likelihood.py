@@ -48,13 +48,19 @@ def likelihood_report(nll_sum: float, tokens: int, characters: int, num_bytes: i
 @torch.no_grad()
 def sum_nll(model: nn.Module, tokens: np.ndarray, start_id: int, stride: int | None = None, batch_size: int = 16,
             device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
-            ) -> tuple[float, int]:
-    """Summed NLL (nats) and count of every token in ``tokens``, scored in windows of the model's context."""
+            shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """Summed NLL (nats) and count of every token in ``tokens``, scored in windows of the model's context.
+
+    ``shard=(i, n)`` scores only every n-th batch starting at i, so n processes can share the work
+    and add up their sums.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for x, y in eval_windows(tokens, model.block_size, stride, batch_size, start_id):
+        for index, (x, y) in enumerate(eval_windows(tokens, model.block_size, stride, batch_size, start_id)):
+            if index % shard[1] != shard[0]:
+                continue
             x, y = x.to(device), y.to(device)
             with autocast or contextlib.nullcontext():
                 total += float(model.nll(x, y))

@@ -1,21 +1,35 @@
-"""Checkpoints: weights (safetensors) plus trainer state (torch, loaded with ``weights_only=True``).
+"""Crash-safe checkpoints: one directory per checkpoint, committed by a checksum manifest.
 
-The trainer state records the sha256 of the weights file it pairs with, so a mismatched or
-damaged pair is detected on resume instead of being loaded silently.
+``RUN_DIR/checkpoints/step-00000250/`` holds ``model.safetensors``, ``trainer_state.pt`` (optimizer,
+schedule, step, data position, every RNG state; read with ``weights_only=True``) and, written last,
+``manifest.json`` with the sha256 and size of each file. The directory is built under a temporary
+name and renamed into place, so a kill at any moment leaves either a complete checkpoint or none.
+On resume the newest checkpoint whose files match their manifest is used; a damaged one is
+reported and skipped, never loaded silently. ``RUN_DIR/model.safetensors`` and
+``RUN_DIR/trainer_state.pt`` are hard links to the newest checkpoint's files (no extra disk).
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_model
 
 from glmlab import atomic
-from glmlab.errors import RunDirError
-from glmlab.runs import TRAINER_STATE, WEIGHTS, file_sha256, load_weights, save_weights
+from glmlab.errors import GlmlabError, RunDirError
+from glmlab.runs import TRAINER_STATE, WEIGHTS, file_sha256, load_weights
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+_PREFIX = "step-"
 
 
 def rng_state() -> dict[str, Any]:
@@ -31,28 +45,117 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any]) -> None:
-    """Write the weights, then the trainer state that names their hash (both atomically)."""
-    sha = save_weights(model, run_dir / WEIGHTS)
-    buffer = io.BytesIO()
-    torch.save({**state, "weights_sha256": sha, "rng": rng_state()}, buffer)
-    atomic.write_bytes(run_dir / TRAINER_STATE, buffer.getvalue())
+def write_error(path: Path, exc: OSError) -> GlmlabError:
+    """A clear message for a failed write: full disk, read-only or forbidden output directory."""
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror or str(exc))
+    return GlmlabError(f"cannot write {path}: {reason}",
+                       "free space or choose a writable --out; the previous checkpoint, if any, is intact, "
+                       "and --resume continues from it")
 
 
-def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
-    """Load the last checkpoint's weights into ``model`` and return its trainer state (RNG restored)."""
-    path = run_dir / TRAINER_STATE
-    if not path.is_file() or not (run_dir / WEIGHTS).is_file():
-        raise RunDirError(f"{run_dir} has no checkpoint to resume from ({TRAINER_STATE} / {WEIGHTS} missing)",
-                          "start a new run without --resume")
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise RunDirError(f"{path} is damaged and cannot be loaded ({type(exc).__name__})",
-                          "start a new run; the weights in model.safetensors can still be used to generate") from None
-    if state.get("weights_sha256") != file_sha256(run_dir / WEIGHTS):
-        raise RunDirError(f"{run_dir / WEIGHTS} does not match {TRAINER_STATE} (its hash differs)",
-                          "the checkpoint was interrupted mid-write or edited; start a new run")
-    load_weights(model, run_dir / WEIGHTS)
-    set_rng_state(state["rng"])
-    return state
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Point ``target`` at ``source``'s content atomically (a hard link where possible)."""
+    tmp = target.with_name(f".{target.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Committed-looking checkpoint directories, newest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
+
+
+def verify(directory: Path) -> str | None:
+    """None if every file matches the manifest; otherwise what is wrong."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return "the manifest is damaged"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} is truncated or has the wrong size"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write a checkpoint for ``state['step']``, point the top-level files at it, keep the newest ``keep``."""
+    root = run_dir / CHECKPOINTS
+    final = root / f"{_PREFIX}{state['step']:08d}"
+    tmp = root / f".tmp-{final.name}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".tmp-*"):  # from a write that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / WEIGHTS))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / TRAINER_STATE).write_bytes(buffer.getvalue())
+        files = {}
+        for name in (WEIGHTS, TRAINER_STATE):
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+            files[name] = {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        atomic.write_json(tmp / MANIFEST, {"step": state["step"], "files": files})
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for name in (WEIGHTS, TRAINER_STATE):
+            _link_or_copy(final / name, run_dir / name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(run_dir, exc) from None
+    for old in checkpoint_dirs(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path, model: nn.Module) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Load the newest intact checkpoint into ``model``.
+
+    Returns its trainer state (RNG not yet restored) and the (name, problem) of every newer
+    checkpoint that was damaged and skipped, for the caller to report.
+    """
+    candidates = checkpoint_dirs(run_dir)
+    if not candidates:
+        raise RunDirError(f"{run_dir} has no checkpoint to resume from", "start a new run without --resume")
+    problems = []
+    for directory in candidates:
+        problem = verify(directory)
+        if problem is None:
+            state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+            load_weights(model, directory / WEIGHTS)
+            return state, [(d.name, why) for d, why in problems]
+        problems.append((directory, problem))
+    listing = "; ".join(f"{d.name}: {why}" for d, why in problems)
+    raise RunDirError(f"no intact checkpoint in {run_dir / CHECKPOINTS} ({listing})",
+                      "start a new run; weights in best/model.safetensors may still be usable to generate")

@@ -13,9 +13,13 @@ from glmlab import atomic
 class MetricsLog:
     """Appends records to metrics.jsonl; on resume, drops records from steps after the checkpoint."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
         self.path = path
         self.records: list[dict[str, Any]] = []
+        self.enabled = enabled
+        self._file = None
+        if not enabled:  # a non-zero rank of a distributed run: writes nothing
+            return
         if resume_step is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -28,12 +32,15 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the run
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> None:

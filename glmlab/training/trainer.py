@@ -1,39 +1,54 @@
-"""The training loop shared by every maximum-likelihood family.
+"""The training loop shared by every maximum-likelihood family, on one process or many (torchrun + DDP).
 
 One step: ``grad_accum`` micro-batches of random windows, each ``model.loss(x, y)`` under autocast,
-backward, gradient clipping, fused AdamW. Every ``eval_interval`` steps: validation NLL, the ``last``
-checkpoint, the ``best`` weights if improved, loss.png and samples.txt. Budgets: ``max_steps``,
-``max_time`` and early-stopping ``patience``. Ctrl-C (or SIGTERM) finishes the current step, saves a
-checkpoint and stops; ``resume`` continues bit-for-bit from the last checkpoint.
+backward (gradients averaged across processes by DDP), clipping, fused AdamW. Every
+``eval_interval`` steps: validation NLL (shared across processes), the ``best`` weights if improved,
+loss.png and samples.txt; every ``checkpoint_interval`` steps a crash-safe checkpoint. Budgets:
+``max_steps``, ``max_time``, early-stopping ``patience``. Ctrl-C / SIGTERM finish the step, save a
+checkpoint and stop; ``resume`` continues bit-for-bit from the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import signal
 import time
-from contextlib import contextmanager
+import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from glmlab import __version__, atomic
 from glmlab.config import RunConfig, TrainConfig
-from glmlab.data.dataset import DataDir, RandomWindows, open_data_dir
+from glmlab.data.dataset import RandomWindows, open_data_dir
 from glmlab.errors import DataError, GlmlabError, RunDirError
 from glmlab.evaluation.likelihood import sum_nll
 from glmlab.generation.generate import GenerationSettings, generate
 from glmlab.models import build_model
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, SAMPLES, TOKENIZER, WEIGHTS, save_weights
 from glmlab.runtime import autocast, precision_name, resolve_precision, select_device, set_threads
-from glmlab.training.checkpoint import load_checkpoint, save_checkpoint
+from glmlab.training import distributed
+from glmlab.training.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_error,
+)
 from glmlab.training.metrics import MetricsLog, plot_losses
 from glmlab.training.optim import learning_rate, make_optimizer
 from glmlab.training.progress import Progress
+
+MAX_CONSECUTIVE_SKIPS = 25
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclass
@@ -45,6 +60,18 @@ class TrainResult:
     stopped_by: str  # max_steps | max_time | patience | interrupted
     elapsed: float
     tokens_per_sec: float
+    main_process: bool = True  # False on the other ranks of a distributed run, which print nothing
+
+
+class LossModule(nn.Module):
+    """``forward(x, y) -> loss`` around a family model, so DDP and torch.compile wrap the whole loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(x, y)
 
 
 class _StopFlag:
@@ -72,16 +99,27 @@ def _graceful_stop(flag: _StopFlag):
             signal.signal(s, handler)
 
 
-def _prepare_run_dir(out: Path, resume: bool) -> None:
+def _check_run_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / CONFIG).is_file():
             raise RunDirError(f"cannot resume: {out} holds no run (no {CONFIG})", "drop --resume to start a new run")
         return
-    if out.exists() and (out / CONFIG).exists():
-        raise RunDirError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} exists and is not a directory", "choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / CONFIG).exists():
+        raise RunDirError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+
+
+def _probe_writable(out: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the output directory cannot be written."""
+    probe = out / f".write-probe-{uuid.uuid4().hex}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        probe.unlink(missing_ok=True)
+        raise write_error(out, exc) from None
 
 
 def _progress_fraction(cfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -90,168 +128,292 @@ def _progress_fraction(cfg: TrainConfig, step: int, elapsed: float) -> float:
     return max(by_steps, by_time)
 
 
+class Trainer:
+    """One training run: set up from a config, then :meth:`run`."""
+
+    def __init__(self, config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool = False,
+                 show_progress: bool = True) -> None:
+        self.config, self.out, self.resume = config, Path(out), resume
+        self.mcfg, self.cfg = config.model, config.train
+        self.dist = distributed.from_environment()
+        self.data = open_data_dir(data_dir)
+        self.tokenizer = self.data.tokenizer
+        self._check_data()
+        _check_run_dir(self.out, resume)
+        device = select_device(self.cfg.device)
+        self.device = distributed.setup(self.dist, device)
+        if self.dist.is_main:
+            _probe_writable(self.out)
+        set_threads(self.cfg.threads)
+        self.amp_dtype = resolve_precision(self.cfg.precision, self.device)
+        self.amp = autocast(self.device, self.amp_dtype)
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
+        self.model = build_model(self.mcfg).to(self.device)
+        torch.manual_seed(self.cfg.seed + self.dist.rank)  # distinct dropout masks per process
+        self.sampler = RandomWindows(self.train_tokens, self.mcfg.block_size, self.cfg.batch_size, self.cfg.seed,
+                                     rank=self.dist.rank, world_size=self.dist.world_size)
+        self.optimizer = make_optimizer(self.model, self.cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val_loss": math.inf,
+                                      "last_val_loss": math.inf, "evals_without_improvement": 0,
+                                      "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0}
+        self.notes: list[str] = []
+        if resume:
+            self._restore()
+        step_module: nn.Module = LossModule(self.model)
+        if self.dist.enabled:
+            step_module = DistributedDataParallel(
+                step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_module = torch.compile(step_module) if self.cfg.compile else step_module
+        self.show_progress = show_progress and self.dist.is_main
+
+    # --- setup ---------------------------------------------------------------------------------------------
+
+    def _check_data(self) -> None:
+        mcfg = self.mcfg
+        if mcfg.vocab_size == 0:
+            mcfg.vocab_size = self.tokenizer.vocab_size
+        elif mcfg.vocab_size < self.tokenizer.vocab_size:
+            raise GlmlabError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
+                              f"{self.tokenizer.vocab_size} tokens", "set model.vocab_size=0 to take it from the data")
+        self.train_tokens = self.data.tokens("train")
+        self.val_tokens = self.data.tokens("val")
+        if len(self.val_tokens) == 0:
+            raise DataError(f"{self.data.path} has an empty validation split",
+                            "re-run glmlab prepare with a val fraction")
+        if len(self.val_tokens) < mcfg.block_size + 1:
+            raise DataError(f"model.block_size={mcfg.block_size} is larger than the validation split "
+                            f"({len(self.val_tokens):,} tokens)", "lower model.block_size or give more validation text")
+
+    def _restore(self) -> None:
+        if not checkpoint_dirs(self.out):  # killed before its first checkpoint: nothing to lose, start over
+            self.notes.append(f"{self.out} has no checkpoint yet; starting from step 0")
+            return
+        saved, skipped = load_checkpoint(self.out, self.model)
+        self.notes.extend(f"checkpoint {name} is damaged ({why}); skipped it" for name, why in skipped)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.sampler.load_state_dict(saved["sampler"])
+        if self.scaler is not None and "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
+        states = saved["rng"]
+        set_rng_state(states[self.dist.rank] if len(states) == self.dist.world_size else states[0])
+        self.state.update({k: saved[k] for k in self.state if k in saved})
+        if self.state["step"] >= self.cfg.max_steps:
+            raise GlmlabError(f"{self.out} already reached train.max_steps={self.cfg.max_steps} "
+                              f"(step {self.state['step']})",
+                              f"raise the budget to continue, e.g. train.max_steps={self.cfg.max_steps * 2}")
+
+    def _write_run_files(self) -> None:
+        if not self.resume:
+            self.tokenizer.save(self.out / TOKENIZER)
+        atomic.write_json(self.out / CONFIG, {
+            **self.config.to_dict(),
+            "data": {"dir": str(self.data.path.resolve()), "tokenizer": self.data.meta["tokenizer"],
+                     "vocab_size": self.tokenizer.vocab_size},
+            "world_size": self.dist.world_size, "glmlab_version": __version__})
+
+    # --- the pieces of a step ------------------------------------------------------------------------------
+
+    def _train_step(self, lr: float) -> tuple[torch.Tensor, bool]:
+        """One optimiser step; returns the (device) loss and whether the update was applied."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        cfg = self.cfg
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.sampler.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
+            with nullcontext() if sync else self.step_module.no_sync(), self.amp:
+                loss = self.step_module(x, y) / cfg.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if cfg.on_nonfinite == "skip":  # one host sync per step, only in this mode
+            finite = bool(torch.isfinite(total)) and (norm is None or bool(torch.isfinite(norm)))
+            if self.dist.any(not finite, self.device):
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.update()
+                return total, False
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, True
+
+    def _evaluate(self) -> float:
+        """Validation loss over the first ``eval_tokens`` tokens, the work shared across processes."""
+        limit = self.cfg.eval_tokens or len(self.val_tokens)
+        nll, count = sum_nll(self.model, self.val_tokens[:limit], self.tokenizer.eos_id,
+                             batch_size=self.cfg.batch_size, device=self.device, autocast=self.amp,
+                             shard=(self.dist.rank, self.dist.world_size))
+        nll, count = self.dist.sum([nll, float(count)], self.device)
+        return nll / count
+
+    def _checkpoint(self) -> None:
+        rngs = self.dist.gather(rng_state())
+        if self.dist.is_main:
+            state = {**self.state, "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                     "rng": rngs}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            save_checkpoint(self.out, self.model, state, keep=self.cfg.keep_checkpoints)
+
+    def _after_eval(self, val: float, metrics: MetricsLog, progress: Progress) -> None:
+        improved = val < self.state["best_val_loss"]
+        self.state["last_val_loss"] = val
+        if improved:
+            self.state["best_val_loss"] = val
+            self.state["evals_without_improvement"] = 0
+        else:
+            self.state["evals_without_improvement"] += 1
+        if not self.dist.is_main:
+            return
+        if improved:
+            try:
+                save_weights(self.model, self.out / BEST_DIR / WEIGHTS)
+            except OSError as exc:
+                raise write_error(self.out / BEST_DIR, exc) from None
+        metrics.write({"step": self.state["step"], "split": "val", "loss": val,
+                       "best_loss": self.state["best_val_loss"], "elapsed": self.state["elapsed"]})
+        plot_losses(metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
+        _write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
+        progress.val = val
+        progress.message(f"step {self.state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:  # metrics, plot or samples hit a full or read-only disk
+                raise write_error(self.out, exc) from None
+            raise
+        finally:
+            distributed.teardown(self.dist)
+
+    def _run(self) -> TrainResult:
+        cfg, mcfg, state = self.cfg, self.mcfg, self.state
+        main = self.dist.is_main
+        if main:
+            self._write_run_files()
+        metrics = MetricsLog(self.out / METRICS, resume_step=state["step"] if self.resume else None,
+                             enabled=main)
+        progress = Progress(cfg.max_steps, state["step"], cfg.max_time, enabled=self.show_progress)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * self.dist.world_size
+        n_params = sum(p.numel() for p in self.model.parameters())
+        for note in self.notes:
+            progress.message(f"note: {note}")
+        processes = f", {self.dist.world_size} processes" if self.dist.enabled else ""
+        progress.message(f"{'resuming' if self.resume else 'training'} {mcfg.family}: {n_params / 1e6:.2f}M "
+                         f"parameters, {precision_name(self.amp_dtype)} on {self.device} "
+                         f"({torch.get_num_threads()} threads{processes}), {tokens_per_step:,} tokens/step, "
+                         f"from step {state['step']} -> {self.out}")
+
+        stop = _StopFlag()
+        stopped_by = "max_steps"
+        start, elapsed_at_start = time.perf_counter(), state["elapsed"]
+        window_start, window_tokens = time.perf_counter(), 0
+        loss_sum = torch.tensor(state["window_loss"], device=self.device, dtype=torch.float64)
+        bad_step = torch.tensor(-1, device=self.device)  # first step whose loss was not finite, kept on device
+        consecutive_skips = 0
+        evaluated_at = -1
+        self.model.train()
+        with _graceful_stop(stop):
+            while state["step"] < cfg.max_steps:
+                lr = learning_rate(cfg, state["step"], _progress_fraction(cfg, state["step"], state["elapsed"]))
+                loss, applied = self._train_step(lr)
+                state["step"] += 1
+                state["tokens"] += tokens_per_step
+                state["elapsed"] = elapsed_at_start + time.perf_counter() - start
+                window_tokens += tokens_per_step
+                if applied:
+                    consecutive_skips = 0
+                    loss_sum += loss
+                    state["window_steps"] += 1
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), state["step"], bad_step)
+                else:
+                    consecutive_skips += 1
+                    state["skipped_batches"] += 1
+                    progress.message(f"step {state['step']}: non-finite loss, batch skipped "
+                                     f"({state['skipped_batches']} so far)")
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        raise GlmlabError(f"{consecutive_skips} batches in a row had a non-finite loss (up to step "
+                                          f"{state['step']}); stopped", "lower train.lr or use train.precision=fp32")
+                log_now = state["step"] % cfg.log_interval == 0 or state["step"] == cfg.max_steps
+                checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
+                scheduled = state["step"] % cfg.eval_interval == 0 or state["step"] % checkpoint_every == 0
+                decide_now = log_now or scheduled or not self.dist.enabled  # the same steps on every process
+                if log_now:
+                    self._guard(bad_step)
+                    steps = max(state["window_steps"], 1)
+                    mean_loss = self.dist.sum([float(loss_sum)], self.device)[0] / steps / self.dist.world_size
+                    seconds = time.perf_counter() - window_start
+                    rate = window_tokens / seconds
+                    metrics.write({"step": state["step"], "split": "train", "loss": mean_loss, "lr": lr,
+                                   "tokens_per_sec": rate, "elapsed": state["elapsed"]})
+                    progress.update(state["step"], mean_loss, rate, state["elapsed"], steps / seconds)
+                    loss_sum.zero_()
+                    state["window_steps"] = 0
+                    window_start, window_tokens = time.perf_counter(), 0
+                if not decide_now:
+                    continue
+                out_of_time = self.dist.any(cfg.max_time is not None and state["elapsed"] >= cfg.max_time,
+                                            self.device)
+                if self.dist.any(stop.set, self.device):
+                    stopped_by = "interrupted"
+                    break
+                eval_now = state["step"] % cfg.eval_interval == 0 or out_of_time
+                if eval_now or scheduled:
+                    self._guard(bad_step)
+                    state["window_loss"] = float(loss_sum)
+                    if eval_now:
+                        self._after_eval(self._evaluate(), metrics, progress)
+                        evaluated_at = state["step"]
+                    self._checkpoint()
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                    if cfg.patience and state["evals_without_improvement"] >= cfg.patience:
+                        stopped_by = "patience"
+                        break
+                if out_of_time:
+                    stopped_by = "max_time"
+                    break
+            self._guard(bad_step)
+            state["window_loss"] = float(loss_sum)
+            if stopped_by == "interrupted":
+                self._checkpoint()
+                progress.message(f"interrupted at step {state['step']}: checkpoint saved in {self.out}; "
+                                 f"continue with: glmlab train --resume --out {self.out}")
+            elif evaluated_at != state["step"]:
+                self._after_eval(self._evaluate(), metrics, progress)
+                self._checkpoint()
+        metrics.close()
+        progress.close()
+        total = state["elapsed"]
+        return TrainResult(self.out, state["step"], state["best_val_loss"], state["last_val_loss"], stopped_by,
+                           total, state["tokens"] / total if total else 0.0, self.dist.is_main)
+
+    def _guard(self, bad_step: torch.Tensor) -> None:
+        """Stop (before any checkpoint can save them) when a non-finite loss has reached the weights."""
+        step = int(bad_step)
+        if not self.dist.any(step >= 0, self.device):
+            return
+        raise GlmlabError(f"the training loss became non-finite at step {step}; stopped. The last checkpoint "
+                          f"(before step {step}) in {self.out} is intact",
+                          "lower train.lr or raise train.warmup_steps, use train.precision=fp32, or skip such "
+                          "batches with train.on_nonfinite=skip; then --resume")
+
+
 def train(config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool = False,
           show_progress: bool = True) -> TrainResult:
     """Train ``config`` on a prepared data directory into run directory ``out``."""
-    out = Path(out)
-    data: DataDir = open_data_dir(data_dir)
-    tokenizer = data.tokenizer
-    mcfg, cfg = config.model, config.train
-    if mcfg.vocab_size == 0:
-        mcfg.vocab_size = tokenizer.vocab_size
-    elif mcfg.vocab_size < tokenizer.vocab_size:
-        raise GlmlabError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} tokens", "set model.vocab_size=0 to take it from the data")
-    train_tokens = data.tokens("train")
-    val_tokens = data.tokens("val")
-    if len(val_tokens) == 0:
-        raise DataError(f"{data.path} has an empty validation split", "re-run glmlab prepare with a val fraction")
-    if len(val_tokens) < mcfg.block_size + 1:
-        raise DataError(f"model.block_size={mcfg.block_size} is larger than the validation split "
-                        f"({len(val_tokens):,} tokens)", "lower model.block_size or give more validation text")
-    _prepare_run_dir(out, resume)
-
-    device = select_device(cfg.device)
-    set_threads(cfg.threads)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    amp = autocast(device, amp_dtype)
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg).to(device)
-    sampler = RandomWindows(train_tokens, mcfg.block_size, cfg.batch_size, cfg.seed)
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val_loss": math.inf,
-                             "last_val_loss": math.inf, "evals_without_improvement": 0}
-    if resume:
-        saved = load_checkpoint(out, model)
-        optimizer.load_state_dict(saved["optimizer"])
-        sampler.load_state_dict(saved["sampler"])
-        if scaler is not None and "scaler" in saved:
-            scaler.load_state_dict(saved["scaler"])
-        state.update({k: saved[k] for k in state})
-        if state["step"] >= cfg.max_steps:
-            raise GlmlabError(f"{out} already reached train.max_steps={cfg.max_steps} (step {state['step']})",
-                              f"raise the budget to continue, e.g. train.max_steps={cfg.max_steps * 2}")
-    else:
-        tokenizer.save(out / TOKENIZER)
-    atomic.write_json(out / CONFIG, {**config.to_dict(), "data": {"dir": str(data.path.resolve()),
-                                                                   "tokenizer": data.meta["tokenizer"],
-                                                                   "vocab_size": tokenizer.vocab_size},
-                                     "glmlab_version": __version__})
-
-    loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
-    metrics = MetricsLog(out / METRICS, resume_step=state["step"] if resume else None)
-    progress = Progress(cfg.max_steps, state["step"], cfg.max_time, enabled=show_progress)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size
-    n_params = sum(p.numel() for p in model.parameters())
-    progress.message(f"{'resuming' if resume else 'training'} {mcfg.family}: {n_params / 1e6:.2f}M parameters, "
-                     f"{precision_name(amp_dtype)} on {device} ({torch.get_num_threads()} threads), "
-                     f"{tokens_per_step:,} tokens/step, from step {state['step']} -> {out}")
-
-    def checkpoint() -> None:
-        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-        save_checkpoint(out, model, {**state, "optimizer": optimizer.state_dict(),
-                                     "sampler": sampler.state_dict(), **extra})
-
-    def evaluate() -> None:
-        limit = cfg.eval_tokens or len(val_tokens)
-        nll, count = sum_nll(model, val_tokens[:limit], tokenizer.eos_id, batch_size=cfg.batch_size,
-                             device=device, autocast=amp)
-        val = nll / count
-        improved = val < state["best_val_loss"]
-        state["last_val_loss"] = val
-        if improved:
-            state["best_val_loss"] = val
-            state["evals_without_improvement"] = 0
-            save_weights(model, out / BEST_DIR / WEIGHTS)
-        else:
-            state["evals_without_improvement"] += 1
-        metrics.write({"step": state["step"], "split": "val", "loss": val, "best_loss": state["best_val_loss"],
-                       "elapsed": state["elapsed"]})
-        checkpoint()
-        plot_losses(metrics.records, out / LOSS_PLOT, title=f"{out.name}: {mcfg.family}")
-        _write_samples(out, model, tokenizer, cfg, state["step"], val)
-        progress.val = val
-        progress.message(f"step {state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
-
-    stop = _StopFlag()
-    stopped_by = "max_steps"
-    session_start = time.perf_counter()
-    elapsed_at_start = state["elapsed"]
-    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-    loss_sum = torch.zeros((), device=device)
-    evaluated_at = -1
-    model.train()
-    with _graceful_stop(stop):
-        while state["step"] < cfg.max_steps:
-            lr = learning_rate(cfg, state["step"], _progress_fraction(cfg, state["step"], state["elapsed"]))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(cfg.grad_accum):
-                x, y = sampler.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with amp:
-                    loss = loss_fn(x, y) / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["tokens"] += tokens_per_step
-            state["elapsed"] = elapsed_at_start + time.perf_counter() - session_start
-            window_tokens += tokens_per_step
-            window_steps += 1
-
-            if state["step"] % cfg.log_interval == 0 or state["step"] == cfg.max_steps:
-                mean_loss = float(loss_sum) / window_steps
-                seconds = time.perf_counter() - window_start
-                rate = window_tokens / seconds
-                if not math.isfinite(mean_loss):
-                    metrics.close()
-                    progress.close()
-                    raise GlmlabError(f"the training loss became {mean_loss} by step {state['step']}; stopped "
-                                      f"(the last checkpoint in {out} is from before)",
-                                      "lower train.lr, raise train.warmup_steps, or use train.precision=fp32")
-                metrics.write({"step": state["step"], "split": "train", "loss": mean_loss, "lr": lr,
-                               "tokens_per_sec": rate, "elapsed": state["elapsed"]})
-                progress.update(state["step"], mean_loss, rate, state["elapsed"], window_steps / seconds)
-                loss_sum.zero_()
-                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-
-            if stop.set:
-                stopped_by = "interrupted"
-                break
-            out_of_time = cfg.max_time is not None and state["elapsed"] >= cfg.max_time
-            if state["step"] % cfg.eval_interval == 0 or out_of_time:
-                evaluate()
-                evaluated_at = state["step"]
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-                if cfg.patience and state["evals_without_improvement"] >= cfg.patience:
-                    stopped_by = "patience"
-                    break
-            if out_of_time:
-                stopped_by = "max_time"
-                break
-        if stopped_by == "interrupted":
-            checkpoint()
-            progress.message(f"interrupted at step {state['step']}: checkpoint saved in {out}; continue with "
-                             f"glmlab train --resume --out {out}")
-        elif evaluated_at != state["step"]:
-            evaluate()
-    metrics.close()
-    progress.close()
-    total_time = state["elapsed"]
-    return TrainResult(out, state["step"], state["best_val_loss"], state["last_val_loss"], stopped_by, total_time,
-                       state["tokens"] / total_time if total_time else 0.0)
+    return Trainer(config, data_dir, out, resume=resume, show_progress=show_progress).run()
 
 
 def _write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig, step: int, val: float) -> None:
@@ -261,8 +423,11 @@ def _write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig
     prompt = cfg.sample_prompt if not tokenizer.unencodable(cfg.sample_prompt) else ""
     settings = GenerationSettings(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
     text = generate(model, tokenizer, prompt, settings)[0]
-    atomic.write_text(out / SAMPLES, f"# step {step}, val loss {val:.4f}, temperature 0.8, seed {cfg.seed}, "
-                                     f"prompt {prompt!r}\n{prompt}{text}\n")
+    try:
+        atomic.write_text(out / SAMPLES, f"# step {step}, val loss {val:.4f}, temperature 0.8, seed {cfg.seed}, "
+                                         f"prompt {prompt!r}\n{prompt}{text}\n")
+    except OSError as exc:
+        raise write_error(out / SAMPLES, exc) from None
 
 
 def config_changes(old: RunConfig, new: RunConfig) -> list[str]:

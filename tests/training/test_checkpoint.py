@@ -1,0 +1,123 @@
+"""Crash safety: checkpoints committed by a manifest, damaged ones skipped (and reported), writes that fail cleanly."""
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+
+from glmlab.errors import GlmlabError, RunDirError
+from glmlab.training.checkpoint import MANIFEST, checkpoint_dirs, save_checkpoint, verify
+from glmlab.training.trainer import Trainer, train
+from tests.conftest import tiny_config
+
+
+def _run(char_data, out, *extra):
+    return train(tiny_config("train.checkpoint_interval=5", "train.eval_interval=10", *extra), char_data, out,
+                 show_progress=False)
+
+
+def test_checkpoints_rotate_and_top_level_files_follow_the_newest(char_data, tmp_path):
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=20", "train.keep_checkpoints=3")
+    dirs = checkpoint_dirs(out)
+    assert [d.name for d in dirs] == ["step-00000020", "step-00000015", "step-00000010"]
+    assert all(verify(d) is None for d in dirs)
+    assert (out / "model.safetensors").read_bytes() == (dirs[0] / "model.safetensors").read_bytes()
+    manifest = json.loads((dirs[0] / MANIFEST).read_text())
+    assert manifest["step"] == 20 and set(manifest["files"]) == {"model.safetensors", "trainer_state.pt"}
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(char_data, tmp_path, damage):
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=10")
+    newest = checkpoint_dirs(out)[0]
+    weights = newest / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "flip":
+        weights.unlink()  # break the hard link so only the checkpoint's copy is damaged
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elif damage == "truncate":
+        weights.unlink()
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        (newest / MANIFEST).unlink()
+    assert verify(newest) is not None
+    trainer = Trainer(tiny_config("train.checkpoint_interval=5", "train.eval_interval=10", "train.max_steps=12"),
+                      char_data, out, resume=True, show_progress=False)
+    assert trainer.state["step"] == 5
+    assert any("step-00000010" in note and "damaged" in note for note in trainer.notes)
+
+
+def test_no_intact_checkpoint_is_an_error(char_data, tmp_path):
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=5")
+    (checkpoint_dirs(out)[0] / MANIFEST).write_text("{not json")
+    with pytest.raises(RunDirError, match="no intact checkpoint"):
+        Trainer(tiny_config("train.max_steps=10"), char_data, out, resume=True, show_progress=False)
+
+
+def test_a_failed_write_leaves_no_partial_files(char_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=5")
+    before = {p.name for p in (out / "checkpoints").iterdir()}
+    model = torch.nn.Linear(2, 2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("glmlab.training.checkpoint.save_model", disk_full)
+    with pytest.raises(GlmlabError, match="disk is full") as err:
+        save_checkpoint(out, model, {"step": 99})
+    assert "previous checkpoint" in str(err.value)
+    assert {p.name for p in (out / "checkpoints").iterdir()} == before
+    assert verify(checkpoint_dirs(out)[0]) is None
+
+
+def _mount_tmpfs(path, options):
+    import subprocess
+
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+
+
+def _umount(path):
+    import subprocess
+
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_read_only_output_is_refused_before_training(char_data, tmp_path):
+    mount = tmp_path / "ro"
+    _mount_tmpfs(mount, "ro,size=1m")
+    try:
+        with pytest.raises(GlmlabError, match="read-only"):
+            _run(char_data, mount / "run", "train.max_steps=5")
+    finally:
+        _umount(mount)
+
+
+def test_full_disk_mid_run_keeps_the_last_good_checkpoint(char_data, tmp_path):
+    mount = tmp_path / "small"
+    _mount_tmpfs(mount, "size=700k")  # room for the first checkpoints, not for fifty
+    try:
+        out = mount / "run"
+        with pytest.raises(GlmlabError, match="disk is full"):
+            _run(char_data, out, "train.max_steps=250", "train.keep_checkpoints=50")
+        dirs = checkpoint_dirs(out)
+        assert dirs and all(verify(d) is None for d in dirs)
+        assert not list((out / "checkpoints").glob(".tmp-*"))
+        last_step = int(dirs[0].name[len("step-"):])
+        assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == last_step
+        shutil.copytree(out, tmp_path / "moved")
+    finally:
+        _umount(mount)
+    result = train(tiny_config("train.checkpoint_interval=5", "train.eval_interval=10",
+                               f"train.max_steps={last_step + 5}"), char_data, tmp_path / "moved", resume=True,
+                   show_progress=False)
+    assert result.step == last_step + 5
