@@ -6,6 +6,7 @@ Every user mistake surfaces as a GlmlabError, printed as one message with its fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -62,13 +63,30 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    "are read as newline and tab")
     p.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
     p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-text before this many tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
+    p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, -2..2")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, -2..2")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
+    p.add_argument("--bad-words", action="append", default=[], metavar="TEXT", help="text never to generate; "
+                   "repeatable")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", "--num-return-sequences", dest="num_samples", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob / length^this")
+    p.add_argument("--early-stopping", default="false", choices=("true", "false", "never"))
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when this text appears (not included in the output; \\n = newline); repeatable")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    p.add_argument("--max-time", type=float, default=None, help="stop generating after this many seconds")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each token's log-probability and the N most likely alternatives")
+    p.add_argument("--json", action="store_true", help="print completions as JSON (text, tokens, finish reason)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -167,32 +185,42 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from glmlab.generation.generate import GenerationSettings, generate, stream
+    from glmlab.generation.generate import GenerationSettings, generate_batch, stream
     from glmlab.runs import load_run
     from glmlab.runtime import select_device
 
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        bad_words=[unescape(w) for w in args.bad_words], stop=[unescape(s) for s in args.stop],
+        stop_at_eos=not args.ignore_eos, num_return_sequences=args.num_samples, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping={"true": True, "false": False}.get(
+            args.early_stopping, args.early_stopping), logprobs=args.logprobs, seed=args.seed,
+        max_time=args.max_time)
+    settings.validate()
+    if args.stream and (args.num_samples != 1 or args.num_beams != 1 or args.json):
+        raise GlmlabError("--stream prints one sampled text", "drop --num-samples, --num-beams and --json, "
+                          "or --stream")
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
     prompt = _read_prompt(args)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                  num_samples=args.num_samples, stop=[unescape(s) for s in args.stop])
-    settings.validate()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.stream:
-            if args.num_samples != 1:
-                raise GlmlabError("--stream prints one sample", "drop --num-samples or --stream")
             sys.stdout.write(prompt)
             for delta in stream(run.model, run.tokenizer, prompt, settings):
                 sys.stdout.write(delta)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            texts = generate(run.model, run.tokenizer, prompt, settings)
-            for i, text in enumerate(texts):
-                if len(texts) > 1:
+            completions = generate_batch(run.model, run.tokenizer, [prompt], settings)[0]
+            if args.json:
+                print(json.dumps([dataclasses.asdict(c) for c in completions], indent=2, ensure_ascii=False))
+            for i, completion in enumerate([] if args.json else completions):
+                if len(completions) > 1:
                     print(f"--- sample {i + 1} ---")
-                print(prompt + text)
+                print(prompt + completion.text)
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     return 0

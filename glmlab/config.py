@@ -70,7 +70,9 @@ class TrainConfig:
                               "the batch (one host sync per step)", choices=("stop", "skip"))
     precision: str = field("auto", "numeric precision: auto = bf16 autocast where the hardware supports it",
                            choices=("auto", "fp32", "bf16", "fp16"))
-    compile: bool = field(False, "torch.compile the model before training")
+    compile: str = field("auto", "torch.compile the training step: auto = on CUDA only (on a CPU it measured ~2% "
+                         "faster for ~10 s of compiling), true, false", choices=("auto", "true", "false"),
+                         parse=lambda v: str(v).lower() if not isinstance(v, bool) else str(v).lower())
     seed: int = field(1337, "seed for initialisation, batch sampling and dropout", min=0)
     device: str = field("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     threads: int = field(0, "CPU threads for PyTorch; 0 = PyTorch's default", min=0)

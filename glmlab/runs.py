@@ -122,23 +122,46 @@ class LoadedRun:
         return next(self.model.parameters()).device
 
     def generate(self, prompt: str = "", **settings: Any) -> list[str]:
-        """Continuations of ``prompt`` (one per ``num_samples``); settings as in :class:`GenerationSettings`."""
-        from glmlab.generation.generate import GenerationSettings, generate
+        """Continuations of ``prompt`` (``num_return_sequences`` of them); settings as in
+        :class:`glmlab.generation.settings.GenerationSettings` (``num_samples`` is accepted as an alias)."""
+        from glmlab.generation.generate import generate
 
-        return generate(self.model, self.tokenizer, prompt, GenerationSettings(**settings))
+        return generate(self.model, self.tokenizer, prompt, _settings(settings))
+
+    def complete(self, prompts: str | list[str], **settings: Any) -> list[list[Any]]:
+        """Completions (text, token ids, finish reason, logprobs, ...) for one prompt or a batch of them."""
+        from glmlab.generation.generate import generate_batch
+
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return generate_batch(self.model, self.tokenizer, prompts, _settings(settings))
 
     def stream(self, prompt: str = "", **settings: Any) -> Iterator[str]:
         """Text deltas of one continuation as they are generated (never half a character)."""
-        from glmlab.generation.generate import GenerationSettings, stream
+        from glmlab.generation.generate import stream
 
-        return stream(self.model, self.tokenizer, prompt, GenerationSettings(**settings))
+        return stream(self.model, self.tokenizer, prompt, _settings(settings))
+
+
+def _settings(values: dict[str, Any]) -> Any:
+    from glmlab.generation.settings import GenerationSettings
+
+    values = dict(values)
+    if "num_samples" in values:
+        values["num_return_sequences"] = values.pop("num_samples")
+    try:
+        return GenerationSettings(**values)
+    except TypeError as exc:
+        import dataclasses
+
+        known = [f.name for f in dataclasses.fields(GenerationSettings)]
+        raise GlmlabError(f"unknown generation setting: {exc}", "use one of: " + ", ".join(known)) from None
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Load a run directory's model (``best`` or ``last`` weights) and tokenizer, in eval mode."""
     run_dir = Path(run_dir)
     config, raw = read_run_config(run_dir)
-    tokenizer = Tokenizer.from_file(run_dir / TOKENIZER)
+    tokenizer = Tokenizer.from_file(run_dir / TOKENIZER, raw.get("special_tokens"))
     model = build_model(config.model)
     load_weights(model, weights_path(run_dir, checkpoint))
     model.to(device).eval()

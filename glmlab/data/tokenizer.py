@@ -31,15 +31,21 @@ _WORD_DECODE_CLEANUP = re.compile(r" ?\n ?")
 
 
 class Tokenizer:
-    """A Hugging Face tokenizer plus the special ids and checks glmlab relies on."""
+    """A Hugging Face tokenizer plus the special ids and checks glmlab relies on.
 
-    def __init__(self, hf: HFTokenizer) -> None:
+    ``special_tokens`` maps roles (pad, unk, bos, eos) to token strings; glmlab's own tokenizers use
+    ``SPECIAL_TOKENS``, an imported one (GPT-2's ``<|endoftext|>``) says which of its tokens plays which role.
+    """
+
+    def __init__(self, hf: HFTokenizer, special_tokens: dict[str, str] | None = None) -> None:
         self.hf = hf
         self.kind = _infer_kind(hf)
-        self.pad_id = hf.token_to_id(PAD)
-        self.unk_id = hf.token_to_id(UNK)
-        self.bos_id = hf.token_to_id(BOS)
-        self.eos_id = hf.token_to_id(EOS)
+        roles = special_tokens or dict(zip(("pad", "unk", "bos", "eos"), SPECIAL_TOKENS, strict=True))
+        self.special_tokens = {role: token for role, token in roles.items() if hf.token_to_id(token) is not None}
+        self.pad_id = hf.token_to_id(roles["pad"]) if "pad" in roles else None
+        self.unk_id = hf.token_to_id(roles["unk"]) if "unk" in roles else None
+        self.bos_id = hf.token_to_id(roles["bos"]) if "bos" in roles else None
+        self.eos_id = hf.token_to_id(roles["eos"]) if "eos" in roles else None
 
     @property
     def vocab_size(self) -> int:
@@ -88,12 +94,12 @@ class Tokenizer:
         atomic.write_text(path, self.hf.to_str(pretty=True))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
+    def from_file(cls, path: str | Path, special_tokens: dict[str, str] | None = None) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise RunDirError(f"tokenizer file {path} is missing", "re-run glmlab prepare, or copy tokenizer.json")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            return cls(HFTokenizer.from_file(str(path)), special_tokens)
         except Exception as exc:  # tokenizers raises plain Exception on malformed JSON
             raise RunDirError(f"{path} is not a valid tokenizer.json ({str(exc).splitlines()[0]})",
                               "re-run glmlab prepare to rebuild it") from None

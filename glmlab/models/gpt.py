@@ -55,8 +55,9 @@ class Conv1D(nn.Module):
 class KVCache:
     """Preallocated keys and values for every layer: (n_layer, B, n_head, max_len, head_dim).
 
-    ``length`` is how many positions are filled; a forward pass with a cache appends its keys
-    and values there, so the prefix is never re-encoded.
+    Each row (slot) has its own fill level in ``lengths`` (a Python list, so reading it never waits
+    for a device); a forward pass with a cache writes its keys and values after each row's contents,
+    so the prefix is never re-encoded. Rows leave with :meth:`select`, beams reorder with it too.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -65,10 +66,49 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.length = 0
+        self.lengths = [0] * batch_size
 
-    def reset(self) -> None:
-        self.length = 0
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def select(self, rows: list[int]) -> None:
+        """Keep (or repeat, for beams) the given rows, in that order."""
+        index = torch.tensor(rows, device=self.k.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def reset_row(self, row: int) -> None:
+        self.lengths[row] = 0
+
+
+@dataclass
+class _CacheStep:
+    """Where one forward pass reads and writes the cache; worked out once, used by every layer."""
+
+    cache: KVCache
+    rows: torch.Tensor | None  # cache slots of the batch rows; None = every slot, in order
+    start: int | None  # the common start position, when all rows start at the same place
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    span: int  # keys to attend to: max(start + T)
+    mask: torch.Tensor | None  # (B, 1, T, span) True = may attend; None when is_causal or unmasked
+    causal: bool
+
+    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's keys/values (B, nh, T, hs); return all keys/values to attend to (B, nh, span, hs)."""
+        c = self.cache
+        T = k.size(2)
+        if self.rows is None and self.start is not None:  # the common case: views, no copies
+            c.k[layer, :, :, self.start:self.start + T] = k
+            c.v[layer, :, :, self.start:self.start + T] = v
+            return c.k[layer, :, :, :self.span], c.v[layer, :, :, :self.span]
+        rows = self.rows if self.rows is not None else torch.arange(k.size(0), device=k.device)
+        c.k[layer, rows[:, None], :, self.positions] = k.transpose(1, 2)
+        c.v[layer, rows[:, None], :, self.positions] = v.transpose(1, 2)
+        if self.rows is None:
+            return c.k[layer, :, :, :self.span], c.v[layer, :, :, :self.span]
+        return c.k[layer, self.rows, :, :self.span], c.v[layer, self.rows, :, :self.span]
 
 
 class CausalSelfAttention(nn.Module):
@@ -82,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Conv1D(config.n_embd, config.n_embd, config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: _CacheStep | None = None) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -90,17 +130,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         mask, causal = None, True
-        if cache is not None:
-            start = cache.length
-            cache.k[self.layer_index, :, :, start:start + T] = k
-            cache.v[self.layer_index, :, :, start:start + T] = v
-            k = cache.k[self.layer_index, :, :, :start + T]  # (B, nh, start+T, hs)
-            v = cache.v[self.layer_index, :, :, :start + T]
-            if start > 0:
-                causal = False
-                if T > 1:  # query i sees keys up to start + i
-                    rows = torch.arange(T, device=x.device)[:, None] + start
-                    mask = torch.arange(start + T, device=x.device)[None, :] <= rows
+        if step is not None:
+            k, v = step.write_and_read(self.layer_index, k, v)  # (B, nh, span, hs)
+            mask, causal = step.mask, step.causal
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -126,8 +158,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, step: _CacheStep | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -166,27 +198,61 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if exclude_position_embeddings else n
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T); with a cache, positions continue after its contents.
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, rows: list[int] | None = None,
+                valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T).
 
-        ``last_only`` returns logits for the final position only (B, 1, vocab), which is all that
-        decoding needs and saves the LM-head matmul over the prefix.
+        With a ``cache``, each row continues after what its cache slot holds (``rows`` picks the slots
+        when the batch is a subset of them); ``valid`` gives each row's real length when rows are
+        right-padded to a common T. ``last_only`` returns only each row's last real position
+        (B, 1, vocab), all that decoding needs.
         """
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        step = None
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(T, dtype=torch.long, device=idx.device)[None]
+        else:
+            step = self._cache_step(cache, rows, B, T, idx.device)
+            positions = step.positions
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, step)
         if cache is not None:
-            cache.length += T
-        x = self.transformer.ln_f(x)
+            slots = rows if rows is not None else range(B)
+            for i, slot in enumerate(slots):
+                cache.lengths[slot] += valid[i] if valid is not None else T
         if last_only:
-            x = x[:, -1:, :]
-        return self.lm_head(x)
+            if valid is not None:
+                last = torch.tensor(valid, device=idx.device) - 1
+                x = x[torch.arange(B, device=idx.device), last][:, None]
+            else:
+                x = x[:, -1:]
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def _cache_step(self, cache: KVCache, rows: list[int] | None, B: int, T: int,
+                    device: torch.device) -> _CacheStep:
+        slots = list(range(B)) if rows is None else list(rows)
+        starts = [cache.lengths[s] for s in slots]
+        span = max(starts) + T
+        if span > cache.max_len:
+            raise ValueError(f"sequence of {span} tokens exceeds block_size {self.config.block_size}")
+        offsets = torch.arange(T, dtype=torch.long, device=device)
+        uniform = all(s == starts[0] for s in starts)
+        rows_t = None if rows is None else torch.tensor(slots, device=device)
+        if uniform:
+            start: int | None = starts[0]
+            positions = (offsets + starts[0])[None].expand(B, T)
+            if T == 1:  # one new query per row: it may see every cached key
+                return _CacheStep(cache, rows_t, start, positions, span, None, False)
+            if start == 0:  # a fresh prefill: plain causal attention
+                return _CacheStep(cache, rows_t, start, positions, span, None, True)
+        else:
+            start = None
+            positions = torch.tensor(starts, device=device)[:, None] + offsets
+        mask = (torch.arange(span, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+        return _CacheStep(cache, rows_t, start, positions, span, mask, False)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over targets ``y`` (positions with -100 are ignored)."""
@@ -199,6 +265,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
                                reduction="sum")
 
-    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
+        dtype = dtype or self.transformer.wte.weight.dtype
         return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)

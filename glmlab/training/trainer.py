@@ -164,7 +164,8 @@ class Trainer:
         if self.dist.enabled:
             step_module = DistributedDataParallel(
                 step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step_module = torch.compile(step_module) if self.cfg.compile else step_module
+        use_compile = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.device.type == "cuda")
+        self.step_module = torch.compile(step_module) if use_compile else step_module
         self.show_progress = show_progress and self.dist.is_main
 
     # --- setup ---------------------------------------------------------------------------------------------
@@ -222,6 +223,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             x, y = self.sampler.next_batch()
+            if self.device.type == "cuda":  # pinned memory: the copy does not wait for the GPU (no host sync)
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
             with nullcontext() if sync else self.step_module.no_sync(), self.amp:
@@ -275,10 +278,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         if improved:
-            try:
-                save_weights(self.model, self.out / BEST_DIR / WEIGHTS)
-            except OSError as exc:
-                raise write_error(self.out / BEST_DIR, exc) from None
+            save_weights(self.model, self.out / BEST_DIR / WEIGHTS)
         metrics.write({"step": self.state["step"], "split": "val", "loss": val,
                        "best_loss": self.state["best_val_loss"], "elapsed": self.state["elapsed"]})
         plot_losses(metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")

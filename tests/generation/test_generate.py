@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from glmlab.errors import EncodingError, GlmlabError
-from glmlab.generation.generate import GenerationSettings, _held_back, generate, stream
+from glmlab.generation.generate import GenerationSettings, generate, stream
+from glmlab.generation.text import held_back
 from glmlab.runs import load_run
 
 
@@ -12,11 +13,11 @@ def lm(trained_run):
 
 
 def test_same_seed_same_text_and_different_seed_different_text(lm):
-    a = lm.generate("First", max_new_tokens=40, seed=3)
-    b = lm.generate("First", max_new_tokens=40, seed=3)
-    c = lm.generate("First", max_new_tokens=40, seed=4)
+    a = lm.generate("First", max_new_tokens=40, seed=3, stop_at_eos=False)
+    b = lm.generate("First", max_new_tokens=40, seed=3, stop_at_eos=False)
+    c = lm.generate("First", max_new_tokens=40, seed=4, stop_at_eos=False)
     assert a == b and a != c
-    assert all(len(t) == 40 for t in a + c)  # char tokenizer: one character per token
+    assert all(len(c.token_ids) == 40 for c in lm.complete("First", max_new_tokens=40, seed=3, stop_at_eos=False)[0])
 
 
 def test_greedy_matches_a_loop_without_cache(lm):
@@ -59,13 +60,15 @@ def test_stream_concatenates_to_the_generated_text(lm):
 
 
 def test_held_back_text():
-    assert _held_back("hello wor", ["world"]) == 3
-    assert _held_back("abc\ufffd", []) == 1
-    assert _held_back("abc", ["xyz"]) == 0
+    assert held_back("hello wor", ["world"]) == 3
+    assert held_back("abc\ufffd", []) == 1
+    assert held_back("abc", ["xyz"]) == 0
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(max_new_tokens=0), dict(num_samples=0), dict(stop=[""])])
+                                 dict(max_new_tokens=0), dict(num_return_sequences=0), dict(stop=[""]),
+                                 dict(min_p=2), dict(presence_penalty=3), dict(num_beams=2, num_return_sequences=3),
+                                 dict(logprobs=50), dict(early_stopping="sometimes")])
 def test_out_of_range_settings_are_refused(lm, bad):
     with pytest.raises(GlmlabError, match="invalid sampling setting"):
         generate(lm.model, lm.tokenizer, "a", GenerationSettings(**bad))

@@ -37,8 +37,29 @@ def test_kv_cache_gives_the_same_logits_as_a_full_pass():
         cache = model.new_cache(2, torch.device("cpu"))
         parts = [model(idx[:, :5], cache), model(idx[:, 5:9], cache)]
         parts += [model(idx[:, i:i + 1], cache) for i in range(9, 14)]
-    assert cache.length == 14
+    assert cache.lengths == [14, 14]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_ragged_rows_keep_their_own_positions():
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 4))
+    with torch.no_grad():
+        cache = model.new_cache(2, torch.device("cpu"))
+        padded = torch.zeros(2, 9, dtype=torch.long)
+        padded[0], padded[1, :4] = a[0], b[0]
+        last = model(padded, cache, valid=[9, 4], last_only=True)  # right-padded prefill
+        assert cache.lengths == [9, 4]
+        assert torch.allclose(last[0, 0], model(a)[0, -1], atol=1e-5)
+        assert torch.allclose(last[1, 0], model(b)[0, -1], atol=1e-5)
+        nxt = torch.tensor([[7], [11]])
+        step = model(nxt, cache)  # one token per row, at positions 9 and 4
+        assert torch.allclose(step[0, 0], model(torch.cat([a, nxt[:1]], 1))[0, -1], atol=1e-5)
+        assert torch.allclose(step[1, 0], model(torch.cat([b, nxt[1:]], 1))[0, -1], atol=1e-5)
+        cache.select([1])  # row 0 leaves
+        step = model(torch.tensor([[3]]), cache)
+        assert torch.allclose(step[0, 0], model(torch.cat([b, nxt[1:], torch.tensor([[3]])], 1))[0, -1], atol=1e-5)
 
 
 def test_attention_is_causal():

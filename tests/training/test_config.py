@@ -5,10 +5,11 @@ from glmlab.errors import ConfigError
 
 
 def test_overrides_are_typed():
-    cfg = resolve_config({"train": {"lr": "1e-3"}}, ["train.lr=3e-4", "model.n_layer=2", "train.compile=true",
+    cfg = resolve_config({"train": {"lr": "1e-3"}}, ["train.lr=3e-4", "model.n_layer=2", "train.compile=True",
                                                     "train.max_time=3m", "train.min_lr=none"])
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
-    assert cfg.model.n_layer == 2 and cfg.train.compile is True
+    assert cfg.model.n_layer == 2 and cfg.train.compile == "true"
+    assert resolve_config({"train": {"compile": False}}).train.compile == "false"
     assert cfg.train.max_time == 180.0 and cfg.train.min_lr is None
 
 
@@ -26,7 +27,7 @@ def test_unknown_key_suggests_the_nearest():
     ("train.batch_size=0", ["out of range", ">= 1"]),
     ("train.precision=fp8", ["fp8", "bf16"]),
     ("train.max_time=soon", ["train.max_time"]),
-    ("train.compile=maybe", ["train.compile", "bool"]),
+    ("train.compile=maybe", ["train.compile", "auto"]),
     ("model.dropout=1.5", ["model.dropout", "<= 0.99"]),
     ("train.device=tpu", ["tpu", "cpu"]),
     ("lr=3", ["section.key"]),

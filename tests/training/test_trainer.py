@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from glmlab.errors import DataError, GlmlabError, RunDirError
 from glmlab.runs import load_run
-from glmlab.training.trainer import train
+from glmlab.training.trainer import LossModule, Trainer, train
 from tests.conftest import tiny_config
 
 
@@ -95,3 +95,19 @@ def test_gradient_accumulation_matches_one_large_batch(char_data, tmp_path):
     a, b = load_file(one.run_dir / "model.safetensors"), load_file(two.run_dir / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert _records(one.run_dir, "val")[0]["loss"] == pytest.approx(_records(two.run_dir, "val")[0]["loss"], rel=1e-4)
+
+
+def test_compile_auto_stays_eager_on_a_cpu(char_data, tmp_path):
+    trainer = Trainer(tiny_config("train.max_steps=1"), char_data, tmp_path / "run", show_progress=False)
+    assert trainer.device.type == "cpu" and isinstance(trainer.step_module, LossModule)
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_one(char_data, tmp_path):
+    eager = train(tiny_config("train.max_steps=5", "train.compile=false"), char_data, tmp_path / "eager",
+                  show_progress=False)
+    compiled = train(tiny_config("train.max_steps=5", "train.compile=true"), char_data, tmp_path / "compiled",
+                     show_progress=False)
+    assert compiled.last_val_loss == pytest.approx(eager.last_val_loss, rel=1e-4)
+    assert _records(compiled.run_dir, "train")[-1]["loss"] == pytest.approx(
+        _records(eager.run_dir, "train")[-1]["loss"], rel=1e-4)

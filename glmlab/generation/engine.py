@@ -1,0 +1,258 @@
+"""The generation engine: batched decoding over a preallocated KV cache, used by the CLI, the Python API
+and (later) the HTTP server.
+
+A batch holds rows of any prompt length. Each row keeps its own positions in the cache (prompts are
+right-padded once for the prefill; no left padding, no re-encoding of the prefix), its own settings
+and its own random generator, seeded from the request's seed and the row's sample index, so a
+request's text does not depend on what else is in the batch. Finished rows leave the batch. When a
+row fills the model's context, its last half is re-encoded and decoding goes on. Text comes out as
+deltas that never split a character or a stop string.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from glmlab.data.tokenizer import Tokenizer
+from glmlab.generation import processors as P
+from glmlab.generation.settings import GenerationSettings
+from glmlab.generation.text import IncrementalText, held_back
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives at that step."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_new_tokens) or "time" (max_time)
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    score: float | None = None  # beam search: the length-normalised sum of log-probabilities
+
+
+def row_seed(seed: int | None, index: int) -> int:
+    """A row's generator seed from its request's seed and its sample index (random when seed is None)."""
+    if seed is None:
+        return int(torch.seed())
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int], block_size: int) -> list[int]:
+    """Prompt ids (an empty prompt starts from ``<eos>``, the document separator), cut to fit the context."""
+    ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode_checked(prompt)
+    if not ids:
+        ids = [tokenizer.eos_id]
+    if len(ids) >= block_size:
+        dropped = len(ids) - (block_size - 1)
+        warnings.warn(f"the prompt has {len(ids)} tokens but the context holds {block_size}; "
+                      f"its first {dropped} tokens were dropped", stacklevel=3)
+        ids = ids[-(block_size - 1):]
+    return ids
+
+
+class _Row:
+    """One sequence being generated: its settings, generator, tokens, text and state."""
+
+    def __init__(self, prompt_ids: list[int], settings: GenerationSettings, index: int, tokenizer: Tokenizer,
+                 device: torch.device) -> None:
+        self.prompt_ids = prompt_ids
+        self.settings = settings
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(row_seed(settings.seed, index))
+        self.generated: list[int] = []
+        self.done = False
+        self.finish_reason = "length"
+        self.text = IncrementalText(tokenizer) if settings.stop else None
+        self.emitted = ""  # text already handed out as deltas
+        self.final_text: str | None = None  # text cut at a stop string
+        self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
+        self.bad_words = [tokenizer.encode(w) for w in settings.bad_words]
+        self.bad_words += [tokenizer.encode(" " + w) for w in settings.bad_words if tokenizer.kind == "bpe"]
+        self.context = list(prompt_ids)  # what the cache holds, for re-encoding when the context fills
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+
+def _process(logits: torch.Tensor, rows: list[_Row], eos_id: int) -> torch.Tensor:
+    """Apply every control, in Hugging Face's order, to the next-token logits (B, V) of ``rows``."""
+    s = [r.settings for r in rows]
+    early = [i for i, r in enumerate(rows) if len(r.generated) < r.settings.min_new_tokens]
+    if any(x.repetition_penalty != 1.0 for x in s):
+        logits = P.apply_repetition_penalty(logits, [r.history for r in rows], [x.repetition_penalty for x in s])
+    if any(x.presence_penalty or x.frequency_penalty for x in s):
+        logits = P.apply_presence_frequency(logits, [r.generated for r in rows], [x.presence_penalty for x in s],
+                                            [x.frequency_penalty for x in s])
+    if any(x.no_repeat_ngram_size for x in s):
+        logits = P.apply_no_repeat_ngram(logits, [r.history for r in rows], [x.no_repeat_ngram_size for x in s])
+    if any(r.bad_words for r in rows):
+        logits = P.apply_bad_words(logits, [r.history for r in rows], [r.bad_words for r in rows])
+    logits = P.suppress_tokens(logits, early, eos_id)
+    if any(x.temperature not in (0.0, 1.0) for x in s):
+        logits = P.apply_temperature(logits, [x.temperature for x in s])
+    if any(x.top_k for x in s):
+        logits = P.apply_top_k(logits, [x.top_k for x in s])
+    if any(x.top_p < 1 for x in s):
+        logits = P.apply_top_p(logits, [x.top_p for x in s])
+    if any(x.min_p > 0 for x in s):
+        logits = P.apply_min_p(logits, [x.min_p for x in s])
+    if any(x.typical_p < 1 for x in s):
+        logits = P.apply_typical_p(logits, [x.typical_p for x in s])
+    return logits
+
+
+def _choose(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """Greedy rows take the argmax; sampling rows draw from their own generator."""
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for i, row in enumerate(rows):
+        if row.settings.temperature == 0:
+            out.append(greedy[i])
+        else:
+            probs = logits[i].softmax(dim=-1)
+            out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    return out
+
+
+def _record_logprobs(raw: torch.Tensor, rows: list[_Row], chosen: list[int], tokenizer: Tokenizer) -> None:
+    wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    if not wanted:
+        return
+    logp = raw[wanted].float().log_softmax(dim=-1)
+    for j, i in enumerate(wanted):
+        n = rows[i].settings.logprobs or 0
+        top = []
+        if n:
+            values, ids = logp[j].topk(n)
+            top = [(int(t), tokenizer.decode([int(t)], skip_special_tokens=False), float(v))
+                   for v, t in zip(values, ids, strict=True)]
+        token = chosen[i]
+        rows[i].logprobs.append(TokenLogprob(token, tokenizer.decode([token], skip_special_tokens=False),
+                                             float(logp[j, token]), top))
+
+
+def _advance_text(row: _Row, token: int) -> str:
+    """Feed ``token`` to the row's text and return the new, safe-to-show delta ('' if none)."""
+    if row.text is None:
+        return ""
+    row.text.push(token)
+    text = row.text.text
+    cut = _find_stop(text, row.settings.stop)
+    if cut >= 0:
+        row.final_text = text[:cut]
+        row.done, row.finish_reason = True, "stop"
+        delta = text[len(row.emitted):cut] if cut > len(row.emitted) else ""
+        row.emitted = text[:cut]
+        return delta
+    safe = len(text) - held_back(text, row.settings.stop)
+    if safe > len(row.emitted):
+        delta = text[len(row.emitted):safe]
+        row.emitted = text[:safe]
+        return delta
+    return ""
+
+
+def _find_stop(text: str, stops: list[str]) -> int:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class Decoder:
+    """Decodes a batch of rows step by step. Iterate over :meth:`steps` for text deltas, then read :meth:`results`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]],
+                 settings: list[GenerationSettings], sample_indices: list[int] | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        indices = sample_indices or [0] * len(prompts)
+        self.rows = [_Row(p, s, i, tokenizer, self.device) for p, s, i in zip(prompts, settings, indices, strict=True)]
+
+    @torch.no_grad()
+    def steps(self, stream: bool = False) -> Iterator[tuple[int, str]]:
+        """Run to completion; yields (row index, text delta) as text becomes safe to show when ``stream``."""
+        if stream:
+            for row in self.rows:
+                if row.text is None:
+                    row.text = IncrementalText(self.tokenizer)
+        model, rows = self.model, self.rows
+        block = model.block_size
+        started = time.perf_counter()
+        budgets = [r.settings.max_time for r in rows if r.settings.max_time]
+        deadline = started + min(budgets) if budgets else None
+        cache = model.new_cache(len(rows), self.device)
+        lengths = [len(r.prompt_ids) for r in rows]
+        width = max(lengths)
+        idx = torch.full((len(rows), width), self.tokenizer.eos_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+        logits = model(idx.to(self.device), cache, valid=lengths, last_only=True)[:, -1].float()
+        active = list(range(len(rows)))  # rows still generating, in cache-slot order
+        while active:
+            live = [rows[i] for i in active]
+            processed = _process(logits, live, self.tokenizer.eos_id)
+            chosen = _choose(processed, live)
+            _record_logprobs(logits, live, chosen, self.tokenizer)
+            for slot, row, token in zip(active, live, chosen, strict=True):
+                if token == self.tokenizer.eos_id and row.settings.stop_at_eos:
+                    row.done, row.finish_reason = True, "stop"
+                    continue
+                row.generated.append(token)
+                row.context.append(token)
+                delta = _advance_text(row, token)
+                if delta and stream:
+                    yield slot, delta
+                if not row.done and len(row.generated) >= row.settings.max_new_tokens:
+                    row.done, row.finish_reason = True, "length"
+            if deadline is not None and time.perf_counter() >= deadline:
+                for row in live:
+                    if not row.done:
+                        row.done, row.finish_reason = True, "time"
+            still = [slot for slot in active if not rows[slot].done]
+            if not still:
+                break
+            if len(still) < len(active):
+                keep = [active.index(s) for s in still]
+                cache.select(keep)
+                active = still
+            for j, slot in enumerate(active):
+                if cache.lengths[j] >= block:  # context full: re-encode the row's last half, then go on
+                    row = rows[slot]
+                    row.context = row.context[-max(2, block // 2):]
+                    cache.reset_row(j)
+                    model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[j], last_only=True)
+            newest = torch.tensor([[rows[slot].context[-1]] for slot in active], device=self.device)
+            logits = model(newest, cache, last_only=True)[:, -1].float()
+        if stream:
+            for i, row in enumerate(rows):
+                tail = self._tail(row)
+                if tail:
+                    yield i, tail
+
+    def _tail(self, row: _Row) -> str:
+        """Text not yet handed out when the row ended (what the stop-string hold-back kept)."""
+        text = self.final_text(row)
+        return text[len(row.emitted):] if text.startswith(row.emitted) and len(text) > len(row.emitted) else ""
+
+    def final_text(self, row: _Row) -> str:
+        return row.final_text if row.final_text is not None else self.tokenizer.decode(row.generated)
+
+    def results(self) -> list[Completion]:
+        return [Completion(self.final_text(r), r.generated, r.finish_reason, len(r.prompt_ids), r.logprobs)
+                for r in self.rows]

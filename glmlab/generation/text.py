@@ -1,0 +1,46 @@
+"""Token ids to text, incrementally: deltas that never split a multi-byte character or a stop string."""
+
+from __future__ import annotations
+
+from glmlab.data.tokenizer import Tokenizer
+
+
+class IncrementalText:
+    """The decoded text of a growing token list, updated per token without re-decoding everything.
+
+    Each push decodes only the last token or two (with one token of left context, so word-level
+    spacing and byte-level merges come out exactly as a full decode would); while the newest tokens
+    end in an incomplete UTF-8 sequence, nothing is added until the character is whole.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # start of the context window that is re-decoded
+        self._read = 0  # tokens before this are already in self.text
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text it completed ('' while a character is still incomplete)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        delta = after[len(before):]
+        self.text += delta
+        self._prefix, self._read = self._read, len(self.ids)
+        return delta
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters to hold back: a partial stop string, or an incomplete character."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    while hold < len(text) and text[len(text) - 1 - hold] == "\ufffd":
+        hold += 1
+    return hold

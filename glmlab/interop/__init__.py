@@ -1,0 +1,1 @@
+"""Interoperability with other toolkits' formats (Hugging Face GPT-2 checkpoints)."""

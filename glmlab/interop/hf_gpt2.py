@@ -1,0 +1,170 @@
+"""Hugging Face GPT-2 checkpoints in and out: ``glmlab import-hf`` and ``glmlab export-hf``.
+
+glmlab's `gpt` family uses GPT-2's parameter names and layouts, so weights cross by a plain copy
+(the causal-mask buffers of old checkpoints are dropped, a missing ``transformer.`` prefix added,
+the tied LM head shared). Nothing is downloaded: both directions work on local directories, and an
+export loads offline with ``GPT2LMHeadModel.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from glmlab import __version__, atomic
+from glmlab.config import resolve_config
+from glmlab.data.tokenizer import BOS, EOS, PAD, UNK
+from glmlab.errors import GlmlabError
+from glmlab.models import build_model
+from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, load_run, save_weights
+
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GlmlabError(f"cannot read {path}: {exc}", "give a Hugging Face model directory") from None
+
+
+def _load_state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    if (hf_dir / "model.safetensors").is_file():
+        try:
+            return load_file(str(hf_dir / "model.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            raise GlmlabError(f"{hf_dir / 'model.safetensors'} cannot be read ({exc})") from None
+    if (hf_dir / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling refuses anything but tensors
+            raise GlmlabError(f"{hf_dir / 'pytorch_model.bin'} cannot be loaded as plain weights "
+                              f"({type(exc).__name__})", "convert it to model.safetensors") from None
+    raise GlmlabError(f"{hf_dir} has no model.safetensors or pytorch_model.bin",
+                      "give a directory saved by save_pretrained")
+
+
+def _special_tokens(hf_dir: Path, config: dict[str, Any], tok: HFTokenizer) -> dict[str, str]:
+    """Which tokens play glmlab's roles (eos, bos, pad, unk) in an imported tokenizer."""
+    roles: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = hf_dir / name
+        if path.is_file():
+            data = _read_json(path)
+            for role in ("eos", "bos", "pad", "unk"):
+                value = data.get(f"{role}_token")
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str) and tok.token_to_id(value) is not None:
+                    roles.setdefault(role, value)
+    for role in ("eos", "bos", "pad"):
+        token_id = config.get(f"{role}_token_id")
+        if role not in roles and isinstance(token_id, int) and tok.id_to_token(token_id) is not None:
+            roles[role] = tok.id_to_token(token_id)
+    if "eos" not in roles:
+        raise GlmlabError(f"cannot tell the end-of-text token of {hf_dir}",
+                          "set eos_token_id in config.json or eos_token in tokenizer_config.json")
+    return roles
+
+
+def _load_tokenizer(hf_dir: Path) -> HFTokenizer:
+    if (hf_dir / "tokenizer.json").is_file():
+        return HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    vocab, merges = hf_dir / "vocab.json", hf_dir / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+    raise GlmlabError(f"{hf_dir} has no tokenizer.json, nor vocab.json + merges.txt",
+                      "save the tokenizer next to the model (tokenizer.save_pretrained)")
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Turn a local Hugging Face GPT-2 directory into a glmlab run directory."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise GlmlabError(f"{hf_dir} is not a directory", "give the directory a model was saved to")
+    if (out / CONFIG).exists():
+        raise GlmlabError(f"{out} already holds a run", "choose another --out")
+    config = _read_json(hf_dir / "config.json")
+    if config.get("model_type") != "gpt2":
+        raise GlmlabError(f"{hf_dir} holds a {config.get('model_type')!r} model; import-hf reads GPT-2 models",
+                          "convert the model to GPT-2 or use transformers directly")
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise GlmlabError(f"activation {activation!r} is not supported", f"use one of {SUPPORTED_ACTIVATIONS}")
+    run_config = resolve_config({"model": {
+        "family": "gpt", "vocab_size": config["vocab_size"], "block_size": config.get("n_positions", 1024),
+        "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
+        "dropout": config.get("resid_pdrop", 0.1), "bias": True,
+        "layer_norm_epsilon": config.get("layer_norm_epsilon", 1e-5)}})
+    model = build_model(run_config.model)
+    state = {}
+    for name, tensor in _load_state(hf_dir).items():
+        if name.endswith(_BUFFERS) or name == "lm_head.weight":
+            continue
+        state[name if name.startswith("transformer.") else f"transformer.{name}"] = tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise GlmlabError(f"the weights in {hf_dir} do not fit a GPT-2 of this config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    hf_tok = _load_tokenizer(hf_dir)
+    roles = _special_tokens(hf_dir, config, hf_tok)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / TOKENIZER, hf_tok.to_str(pretty=True))
+    save_weights(model, out / WEIGHTS)
+    atomic.write_json(out / CONFIG, {**run_config.to_dict(), "special_tokens": roles,
+                                     "imported_from": str(hf_dir.resolve()), "glmlab_version": __version__})
+    return out
+
+
+def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best") -> Path:
+    """Write a run as a Hugging Face GPT-2 directory (config, safetensors weights, tokenizer files)."""
+    run = load_run(run_dir, checkpoint=checkpoint)
+    cfg = run.config.model
+    if cfg.family != "gpt":
+        raise GlmlabError(f"family {cfg.family!r} has no GPT-2 equivalent", "export-hf takes gpt runs")
+    hf_dir = Path(hf_dir)
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    tok = run.tokenizer
+    state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items() if k != "lm_head.weight"}
+    if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
+        for name, module in run.model.named_modules():
+            weight = getattr(module, "weight", None)
+            if weight is not None and getattr(module, "bias", "absent") is None and not name.endswith("wte") \
+                    and not name.endswith("wpe") and name != "lm_head":
+                size = weight.shape[0] if isinstance(module, torch.nn.LayerNorm) else weight.shape[-1]
+                state[f"{name}.bias"] = torch.zeros(size)
+    save_file(state, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    eos, bos = tok.eos_id, tok.bos_id if tok.bos_id is not None else tok.eos_id
+    atomic.write_json(hf_dir / "config.json", {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_id,
+        "torch_dtype": "float32", "glmlab_version": __version__})
+    shutil.copyfile(Path(run_dir) / TOKENIZER, hf_dir / "tokenizer.json")
+    names = tok.special_tokens
+    atomic.write_json(hf_dir / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+        **{f"{role}_token": token for role, token in names.items()}})
+    atomic.write_json(hf_dir / "special_tokens_map.json", {f"{role}_token": token for role, token in names.items()})
+    atomic.write_json(hf_dir / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos,
+                                                          "pad_token_id": tok.pad_id})
+    return hf_dir
+
+
+DEFAULT_ROLES = {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS}

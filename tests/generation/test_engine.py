@@ -1,0 +1,120 @@
+"""The batched engine: ragged batches, per-request seeds, logprobs, limits, incremental text, beam search."""
+
+import types
+
+import pytest
+import torch
+
+from glmlab.data.tokenizer import train_tokenizer
+from glmlab.generation.beam import beam_search
+from glmlab.generation.engine import Decoder
+from glmlab.generation.generate import GenerationSettings, generate_batch
+from glmlab.generation.text import IncrementalText
+from glmlab.models.gpt import GPT, GPTConfig
+from glmlab.runs import load_run
+
+
+@pytest.fixture(scope="module")
+def lm(trained_run):
+    return load_run(trained_run)
+
+
+def test_a_ragged_batch_matches_each_prompt_alone(lm):
+    prompts = ["First", "Citizen: we are", "A"]
+    greedy = GenerationSettings(max_new_tokens=30, temperature=0)
+    together = generate_batch(lm.model, lm.tokenizer, prompts, greedy)
+    for prompt, completions in zip(prompts, together, strict=True):
+        alone = generate_batch(lm.model, lm.tokenizer, [prompt], greedy)[0]
+        assert completions[0].token_ids == alone[0].token_ids
+
+
+def test_seeds_are_per_request_whatever_else_is_in_the_batch(lm):
+    mine = GenerationSettings(max_new_tokens=25, seed=7, num_return_sequences=2)
+    other = GenerationSettings(max_new_tokens=40, seed=99, temperature=0.7)
+    alone = generate_batch(lm.model, lm.tokenizer, ["First"], mine)[0]
+    mixed = generate_batch(lm.model, lm.tokenizer, ["Second thing", "First"], [other, mine])[1]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in mixed]
+    assert alone[0].token_ids != alone[1].token_ids  # the two samples of one request differ
+
+
+def test_logprobs_are_the_model_distribution(lm):
+    settings = GenerationSettings(max_new_tokens=6, seed=1, logprobs=3, top_k=5)
+    completion = generate_batch(lm.model, lm.tokenizer, ["First"], settings)[0][0]
+    ids = lm.tokenizer.encode("First") + completion.token_ids
+    with torch.no_grad():
+        logp = lm.model(torch.tensor([ids])).log_softmax(-1)[0]
+    start = len(lm.tokenizer.encode("First")) - 1
+    for i, entry in enumerate(completion.logprobs):
+        assert entry.token_id == completion.token_ids[i]
+        assert entry.logprob == pytest.approx(float(logp[start + i, entry.token_id]), abs=1e-4)
+        assert len(entry.top) == 3 and entry.top[0][2] >= entry.top[1][2] >= entry.top[2][2]
+        assert entry.top[0][0] == int(logp[start + i].argmax())
+
+
+def test_finish_reasons_and_min_new_tokens(lm):
+    eos = lm.tokenizer.eos_id
+    out = generate_batch(lm.model, lm.tokenizer, ["First"], GenerationSettings(max_new_tokens=8, seed=0))[0][0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 8 and out.prompt_tokens == 5
+    timed = generate_batch(lm.model, lm.tokenizer, ["First"], GenerationSettings(max_new_tokens=100_000,
+                                                                                 max_time=0.2, seed=0,
+                                                                                 stop_at_eos=False))[0][0]
+    assert timed.finish_reason == "time" and len(timed.token_ids) < 100_000
+    decoder = Decoder(lm.model, lm.tokenizer, [[eos]], [GenerationSettings(max_new_tokens=5, min_new_tokens=5,
+                                                                            bad_words=["e"], seed=3)])
+    list(decoder.steps())
+    result = decoder.results()[0]
+    assert len(result.token_ids) == 5 and eos not in result.token_ids
+    assert lm.tokenizer.encode("e")[0] not in result.token_ids
+
+
+def test_incremental_text_never_splits_a_character():
+    tok = train_tokenizer("bpe", ["plain ascii text only " * 50], vocab_size=300)
+    text = "héllo wörld 😀 日本"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    inc = IncrementalText(tok)
+    deltas = [inc.push(i) for i in ids]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # some tokens completed no character
+
+
+def test_word_level_incremental_text_matches_a_full_decode():
+    tok = train_tokenizer("word", ["to be or not to be\nthat is the question\n\nwhether"], vocab_size=100)
+    ids = tok.encode("to be or\n\nnot to be\nthat")
+    inc = IncrementalText(tok)
+    assert "".join(inc.push(i) for i in ids) == tok.decode(ids)
+
+
+def _tiny_pair(vocab=40):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32,
+                                                               n_layer=2, n_head=2, bos_token_id=None,
+                                                               eos_token_id=None)).eval()
+    ours = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    return ours, hf
+
+
+@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.5, True), (2.0, "never")])
+def test_beam_search_matches_transformers(length_penalty, early_stopping):
+    ours, hf = _tiny_pair()
+    prompt = [5, 9, 2, 17]
+    with torch.no_grad():
+        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+    eos = greedy[len(prompt) + 2]  # a token the model likes: beams end at different lengths
+    fake_tokenizer = types.SimpleNamespace(eos_id=eos, encode=lambda text: [], decode=lambda ids: "")
+    settings = GenerationSettings(max_new_tokens=10, num_beams=4, num_return_sequences=3,
+                                  length_penalty=length_penalty, early_stopping=early_stopping)
+    ours_out = beam_search(ours, fake_tokenizer, prompt, settings)
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=10, num_beams=4, num_return_sequences=3,
+                             do_sample=False, length_penalty=length_penalty, early_stopping=early_stopping,
+                             eos_token_id=eos, pad_token_id=eos, output_scores=True, return_dict_in_generate=True)
+    for completion, sequence, score in zip(ours_out, theirs.sequences.tolist(), theirs.sequences_scores.tolist(),
+                                           strict=True):
+        body = sequence[len(prompt):]
+        if eos in body:
+            body = body[: body.index(eos)]
+        assert completion.token_ids == body
+        assert completion.score == pytest.approx(score, abs=1e-4)
