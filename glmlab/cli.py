@@ -109,6 +109,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_eval)
 
 
+def _add_interop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-hf", help="turn a local Hugging Face GPT-2 directory into a glmlab run",
+                       description="Read config.json, model.safetensors (or pytorch_model.bin, weights only) and "
+                                   "tokenizer.json (or vocab.json + merges.txt) from a local directory. No download.")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.set_defaults(handler=cmd_import_hf)
+    p = sub.add_parser("export-hf", help="write a gpt run as a Hugging Face GPT-2 directory",
+                       description="The result loads offline with transformers' GPT2LMHeadModel.from_pretrained "
+                                   "and AutoTokenizer.from_pretrained.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.set_defaults(handler=cmd_export_hf)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmlab", description="Generative language models: prepare -> train -> "
                                      "generate / eval.")
@@ -118,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_interop(sub)
     return parser
 
 
@@ -236,6 +253,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"target": label, **report.to_dict()}, indent=2))
     else:
         print(f"{label}: {report.format()}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from glmlab.interop.hf_gpt2 import import_hf
+
+    out = import_hf(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} -> {out}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from glmlab.interop.hf_gpt2 import export_hf
+
+    out = export_hf(args.run_dir, args.hf_dir, checkpoint=args.checkpoint)
+    print(f"exported {args.run_dir} -> {out} (load with GPT2LMHeadModel.from_pretrained / "
+          "AutoTokenizer.from_pretrained)")
     return 0
 
 

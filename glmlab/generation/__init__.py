@@ -1,1 +1,1 @@
-"""Generation: logits processing and sampling, and the KV-cached decoding loop with streaming."""
+"""Generation: settings, logits processors, the batched KV-cache engine, beam search, streaming text."""

@@ -21,7 +21,6 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from glmlab import __version__, atomic
 from glmlab.config import resolve_config
-from glmlab.data.tokenizer import BOS, EOS, PAD, UNK
 from glmlab.errors import GlmlabError
 from glmlab.models import build_model
 from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, load_run, save_weights
@@ -167,4 +166,3 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
     return hf_dir
 
 
-DEFAULT_ROLES = {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS}

@@ -1,0 +1,114 @@
+"""Generation speed: glmlab's engine against Hugging Face ``generate`` on identical weights, one run.
+
+Greedy decoding, interleaved rounds (median), and a check that both produce the same tokens. Shapes:
+(a) the nanoGPT CPU recipe (4 layers, 4 heads, 128 dims, vocab 65), 256 new tokens; (b) GPT-2 small
+(12 x 768, vocab 50,257, random weights), 64 new tokens; batch 1 and 8; fp32, and bf16 weights (with
+the largest logit difference they cost). For (b) the script measures memory read bandwidth and
+prints the bandwidth bound: weight bytes read per decoding step / bandwidth.
+
+    python benchmarks/generate_speed.py
+    python benchmarks/generate_speed.py --rounds 2 --shapes a
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import types
+
+import torch
+
+from glmlab.generation.generate import GenerationSettings, generate_batch
+from glmlab.models.gpt import GPT, GPTConfig
+
+SHAPES = {  # name: (n_layer, n_head, n_embd, vocab, block, new tokens)
+    "a": ("nanoGPT CPU shape (4x128, vocab 65)", 4, 4, 128, 65, 512, 256),
+    "b": ("GPT-2 small shape (12x768, vocab 50,257)", 12, 12, 768, 50257, 1024, 64),
+}
+PROMPT_LEN = 16
+
+
+def read_bandwidth(megabytes: int = 1024) -> float:
+    """Bytes per second this machine reads from memory (summing a large fp32 tensor, best of 5)."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start))
+    return best
+
+
+def build_pair(n_layer, n_head, n_embd, vocab, block):
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab, n_positions=block, n_embd=n_embd, n_layer=n_layer, n_head=n_head, bos_token_id=None,
+        eos_token_id=None)).eval()
+    ours = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                         dropout=0.0)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)  # the same weights: a plain copy
+    return ours, hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shapes", default="a,b")
+    parser.add_argument("--batches", default="1,8")
+    args = parser.parse_args()
+    bandwidth = read_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    print("| shape | batch | weights | glmlab tokens/s | HF tokens/s | glmlab / HF | same tokens | "
+          "max logit diff vs fp32 | bandwidth bound tokens/s (batch 1) |\n|---|---|---|---|---|---|---|---|---|")
+    tokenizer = types.SimpleNamespace(eos_id=-1, kind="bpe", encode=lambda text: [], decode=lambda ids, **kw: "")
+    for key in args.shapes.split(","):
+        name, n_layer, n_head, n_embd, vocab, block, new = SHAPES[key]
+        ours32, hf32 = build_pair(n_layer, n_head, n_embd, vocab, block)
+        gen = torch.Generator().manual_seed(1)
+        for batch in (int(b) for b in args.batches.split(",")):
+            prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen)
+            for dtype in (torch.float32, torch.bfloat16):
+                ours = ours32 if dtype == torch.float32 else GPT(ours32.config).to(dtype).eval()
+                hf = hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
+                if dtype != torch.float32:
+                    ours.load_state_dict(ours32.state_dict())
+                settings = GenerationSettings(max_new_tokens=new, temperature=0, stop_at_eos=False)
+
+                def run_ours(ours=ours, settings=settings, prompts=prompts):
+                    out = generate_batch(ours, tokenizer, prompts.tolist(), settings)
+                    return [c[0].token_ids for c in out]
+
+                def run_hf(hf=hf, prompts=prompts, new=new):
+                    with torch.no_grad():
+                        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0)
+                    return out[:, PROMPT_LEN:].tolist()
+
+                times: dict[str, list[float]] = {"ours": [], "hf": []}
+                outputs = {}
+                for _ in range(args.rounds):
+                    for label, fn in (("ours", run_ours), ("hf", run_hf)):
+                        start = time.perf_counter()
+                        outputs[label] = fn()
+                        times[label].append(time.perf_counter() - start)
+                rate = {k: batch * new / statistics.median(v) for k, v in times.items()}
+                same = outputs["ours"] == outputs["hf"]
+                with torch.no_grad():
+                    diff = (ours(prompts).float() - ours32(prompts)).abs().max().item()
+                weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()
+                                   if p is not ours.transformer.wpe.weight)
+                bound = bandwidth / weight_bytes if batch == 1 else float("nan")
+                label = "fp32" if dtype == torch.float32 else "bf16"
+                print(f"| {name} | {batch} | {label} | {rate['ours']:,.1f} | {rate['hf']:,.1f} | "
+                      f"{rate['ours'] / rate['hf']:.2f} | {same} | {diff:.2e} | "
+                      f"{'' if batch != 1 else f'{bound:,.1f}'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""GPT-2 checkpoints in and out, against transformers itself (random tiny models, nothing downloaded)."""
+
+import json
+
+import pytest
+import torch
+
+from glmlab.cli import main
+from glmlab.errors import GlmlabError
+from glmlab.generation.generate import GenerationSettings, generate_batch
+from glmlab.interop.hf_gpt2 import export_hf, import_hf
+from glmlab.runs import load_run
+
+transformers = pytest.importorskip("transformers")
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs.\n" * 20
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random tiny GPT-2 saved by transformers, with a byte-level BPE tokenizer as vocab.json + merges.txt."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    out = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    out.mkdir()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(out))
+    eos = bpe.token_to_id("<|endoftext|>")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=bpe.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=eos,
+        eos_token_id=eos))
+    model.save_pretrained(out)
+    return out
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_import_matches_transformers_logits_and_greedy_tokens(hf_dir, tmp_path):
+    run = load_run(import_hf(hf_dir, tmp_path / "run"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    ids = run.tokenizer.encode("The quick brown fox")
+    with torch.no_grad():
+        ours = run.model(torch.tensor([ids]))[0]
+    assert (ours - _hf_logits(hf, ids)).abs().max() < 1e-4
+    completion = generate_batch(run.model, run.tokenizer, [ids], GenerationSettings(max_new_tokens=20,
+                                                                                   temperature=0))[0][0]
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0)[0]
+    body = theirs[len(ids):].tolist()
+    if run.tokenizer.eos_id in body:
+        body = body[: body.index(run.tokenizer.eos_id)]
+    assert completion.token_ids == body
+    assert run.tokenizer.eos_id == run.tokenizer.hf.token_to_id("<|endoftext|>")
+
+
+def test_round_trip_through_export(hf_dir, tmp_path):
+    run_dir = import_hf(hf_dir, tmp_path / "run")
+    out = export_hf(run_dir, tmp_path / "exported")
+    original = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    again = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("Pack my box")["input_ids"]
+    assert ids == load_run(run_dir).tokenizer.encode("Pack my box")
+    assert (_hf_logits(again, ids) - _hf_logits(original, ids)).abs().max() < 1e-5
+    assert tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_a_glmlab_char_run_exports_with_its_tokenizer(trained_run, tmp_path):
+    out = export_hf(trained_run, tmp_path / "hf")
+    run = load_run(trained_run)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("First Citizen")["input_ids"]
+    assert ids == run.tokenizer.encode("First Citizen")
+    with torch.no_grad():
+        assert (run.model(torch.tensor([ids]))[0] - hf(torch.tensor([ids])).logits[0]).abs().max() < 1e-4
+    assert tokenizer.decode(ids) == "First Citizen"
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == run.tokenizer.eos_id
+
+
+def test_pytorch_bin_and_errors(hf_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(hf_dir, legacy)
+    torch.save(load_file(legacy / "model.safetensors"), legacy / "pytorch_model.bin")
+    (legacy / "model.safetensors").unlink()
+    assert main(["import-hf", str(legacy), "--out", str(tmp_path / "run")]) == 0
+    assert main(["import-hf", str(legacy), "--out", str(tmp_path / "run")]) == 1  # exists: refused
+    assert "already holds a run" in capsys.readouterr().err
+    (legacy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(GlmlabError, match="llama"):
+        import_hf(legacy, tmp_path / "other")
+    with pytest.raises(GlmlabError, match="not a directory"):
+        import_hf(tmp_path / "missing", tmp_path / "other")
