@@ -37,7 +37,7 @@ def _process_logprobs(logp: torch.Tensor, histories: list[list[int]], generated:
     return logp
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
                 settings: GenerationSettings) -> list[Completion]:
     """The ``num_return_sequences`` best hypotheses for one prompt, best first."""

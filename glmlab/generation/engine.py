@@ -184,7 +184,7 @@ class Decoder:
         indices = sample_indices or [0] * len(prompts)
         self.rows = [_Row(p, s, i, tokenizer, self.device) for p, s, i in zip(prompts, settings, indices, strict=True)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def steps(self, stream: bool = False) -> Iterator[tuple[int, str]]:
         """Run to completion; yields (row index, text delta) as text becomes safe to show when ``stream``."""
         if stream:
@@ -203,13 +203,13 @@ class Decoder:
         for i, r in enumerate(rows):
             idx[i, : lengths[i]] = torch.tensor(r.prompt_ids)
         logits = model(idx.to(self.device), cache, valid=lengths, last_only=True)[:, -1].float()
-        active = list(range(len(rows)))  # rows still generating, in cache-slot order
+        active = list(range(len(rows)))  # indices of the rows still generating; cache slot j holds active[j]
         while active:
             live = [rows[i] for i in active]
             processed = _process(logits, live, self.tokenizer.eos_id)
             chosen = _choose(processed, live)
             _record_logprobs(logits, live, chosen, self.tokenizer)
-            for slot, row, token in zip(active, live, chosen, strict=True):
+            for index, row, token in zip(active, live, chosen, strict=True):
                 if token == self.tokenizer.eos_id and row.settings.stop_at_eos:
                     row.done, row.finish_reason = True, "stop"
                     continue
@@ -217,27 +217,26 @@ class Decoder:
                 row.context.append(token)
                 delta = _advance_text(row, token)
                 if delta and stream:
-                    yield slot, delta
+                    yield index, delta
                 if not row.done and len(row.generated) >= row.settings.max_new_tokens:
                     row.done, row.finish_reason = True, "length"
             if deadline is not None and time.perf_counter() >= deadline:
                 for row in live:
                     if not row.done:
                         row.done, row.finish_reason = True, "time"
-            still = [slot for slot in active if not rows[slot].done]
+            still = [index for index in active if not rows[index].done]
             if not still:
                 break
             if len(still) < len(active):
-                keep = [active.index(s) for s in still]
-                cache.select(keep)
+                cache.select([active.index(index) for index in still])
                 active = still
-            for j, slot in enumerate(active):
+            for j, index in enumerate(active):
                 if cache.lengths[j] >= block:  # context full: re-encode the row's last half, then go on
-                    row = rows[slot]
+                    row = rows[index]
                     row.context = row.context[-max(2, block // 2):]
                     cache.reset_row(j)
                     model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[j], last_only=True)
-            newest = torch.tensor([[rows[slot].context[-1]] for slot in active], device=self.device)
+            newest = torch.tensor([[rows[index].context[-1]] for index in active], device=self.device)
             logits = model(newest, cache, last_only=True)[:, -1].float()
         if stream:
             for i, row in enumerate(rows):
