@@ -91,36 +91,70 @@ class _Row:
         return self.prompt_ids + self.generated
 
 
-def _process(logits: torch.Tensor, rows: list[_Row], eos_id: int) -> torch.Tensor:
-    """Apply every control, in Hugging Face's order, to the next-token logits (B, V) of ``rows``."""
+@dataclass(frozen=True)
+class _Controls:
+    """Which controls any row of a batch uses, worked out once so a plain greedy or sampling step
+    pays for nothing it does not use."""
+
+    repetition: bool
+    penalties: bool
+    ngram: bool
+    bad_words: bool
+    min_new_tokens: bool
+    temperature: bool
+    top_k: bool
+    top_p: bool
+    min_p: bool
+    typical: bool
+    sampling: bool
+    logprobs: bool
+
+    @classmethod
+    def of(cls, rows: list[_Row]) -> _Controls:
+        s = [r.settings for r in rows]
+        return cls(repetition=any(x.repetition_penalty != 1.0 for x in s),
+                   penalties=any(x.presence_penalty or x.frequency_penalty for x in s),
+                   ngram=any(x.no_repeat_ngram_size for x in s), bad_words=any(r.bad_words for r in rows),
+                   min_new_tokens=any(x.min_new_tokens for x in s),
+                   temperature=any(x.temperature not in (0.0, 1.0) for x in s), top_k=any(x.top_k for x in s),
+                   top_p=any(x.top_p < 1 for x in s), min_p=any(x.min_p > 0 for x in s),
+                   typical=any(x.typical_p < 1 for x in s), sampling=any(x.temperature > 0 for x in s),
+                   logprobs=any(x.logprobs is not None for x in s))
+
+
+def _process(logits: torch.Tensor, rows: list[_Row], eos_id: int, on: _Controls) -> torch.Tensor:
+    """Apply every control in use, in Hugging Face's order, to the next-token logits (B, V) of ``rows``."""
     s = [r.settings for r in rows]
-    early = [i for i, r in enumerate(rows) if len(r.generated) < r.settings.min_new_tokens]
-    if any(x.repetition_penalty != 1.0 for x in s):
+    if on.repetition:
         logits = P.apply_repetition_penalty(logits, [r.history for r in rows], [x.repetition_penalty for x in s])
-    if any(x.presence_penalty or x.frequency_penalty for x in s):
+    if on.penalties:
         logits = P.apply_presence_frequency(logits, [r.generated for r in rows], [x.presence_penalty for x in s],
                                             [x.frequency_penalty for x in s])
-    if any(x.no_repeat_ngram_size for x in s):
+    if on.ngram:
         logits = P.apply_no_repeat_ngram(logits, [r.history for r in rows], [x.no_repeat_ngram_size for x in s])
-    if any(r.bad_words for r in rows):
+    if on.bad_words:
         logits = P.apply_bad_words(logits, [r.history for r in rows], [r.bad_words for r in rows])
-    logits = P.suppress_tokens(logits, early, eos_id)
-    if any(x.temperature not in (0.0, 1.0) for x in s):
+    if on.min_new_tokens:
+        early = [i for i, r in enumerate(rows) if len(r.generated) < r.settings.min_new_tokens]
+        logits = P.suppress_tokens(logits, early, eos_id)
+    if on.temperature:
         logits = P.apply_temperature(logits, [x.temperature for x in s])
-    if any(x.top_k for x in s):
+    if on.top_k:
         logits = P.apply_top_k(logits, [x.top_k for x in s])
-    if any(x.top_p < 1 for x in s):
+    if on.top_p:
         logits = P.apply_top_p(logits, [x.top_p for x in s])
-    if any(x.min_p > 0 for x in s):
+    if on.min_p:
         logits = P.apply_min_p(logits, [x.min_p for x in s])
-    if any(x.typical_p < 1 for x in s):
+    if on.typical:
         logits = P.apply_typical_p(logits, [x.typical_p for x in s])
     return logits
 
 
-def _choose(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+def _choose(logits: torch.Tensor, rows: list[_Row], on: _Controls) -> list[int]:
     """Greedy rows take the argmax; sampling rows draw from their own generator."""
     greedy = logits.argmax(dim=-1).tolist()
+    if not on.sampling:
+        return greedy
     out = []
     for i, row in enumerate(rows):
         if row.settings.temperature == 0:
@@ -204,11 +238,12 @@ class Decoder:
             idx[i, : lengths[i]] = torch.tensor(r.prompt_ids)
         logits = model(idx.to(self.device), cache, valid=lengths, last_only=True)[:, -1].float()
         active = list(range(len(rows)))  # indices of the rows still generating; cache slot j holds active[j]
+        on = _Controls.of(rows)
         while active:
             live = [rows[i] for i in active]
-            processed = _process(logits, live, self.tokenizer.eos_id)
-            chosen = _choose(processed, live)
-            _record_logprobs(logits, live, chosen, self.tokenizer)
+            chosen = _choose(_process(logits, live, self.tokenizer.eos_id, on), live, on)
+            if on.logprobs:
+                _record_logprobs(logits, live, chosen, self.tokenizer)
             for index, row, token in zip(active, live, chosen, strict=True):
                 if token == self.tokenizer.eos_id and row.settings.stop_at_eos:
                     row.done, row.finish_reason = True, "stop"
