@@ -42,6 +42,20 @@ def read_bandwidth(megabytes: int = 1024) -> float:
     return best
 
 
+@torch.inference_mode()
+def max_decode_diff(model: GPT, reference: GPT, prompts: torch.Tensor) -> float:
+    """Largest logit difference of one decoding step of ``model`` (in its decode format) against fp32."""
+    results = []
+    for m, fmt in ((model, model.decode_weight_format), (reference, "native")):
+        saved = m.decode_weight_format
+        m.set_decode_weights(fmt)
+        cache = m.new_cache(prompts.size(0), torch.device("cpu"))
+        m(prompts[:, :-1], cache)
+        results.append(m(prompts[:, -1:], cache)[:, -1].float())
+        m.set_decode_weights(saved)
+    return (results[0] - results[1]).abs().max().item()
+
+
 def build_pair(n_layer, n_head, n_embd, vocab, block):
     import transformers
 
@@ -73,11 +87,12 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen)
-            for dtype in (torch.float32, torch.bfloat16):
-                ours = ours32 if dtype == torch.float32 else GPT(ours32.config).to(dtype).eval()
-                hf = hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
-                if dtype != torch.float32:
+            for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8 (glmlab)", None)):
+                ours = ours32 if dtype != torch.bfloat16 else GPT(ours32.config).to(dtype).eval()
+                hf = hf32 if dtype != torch.bfloat16 else copy.deepcopy(hf32).to(dtype)
+                if dtype == torch.bfloat16:
                     ours.load_state_dict(ours32.state_dict())
+                ours32.set_decode_weights("int8" if dtype is None else "native")
                 settings = GenerationSettings(max_new_tokens=new, temperature=0, stop_at_eos=False)
 
                 def run_ours(ours=ours, settings=settings, prompts=prompts):
@@ -90,21 +105,22 @@ def main() -> None:
                                           min_new_tokens=new, do_sample=False, pad_token_id=0)
                     return out[:, PROMPT_LEN:].tolist()
 
+                if dtype is None:
+                    generate_batch(ours, tokenizer, prompts.tolist()[:1],  # quantize once, outside the timing
+                                   GenerationSettings(max_new_tokens=1, temperature=0))
                 times: dict[str, list[float]] = {"ours": [], "hf": []}
                 outputs = {}
                 for _ in range(args.rounds):
-                    for label, fn in (("ours", run_ours), ("hf", run_hf)):
+                    for side, fn in (("ours", run_ours), ("hf", run_hf)):
                         start = time.perf_counter()
-                        outputs[label] = fn()
-                        times[label].append(time.perf_counter() - start)
+                        outputs[side] = fn()
+                        times[side].append(time.perf_counter() - start)
                 rate = {k: batch * new / statistics.median(v) for k, v in times.items()}
                 same = outputs["ours"] == outputs["hf"]
-                with torch.no_grad():
-                    diff = (ours(prompts).float() - ours32(prompts)).abs().max().item()
-                weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()
-                                   if p is not ours.transformer.wpe.weight)
+                diff = max_decode_diff(ours, ours32, prompts)
+                weight_bytes = sum(p.numel() * (1 if dtype is None else p.element_size())
+                                   for p in ours.parameters() if p is not ours.transformer.wpe.weight)
                 bound = bandwidth / weight_bytes if batch == 1 else float("nan")
-                label = "fp32" if dtype == torch.float32 else "bf16"
                 print(f"| {name} | {batch} | {label} | {rate['ours']:,.1f} | {rate['hf']:,.1f} | "
                       f"{rate['ours'] / rate['hf']:.2f} | {same} | {diff:.2e} | "
                       f"{'' if batch != 1 else f'{bound:,.1f}'} |", flush=True)

@@ -39,9 +39,23 @@ class GPTConfig:
                               "choose n_embd a multiple of n_head, e.g. n_embd=384 with n_head=6")
 
 
-def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W + b for 2-D x and a GPT-2-layout (in, out) weight, in one kernel."""
+def _affine(x: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """x W + b for 2-D x and a GPT-2-layout (in, out) weight, in one kernel; or, for an int8 weight
+    (rows of (out, in) int8 values, one scale per row), through PyTorch's weight-only int8 kernel."""
+    if isinstance(weight, tuple):
+        q, scales = weight
+        y = torch.ops.aten._weight_int8pack_mm(x.to(scales.dtype), q, scales).to(x.dtype)
+        return y.add_(bias) if bias is not None else y
     return torch.addmm(bias, x, weight) if bias is not None else x @ weight
+
+
+def quantize_int8(weight_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 weights and bf16 scales for an (out, in) matrix."""
+    w = weight_out_in.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scales[:, None]).clamp_(-128, 127).to(torch.int8).contiguous()
+    return q, scales.to(torch.bfloat16)
 
 
 class Conv1D(nn.Module):
@@ -190,6 +204,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.decode_weight_format = "native"
+        self._int8_cache: tuple | None = None
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
@@ -255,7 +271,7 @@ class GPT(nn.Module):
         C, H, eps, shape = c.n_embd, c.n_head, c.layer_norm_epsilon, (c.n_embd,)
         wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
         layer_norm = torch.layer_norm
-        x = wte[tokens] + wpe[pos]  # (B, C)
+        x = (wte[tokens] + wpe[pos]).to(ln_f_w.dtype)  # (B, C)
         for k, v, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) in \
                 zip(cache.layer_k, cache.layer_v, layers, strict=True):
             qkv = _affine(layer_norm(x, shape, ln1_w, ln1_b, eps), attn_w, attn_b).view(B, 3, H, 1, C // H)
@@ -267,15 +283,44 @@ class GPT(nn.Module):
             x = _affine(h, out_w, out_b).add_(x)
         for i in range(B):
             cache.lengths[i] += 1
-        return layer_norm(x, shape, ln_f_w, ln_f_b, eps) @ head
+        h = layer_norm(x, shape, ln_f_w, ln_f_b, eps)
+        return _affine(h, head, None) if isinstance(head, tuple) else F.linear(h, head)  # head rows: (vocab, C)
 
     def decode_weights(self) -> tuple:
-        """Every weight the decoding step needs, looked up once per generation rather than per step."""
+        """Every weight the decoding step needs, looked up once per generation rather than per step.
+
+        With :meth:`set_decode_weights` ("int8"), the matrices come as weight-only int8 (per-row scales),
+        quantized once and kept until the weights change: a quarter of the bytes to read per token,
+        which is what bounds decoding a large model on a CPU.
+        """
         t = self.transformer
-        layers = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-                   b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-                   b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
-        return t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, self.lm_head.weight.t(), layers
+        int8 = self.decode_weight_format == "int8"
+        if int8:
+            key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+            if self._int8_cache is not None and self._int8_cache[0] == key:
+                return self._int8_cache[1]
+
+        def matrix(w: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            return quantize_int8(w.t()) if int8 else w  # Conv1D weights are (in, out)
+
+        layers = [(b.ln_1.weight, b.ln_1.bias, matrix(b.attn.c_attn.weight), b.attn.c_attn.bias,
+                   matrix(b.attn.c_proj.weight), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                   matrix(b.mlp.c_fc.weight), b.mlp.c_fc.bias, matrix(b.mlp.c_proj.weight), b.mlp.c_proj.bias)
+                  for b in t.h]
+        head = quantize_int8(self.lm_head.weight) if int8 else self.lm_head.weight
+        weights = (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, head, layers)
+        if int8:
+            self._int8_cache = (key, weights)
+        return weights
+
+    def set_decode_weights(self, fmt: str) -> None:
+        """``"native"`` (the model's own dtype) or ``"int8"`` (weight-only int8 for token-by-token decoding;
+        the prompt is still encoded at full precision)."""
+        if fmt not in ("native", "int8"):
+            raise ConfigError(f"decode weights {fmt!r} are not supported", "use native or int8")
+        if fmt == "int8" and not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            raise ConfigError("this PyTorch has no weight-only int8 kernel", "use native decode weights")
+        self.decode_weight_format = fmt
 
     def _cache_step(self, cache: KVCache, rows: list[int] | None, B: int, T: int,
                     device: torch.device) -> _CacheStep:

@@ -109,3 +109,25 @@ def test_config_validation_and_registry():
         resolve_config({}, ["model.family=transformerxl"])
     cfg = resolve_config({}, ["model.vocab_size=30", "model.n_layer=1", "model.n_embd=16", "model.n_head=2"])
     assert isinstance(build_model(cfg.model), GPT)
+
+
+def test_int8_decode_weights_stay_close_and_follow_weight_changes():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0)).eval()
+    idx = torch.randint(0, 300, (2, 12))
+
+    def last_step():
+        with torch.no_grad():
+            cache = model.new_cache(2, torch.device("cpu"))
+            model(idx[:, :-1], cache)
+            return model(idx[:, -1:], cache)[:, -1]
+
+    exact = last_step()
+    model.set_decode_weights("int8")
+    quantized = last_step()
+    assert 0 < (quantized - exact).abs().max() < 0.02 * exact.abs().max()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # tied to wte: the quantized copy must be rebuilt
+    assert not torch.allclose(last_step(), quantized, atol=1e-3)
+    with pytest.raises(ConfigError, match="int4"):
+        model.set_decode_weights("int4")
