@@ -172,6 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise GlmlabError(f"a resumed run cannot change its model ({', '.join(changed)})",
                               "start a new run with --out NEW_DIR to train a different model")
         data_dir = args.data or raw.get("data", {}).get("dir")
+        if not data_dir:
+            raise GlmlabError(f"{args.out} does not say which data it was trained on", "pass --data DATA_DIR")
     else:
         if not args.data:
             raise GlmlabError("no data directory given", "add --data DATA_DIR (made by glmlab prepare)")

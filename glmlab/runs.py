@@ -40,7 +40,7 @@ BEST_DIR = "best"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 SAMPLES = "samples.txt"
-CHECKPOINTS = ("best", "last")
+CHECKPOINT_CHOICES = ("best", "last")
 
 
 def save_weights(model: nn.Module, path: Path) -> str:
@@ -90,7 +90,7 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
 
 def weights_path(run_dir: Path, checkpoint: str) -> Path:
     """The weights file of ``checkpoint`` (best falls back to last when no evaluation has run yet)."""
-    if checkpoint not in CHECKPOINTS:
+    if checkpoint not in CHECKPOINT_CHOICES:
         raise RunDirError(f"unknown checkpoint {checkpoint!r}", "use best or last")
     best = run_dir / BEST_DIR / WEIGHTS
     last = run_dir / WEIGHTS

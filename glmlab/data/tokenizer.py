@@ -51,10 +51,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def special_ids(self) -> set[int]:
-        return {i for i in (self.pad_id, self.unk_id, self.bos_id, self.eos_id) if i is not None}
-
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation import processors as P
-from glmlab.generation.engine import Completion
+from glmlab.generation.engine import Completion, bad_word_ids
 from glmlab.generation.settings import GenerationSettings
 
 NEG = -1.0e9
@@ -45,7 +45,7 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
     nb, eos = s.num_beams, tokenizer.eos_id
     device = next(model.parameters()).device
     block = model.block_size
-    bad = [tokenizer.encode(w) for w in s.bad_words]
+    bad = bad_word_ids(tokenizer, s.bad_words)
     cache = model.new_cache(1, device)
     logits = model(torch.tensor([prompt_ids], device=device), cache, last_only=True)[:, -1].float()
     cache.select([0] * nb)
@@ -94,10 +94,11 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
             break
         cache.select(source)
         if cache.lengths[0] >= block:  # context full: re-encode every beam's last half
-            keep_len = max(2, block // 2)
+            keep_len = max(1, block // 2)
             contexts = [(prompt_ids + r)[-keep_len:] for r in running]
             cache = model.new_cache(nb, device)
-            model(torch.tensor([c[:-1] for c in contexts], device=device), cache)
+            if keep_len > 1:
+                model(torch.tensor([c[:-1] for c in contexts], device=device), cache, last_only=True)
         newest = torch.tensor([[r[-1]] for r in running], device=device)
         logits = model(newest, cache, last_only=True)[:, -1].float()
 

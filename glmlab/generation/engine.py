@@ -11,9 +11,10 @@ deltas that never split a character or a stop string.
 
 from __future__ import annotations
 
+import secrets
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from glmlab.data.tokenizer import Tokenizer
+from glmlab.errors import GlmlabError
 from glmlab.generation import processors as P
 from glmlab.generation.settings import GenerationSettings
 from glmlab.generation.text import IncrementalText, held_back
@@ -47,23 +49,42 @@ class Completion:
 
 
 def row_seed(seed: int | None, index: int) -> int:
-    """A row's generator seed from its request's seed and its sample index (random when seed is None)."""
+    """A row's generator seed from its request's seed and its sample index (random when seed is None,
+    without touching PyTorch's global generator)."""
     if seed is None:
-        return int(torch.seed())
+        return secrets.randbits(63)
     return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int], block_size: int) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
+                  vocab_size: int) -> list[int]:
     """Prompt ids (an empty prompt starts from ``<eos>``, the document separator), cut to fit the context."""
-    ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode_checked(prompt)
+    if isinstance(prompt, str):
+        ids = tokenizer.encode_checked(prompt)
+    else:
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise GlmlabError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
+                              "give ids from this model's tokenizer")
     if not ids:
         ids = [tokenizer.eos_id]
-    if len(ids) >= block_size:
-        dropped = len(ids) - (block_size - 1)
+    keep = max(1, block_size - 1)  # room for at least one generated token
+    if len(ids) > keep:
         warnings.warn(f"the prompt has {len(ids)} tokens but the context holds {block_size}; "
-                      f"its first {dropped} tokens were dropped", stacklevel=3)
-        ids = ids[-(block_size - 1):]
+                      f"its first {len(ids) - keep} tokens were dropped", stacklevel=3)
+        ids = ids[-keep:]
     return ids
+
+
+def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Token sequences to ban for each text; with a BPE tokenizer also its form after a space."""
+    if not words:
+        return []
+    ids = [tokenizer.encode(w) for w in words]
+    if tokenizer.kind == "bpe":
+        ids += [tokenizer.encode(" " + w) for w in words]
+    return [seq for seq in ids if seq]
 
 
 class _Row:
@@ -82,8 +103,8 @@ class _Row:
         self.emitted = ""  # text already handed out as deltas
         self.final_text: str | None = None  # text cut at a stop string
         self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
-        self.bad_words = [tokenizer.encode(w) for w in settings.bad_words]
-        self.bad_words += [tokenizer.encode(" " + w) for w in settings.bad_words if tokenizer.kind == "bpe"]
+        self.bad_words = bad_word_ids(tokenizer, settings.bad_words)
+        self.deadline = time.perf_counter() + settings.max_time if settings.max_time else None
         self.context = list(prompt_ids)  # what the cache holds, for re-encoding when the context fills
 
     @property
@@ -227,9 +248,7 @@ class Decoder:
                     row.text = IncrementalText(self.tokenizer)
         model, rows = self.model, self.rows
         block = model.block_size
-        started = time.perf_counter()
-        budgets = [r.settings.max_time for r in rows if r.settings.max_time]
-        deadline = started + min(budgets) if budgets else None
+        timed = any(r.deadline is not None for r in rows)
         cache = model.new_cache(len(rows), self.device)
         lengths = [len(r.prompt_ids) for r in rows]
         width = max(lengths)
@@ -247,6 +266,8 @@ class Decoder:
             for index, row, token in zip(active, live, chosen, strict=True):
                 if token == self.tokenizer.eos_id and row.settings.stop_at_eos:
                     row.done, row.finish_reason = True, "stop"
+                    if row.logprobs:  # the EOS token is not part of the output, nor is its log-probability
+                        row.logprobs.pop()
                     continue
                 row.generated.append(token)
                 row.context.append(token)
@@ -255,9 +276,10 @@ class Decoder:
                     yield index, delta
                 if not row.done and len(row.generated) >= row.settings.max_new_tokens:
                     row.done, row.finish_reason = True, "length"
-            if deadline is not None and time.perf_counter() >= deadline:
+            if timed:
+                now = time.perf_counter()
                 for row in live:
-                    if not row.done:
+                    if not row.done and row.deadline is not None and now >= row.deadline:
                         row.done, row.finish_reason = True, "time"
             still = [index for index in active if not rows[index].done]
             if not still:
@@ -268,9 +290,11 @@ class Decoder:
             for j, index in enumerate(active):
                 if cache.lengths[j] >= block:  # context full: re-encode the row's last half, then go on
                     row = rows[index]
-                    row.context = row.context[-max(2, block // 2):]
+                    row.context = row.context[-max(1, block // 2):]
                     cache.reset_row(j)
-                    model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[j], last_only=True)
+                    if len(row.context) > 1:
+                        model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[j],
+                              last_only=True)
             newest = torch.tensor([[rows[index].context[-1]] for index in active], device=self.device)
             logits = model(newest, cache, last_only=True)[:, -1].float()
         if stream:

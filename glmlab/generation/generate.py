@@ -37,7 +37,8 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
     was_training = model.training
     model.eval()
     try:
-        encoded = [encode_prompt(tokenizer, p, model.block_size) for p in prompts]
+        vocab = model.config.vocab_size
+        encoded = [encode_prompt(tokenizer, p, model.block_size, vocab) for p in prompts]
         out: list[list[Completion]] = [[] for _ in prompts]
         rows, row_settings, indices, owners = [], [], [], []
         for i, (ids, s) in enumerate(zip(encoded, per_prompt, strict=True)):
@@ -75,7 +76,7 @@ def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], sett
     was_training = model.training
     model.eval()
     try:
-        ids = encode_prompt(tokenizer, prompt, model.block_size)
+        ids = encode_prompt(tokenizer, prompt, model.block_size, model.config.vocab_size)
         decoder = Decoder(model, tokenizer, [ids], [settings])
         for _, delta in decoder.steps(stream=True):
             yield delta

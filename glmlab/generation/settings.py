@@ -14,7 +14,8 @@ MAX_LOGPROBS = 20
 class GenerationSettings:
     """Decoding controls, named as in Hugging Face ``GenerationConfig`` where they overlap.
 
-    With ``num_beams > 1`` decoding is deterministic beam search (the sampling filters do not apply).
+    With ``num_beams > 1`` decoding is deterministic beam search: the sampling filters do not apply,
+    stop strings cut the finished hypotheses afterwards, and logprobs / max_time are refused.
     ``presence_penalty`` / ``frequency_penalty`` follow OpenAI (over generated tokens);
     ``repetition_penalty`` follows Hugging Face (over prompt and generated tokens).
     ``logprobs=N`` returns, per generated token, its log-probability under the model and the N most
@@ -68,6 +69,8 @@ class GenerationSettings:
              f"logprobs={self.logprobs} must be between 0 and {MAX_LOGPROBS}"),
             (self.max_time is None or self.max_time > 0, f"max_time={self.max_time} must be positive"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty text"),
+            (self.num_beams == 1 or (self.logprobs is None and self.max_time is None),
+             "beam search returns no logprobs and takes no max_time; use num_beams=1 for those"),
             (all(isinstance(s, str) and s for s in self.bad_words), "bad_words must be non-empty text"),
         ]
         for ok, problem in checks:

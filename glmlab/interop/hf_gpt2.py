@@ -102,6 +102,14 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     activation = config.get("activation_function", "gelu_new")
     if activation not in SUPPORTED_ACTIVATIONS:
         raise GlmlabError(f"activation {activation!r} is not supported", f"use one of {SUPPORTED_ACTIVATIONS}")
+    missing_keys = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in config]
+    if missing_keys:
+        raise GlmlabError(f"{hf_dir / 'config.json'} lacks {', '.join(missing_keys)}", "give a GPT-2 config.json")
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
+        raise GlmlabError(f"n_inner={config['n_inner']} differs from 4 x n_embd, which glmlab's gpt assumes")
+    if config.get("tie_word_embeddings", True) is False:
+        raise GlmlabError("the model has an untied LM head; glmlab's gpt ties it to the token embeddings",
+                          "import a tied GPT-2 model")
     run_config = resolve_config({"model": {
         "family": "gpt", "vocab_size": config["vocab_size"], "block_size": config.get("n_positions", 1024),
         "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
@@ -113,7 +121,11 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         if name.endswith(_BUFFERS) or name == "lm_head.weight":
             continue
         state[name if name.startswith("transformer.") else f"transformer.{name}"] = tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not match the config
+        raise GlmlabError(f"the weights in {hf_dir} do not match its config.json "
+                          f"({str(exc).splitlines()[-1].strip()})") from None
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise GlmlabError(f"the weights in {hf_dir} do not fit a GPT-2 of this config "
@@ -135,6 +147,8 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
     if cfg.family != "gpt":
         raise GlmlabError(f"family {cfg.family!r} has no GPT-2 equivalent", "export-hf takes gpt runs")
     hf_dir = Path(hf_dir)
+    if hf_dir.resolve() == Path(run_dir).resolve() or (hf_dir / CONFIG).exists():
+        raise GlmlabError(f"{hf_dir} already holds a model (config.json)", "export into a new directory")
     hf_dir.mkdir(parents=True, exist_ok=True)
     tok = run.tokenizer
     state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items() if k != "lm_head.weight"}

@@ -92,10 +92,6 @@ class KVCache:
     def _split_layers(self) -> None:
         self.layer_k, self.layer_v = list(self.k.unbind(0)), list(self.v.unbind(0))  # per-layer views
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths)
-
     def select(self, rows: list[int]) -> None:
         """Keep (or repeat, for beams) the given rows, in that order."""
         index = torch.tensor(rows, device=self.k.device)

@@ -34,15 +34,15 @@ _PREFIX = "step-"
 
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def write_error(path: Path, exc: OSError) -> GlmlabError:
@@ -113,6 +113,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], keep
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(".tmp-*"):  # from a write that was killed
             shutil.rmtree(leftover, ignore_errors=True)
+        for stale in checkpoint_dirs(run_dir):  # newer than this step: damaged ones resume skipped; keep aside
+            if int(stale.name[len(_PREFIX):]) > state["step"]:
+                os.replace(stale, root / f"damaged-{stale.name}")
         tmp.mkdir()
         save_model(model, str(tmp / WEIGHTS))
         buffer = io.BytesIO()
@@ -125,10 +128,13 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], keep
             files[name] = {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
         atomic.write_json(tmp / MANIFEST, {"step": state["step"], "files": files})
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".old-{final.name}"
+        if final.exists():  # the same step saved again: keep the old copy until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         for name in (WEIGHTS, TRAINER_STATE):
             _link_or_copy(final / name, run_dir / name)
     except OSError as exc:

@@ -55,10 +55,6 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
 
 def from_environment() -> Distributed:
     """The process's place in a torchrun job (world size 1 when not launched by torchrun)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
+import json
 import math
 import signal
 import time
@@ -28,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from glmlab import __version__, atomic
 from glmlab.config import RunConfig, TrainConfig
 from glmlab.data.dataset import RandomWindows, open_data_dir
+from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, GlmlabError, RunDirError
 from glmlab.evaluation.likelihood import sum_nll
 from glmlab.generation.generate import GenerationSettings, generate
@@ -142,8 +145,9 @@ class Trainer:
         _check_run_dir(self.out, resume)
         device = select_device(self.cfg.device)
         self.device = distributed.setup(self.dist, device)
-        if self.dist.is_main:
-            _probe_writable(self.out)
+        self._lock = None
+        self.on_main(lambda: _probe_writable(self.out))
+        self.on_main(self._take_lock)
         set_threads(self.cfg.threads)
         self.amp_dtype = resolve_precision(self.cfg.precision, self.device)
         self.amp = autocast(self.device, self.amp_dtype)
@@ -158,6 +162,8 @@ class Trainer:
                                       "last_val_loss": math.inf, "evals_without_improvement": 0,
                                       "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0}
         self.notes: list[str] = []
+        self.saved_step = -1
+        self.consecutive_skips = 0
         if resume:
             self._restore()
         step_module: nn.Module = LossModule(self.model)
@@ -169,6 +175,31 @@ class Trainer:
         self.show_progress = show_progress and self.dist.is_main
 
     # --- setup ---------------------------------------------------------------------------------------------
+
+    def on_main(self, action: Any) -> None:
+        """Run ``action`` on rank 0 only; if it fails there, every rank stops with the error instead of
+        waiting for rank 0 in the next collective."""
+        failure: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                action()
+            except (GlmlabError, OSError) as exc:
+                failure = exc
+        if self.dist.any(failure is not None, self.device):
+            if failure is not None:
+                raise failure
+            raise GlmlabError("rank 0 stopped with an error (see its message above)")
+
+    def _take_lock(self) -> None:
+        """One trainer per run directory: a second one would interleave checkpoints with the first."""
+        self._lock = open(self.out / ".lock", "w")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise RunDirError(f"another glmlab train is using {self.out}",
+                              "wait for it to finish, or stop it (Ctrl-C saves a checkpoint)") from None
 
     def _check_data(self) -> None:
         mcfg = self.mcfg
@@ -187,8 +218,14 @@ class Trainer:
                             f"({len(self.val_tokens):,} tokens)", "lower model.block_size or give more validation text")
 
     def _restore(self) -> None:
-        if not checkpoint_dirs(self.out):  # killed before its first checkpoint: nothing to lose, start over
-            self.notes.append(f"{self.out} has no checkpoint yet; starting from step 0")
+        if self.data.tokenizer.hf.to_str() != Tokenizer.from_file(self.out / TOKENIZER).hf.to_str():
+            raise GlmlabError(f"{self.data.path} was tokenized differently from the run in {self.out}",
+                              "resume with the data directory the run was trained on (--data)")
+        if not checkpoint_dirs(self.out):
+            if (self.out / WEIGHTS).exists():
+                raise RunDirError(f"{self.out} holds weights but no training checkpoint (an imported model?), "
+                                  "so there is nothing to resume", "train a new run with --out NEW_DIR")
+            self.notes.append(f"{self.out} has no checkpoint yet; starting from step 0")  # killed before one
             return
         saved, skipped = load_checkpoint(self.out, self.model)
         self.notes.extend(f"checkpoint {name} is damaged ({why}); skipped it" for name, why in skipped)
@@ -205,10 +242,13 @@ class Trainer:
                               f"raise the budget to continue, e.g. train.max_steps={self.cfg.max_steps * 2}")
 
     def _write_run_files(self) -> None:
-        if not self.resume:
+        kept: dict[str, Any] = {}
+        if self.resume:  # keep what other tools recorded (e.g. special-token roles)
+            kept = json.loads((self.out / CONFIG).read_text(encoding="utf-8"))
+        else:
             self.tokenizer.save(self.out / TOKENIZER)
         atomic.write_json(self.out / CONFIG, {
-            **self.config.to_dict(),
+            **kept, **self.config.to_dict(),
             "data": {"dir": str(self.data.path.resolve()), "tokenizer": self.data.meta["tokenizer"],
                      "vocab_size": self.tokenizer.vocab_size},
             "world_size": self.dist.world_size, "glmlab_version": __version__})
@@ -259,13 +299,15 @@ class Trainer:
         return nll / count
 
     def _checkpoint(self) -> None:
+        if self.saved_step == self.state["step"]:
+            return
         rngs = self.dist.gather(rng_state())
-        if self.dist.is_main:
-            state = {**self.state, "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                     "rng": rngs}
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
-            save_checkpoint(self.out, self.model, state, keep=self.cfg.keep_checkpoints)
+        state = {**self.state, "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                 "rng": rngs}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        self.on_main(lambda: save_checkpoint(self.out, self.model, state, keep=self.cfg.keep_checkpoints))
+        self.saved_step = self.state["step"]
 
     def _after_eval(self, val: float, metrics: MetricsLog, progress: Progress) -> None:
         improved = val < self.state["best_val_loss"]
@@ -275,16 +317,17 @@ class Trainer:
             self.state["evals_without_improvement"] = 0
         else:
             self.state["evals_without_improvement"] += 1
-        if not self.dist.is_main:
-            return
-        if improved:
-            save_weights(self.model, self.out / BEST_DIR / WEIGHTS)
-        metrics.write({"step": self.state["step"], "split": "val", "loss": val,
-                       "best_loss": self.state["best_val_loss"], "elapsed": self.state["elapsed"]})
-        plot_losses(metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
-        _write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
-        progress.val = val
-        progress.message(f"step {self.state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
+        def write() -> None:
+            if improved:
+                save_weights(self.model, self.out / BEST_DIR / WEIGHTS)
+            metrics.write({"step": self.state["step"], "split": "val", "loss": val,
+                           "best_loss": self.state["best_val_loss"], "elapsed": self.state["elapsed"]})
+            plot_losses(metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
+            _write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
+            progress.val = val
+            progress.message(f"step {self.state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
+
+        self.on_main(write)
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -297,14 +340,15 @@ class Trainer:
             raise
         finally:
             distributed.teardown(self.dist)
+            if self._lock is not None:
+                self._lock.close()
 
     def _run(self) -> TrainResult:
         cfg, mcfg, state = self.cfg, self.mcfg, self.state
-        main = self.dist.is_main
-        if main:
+        if self.dist.is_main:
             self._write_run_files()
         metrics = MetricsLog(self.out / METRICS, resume_step=state["step"] if self.resume else None,
-                             enabled=main)
+                             enabled=self.dist.is_main)
         progress = Progress(cfg.max_steps, state["step"], cfg.max_time, enabled=self.show_progress)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * self.dist.world_size
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -315,93 +359,101 @@ class Trainer:
                          f"parameters, {precision_name(self.amp_dtype)} on {self.device} "
                          f"({torch.get_num_threads()} threads{processes}), {tokens_per_step:,} tokens/step, "
                          f"from step {state['step']} -> {self.out}")
-
         stop = _StopFlag()
-        stopped_by = "max_steps"
-        start, elapsed_at_start = time.perf_counter(), state["elapsed"]
-        window_start, window_tokens = time.perf_counter(), 0
-        loss_sum = torch.tensor(state["window_loss"], device=self.device, dtype=torch.float64)
-        bad_step = torch.tensor(-1, device=self.device)  # first step whose loss was not finite, kept on device
-        consecutive_skips = 0
-        evaluated_at = -1
         self.model.train()
-        with _graceful_stop(stop):
-            while state["step"] < cfg.max_steps:
-                lr = learning_rate(cfg, state["step"], _progress_fraction(cfg, state["step"], state["elapsed"]))
-                loss, applied = self._train_step(lr)
-                state["step"] += 1
-                state["tokens"] += tokens_per_step
-                state["elapsed"] = elapsed_at_start + time.perf_counter() - start
-                window_tokens += tokens_per_step
-                if applied:
-                    consecutive_skips = 0
-                    loss_sum += loss
-                    state["window_steps"] += 1
-                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), state["step"], bad_step)
-                else:
-                    consecutive_skips += 1
-                    state["skipped_batches"] += 1
-                    progress.message(f"step {state['step']}: non-finite loss, batch skipped "
-                                     f"({state['skipped_batches']} so far)")
-                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                        raise GlmlabError(f"{consecutive_skips} batches in a row had a non-finite loss (up to step "
-                                          f"{state['step']}); stopped", "lower train.lr or use train.precision=fp32")
-                log_now = state["step"] % cfg.log_interval == 0 or state["step"] == cfg.max_steps
-                checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
-                scheduled = state["step"] % cfg.eval_interval == 0 or state["step"] % checkpoint_every == 0
-                decide_now = log_now or scheduled or not self.dist.enabled  # the same steps on every process
-                if log_now:
-                    self._guard(bad_step)
-                    steps = max(state["window_steps"], 1)
-                    mean_loss = self.dist.sum([float(loss_sum)], self.device)[0] / steps / self.dist.world_size
-                    seconds = time.perf_counter() - window_start
-                    rate = window_tokens / seconds
-                    metrics.write({"step": state["step"], "split": "train", "loss": mean_loss, "lr": lr,
-                                   "tokens_per_sec": rate, "elapsed": state["elapsed"]})
-                    progress.update(state["step"], mean_loss, rate, state["elapsed"], steps / seconds)
-                    loss_sum.zero_()
-                    state["window_steps"] = 0
-                    window_start, window_tokens = time.perf_counter(), 0
-                if not decide_now:
-                    continue
-                out_of_time = self.dist.any(cfg.max_time is not None and state["elapsed"] >= cfg.max_time,
-                                            self.device)
-                if self.dist.any(stop.set, self.device):
-                    stopped_by = "interrupted"
-                    break
-                eval_now = state["step"] % cfg.eval_interval == 0 or out_of_time
-                if eval_now or scheduled:
-                    self._guard(bad_step)
-                    state["window_loss"] = float(loss_sum)
-                    if eval_now:
-                        self._after_eval(self._evaluate(), metrics, progress)
-                        evaluated_at = state["step"]
+        try:
+            with _graceful_stop(stop):
+                stopped_by = self._loop(stop, metrics, progress, tokens_per_step)
+                self._guard()
+                state["window_loss"] = float(self.loss_sum)
+                if stopped_by == "interrupted":
                     self._checkpoint()
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
-                    if cfg.patience and state["evals_without_improvement"] >= cfg.patience:
-                        stopped_by = "patience"
-                        break
-                if out_of_time:
-                    stopped_by = "max_time"
-                    break
-            self._guard(bad_step)
-            state["window_loss"] = float(loss_sum)
-            if stopped_by == "interrupted":
-                self._checkpoint()
-                progress.message(f"interrupted at step {state['step']}: checkpoint saved in {self.out}; "
-                                 f"continue with: glmlab train --resume --out {self.out}")
-            elif evaluated_at != state["step"]:
-                self._after_eval(self._evaluate(), metrics, progress)
-                self._checkpoint()
-        metrics.close()
-        progress.close()
+                    progress.message(f"interrupted at step {state['step']}: checkpoint saved in {self.out}; "
+                                     f"continue with: glmlab train --resume --out {self.out}")
+                elif self.evaluated_at != state["step"]:
+                    self._after_eval(self._evaluate(), metrics, progress)
+                    self._checkpoint()
+        finally:
+            metrics.close()
+            progress.close()
         total = state["elapsed"]
         return TrainResult(self.out, state["step"], state["best_val_loss"], state["last_val_loss"], stopped_by,
                            total, state["tokens"] / total if total else 0.0, self.dist.is_main)
 
-    def _guard(self, bad_step: torch.Tensor) -> None:
+    def _loop(self, stop: _StopFlag, metrics: MetricsLog, progress: Progress, tokens_per_step: int) -> str:
+        """Train until a budget, patience or a stop signal ends it; returns which one did."""
+        cfg, state = self.cfg, self.state
+        start, elapsed_at_start = time.perf_counter(), state["elapsed"]
+        window_start, window_tokens = time.perf_counter(), 0
+        self.loss_sum = torch.tensor(state["window_loss"], device=self.device, dtype=torch.float64)
+        self.bad_step = torch.tensor(-1, device=self.device)  # first step whose loss was not finite (on device)
+        self.evaluated_at = -1
+        checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
+        while state["step"] < cfg.max_steps:
+            lr = learning_rate(cfg, state["step"], _progress_fraction(cfg, state["step"], state["elapsed"]))
+            loss, applied = self._train_step(lr)
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            state["elapsed"] = elapsed_at_start + time.perf_counter() - start
+            window_tokens += tokens_per_step
+            self._account(loss, applied, progress)
+            log_now = state["step"] % cfg.log_interval == 0 or state["step"] == cfg.max_steps
+            scheduled = state["step"] % cfg.eval_interval == 0 or state["step"] % checkpoint_every == 0
+            if log_now:
+                seconds = time.perf_counter() - window_start
+                self._log(lr, window_tokens / seconds, seconds, metrics, progress)
+                window_start, window_tokens = time.perf_counter(), 0
+            if not (log_now or scheduled or not self.dist.enabled):  # decisions on the same steps everywhere
+                continue
+            out_of_time = self.dist.any(cfg.max_time is not None and state["elapsed"] >= cfg.max_time, self.device)
+            if self.dist.any(stop.set, self.device):
+                return "interrupted"
+            eval_now = state["step"] % cfg.eval_interval == 0 or out_of_time
+            if eval_now or scheduled:
+                self._guard()
+                state["window_loss"] = float(self.loss_sum)
+                if eval_now:
+                    self._after_eval(self._evaluate(), metrics, progress)
+                    self.evaluated_at = state["step"]
+                self._checkpoint()
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+                if cfg.patience and state["evals_without_improvement"] >= cfg.patience:
+                    return "patience"
+            if out_of_time:
+                return "max_time"
+        return "max_steps"
+
+    def _account(self, loss: torch.Tensor, applied: bool, progress: Progress) -> None:
+        """Add a step's loss to the window (on device: no sync), or count a skipped batch."""
+        state = self.state
+        if applied:
+            self.consecutive_skips = 0
+            self.loss_sum += loss
+            state["window_steps"] += 1
+            self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), state["step"], self.bad_step)
+            return
+        self.consecutive_skips += 1
+        state["skipped_batches"] += 1
+        progress.message(f"step {state['step']}: non-finite loss, batch skipped ({state['skipped_batches']} so far)")
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise GlmlabError(f"{self.consecutive_skips} batches in a row had a non-finite loss (up to step "
+                              f"{state['step']}); stopped", "lower train.lr or use train.precision=fp32")
+
+    def _log(self, lr: float, rate: float, seconds: float, metrics: MetricsLog, progress: Progress) -> None:
+        """A train line: the window's mean loss over every process, tokens/s; then a fresh window."""
+        self._guard()
+        state = self.state
+        steps = max(state["window_steps"], 1)
+        mean_loss = self.dist.sum([float(self.loss_sum)], self.device)[0] / steps / self.dist.world_size
+        metrics.write({"step": state["step"], "split": "train", "loss": mean_loss, "lr": lr,
+                       "tokens_per_sec": rate, "elapsed": state["elapsed"]})
+        progress.update(state["step"], mean_loss, rate, state["elapsed"], steps / seconds)
+        self.loss_sum.zero_()
+        state["window_steps"] = 0
+
+    def _guard(self) -> None:
         """Stop (before any checkpoint can save them) when a non-finite loss has reached the weights."""
-        step = int(bad_step)
+        step = int(self.bad_step)
         if not self.dist.any(step >= 0, self.device):
             return
         raise GlmlabError(f"the training loss became non-finite at step {step}; stopped. The last checkpoint "

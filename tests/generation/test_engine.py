@@ -118,3 +118,44 @@ def test_beam_search_matches_transformers(length_penalty, early_stopping):
             body = body[: body.index(eos)]
         assert completion.token_ids == body
         assert completion.score == pytest.approx(score, abs=1e-4)
+
+
+def test_a_row_time_limit_does_not_stop_its_neighbours(lm):
+    quick = GenerationSettings(max_new_tokens=100_000, max_time=0.05, seed=1, stop_at_eos=False)
+    full = GenerationSettings(max_new_tokens=300, seed=2, stop_at_eos=False)
+    timed, whole = generate_batch(lm.model, lm.tokenizer, ["First", "First"], [quick, full])
+    assert timed[0].finish_reason == "time"
+    assert whole[0].finish_reason == "length" and len(whole[0].token_ids) == 300
+
+
+def test_logprobs_line_up_with_tokens_when_eos_ends_a_row(lm):
+    ended_by_eos = 0
+    for seed in range(40):
+        c = generate_batch(lm.model, lm.tokenizer, [""], GenerationSettings(max_new_tokens=30, seed=seed,
+                                                                           logprobs=1))[0][0]
+        assert len(c.logprobs) == len(c.token_ids)
+        ended_by_eos += c.finish_reason == "stop"
+    assert ended_by_eos > 0
+
+
+def test_token_id_prompts_are_checked_and_unseeded_sampling_leaves_the_global_rng(lm):
+    from glmlab.errors import GlmlabError
+
+    with pytest.raises(GlmlabError, match="outside the vocabulary"):
+        generate_batch(lm.model, lm.tokenizer, [[1, 10_000]], GenerationSettings(max_new_tokens=2))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_batch(lm.model, lm.tokenizer, ["First"], GenerationSettings(max_new_tokens=5))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_one_token_context_still_generates():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=1, n_layer=1, n_head=1, n_embd=8)).eval()
+    tok = types.SimpleNamespace(eos_id=3, kind="char", encode=lambda text: [], decode=lambda ids, **kw: "x" * len(ids),
+                                encode_checked=lambda text: [5, 6, 7])
+    with pytest.warns(UserWarning, match="dropped"):
+        out = generate_batch(model, tok, ["abc"], GenerationSettings(max_new_tokens=6, temperature=0,
+                                                                       stop_at_eos=False))[0][0]
+    assert len(out.token_ids) == 6

@@ -99,3 +99,17 @@ def test_pytorch_bin_and_errors(hf_dir, tmp_path, capsys):
         import_hf(legacy, tmp_path / "other")
     with pytest.raises(GlmlabError, match="not a directory"):
         import_hf(tmp_path / "missing", tmp_path / "other")
+
+
+def test_export_refuses_to_overwrite(trained_run, tmp_path):
+    with pytest.raises(GlmlabError, match="already holds"):
+        export_hf(trained_run, trained_run)
+    export_hf(trained_run, tmp_path / "hf")
+    with pytest.raises(GlmlabError, match="already holds"):
+        export_hf(trained_run, tmp_path / "hf")
+
+
+def test_an_imported_model_cannot_be_resumed_as_training(hf_dir, tmp_path, capsys):
+    run = import_hf(hf_dir, tmp_path / "run")
+    assert main(["train", "--resume", "--out", str(run)]) == 1
+    assert "does not say which data" in capsys.readouterr().err

@@ -89,7 +89,8 @@ def _mount_tmpfs(path, options):
 def _umount(path):
     import subprocess
 
-    subprocess.run(["umount", str(path)], check=False)
+    if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_read_only_output_is_refused_before_training(char_data, tmp_path):
@@ -121,3 +122,37 @@ def test_full_disk_mid_run_keeps_the_last_good_checkpoint(char_data, tmp_path):
                                f"train.max_steps={last_step + 5}"), char_data, tmp_path / "moved", resume=True,
                    show_progress=False)
     assert result.step == last_step + 5
+
+
+def test_after_resuming_past_a_damaged_checkpoint_the_new_one_is_kept(char_data, tmp_path):
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=10")
+    newest = checkpoint_dirs(out)[0]
+    (newest / MANIFEST).unlink()  # step 10 damaged: resume takes step 5
+    train(tiny_config("train.checkpoint_interval=5", "train.eval_interval=10", "train.max_steps=8",
+                      "train.keep_checkpoints=1"), char_data, out, resume=True, show_progress=False)
+    assert [d.name for d in checkpoint_dirs(out)] == ["step-00000008"]
+    assert (out / "checkpoints" / "damaged-step-00000010").is_dir()  # set aside, not deleted
+    assert verify(checkpoint_dirs(out)[0]) is None
+
+
+def test_one_trainer_per_run_directory(char_data, tmp_path):
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=5")
+    first = Trainer(tiny_config("train.max_steps=10"), char_data, out, resume=True, show_progress=False)
+    try:
+        with pytest.raises(RunDirError, match="another glmlab train"):
+            Trainer(tiny_config("train.max_steps=10"), char_data, out, resume=True, show_progress=False)
+    finally:
+        first.run()
+    assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == 10
+
+
+def test_resume_refuses_data_with_another_tokenizer(char_data, shakespeare_excerpt, tmp_path):
+    from glmlab.data.prepare import prepare
+
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=5")
+    prepare([shakespeare_excerpt], tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
+    with pytest.raises(GlmlabError, match="tokenized differently"):
+        Trainer(tiny_config("train.max_steps=10"), tmp_path / "bpe", out, resume=True, show_progress=False)
