@@ -249,6 +249,7 @@ class Decoder:
         model, rows = self.model, self.rows
         block = model.block_size
         timed = any(r.deadline is not None for r in rows)
+        fast_step = getattr(model, "decode_step", None)  # optional fast path of a family
         cache = model.new_cache(len(rows), self.device)
         lengths = [len(r.prompt_ids) for r in rows]
         width = max(lengths)
@@ -295,8 +296,11 @@ class Decoder:
                     if len(row.context) > 1:
                         model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[j],
                               last_only=True)
-            newest = torch.tensor([[rows[index].context[-1]] for index in active], device=self.device)
-            logits = model(newest, cache, last_only=True)[:, -1].float()
+            newest = torch.tensor([rows[index].context[-1] for index in active], device=self.device)
+            logits = fast_step(newest, cache) if fast_step is not None else None
+            if logits is None:
+                logits = model(newest[:, None], cache, last_only=True)[:, -1]
+            logits = logits.float()
         if stream:
             for i, row in enumerate(rows):
                 tail = self._tail(row)

@@ -72,7 +72,8 @@ class Conv1D(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (n_layer, B, n_head, max_len, head_dim).
+    """Preallocated keys and values for every layer: ``k`` and ``v`` are (n_layer, B, n_head, max_len, head_dim)
+    views of one tensor, so a decoding step stores a layer's key and value with one copy.
 
     Each row (slot) has its own fill level in ``lengths`` (a Python list, so reading it never waits
     for a device); a forward pass with a cache writes its keys and values after each row's contents,
@@ -81,22 +82,19 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros((n_layer, batch_size, 2, n_head, max_len, head_dim), device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = [0] * batch_size
         self.weights: tuple | None = None  # the model's weights, gathered once for fast decoding
         self._split_layers()
 
     def _split_layers(self) -> None:
-        self.layer_k, self.layer_v = list(self.k.unbind(0)), list(self.v.unbind(0))  # per-layer views
+        self.k, self.v = self.kv[:, :, 0], self.kv[:, :, 1]
+        self.layers = list(self.kv.unbind(0))  # per layer: (B, 2, n_head, max_len, head_dim)
 
     def select(self, rows: list[int]) -> None:
         """Keep (or repeat, for beams) the given rows, in that order."""
-        index = torch.tensor(rows, device=self.k.device)
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        self.kv = self.kv.index_select(1, torch.tensor(rows, device=self.kv.device))
         self.lengths = [self.lengths[r] for r in rows]
         self._split_layers()
 
@@ -231,9 +229,10 @@ class GPT(nn.Module):
         (B, 1, vocab), all that decoding needs.
         """
         B, T = idx.size()
-        if (cache is not None and T == 1 and rows is None and not self.training and cache.weights is not None
-                and all(n == cache.lengths[0] for n in cache.lengths) and cache.lengths[0] < cache.max_len):
-            return self._decode_one(idx[:, 0], cache)[:, None]
+        if cache is not None and T == 1 and rows is None:
+            logits = self.decode_step(idx[:, 0], cache)
+            if logits is not None:
+                return logits[:, None]
         step = None
         if cache is None:
             if T > self.config.block_size:
@@ -257,6 +256,15 @@ class GPT(nn.Module):
                 x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))
 
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """Logits (B, vocab) for one new token per row when every row is at the same position (the common
+        case, taken by a fast path); None when the general ``forward`` is needed."""
+        lengths = cache.lengths
+        same_position = lengths.count(lengths[0]) == len(lengths)
+        if self.training or cache.weights is None or not same_position or lengths[0] >= cache.max_len:
+            return None
+        return self._decode_one(tokens, cache)
+
     def _decode_one(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step for rows at the same position: the same maths as ``forward`` with a third of
         its per-operation overhead (no module calls, 2-D activations, fused bias adds, per-layer cache
@@ -268,12 +276,11 @@ class GPT(nn.Module):
         wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
         layer_norm = torch.layer_norm
         x = (wte[tokens] + wpe[pos]).to(ln_f_w.dtype)  # (B, C)
-        for k, v, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) in \
-                zip(cache.layer_k, cache.layer_v, layers, strict=True):
+        for kv, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) in \
+                zip(cache.layers, layers, strict=True):
             qkv = _affine(layer_norm(x, shape, ln1_w, ln1_b, eps), attn_w, attn_b).view(B, 3, H, 1, C // H)
-            k[:, :, pos:end] = qkv[:, 1]  # q, k, v: (B, nh, 1, hs) each
-            v[:, :, pos:end] = qkv[:, 2]
-            y = F.scaled_dot_product_attention(qkv[:, 0], k[:, :, :end], v[:, :, :end])
+            kv[:, :, :, pos:end] = qkv[:, 1:]  # q, k, v: (B, nh, 1, hs) each; k and v stored together
+            y = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0, :, :end], kv[:, 1, :, :end])
             x = _affine(y.view(B, C), proj_w, proj_b).add_(x)
             h = torch._C._nn.gelu(_affine(layer_norm(x, shape, ln2_w, ln2_b, eps), fc_w, fc_b), approximate="tanh")
             x = _affine(h, out_w, out_b).add_(x)
