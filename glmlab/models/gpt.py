@@ -9,6 +9,7 @@ Parameter names and layouts are GPT-2's (``transformer.h.0.attn.c_attn.weight`` 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,23 +40,30 @@ class GPTConfig:
                               "choose n_embd a multiple of n_head, e.g. n_embd=384 with n_head=6")
 
 
-def _affine(x: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """x W + b for 2-D x and a GPT-2-layout (in, out) weight, in one kernel; or, for an int8 weight
-    (rows of (out, in) int8 values, one scale per row), through PyTorch's weight-only int8 kernel."""
-    if isinstance(weight, tuple):
-        q, scales = weight
-        y = torch.ops.aten._weight_int8pack_mm(x.to(scales.dtype), q, scales).to(x.dtype)
-        return y.add_(bias) if bias is not None else y
+class Int8Linear:
+    """An (out, in) matrix and its bias as int8 for PyTorch's quantized CPU kernels (fbgemm / oneDNN):
+    per-row int8 weights, activations quantized on the fly, int8 dot products (VNNI), fp32 out.
+    A quarter of fp32's bytes per token, which is what bounds decoding a large model on a CPU."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = weight_out_in.detach().float().contiguous()
+        scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+        with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; their kernels still ship
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_channel(w, scales, torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed).to(x.dtype)
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor | Int8Linear, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W + b for 2-D x and a GPT-2-layout (in, out) weight, in one kernel (an Int8Linear holds its bias)."""
+    if isinstance(weight, Int8Linear):
+        return weight(x)
     return torch.addmm(bias, x, weight) if bias is not None else x @ weight
-
-
-def quantize_int8(weight_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 weights and bf16 scales for an (out, in) matrix."""
-    w = weight_out_in.detach().float()
-    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
-    q = torch.round(w / scales[:, None]).clamp_(-128, 127).to(torch.int8).contiguous()
-    return q, scales.to(torch.bfloat16)
 
 
 class Conv1D(nn.Module):
@@ -287,14 +295,13 @@ class GPT(nn.Module):
         for i in range(B):
             cache.lengths[i] += 1
         h = layer_norm(x, shape, ln_f_w, ln_f_b, eps)
-        return _affine(h, head, None) if isinstance(head, tuple) else F.linear(h, head)  # head rows: (vocab, C)
+        return head(h) if isinstance(head, Int8Linear) else F.linear(h, head)  # head rows: (vocab, C)
 
     def decode_weights(self) -> tuple:
         """Every weight the decoding step needs, looked up once per generation rather than per step.
 
-        With :meth:`set_decode_weights` ("int8"), the matrices come as weight-only int8 (per-row scales),
-        quantized once and kept until the weights change: a quarter of the bytes to read per token,
-        which is what bounds decoding a large model on a CPU.
+        With :meth:`set_decode_weights` ("int8"), the matrices come as :class:`Int8Linear`, quantized
+        once and kept until the weights change.
         """
         t = self.transformer
         int8 = self.decode_weight_format == "int8"
@@ -303,26 +310,27 @@ class GPT(nn.Module):
             if self._int8_cache is not None and self._int8_cache[0] == key:
                 return self._int8_cache[1]
 
-        def matrix(w: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-            return quantize_int8(w.t()) if int8 else w  # Conv1D weights are (in, out)
+        def matrix(layer: Conv1D) -> torch.Tensor | Int8Linear:
+            return Int8Linear(layer.weight.t(), layer.bias) if int8 else layer.weight  # Conv1D weights: (in, out)
 
-        layers = [(b.ln_1.weight, b.ln_1.bias, matrix(b.attn.c_attn.weight), b.attn.c_attn.bias,
-                   matrix(b.attn.c_proj.weight), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                   matrix(b.mlp.c_fc.weight), b.mlp.c_fc.bias, matrix(b.mlp.c_proj.weight), b.mlp.c_proj.bias)
+        layers = [(b.ln_1.weight, b.ln_1.bias, matrix(b.attn.c_attn), b.attn.c_attn.bias,
+                   matrix(b.attn.c_proj), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                   matrix(b.mlp.c_fc), b.mlp.c_fc.bias, matrix(b.mlp.c_proj), b.mlp.c_proj.bias)
                   for b in t.h]
-        head = quantize_int8(self.lm_head.weight) if int8 else self.lm_head.weight
+        head = Int8Linear(self.lm_head.weight, None) if int8 else self.lm_head.weight
         weights = (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, head, layers)
         if int8:
             self._int8_cache = (key, weights)
         return weights
 
     def set_decode_weights(self, fmt: str) -> None:
-        """``"native"`` (the model's own dtype) or ``"int8"`` (weight-only int8 for token-by-token decoding;
-        the prompt is still encoded at full precision)."""
+        """``"native"`` (the model's own dtype) or ``"int8"`` (int8 matrices for token-by-token decoding on a
+        CPU; the prompt is still encoded at full precision)."""
         if fmt not in ("native", "int8"):
             raise ConfigError(f"decode weights {fmt!r} are not supported", "use native or int8")
-        if fmt == "int8" and not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            raise ConfigError("this PyTorch has no weight-only int8 kernel", "use native decode weights")
+        if fmt == "int8" and self.transformer.wte.weight.device.type != "cpu":
+            raise ConfigError("int8 decode weights run on a CPU (PyTorch's quantized kernels)",
+                              "use native decode weights on this device")
         self.decode_weight_format = fmt
 
     def _cache_step(self, cache: KVCache, rows: list[int] | None, B: int, T: int,
