@@ -88,8 +88,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="with --json: each token's log-probability and the N most likely alternatives")
     p.add_argument("--json", action="store_true", help="print completions as JSON (text, tokens, finish reason)")
     p.add_argument("--decode-weights", default="native", choices=("native", "int8"),
-                   help="int8: weight-only int8 matrices for token-by-token decoding (faster for large models "
-                        "on a CPU; logits move by ~1%%)")
+                   help="int8: int8 matrices for token-by-token decoding on a CPU (faster for large models; "
+                        "logits move by a few percent)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
