@@ -7,7 +7,9 @@ All paths run through the one engine (:mod:`glmlab.generation.engine`, beam sear
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 
 from glmlab.data.tokenizer import Tokenizer
@@ -26,6 +28,18 @@ def _cut_at_stop(completion: Completion, stops: list[str]) -> Completion:
     return completion
 
 
+@contextmanager
+def _memory_errors(rows: int) -> Iterator[None]:
+    """Out of memory (the KV cache grows with rows x context) becomes a clear error, not a traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or "allocate" in str(exc):
+            raise GlmlabError(f"not enough memory to decode {rows} sequence(s) together",
+                              "ask for fewer num_return_sequences / num_beams or fewer prompts at once") from None
+        raise
+
+
 def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
                    settings: GenerationSettings | Sequence[GenerationSettings]) -> list[list[Completion]]:
     """Completions for every prompt (``num_return_sequences`` each), decoded together in one batch."""
@@ -36,29 +50,36 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
         s.validate()
     was_training = model.training
     model.eval()
+    rows_total = sum(max(s.num_return_sequences, s.num_beams) for s in per_prompt)
     try:
-        vocab = model.config.vocab_size
-        encoded = [encode_prompt(tokenizer, p, model.block_size, vocab) for p in prompts]
-        out: list[list[Completion]] = [[] for _ in prompts]
-        rows, row_settings, indices, owners = [], [], [], []
-        for i, (ids, s) in enumerate(zip(encoded, per_prompt, strict=True)):
-            if s.num_beams > 1:
-                out[i] = [_cut_at_stop(c, s.stop) for c in beam_search(model, tokenizer, ids, s)]
-                continue
-            for j in range(s.num_return_sequences):
-                rows.append(ids)
-                row_settings.append(s)
-                indices.append(j)
-                owners.append(i)
-        if rows:
-            decoder = Decoder(model, tokenizer, rows, row_settings, indices)
-            for _ in decoder.steps():
-                pass
-            for owner, completion in zip(owners, decoder.results(), strict=True):
-                out[owner].append(completion)
-        return out
+        with _memory_errors(rows_total):
+            return _generate_batch(model, tokenizer, prompts, per_prompt)
     finally:
         model.train(was_training)
+
+
+def _generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
+                    per_prompt: list[GenerationSettings]) -> list[list[Completion]]:
+    vocab = model.config.vocab_size
+    encoded = [encode_prompt(tokenizer, p, model.block_size, vocab) for p in prompts]
+    out: list[list[Completion]] = [[] for _ in prompts]
+    rows, row_settings, indices, owners = [], [], [], []
+    for i, (ids, s) in enumerate(zip(encoded, per_prompt, strict=True)):
+        if s.num_beams > 1:
+            out[i] = [_cut_at_stop(c, s.stop) for c in beam_search(model, tokenizer, ids, s)]
+            continue
+        for j in range(s.num_return_sequences):
+            rows.append(ids)
+            row_settings.append(s)
+            indices.append(j)
+            owners.append(i)
+    if rows:
+        decoder = Decoder(model, tokenizer, rows, row_settings, indices)
+        for _ in decoder.steps():
+            pass
+        for owner, completion in zip(owners, decoder.results(), strict=True):
+            out[owner].append(completion)
+    return out
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], settings: GenerationSettings,

@@ -159,3 +159,14 @@ def test_a_one_token_context_still_generates():
         out = generate_batch(model, tok, ["abc"], GenerationSettings(max_new_tokens=6, temperature=0,
                                                                        stop_at_eos=False))[0][0]
     assert len(out.token_ids) == 6
+
+
+def test_running_out_of_memory_is_a_clear_error(lm, monkeypatch):
+    from glmlab.errors import GlmlabError
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(lm.model, "new_cache", no_memory)
+    with pytest.raises(GlmlabError, match="not enough memory to decode 64"):
+        generate_batch(lm.model, lm.tokenizer, ["First"], GenerationSettings(num_return_sequences=64))
