@@ -6,12 +6,27 @@ A crash or Ctrl-C mid-write leaves the previous version of the file intact, neve
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from glmlab.errors import GlmlabError
+
+_WRITE_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied"}
+WRITE_ERRNOS = tuple(_WRITE_REASONS)
+
+
+def write_error(path: str | Path, exc: OSError, fix: str = "free space or choose a writable output directory",
+                ) -> GlmlabError:
+    """One clear message for a failed write: full disk, read-only or forbidden output directory."""
+    reason = _WRITE_REASONS.get(exc.errno, exc.strerror or str(exc))
+    return GlmlabError(f"cannot write {path}: {reason}", fix)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from glmlab import __version__
+from glmlab.atomic import WRITE_ERRNOS, write_error
 from glmlab.errors import GlmlabError
 
 EXIT_ERROR = 1
@@ -296,5 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"glmlab {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # any command writing to a full, read-only or forbidden place
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"glmlab {args.command}: error: {write_error(exc.filename or 'the output', exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:
         return 0

@@ -55,7 +55,7 @@ class TrainConfig:
     min_lr: float | None = field(None, "final learning rate of the decay; none = lr / 10", min=0.0)
     lr_schedule: str = field("cosine", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
     warmup_steps: int = field(100, "linear learning-rate warm-up steps", min=0)
-    weight_decay: float = field(0.1, "AdamW weight decay (matrices only; biases, norms, embeddings of position exempt)",
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices and embeddings; none on biases and norms",
                                 min=0.0)
     beta1: float = field(0.9, "AdamW beta1", min=0.0, max=0.999999)
     beta2: float = field(0.99, "AdamW beta2", min=0.0, max=0.999999)

@@ -4,7 +4,8 @@ Layout (every file written atomically)::
 
     RUN_DIR/config.json         resolved config + data provenance
     RUN_DIR/tokenizer.json      the data's tokenizer (Hugging Face format)
-    RUN_DIR/model.safetensors   weights at the last checkpoint (pairs with trainer_state.pt)
+    RUN_DIR/checkpoints/step-N/ the newest checkpoints (weights, trainer state, checksum manifest)
+    RUN_DIR/model.safetensors   weights of the newest checkpoint (a hard link into checkpoints/)
     RUN_DIR/trainer_state.pt    optimiser, schedule, step, data position, RNG states (weights_only)
     RUN_DIR/best/model.safetensors  weights with the best validation loss so far
     RUN_DIR/metrics.jsonl       one JSON record per log line / evaluation

@@ -193,3 +193,18 @@ def test_prompt_file_and_greedy_determinism(capsys, trained_run, tmp_path):
     code, b, _ = run_cli(capsys, "generate", trained_run, "--prompt", r"First Citizen:\n", "--temperature", "0",
                          "--max-new-tokens", "15", "--seed", "2")
     assert code == 0 and a == b and a.startswith("First Citizen:\n")
+
+
+def test_output_that_cannot_be_written(capsys, shakespeare_excerpt, tmp_path, monkeypatch):
+    import errno
+
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "prepare", shakespeare_excerpt, "--out", tmp_path / "afile")
+    assert code == 1 and "is a file" in err
+
+    def disk_full(path, ids):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("glmlab.data.prepare.write_tokens", disk_full)
+    code, _, err = run_cli(capsys, "prepare", shakespeare_excerpt, "--out", tmp_path / "d")
+    assert code == 1 and "the disk is full" in err and "train.bin" in err

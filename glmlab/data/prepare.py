@@ -83,6 +83,8 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
 
     tok = train_tokenizer(tokenizer, splits["train"], vocab_size)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory", "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     stats: dict[str, SplitStats] = {}

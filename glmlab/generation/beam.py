@@ -21,22 +21,6 @@ from glmlab.generation.settings import GenerationSettings
 NEG = -1.0e9
 
 
-def _process_logprobs(logp: torch.Tensor, histories: list[list[int]], generated: list[list[int]],
-                      s: GenerationSettings, bad: list[list[int]], eos_id: int) -> torch.Tensor:
-    n = len(histories)
-    if s.repetition_penalty != 1.0:
-        logp = P.apply_repetition_penalty(logp, histories, [s.repetition_penalty] * n)
-    if s.presence_penalty or s.frequency_penalty:
-        logp = P.apply_presence_frequency(logp, generated, [s.presence_penalty] * n, [s.frequency_penalty] * n)
-    if s.no_repeat_ngram_size:
-        logp = P.apply_no_repeat_ngram(logp, histories, [s.no_repeat_ngram_size] * n)
-    if bad:
-        logp = P.apply_bad_words(logp, histories, [bad] * n)
-    if len(generated[0]) < s.min_new_tokens:
-        logp = P.suppress_tokens(logp, list(range(n)), eos_id)
-    return logp
-
-
 @torch.inference_mode()
 def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
                 settings: GenerationSettings) -> list[Completion]:
@@ -58,7 +42,7 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
     improvable = True
     for step in range(s.max_new_tokens):
         logp = logits.log_softmax(dim=-1)
-        logp = _process_logprobs(logp, [prompt_ids + r for r in running], running, s, bad, eos)
+        logp = P.apply_constraints(logp, [prompt_ids + r for r in running], running, [s] * nb, [bad] * nb, eos)
         scores, flat = (logp + running_scores[:, None]).view(-1).topk(2 * nb)
         beams, tokens = (flat // vocab).tolist(), (flat % vocab).tolist()
         last_step = step + 1 == s.max_new_tokens

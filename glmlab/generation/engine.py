@@ -25,7 +25,7 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation import processors as P
 from glmlab.generation.settings import GenerationSettings
-from glmlab.generation.text import IncrementalText, held_back
+from glmlab.generation.text import IncrementalText, find_stop, held_back
 
 
 @dataclass
@@ -117,11 +117,7 @@ class _Controls:
     """Which controls any row of a batch uses, worked out once so a plain greedy or sampling step
     pays for nothing it does not use."""
 
-    repetition: bool
-    penalties: bool
-    ngram: bool
-    bad_words: bool
-    min_new_tokens: bool
+    constraints: bool  # anything that looks at the tokens so far
     temperature: bool
     top_k: bool
     top_p: bool
@@ -133,31 +129,22 @@ class _Controls:
     @classmethod
     def of(cls, rows: list[_Row]) -> _Controls:
         s = [r.settings for r in rows]
-        return cls(repetition=any(x.repetition_penalty != 1.0 for x in s),
-                   penalties=any(x.presence_penalty or x.frequency_penalty for x in s),
-                   ngram=any(x.no_repeat_ngram_size for x in s), bad_words=any(r.bad_words for r in rows),
-                   min_new_tokens=any(x.min_new_tokens for x in s),
-                   temperature=any(x.temperature not in (0.0, 1.0) for x in s), top_k=any(x.top_k for x in s),
-                   top_p=any(x.top_p < 1 for x in s), min_p=any(x.min_p > 0 for x in s),
-                   typical=any(x.typical_p < 1 for x in s), sampling=any(x.temperature > 0 for x in s),
-                   logprobs=any(x.logprobs is not None for x in s))
+        constraints = any(x.repetition_penalty != 1.0 or x.presence_penalty or x.frequency_penalty
+                          or x.no_repeat_ngram_size or x.min_new_tokens for x in s) or any(r.bad_words for r in rows)
+        return cls(constraints=constraints, temperature=any(x.temperature not in (0.0, 1.0) for x in s),
+                   top_k=any(x.top_k for x in s), top_p=any(x.top_p < 1 for x in s),
+                   min_p=any(x.min_p > 0 for x in s), typical=any(x.typical_p < 1 for x in s),
+                   sampling=any(x.temperature > 0 for x in s), logprobs=any(x.logprobs is not None for x in s))
 
 
 def _process(logits: torch.Tensor, rows: list[_Row], eos_id: int, on: _Controls) -> torch.Tensor:
     """Apply every control in use, in Hugging Face's order, to the next-token logits (B, V) of ``rows``."""
+    if not (on.constraints or on.temperature or on.top_k or on.top_p or on.min_p or on.typical):
+        return logits  # plain greedy or sampling: the common case costs nothing here
     s = [r.settings for r in rows]
-    if on.repetition:
-        logits = P.apply_repetition_penalty(logits, [r.history for r in rows], [x.repetition_penalty for x in s])
-    if on.penalties:
-        logits = P.apply_presence_frequency(logits, [r.generated for r in rows], [x.presence_penalty for x in s],
-                                            [x.frequency_penalty for x in s])
-    if on.ngram:
-        logits = P.apply_no_repeat_ngram(logits, [r.history for r in rows], [x.no_repeat_ngram_size for x in s])
-    if on.bad_words:
-        logits = P.apply_bad_words(logits, [r.history for r in rows], [r.bad_words for r in rows])
-    if on.min_new_tokens:
-        early = [i for i, r in enumerate(rows) if len(r.generated) < r.settings.min_new_tokens]
-        logits = P.suppress_tokens(logits, early, eos_id)
+    if on.constraints:
+        logits = P.apply_constraints(logits, [r.history for r in rows], [r.generated for r in rows], s,
+                                     [r.bad_words for r in rows], eos_id)
     if on.temperature:
         logits = P.apply_temperature(logits, [x.temperature for x in s])
     if on.top_k:
@@ -209,7 +196,7 @@ def _advance_text(row: _Row, token: int) -> str:
         return ""
     row.text.push(token)
     text = row.text.text
-    cut = _find_stop(text, row.settings.stop)
+    cut = find_stop(text, row.settings.stop)
     if cut >= 0:
         row.final_text = text[:cut]
         row.done, row.finish_reason = True, "stop"
@@ -222,11 +209,6 @@ def _advance_text(row: _Row, token: int) -> str:
         row.emitted = text[:safe]
         return delta
     return ""
-
-
-def _find_stop(text: str, stops: list[str]) -> int:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
 
 
 class Decoder:

@@ -17,14 +17,15 @@ from glmlab.errors import GlmlabError
 from glmlab.generation.beam import beam_search
 from glmlab.generation.engine import Completion, Decoder, encode_prompt
 from glmlab.generation.settings import GenerationSettings
+from glmlab.generation.text import find_stop
 
 __all__ = ["Completion", "GenerationSettings", "generate", "generate_batch", "stream"]
 
 
 def _cut_at_stop(completion: Completion, stops: list[str]) -> Completion:
-    hits = [i for i in (completion.text.find(s) for s in stops) if i >= 0]
-    if hits:
-        completion.text, completion.finish_reason = completion.text[: min(hits)], "stop"
+    cut = find_stop(completion.text, stops)
+    if cut >= 0:
+        completion.text, completion.finish_reason = completion.text[:cut], "stop"
     return completion
 
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from glmlab.generation.settings import GenerationSettings
+
 NEG_INF = float("-inf")
 
 
@@ -149,3 +151,25 @@ def suppress_tokens(logits: torch.Tensor, rows: list[int], token_id: int) -> tor
     out = logits.clone()
     out[rows, token_id] = NEG_INF
     return out
+
+
+def apply_constraints(logits: torch.Tensor, histories: list[list[int]], generated: list[list[int]],
+                      settings: Sequence[GenerationSettings], bad_words: list[list[list[int]]],
+                      eos_id: int) -> torch.Tensor:
+    """The controls that depend on what came before, in Hugging Face's order: repetition penalty,
+    presence / frequency penalties, no-repeat n-grams, bad words, and EOS before ``min_new_tokens``.
+
+    Shared by sampling (on logits) and beam search (on log-probabilities, as Hugging Face does).
+    """
+    s = settings
+    if any(x.repetition_penalty != 1.0 for x in s):
+        logits = apply_repetition_penalty(logits, histories, [x.repetition_penalty for x in s])
+    if any(x.presence_penalty or x.frequency_penalty for x in s):
+        logits = apply_presence_frequency(logits, generated, [x.presence_penalty for x in s],
+                                          [x.frequency_penalty for x in s])
+    if any(x.no_repeat_ngram_size for x in s):
+        logits = apply_no_repeat_ngram(logits, histories, [x.no_repeat_ngram_size for x in s])
+    if any(bad_words):
+        logits = apply_bad_words(logits, histories, bad_words)
+    early = [i for i, (x, g) in enumerate(zip(s, generated, strict=True)) if len(g) < x.min_new_tokens]
+    return suppress_tokens(logits, early, eos_id)

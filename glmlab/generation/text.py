@@ -33,6 +33,12 @@ class IncrementalText:
         return delta
 
 
+def find_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
 def held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters to hold back: a partial stop string, or an incomplete character."""
     hold = 0

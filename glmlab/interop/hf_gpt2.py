@@ -23,6 +23,7 @@ from glmlab import __version__, atomic
 from glmlab.config import resolve_config
 from glmlab.errors import GlmlabError
 from glmlab.models import build_model
+from glmlab.models.gpt import Conv1D
 from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, load_run, save_weights
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -152,13 +153,9 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
     hf_dir.mkdir(parents=True, exist_ok=True)
     tok = run.tokenizer
     state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items() if k != "lm_head.weight"}
-    if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
-        for name, module in run.model.named_modules():
-            weight = getattr(module, "weight", None)
-            if weight is not None and getattr(module, "bias", "absent") is None and not name.endswith("wte") \
-                    and not name.endswith("wpe") and name != "lm_head":
-                size = weight.shape[0] if isinstance(module, torch.nn.LayerNorm) else weight.shape[-1]
-                state[f"{name}.bias"] = torch.zeros(size)
+    for name, module in run.model.named_modules():  # GPT-2 always has biases: zeros compute the same function
+        if isinstance(module, (Conv1D, torch.nn.LayerNorm)) and module.bias is None:
+            state[f"{name}.bias"] = torch.zeros(module.weight.shape[-1])
     save_file(state, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
     eos, bos = tok.eos_id, tok.bos_id if tok.bos_id is not None else tok.eos_id
     atomic.write_json(hf_dir / "config.json", {

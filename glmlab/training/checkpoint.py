@@ -11,7 +11,6 @@ reported and skipped, never loaded silently. ``RUN_DIR/model.safetensors`` and
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -46,13 +45,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_error(path: Path, exc: OSError) -> GlmlabError:
-    """A clear message for a failed write: full disk, read-only or forbidden output directory."""
-    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-              errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror or str(exc))
-    return GlmlabError(f"cannot write {path}: {reason}",
-                       "free space or choose a writable --out; the previous checkpoint, if any, is intact, "
-                       "and --resume continues from it")
+    """A failed write during training: what went wrong, and that the last checkpoint still stands."""
+    return atomic.write_error(path, exc, "free space or choose a writable --out; the previous checkpoint, if "
+                                         "any, is intact, and --resume continues from it")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -26,7 +26,7 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Shows step, loss, val loss, tokens/s and ETA; ETA honours whichever budget (steps, time) ends first."""
 
-    def __init__(self, total_steps: int, start_step: int, max_time: float | None, enabled: bool = True,
+    def __init__(self, total_steps: int, max_time: float | None, enabled: bool = True,
                  line_every: float = 15.0) -> None:
         self.total = total_steps
         self.max_time = max_time

@@ -11,7 +11,6 @@ checkpoint and stop; ``resume`` continues bit-for-bit from the newest intact che
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import json
 import math
@@ -51,7 +50,6 @@ from glmlab.training.optim import learning_rate, make_optimizer
 from glmlab.training.progress import Progress
 
 MAX_CONSECUTIVE_SKIPS = 25
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclass
@@ -335,7 +333,7 @@ class Trainer:
         try:
             return self._run()
         except OSError as exc:
-            if exc.errno in WRITE_ERRNOS:  # metrics, plot or samples hit a full or read-only disk
+            if exc.errno in atomic.WRITE_ERRNOS:  # metrics, plot or samples hit a full or read-only disk
                 raise write_error(self.out, exc) from None
             raise
         finally:
@@ -349,7 +347,7 @@ class Trainer:
             self._write_run_files()
         metrics = MetricsLog(self.out / METRICS, resume_step=state["step"] if self.resume else None,
                              enabled=self.dist.is_main)
-        progress = Progress(cfg.max_steps, state["step"], cfg.max_time, enabled=self.show_progress)
+        progress = Progress(cfg.max_steps, cfg.max_time, enabled=self.show_progress)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * self.dist.world_size
         n_params = sum(p.numel() for p in self.model.parameters())
         for note in self.notes:

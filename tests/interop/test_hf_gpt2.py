@@ -113,3 +113,17 @@ def test_an_imported_model_cannot_be_resumed_as_training(hf_dir, tmp_path, capsy
     run = import_hf(hf_dir, tmp_path / "run")
     assert main(["train", "--resume", "--out", str(run)]) == 1
     assert "does not say which data" in capsys.readouterr().err
+
+
+def test_a_run_without_biases_exports_with_zero_biases(char_data, tmp_path):
+    from glmlab.training.trainer import train
+    from tests.conftest import tiny_config
+
+    result = train(tiny_config("train.max_steps=2", "model.bias=false"), char_data, tmp_path / "run",
+                   show_progress=False)
+    out = export_hf(result.run_dir, tmp_path / "hf")
+    run = load_run(result.run_dir)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = run.tokenizer.encode("First Citizen")
+    with torch.no_grad():
+        assert (run.model(torch.tensor([ids]))[0] - hf(torch.tensor([ids])).logits[0]).abs().max() < 1e-4
