@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from glmlab.config import field
 from glmlab.errors import ConfigError
+from glmlab.models.gpt_decode import scripted_decode_layers
 
 
 @dataclass
@@ -274,11 +275,27 @@ class GPT(nn.Module):
         return self._decode_one(tokens, cache)
 
     def _decode_one(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decoding step for rows at the same position: the same maths as ``forward`` with a third of
-        its per-operation overhead (no module calls, 2-D activations, fused bias adds, per-layer cache
-        views), which is what decoding a small model one token at a time costs on a CPU. Logits (B, vocab)."""
-        B, pos = tokens.size(0), cache.lengths[0]
-        end = pos + 1
+        """One decoding step for rows at the same position: the same maths as ``forward`` with a fraction
+        of its per-operation overhead (no module calls, 2-D activations, fused bias adds, per-layer cache
+        views), which is what decoding a small model one token at a time costs on a CPU. Native weights
+        go through the TorchScript step of :mod:`glmlab.models.gpt_decode`. Logits (B, vocab)."""
+        pos = cache.lengths[0]
+        c = self.config
+        wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
+        if isinstance(head, Int8Linear):
+            logits = self._decode_int8(tokens, pos, cache)
+        else:
+            with torch.jit.optimized_execution(False):
+                logits = scripted_decode_layers()(tokens, pos, cache.layers, wte, wpe, ln_f_w, ln_f_b, head, layers,
+                                                  c.n_head, c.layer_norm_epsilon)
+        for i in range(tokens.size(0)):
+            cache.lengths[i] += 1
+        return logits
+
+    def _decode_int8(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """:func:`~glmlab.models.gpt_decode.decode_layers` with :class:`Int8Linear` matrices (which
+        TorchScript cannot take); a large model's decoding is bound by arithmetic, not by this loop."""
+        B, end = tokens.size(0), pos + 1
         c = self.config
         C, H, eps, shape = c.n_embd, c.n_head, c.layer_norm_epsilon, (c.n_embd,)
         wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
@@ -292,10 +309,7 @@ class GPT(nn.Module):
             x = _affine(y.view(B, C), proj_w, proj_b).add_(x)
             h = torch._C._nn.gelu(_affine(layer_norm(x, shape, ln2_w, ln2_b, eps), fc_w, fc_b), approximate="tanh")
             x = _affine(h, out_w, out_b).add_(x)
-        for i in range(B):
-            cache.lengths[i] += 1
-        h = layer_norm(x, shape, ln_f_w, ln_f_b, eps)
-        return head(h) if isinstance(head, Int8Linear) else F.linear(h, head)  # head rows: (vocab, C)
+        return head(layer_norm(x, shape, ln_f_w, ln_f_b, eps))
 
     def decode_weights(self) -> tuple:
         """Every weight the decoding step needs, looked up once per generation rather than per step.
@@ -313,12 +327,17 @@ class GPT(nn.Module):
         def matrix(layer: Conv1D) -> torch.Tensor | Int8Linear:
             return Int8Linear(layer.weight.t(), layer.bias) if int8 else layer.weight  # Conv1D weights: (in, out)
 
-        layers = [(b.ln_1.weight, b.ln_1.bias, matrix(b.attn.c_attn), b.attn.c_attn.bias,
-                   matrix(b.attn.c_proj), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                   matrix(b.mlp.c_fc), b.mlp.c_fc.bias, matrix(b.mlp.c_proj), b.mlp.c_proj.bias)
+        def bias(module: nn.Module) -> torch.Tensor:  # zeros for a bias-free model: the step's maths stay one
+            b = module.bias
+            return b if b is not None else torch.zeros_like(module.weight[-1] if module.weight.dim() == 2
+                                                            else module.weight)
+
+        layers = [[b.ln_1.weight, bias(b.ln_1), matrix(b.attn.c_attn), bias(b.attn.c_attn),
+                   matrix(b.attn.c_proj), bias(b.attn.c_proj), b.ln_2.weight, bias(b.ln_2),
+                   matrix(b.mlp.c_fc), bias(b.mlp.c_fc), matrix(b.mlp.c_proj), bias(b.mlp.c_proj)]
                   for b in t.h]
         head = Int8Linear(self.lm_head.weight, None) if int8 else self.lm_head.weight
-        weights = (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, head, layers)
+        weights = (t.wte.weight, t.wpe.weight, t.ln_f.weight, bias(t.ln_f), head, layers)
         if int8:
             self._int8_cache = (key, weights)
         return weights

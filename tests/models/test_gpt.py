@@ -5,6 +5,7 @@ from glmlab.config import resolve_config
 from glmlab.errors import ConfigError
 from glmlab.models import build_model
 from glmlab.models.gpt import GPT, GPTConfig
+from glmlab.models.gpt_decode import decode_layers, scripted_decode_layers
 from glmlab.training.optim import parameter_groups
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -131,3 +132,27 @@ def test_int8_decode_weights_stay_close_and_follow_weight_changes():
     assert not torch.allclose(last_step(), quantized, atol=1e-3)
     with pytest.raises(ConfigError, match="int4"):
         model.set_decode_weights("int4")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_decode_step_is_scripted_and_matches_the_full_forward(bias):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=bias)).eval()
+    if not bias:
+        with torch.no_grad():  # LayerNorms without bias must still see weights other than one
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    assert isinstance(scripted_decode_layers(), torch.jit.ScriptFunction)
+    idx = torch.randint(0, 40, (3, 10))
+    with torch.no_grad():
+        cache = model.new_cache(3, torch.device("cpu"))
+        model(idx[:, :-1], cache)
+        eager_kv = cache.kv.clone()
+        fast = model.decode_step(idx[:, -1], cache)
+        assert cache.lengths == [10, 10, 10]
+        full = model(idx)[:, -1]
+        eager = decode_layers(idx[:, -1], 9, list(eager_kv.unbind(0)), *cache.weights[:5], cache.weights[5],
+                              2, model.config.layer_norm_epsilon)
+    assert torch.allclose(fast, full, atol=1e-5)
+    assert torch.equal(fast, eager)
+    assert torch.equal(cache.kv, eager_kv)  # the key and value of the new token went to the same place
