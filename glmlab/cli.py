@@ -38,6 +38,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="invalid UTF-8: stop with an error (strict) or substitute U+FFFD (replace)")
     p.add_argument("--val", metavar="FILE", help="use this file as the validation split instead of carving one")
     p.add_argument("--test", metavar="FILE", help="use this file as the test split instead of carving one")
+    p.add_argument("--sentences", action="store_true",
+                   help="one example per line (sentence mode, as the lstm and vae families train on)")
     p.set_defaults(handler=cmd_prepare)
 
 
@@ -99,7 +101,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="measure NLL, perplexity and bits per char/byte of a run",
-                       description="Score every token of a split (or a file) in context windows.")
+                       description="Score every token of a split (or a file) in context windows; a run trained "
+                                   "on sentences (vae, or train.batching=sentences) sentence by sentence: NLL per "
+                                   "sentence and per token (<eos> included) and PPL, and for a vae the "
+                                   "importance-weighted NLL, ELBO, KL, mutual information, active units and "
+                                   "reconstruction BLEU.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--split", choices=("train", "val", "test"), default=None, help="split to score (default val)")
@@ -110,6 +116,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--samples", type=int, default=None, metavar="K",
+                   help="vae: samples of z per sentence for the importance-weighted NLL (default 500)")
+    p.add_argument("--bleu-sentences", type=int, default=500, metavar="N",
+                   help="vae: reconstruct the first N sentences for BLEU (default 500; 0 skips it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled z's (vae; default 0)")
     p.set_defaults(handler=cmd_eval)
 
 
@@ -129,6 +140,57 @@ def _add_interop(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export_hf)
 
 
+def _add_vae_decoding(p: argparse.ArgumentParser, temperature: float) -> None:
+    """The run and decoding options every ``glmlab vae`` command shares."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run of model.family=vae")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"word sampling temperature; 0 = greedy (default {temperature:g})")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely words (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest sentence decoded, in tokens (default and cap: the model's block_size - 1)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _add_vae(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vae", help="sample, reconstruct or interpolate sentences with a sentence VAE run",
+                       description="Latent tools of a vae run: decode sentences from the prior, encode and "
+                                   "decode sentences, or walk between two sentences in latent space.")
+    vae = p.add_subparsers(dest="vae_command", required=True, metavar="{sample,reconstruct,interpolate}")
+    s = vae.add_parser("sample", help="sentences decoded from z ~ N(0, I)",
+                       description="Draw z from the prior and decode a sentence from each. By default words are "
+                                   "sampled too (temperature 1.0): a true sample from the model. --temperature 0 "
+                                   "decodes each z greedily (as Bowman et al. show prior samples: the variety then "
+                                   "comes from z alone); --num-beams B by beam search.")
+    _add_vae_decoding(s, temperature=1.0)
+    s.add_argument("-n", "--num-samples", dest="n", type=int, default=5, help="sentences to draw (default 5)")
+    s.add_argument("--seed", type=int, default=None, help="seed of z and of word sampling (default: random)")
+    s.set_defaults(handler=cmd_vae_sample)
+    r = vae.add_parser("reconstruct", help="encode sentences and decode them again",
+                       description="Encode each sentence to the mean of q(z|x) (or a sample of it with --sample) and "
+                                   "decode it greedily (by default). Prints 'input -> reconstruction'. With a word "
+                                   "tokenizer, unknown words are read as <unk>.")
+    _add_vae_decoding(r, temperature=0.0)
+    given = r.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", action="append", metavar="S", help="a sentence; repeatable")
+    given.add_argument("--file", metavar="F", help="a UTF-8 text file, one sentence per line (blank lines skipped)")
+    r.add_argument("--sample", action="store_true", help="decode from z ~ q(z|x) instead of its mean")
+    r.add_argument("--seed", type=int, default=None, help="seed of --sample's z and of word sampling "
+                   "(default: random)")
+    r.set_defaults(handler=cmd_vae_reconstruct)
+    i = vae.add_parser("interpolate", help="sentences along the line between two sentences' latent codes",
+                       description="Homotopy (Bowman et al. 2016): decode z = (1 - t) mu(start) + t mu(end) for "
+                                   "--steps evenly spaced t from 0 to 1, both ends included; greedy by default.")
+    _add_vae_decoding(i, temperature=0.0)
+    i.add_argument("--start", required=True, metavar="S", help="the first sentence")
+    i.add_argument("--end", required=True, metavar="S", help="the last sentence")
+    i.add_argument("--steps", type=int, default=5, help="sentences on the path, ends included (default 5, at least 2)")
+    i.add_argument("--seed", type=int, default=None, help="seed of word sampling when --temperature > 0")
+    i.set_defaults(handler=cmd_vae_interpolate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmlab", description="Generative language models: prepare -> train -> "
                                      "generate / eval.")
@@ -139,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_interop(sub)
+    _add_vae(sub)
     return parser
 
 
@@ -147,7 +210,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, split=args.split,
                    seed=args.seed, text_field=args.text_field, errors=args.errors, val_file=args.val,
-                   test_file=args.test)
+                   test_file=args.test, sentences=args.sentences)
     print(format_summary(meta, args.out))
     return 0
 
@@ -228,6 +291,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           "or --stream")
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
     if args.decode_weights != "native":
+        if not hasattr(run.model, "set_decode_weights"):
+            raise GlmlabError(f"--decode-weights {args.decode_weights} is for gpt runs; this run's family is "
+                              f"{run.config.model.family}", "drop --decode-weights")
         run.model.set_decode_weights(args.decode_weights)
     prompt = _read_prompt(args)
     with warnings.catch_warnings(record=True) as caught:
@@ -252,13 +318,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from glmlab.evaluation.report import evaluate_run
+    from glmlab.evaluation.report import SentenceReport, evaluate_run
 
     report, label = evaluate_run(args.run_dir, split=args.split, file=args.file, data_dir=args.data,
                                  stride=args.stride, batch_size=args.batch_size, checkpoint=args.checkpoint,
-                                 device=args.device)
+                                 device=args.device, samples=args.samples, bleu_sentences=args.bleu_sentences,
+                                 seed=args.seed)
     if args.json:
         print(json.dumps({"target": label, **report.to_dict()}, indent=2))
+    elif isinstance(report, SentenceReport):  # a block that names its target
+        print(report.format())
     else:
         print(f"{label}: {report.format()}")
     return 0
@@ -278,6 +347,82 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     out = export_hf(args.run_dir, args.hf_dir, checkpoint=args.checkpoint)
     print(f"exported {args.run_dir} -> {out} (load with GPT2LMHeadModel.from_pretrained / "
           "AutoTokenizer.from_pretrained)")
+    return 0
+
+
+def _vae_run(args: argparse.Namespace) -> tuple:
+    """The run and the decoding settings of a ``glmlab vae`` command (settings checked before loading)."""
+    from glmlab.generation.settings import GenerationSettings
+    from glmlab.runs import load_run
+    from glmlab.runtime import select_device
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens or 200, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed)
+    settings.validate()
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
+    if args.max_new_tokens is None:
+        settings.max_new_tokens = max(1, run.model.block_size - 1)
+    return run, settings
+
+
+def _print_notes(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+
+
+def cmd_vae_sample(args: argparse.Namespace) -> int:
+    from glmlab.generation.latent import sample_prior
+
+    run, settings = _vae_run(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sentences = sample_prior(run.model, run.tokenizer, args.n, seed=args.seed, settings=settings)
+    _print_notes(caught)
+    for sentence in sentences:
+        print(sentence)
+    return 0
+
+
+def _read_sentences(path_text: str) -> list[str]:
+    from glmlab.data.corpus import decode_text
+
+    path = Path(path_text)
+    if not path.is_file():
+        raise GlmlabError(f"sentence file {path} does not exist", "check the path given to --file")
+    lines = [line.strip() for line in decode_text(path.read_bytes(), str(path)).splitlines()]
+    sentences = [line for line in lines if line]
+    if not sentences:
+        raise GlmlabError(f"{path} holds no sentences (every line is blank)", "write one sentence per line")
+    return sentences
+
+
+def cmd_vae_reconstruct(args: argparse.Namespace) -> int:
+    from glmlab.generation.latent import reconstruct
+
+    sentences = _read_sentences(args.file) if args.file else list(args.text)
+    run, settings = _vae_run(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = reconstruct(run.model, run.tokenizer, sentences, sample=args.sample, seed=args.seed,
+                              settings=settings)
+    _print_notes(caught)
+    for given, output in zip(sentences, outputs, strict=True):
+        print(f"{given.strip()} -> {output}")
+    return 0
+
+
+def cmd_vae_interpolate(args: argparse.Namespace) -> int:
+    from glmlab.generation.latent import interpolate
+
+    run, settings = _vae_run(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = interpolate(run.model, run.tokenizer, args.start, args.end, steps=args.steps,
+                           settings=settings)
+    _print_notes(caught)
+    width = len(str(len(path)))
+    for i, sentence in enumerate(path):
+        print(f"{i + 1:>{width}}  t={i / (len(path) - 1):.2f}  {sentence}")
     return 0
 
 

@@ -78,6 +78,9 @@ class TrainConfig:
     threads: int = field(0, "CPU threads for PyTorch; 0 = PyTorch's default", min=0)
     sample_tokens: int = field(200, "tokens of sample text written to samples.txt at each evaluation", min=0)
     sample_prompt: str = field("\n", "prompt for the samples written during training")
+    batching: str = field("auto", "training examples: random windows of the token stream, or whole sentences "
+                          "(one per <eos>, length-bucketed, padded); auto = sentences for sentence-level families "
+                          "(vae), windows otherwise", choices=("auto", "windows", "sentences"))
 
     def validate(self) -> None:
         if self.min_lr is not None and self.min_lr > self.lr:

@@ -142,6 +142,33 @@ class LoadedRun:
 
         return stream(self.model, self.tokenizer, prompt, _settings(settings))
 
+    # --- a sentence VAE's latent tools (model.family=vae; glmlab.generation.latent) ---------------------
+
+    def sample_prior(self, n: int = 1, seed: int | None = None, **settings: Any) -> list[str]:
+        """``n`` sentences decoded from z ~ N(0, I). Words are sampled (temperature 1.0) unless settings say
+        otherwise (``temperature=0``: greedy; ``num_beams``); ``seed`` draws z and the words (None = random)."""
+        from glmlab.generation.latent import sample_prior
+
+        return sample_prior(self.model, self.tokenizer, n, seed=seed, settings=_settings({"seed": seed, **settings}))
+
+    def reconstruct(self, sentences: str | list[str], sample: bool = False, seed: int | None = None,
+                    **settings: Any) -> list[str]:
+        """Each sentence encoded and decoded again, greedily unless settings say otherwise: from the mean of
+        q(z|x), or from a z ~ q(z|x) with ``sample`` (drawn from ``seed``; None = random)."""
+        from glmlab.generation.latent import reconstruct
+
+        sentences = [sentences] if isinstance(sentences, str) else sentences
+        return reconstruct(self.model, self.tokenizer, sentences, sample=sample, seed=seed,
+                           settings=_settings({"temperature": 0.0, "seed": seed, **settings}))
+
+    def interpolate(self, start: str, end: str, steps: int = 5, **settings: Any) -> list[str]:
+        """``steps`` sentences decoded (greedily unless settings say otherwise) along the line from the
+        latent mean of ``start`` to that of ``end``, both ends included."""
+        from glmlab.generation.latent import interpolate
+
+        return interpolate(self.model, self.tokenizer, start, end, steps=steps,
+                           settings=_settings({"temperature": 0.0, **settings}))
+
 
 def _settings(values: dict[str, Any]) -> Any:
     from glmlab.generation.settings import GenerationSettings
@@ -164,6 +191,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     config, raw = read_run_config(run_dir)
     tokenizer = Tokenizer.from_file(run_dir / TOKENIZER, raw.get("special_tokens"))
     model = build_model(config.model)
+    if config.train.batching == "sentences":  # trained on <bos>-started sentences: prompt it the same way
+        model.sentence_level = True
     load_weights(model, weights_path(run_dir, checkpoint))
     model.to(device).eval()
     return LoadedRun(model, tokenizer, config, run_dir, raw)

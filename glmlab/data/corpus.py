@@ -116,8 +116,10 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def read_corpus(inputs: list[str | Path], text_field: str = "text", errors: str = "strict") -> Corpus:
-    """Read every input into one corpus: a .txt file is one document, a .jsonl line is one document."""
+def read_corpus(inputs: list[str | Path], text_field: str = "text", errors: str = "strict",
+                sentences: bool = False) -> Corpus:
+    """Read every input into one corpus: a .txt file is one document, a .jsonl line is one document;
+    with ``sentences``, every non-empty line (or JSONL text) is one document, stripped of surrounding space."""
     if errors not in ("strict", "replace"):
         raise DataError(f"--errors {errors!r} is not supported", "use --errors strict or --errors replace")
     corpus = Corpus()
@@ -127,6 +129,8 @@ def read_corpus(inputs: list[str | Path], text_field: str = "text", errors: str 
             docs = read_jsonl(path, data, text_field, errors)
         else:
             docs = [decode_text(data, str(path), errors)]
+        if sentences:
+            docs = [line.strip() for d in docs for line in d.splitlines()]
         docs = [d for d in docs if d.strip()]
         corpus.documents.extend(docs)
         corpus.sources.append(Source(str(path), _hash(data), len(data), len(docs)))

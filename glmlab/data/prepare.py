@@ -60,19 +60,21 @@ def write_tokens(path: Path, ids: np.ndarray) -> None:
 
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
             split: str = "0.9,0.05,0.05", seed: int = 1337, text_field: str = "text", errors: str = "strict",
-            val_file: str | Path | None = None, test_file: str | Path | None = None) -> dict[str, Any]:
-    """Build a data directory at ``out``; returns the meta dict that is also saved as meta.json."""
+            val_file: str | Path | None = None, test_file: str | Path | None = None,
+            sentences: bool = False) -> dict[str, Any]:
+    """Build a data directory at ``out``; returns the meta dict that is also saved as meta.json.
+    With ``sentences``, each line is one example (document), ended by ``<eos>``."""
     started = time.perf_counter()
     fractions = dict(zip(SPLIT_NAMES, parse_split(split), strict=True))
     sources = list(inputs) or [default_corpus_path()]
-    corpus = read_corpus(sources, text_field, errors)
+    corpus = read_corpus(sources, text_field, errors, sentences)
     explicit = {"val": val_file, "test": test_file}
     carved = tuple(name for name in SPLIT_NAMES if not explicit.get(name))
     splits = split_documents(corpus.documents, tuple(fractions[n] for n in carved), carved, seed)
     all_sources = list(corpus.sources)
     for name, path in explicit.items():
         if path:
-            extra: Corpus = read_corpus([path], text_field, errors)
+            extra: Corpus = read_corpus([path], text_field, errors, sentences)
             splits[name] = extra.documents
             all_sources.extend(extra.sources)
     if not splits["train"]:
@@ -104,10 +106,11 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
         "dtype": dtype.name,
         "special_tokens": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id},
         "documents_end_with": "<eos>",
+        "unit": "sentence" if sentences else "document",
         "splits": {name: dataclasses.asdict(s) for name, s in stats.items()},
         "sources": [dataclasses.asdict(s) for s in all_sources],
         "options": {"split": split, "seed": seed, "text_field": text_field, "errors": errors,
-                    "vocab_size": vocab_size, "val_file": str(val_file) if val_file else None,
+                    "vocab_size": vocab_size, "sentences": sentences, "val_file": str(val_file) if val_file else None,
                     "test_file": str(test_file) if test_file else None},
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -8,6 +8,7 @@ breaks for word-level text, and a check that names the characters a tokenizer ca
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -47,9 +48,10 @@ class Tokenizer:
         self.bos_id = hf.token_to_id(roles["bos"]) if "bos" in roles else None
         self.eos_id = hf.token_to_id(roles["eos"]) if "eos" in roles else None
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
+        """One more than the largest id (a tokenizer file from elsewhere may leave holes in its ids)."""
+        return max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -136,6 +138,15 @@ def train_word(texts: Iterator[str] | list[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                         show_progress=False)
     hf.train_from_iterator(texts, trainer=trainer)
+    # A corpus that already spells a special token (PTB writes <unk>) gets it as a word too, which moves
+    # the token and leaves a hole in the ids: renumber with the specials first, words in trained order.
+    vocab = hf.get_vocab(with_added_tokens=False)
+    words = [w for w, _ in sorted(vocab.items(), key=lambda item: item[1]) if w not in SPECIAL_TOKENS]
+    compact = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
+    if compact != vocab:
+        pre_tokenizer = hf.pre_tokenizer
+        hf = HFTokenizer(models.WordLevel(compact, unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizer
     return Tokenizer(_with_specials(hf))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -54,11 +55,22 @@ def sum_nll(model: nn.Module, tokens: np.ndarray, start_id: int, stride: int | N
     ``shard=(i, n)`` scores only every n-th batch starting at i, so n processes can share the work
     and add up their sums.
     """
+    windows = eval_windows(tokens, model.block_size, stride, batch_size, start_id)
+    return sum_nll_batches(model, windows, device, autocast, shard)
+
+
+@torch.no_grad()
+def sum_nll_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
+                    shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """Summed NLL (nats; for a latent-variable model its ``nll`` bound) and count of the scored targets of
+    (x, y) batches — windows, or sentences with ``<eos>`` included and padding excluded; ``shard`` as in
+    :func:`sum_nll`."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for index, (x, y) in enumerate(eval_windows(tokens, model.block_size, stride, batch_size, start_id)):
+        for index, (x, y) in enumerate(batches):
             if index % shard[1] != shard[0]:
                 continue
             x, y = x.to(device), y.to(device)

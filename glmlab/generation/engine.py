@@ -56,9 +56,16 @@ def row_seed(seed: int | None, index: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0] >> 1)
 
 
+def start_id(model: nn.Module, tokenizer: Tokenizer) -> int | None:
+    """The token every prompt starts with: ``<bos>`` for a model trained on sentences (it read ``<bos>``
+    before each one); None for a model of running text."""
+    return tokenizer.bos_id if getattr(model, "sentence_level", False) else None
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
-                  vocab_size: int) -> list[int]:
-    """Prompt ids (an empty prompt starts from ``<eos>``, the document separator), cut to fit the context."""
+                  vocab_size: int, start: int | None = None) -> list[int]:
+    """Prompt ids, after ``start`` when given (an empty prompt of running text starts from ``<eos>``, the
+    document separator), cut to fit the context."""
     if isinstance(prompt, str):
         ids = tokenizer.encode_checked(prompt)
     else:
@@ -67,6 +74,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size:
         if bad:
             raise GlmlabError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
                               "give ids from this model's tokenizer")
+    if start is not None:
+        ids = [start, *ids]
     if not ids:
         ids = [tokenizer.eos_id]
     keep = max(1, block_size - 1)  # room for at least one generated token

@@ -15,7 +15,7 @@ import torch.nn as nn
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.beam import beam_search
-from glmlab.generation.engine import Completion, Decoder, encode_prompt
+from glmlab.generation.engine import Completion, Decoder, encode_prompt, start_id
 from glmlab.generation.settings import GenerationSettings
 from glmlab.generation.text import find_stop
 
@@ -62,7 +62,8 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
 def _generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
                     per_prompt: list[GenerationSettings]) -> list[list[Completion]]:
     vocab = model.config.vocab_size
-    encoded = [encode_prompt(tokenizer, p, model.block_size, vocab) for p in prompts]
+    start = start_id(model, tokenizer)
+    encoded = [encode_prompt(tokenizer, p, model.block_size, vocab, start) for p in prompts]
     out: list[list[Completion]] = [[] for _ in prompts]
     rows, row_settings, indices, owners = [], [], [], []
     for i, (ids, s) in enumerate(zip(encoded, per_prompt, strict=True)):
@@ -98,7 +99,7 @@ def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], sett
     was_training = model.training
     model.eval()
     try:
-        ids = encode_prompt(tokenizer, prompt, model.block_size, model.config.vocab_size)
+        ids = encode_prompt(tokenizer, prompt, model.block_size, model.config.vocab_size, start_id(model, tokenizer))
         decoder = Decoder(model, tokenizer, [ids], [settings])
         for _, delta in decoder.steps(stream=True):
             yield delta

@@ -14,6 +14,9 @@ import torch.nn as nn
 from glmlab.config import suggest
 from glmlab.errors import ConfigError
 from glmlab.models.gpt import GPT, GPTConfig
+from glmlab.models.lstm import LSTMLM, LSTMConfig
+from glmlab.models.seqgan import SeqGAN, SeqGANConfig
+from glmlab.models.vae import SentenceVAE, VAEConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "gpt": Family(GPTConfig, GPT, "decoder-only Transformer (GPT-2 layout)"),
+    "lstm": Family(LSTMConfig, LSTMLM, "LSTM language model"),
+    "seqgan": Family(SeqGANConfig, SeqGAN, "SeqGAN (Yu et al. 2017): LSTM generator, CNN discriminator"),
+    "vae": Family(VAEConfig, SentenceVAE, "sentence VAE (Bowman et al. 2016): LSTM encoder and decoder"),
 }
 
 

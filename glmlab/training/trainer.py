@@ -29,11 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from glmlab import __version__, atomic
 from glmlab.config import RunConfig, TrainConfig
 from glmlab.data.dataset import RandomWindows, open_data_dir
+from glmlab.data.sentences import SentenceBatches, find_sentences, sentence_batches
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, GlmlabError, RunDirError
-from glmlab.evaluation.likelihood import sum_nll
+from glmlab.evaluation.likelihood import sum_nll, sum_nll_batches
 from glmlab.generation.generate import GenerationSettings, generate
-from glmlab.models import build_model
+from glmlab.models import build_model, get_family
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, SAMPLES, TOKENIZER, WEIGHTS, save_weights
 from glmlab.runtime import autocast, precision_name, resolve_precision, select_device, set_threads
 from glmlab.training import distributed
@@ -152,14 +153,26 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
         self.model = build_model(self.mcfg).to(self.device)
         torch.manual_seed(self.cfg.seed + self.dist.rank)  # distinct dropout masks per process
-        self.sampler = RandomWindows(self.train_tokens, self.mcfg.block_size, self.cfg.batch_size, self.cfg.seed,
-                                     rank=self.dist.rank, world_size=self.dist.world_size)
+        self.notes: list[str] = []
+        if self.sentence_mode:
+            self.model.sentence_level = True  # its samples and prompts start with <bos>, as its sentences did
+        self._make_sampler()
+        self.adversarial = None
+        self.adv_rounds = int(getattr(self.mcfg, "adv_rounds", 0))
+        if self.adv_rounds:
+            from glmlab.training.adversarial import AdversarialPhase
+
+            self.adversarial = AdversarialPhase(self.model, self.sampler.sentences, self.tokenizer.bos_id,
+                                                self.device, self.cfg.seed)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val_loss": math.inf,
                                       "last_val_loss": math.inf, "evals_without_improvement": 0,
-                                      "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0}
-        self.notes: list[str] = []
+                                      "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0,
+                                      "aggressive": bool(getattr(self.mcfg, "aggressive", False)),
+                                      "last_mutual_info": -math.inf}
+        self.stat_sums: dict[str, torch.Tensor] = {}
+        self.eval_extras: dict[str, float] = {}
         self.saved_step = -1
         self.consecutive_skips = 0
         if resume:
@@ -199,8 +212,39 @@ class Trainer:
             raise RunDirError(f"another glmlab train is using {self.out}",
                               "wait for it to finish, or stop it (Ctrl-C saves a checkpoint)") from None
 
+    def _make_sampler(self) -> None:
+        """Random windows of the token stream, or whole sentences (``train.batching``)."""
+        cfg, tok = self.cfg, self.tokenizer
+        if not self.sentence_mode:
+            self.sampler: RandomWindows | SentenceBatches = RandomWindows(
+                self.train_tokens, self.mcfg.block_size, cfg.batch_size, cfg.seed, rank=self.dist.rank,
+                world_size=self.dist.world_size)
+            return
+        if tok.bos_id is None or tok.pad_id is None:
+            raise DataError(f"the tokenizer of {self.data.path} has no <bos> or <pad> token, which sentence "
+                            "batches need", "prepare the data with glmlab prepare (its tokenizers have both)")
+        train = find_sentences(self.train_tokens, tok.eos_id, self.mcfg.block_size)
+        self.val_sentences = find_sentences(self.val_tokens, tok.eos_id, self.mcfg.block_size)
+        cumulative = self.val_sentences.lengths.cumsum()
+        self.val_limit = int((cumulative < cfg.eval_tokens).sum()) + 1 if cfg.eval_tokens else None
+        if train.truncated:
+            self.notes.append(f"{train.truncated:,} of {len(train):,} training sentences are longer than "
+                              f"model.block_size={self.mcfg.block_size} and were cut")
+        self.sampler = SentenceBatches(train, cfg.batch_size, cfg.seed, tok.bos_id, tok.pad_id,
+                                       rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _val_batches(self):
+        return sentence_batches(self.val_sentences, self.cfg.batch_size, self.tokenizer.bos_id,
+                                self.tokenizer.pad_id, limit=self.val_limit)
+
     def _check_data(self) -> None:
         mcfg = self.mcfg
+        batching = self.cfg.batching
+        sentence_level = getattr(get_family(mcfg.family).model, "sentence_level", False)
+        if batching == "windows" and sentence_level:
+            raise GlmlabError(f"model.family={mcfg.family} trains on whole sentences",
+                              "drop train.batching=windows (or set train.batching=sentences)")
+        self.sentence_mode = batching == "sentences" or (batching == "auto" and sentence_level)
         if mcfg.vocab_size == 0:
             mcfg.vocab_size = self.tokenizer.vocab_size
         elif mcfg.vocab_size < self.tokenizer.vocab_size:
@@ -211,7 +255,7 @@ class Trainer:
         if len(self.val_tokens) == 0:
             raise DataError(f"{self.data.path} has an empty validation split",
                             "re-run glmlab prepare with a val fraction")
-        if len(self.val_tokens) < mcfg.block_size + 1:
+        if not self.sentence_mode and len(self.val_tokens) < mcfg.block_size + 1:
             raise DataError(f"model.block_size={mcfg.block_size} is larger than the validation split "
                             f"({len(self.val_tokens):,} tokens)", "lower model.block_size or give more validation text")
 
@@ -234,7 +278,9 @@ class Trainer:
         states = saved["rng"]
         set_rng_state(states[self.dist.rank] if len(states) == self.dist.world_size else states[0])
         self.state.update({k: saved[k] for k in self.state if k in saved})
-        if self.state["step"] >= self.cfg.max_steps:
+        if self.adversarial is not None and "adversarial" in saved:
+            self.adversarial.load_state_dict(saved["adversarial"])
+        if self.state["step"] >= self.cfg.max_steps + self.adv_rounds:
             raise GlmlabError(f"{self.out} already reached train.max_steps={self.cfg.max_steps} "
                               f"(step {self.state['step']})",
                               f"raise the budget to continue, e.g. train.max_steps={self.cfg.max_steps * 2}")
@@ -253,22 +299,65 @@ class Trainer:
 
     # --- the pieces of a step ------------------------------------------------------------------------------
 
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.sampler.next_batch()
+        self.step_tokens += getattr(self.sampler, "last_tokens", x.numel()) * self.dist.world_size
+        if self.device.type == "cuda":  # pinned memory: the copy does not wait for the GPU (no host sync)
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _add_stats(self, scale: float) -> None:
+        """Accumulate the model's per-batch statistics (a VAE's reconstruction, KL, beta, ELBO) on device."""
+        for key, value in getattr(self.model, "stats", {}).items():
+            value = value.to(self.device, torch.float64) * scale
+            self.stat_sums[key] = self.stat_sums[key] + value if key in self.stat_sums else value
+
+    def _aggressive_encoder_updates(self) -> None:
+        """He et al. (2019): update only the encoder on fresh batches until its loss stops falling (compared
+        every 10 updates, at most ``aggressive_inner_steps``), before each decoder update."""
+        encoder = {id(p) for p in self.model.encoder_parameters()}
+        others = [p for p in self.model.parameters() if id(p) not in encoder]
+        previous, window = math.inf, []
+        for _ in range(self.mcfg.aggressive_inner_steps):
+            x, y = self._next_batch()
+            with self.amp:
+                loss = self.step_module(x, y)
+            loss.backward()
+            for p in others:
+                p.grad = None
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            window.append(float(loss.detach()))
+            if len(window) == 10:
+                current = sum(window) / len(window)
+                if current >= previous:
+                    break
+                previous, window = current, []
+
     def _train_step(self, lr: float) -> tuple[torch.Tensor, bool]:
         """One optimiser step; returns the (device) loss and whether the update was applied."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         cfg = self.cfg
+        if hasattr(self.model, "set_step"):
+            self.model.set_step(self.state["step"])
+        aggressive = self.state["aggressive"]
+        if aggressive:
+            self._aggressive_encoder_updates()
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            x, y = self.sampler.next_batch()
-            if self.device.type == "cuda":  # pinned memory: the copy does not wait for the GPU (no host sync)
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self._next_batch()
             sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
             with nullcontext() if sync else self.step_module.no_sync(), self.amp:
                 loss = self.step_module(x, y) / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
+            self._add_stats(1.0 / cfg.grad_accum)
+        if aggressive:  # the outer step updates the decoder only
+            for p in self.model.encoder_parameters():
+                p.grad = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -289,12 +378,33 @@ class Trainer:
 
     def _evaluate(self) -> float:
         """Validation loss over the first ``eval_tokens`` tokens, the work shared across processes."""
-        limit = self.cfg.eval_tokens or len(self.val_tokens)
-        nll, count = sum_nll(self.model, self.val_tokens[:limit], self.tokenizer.eos_id,
-                             batch_size=self.cfg.batch_size, device=self.device, autocast=self.amp,
-                             shard=(self.dist.rank, self.dist.world_size))
+        shard = (self.dist.rank, self.dist.world_size)
+        if self.sentence_mode:
+            nll, count = sum_nll_batches(self.model, self._val_batches(), device=self.device, autocast=self.amp,
+                                           shard=shard)
+        else:
+            limit = self.cfg.eval_tokens or len(self.val_tokens)
+            nll, count = sum_nll(self.model, self.val_tokens[:limit], self.tokenizer.eos_id,
+                                 batch_size=self.cfg.batch_size, device=self.device, autocast=self.amp, shard=shard)
         nll, count = self.dist.sum([nll, float(count)], self.device)
+        self.eval_extras = self._latent_extras()
         return nll / count
+
+    def _latent_extras(self) -> dict[str, float]:
+        """A latent-variable model's KL, active units and mutual information on the validation sentences;
+        while training aggressively, the end of that phase once mutual information stops rising."""
+        if not (self.sentence_mode and hasattr(self.model, "latent_dim")):
+            return {}
+        from glmlab.evaluation.latent import latent_report
+
+        report = latent_report(self.model, self._val_batches(), device=self.device)
+        extras = {"kl": report.kl, "active_units": report.active_units, "mutual_info": report.mutual_info}
+        if self.state["aggressive"]:
+            if report.mutual_info <= self.state["last_mutual_info"]:
+                self.state["aggressive"] = False
+                extras["aggressive_ended"] = True
+            self.state["last_mutual_info"] = report.mutual_info
+        return extras
 
     def _checkpoint(self) -> None:
         if self.saved_step == self.state["step"]:
@@ -304,6 +414,8 @@ class Trainer:
                  "rng": rngs}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.adversarial is not None:
+            state["adversarial"] = self.adversarial.state_dict()
         self.on_main(lambda: save_checkpoint(self.out, self.model, state, keep=self.cfg.keep_checkpoints))
         self.saved_step = self.state["step"]
 
@@ -319,11 +431,16 @@ class Trainer:
             if improved:
                 save_weights(self.model, self.out / BEST_DIR / WEIGHTS)
             metrics.write({"step": self.state["step"], "split": "val", "loss": val,
-                           "best_loss": self.state["best_val_loss"], "elapsed": self.state["elapsed"]})
+                           "best_loss": self.state["best_val_loss"], "elapsed": self.state["elapsed"],
+                           **self.eval_extras})
             plot_losses(metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
             _write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
             progress.val = val
-            progress.message(f"step {self.state['step']}: val loss {val:.4f}{' (best)' if improved else ''}")
+            extras = "".join(f", {k.replace('_', ' ')} {v:.3g}" for k, v in self.eval_extras.items()
+                             if not isinstance(v, bool))
+            if self.eval_extras.get("aggressive_ended"):
+                extras += "; mutual information stopped rising: aggressive encoder training ends"
+            progress.message(f"step {self.state['step']}: val loss {val:.4f}{' (best)' if improved else ''}{extras}")
 
         self.on_main(write)
 
@@ -349,19 +466,23 @@ class Trainer:
                              enabled=self.dist.is_main)
         progress = Progress(cfg.max_steps, cfg.max_time, enabled=self.show_progress)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * self.dist.world_size
+        examples = f"{cfg.batch_size * cfg.grad_accum * self.dist.world_size} sentences/step" if self.sentence_mode \
+            else f"{tokens_per_step:,} tokens/step"
         n_params = sum(p.numel() for p in self.model.parameters())
         for note in self.notes:
             progress.message(f"note: {note}")
         processes = f", {self.dist.world_size} processes" if self.dist.enabled else ""
         progress.message(f"{'resuming' if self.resume else 'training'} {mcfg.family}: {n_params / 1e6:.2f}M "
                          f"parameters, {precision_name(self.amp_dtype)} on {self.device} "
-                         f"({torch.get_num_threads()} threads{processes}), {tokens_per_step:,} tokens/step, "
+                         f"({torch.get_num_threads()} threads{processes}), {examples}, "
                          f"from step {state['step']} -> {self.out}")
         stop = _StopFlag()
         self.model.train()
         try:
             with _graceful_stop(stop):
                 stopped_by = self._loop(stop, metrics, progress, tokens_per_step)
+                if self.adversarial is not None and stopped_by == "max_steps":
+                    stopped_by = self._adversarial_loop(stop, metrics, progress)
                 self._guard()
                 state["window_loss"] = float(self.loss_sum)
                 if stopped_by == "interrupted":
@@ -389,11 +510,12 @@ class Trainer:
         checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
         while state["step"] < cfg.max_steps:
             lr = learning_rate(cfg, state["step"], _progress_fraction(cfg, state["step"], state["elapsed"]))
+            self.step_tokens = 0
             loss, applied = self._train_step(lr)
             state["step"] += 1
-            state["tokens"] += tokens_per_step
+            state["tokens"] += self.step_tokens
             state["elapsed"] = elapsed_at_start + time.perf_counter() - start
-            window_tokens += tokens_per_step
+            window_tokens += self.step_tokens
             self._account(loss, applied, progress)
             log_now = state["step"] % cfg.log_interval == 0 or state["step"] == cfg.max_steps
             scheduled = state["step"] % cfg.eval_interval == 0 or state["step"] % checkpoint_every == 0
@@ -421,6 +543,37 @@ class Trainer:
                 return "max_time"
         return "max_steps"
 
+    def _adversarial_loop(self, stop: _StopFlag, metrics: MetricsLog, progress: Progress) -> str:
+        """SeqGAN's rounds after MLE pre-training; each round is one step. The weights after the last
+        round become the run's ``best`` (the adversarial phase is what the run is for)."""
+        state, phase, cfg = self.state, self.adversarial, self.cfg
+        every = self.mcfg.adv_eval_interval
+        start, elapsed_at_start = time.perf_counter(), state["elapsed"]
+        if not phase.d_pretrained:
+            progress.message(f"pre-training the discriminator ({self.mcfg.d_pretrain_steps} refits)")
+            stats = phase.pretrain_discriminator()
+            metrics.write({"step": state["step"], "split": "discriminator", **stats})
+        while state["step"] < cfg.max_steps + self.adv_rounds:
+            stats = phase.round()
+            state["step"] += 1
+            state["elapsed"] = elapsed_at_start + time.perf_counter() - start
+            done = state["step"] - cfg.max_steps
+            metrics.write({"step": state["step"], "split": "adversarial", "round": done,
+                           "elapsed": state["elapsed"], **stats})
+            if stop.set:
+                return "interrupted"
+            if done % every == 0 or done == self.adv_rounds:
+                val = self._evaluate()
+                state["last_val_loss"] = val
+                metrics.write({"step": state["step"], "split": "val", "loss": val, "round": done,
+                               "elapsed": state["elapsed"]})
+                progress.message(f"round {done}/{self.adv_rounds}: val loss {val:.4f}, reward "
+                                 f"{stats.get('reward', 0):.3f}, D accuracy {stats.get('d_accuracy', 0):.3f}")
+                self.evaluated_at = state["step"]
+                self._checkpoint()
+        self.on_main(lambda: save_weights(self.model, self.out / BEST_DIR / WEIGHTS))
+        return "max_steps"
+
     def _account(self, loss: torch.Tensor, applied: bool, progress: Progress) -> None:
         """Add a step's loss to the window (on device: no sync), or count a skipped batch."""
         state = self.state
@@ -443,8 +596,10 @@ class Trainer:
         state = self.state
         steps = max(state["window_steps"], 1)
         mean_loss = self.dist.sum([float(self.loss_sum)], self.device)[0] / steps / self.dist.world_size
+        stats = {k: float(v) / steps for k, v in self.stat_sums.items()}
+        self.stat_sums = {}
         metrics.write({"step": state["step"], "split": "train", "loss": mean_loss, "lr": lr,
-                       "tokens_per_sec": rate, "elapsed": state["elapsed"]})
+                       "tokens_per_sec": rate, "elapsed": state["elapsed"], **stats})
         progress.update(state["step"], mean_loss, rate, state["elapsed"], steps / seconds)
         self.loss_sum.zero_()
         state["window_steps"] = 0
@@ -467,15 +622,22 @@ def train(config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool
 
 
 def _write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig, step: int, val: float) -> None:
-    """samples.txt: a short sample from the current weights, so progress can be read, not just plotted."""
+    """samples.txt: a short sample from the current weights, so progress can be read, not just plotted.
+    A model of sentences writes three sentences started from ``<bos>`` (a VAE's from z = 0, the prior's mode)."""
     if cfg.sample_tokens == 0:
         return
-    prompt = cfg.sample_prompt if not tokenizer.unencodable(cfg.sample_prompt) else ""
-    settings = GenerationSettings(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
-    text = generate(model, tokenizer, prompt, settings)[0]
+    if getattr(model, "sentence_level", False):
+        settings = GenerationSettings(max_new_tokens=min(cfg.sample_tokens, model.block_size - 1), temperature=0.8,
+                                      seed=cfg.seed, num_return_sequences=3)
+        texts = generate(model, tokenizer, "", settings)
+        body, prompt = "\n".join(texts), ""
+    else:
+        prompt = cfg.sample_prompt if not tokenizer.unencodable(cfg.sample_prompt) else ""
+        settings = GenerationSettings(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
+        body = prompt + generate(model, tokenizer, prompt, settings)[0]
     try:
         atomic.write_text(out / SAMPLES, f"# step {step}, val loss {val:.4f}, temperature 0.8, seed {cfg.seed}, "
-                                         f"prompt {prompt!r}\n{prompt}{text}\n")
+                                         f"prompt {prompt!r}\n{body}\n")
     except OSError as exc:
         raise write_error(out / SAMPLES, exc) from None
 
@@ -483,4 +645,6 @@ def _write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig
 def config_changes(old: RunConfig, new: RunConfig) -> list[str]:
     """Model keys that differ between two configs (a resumed run may change train.* keys only)."""
     a, b = dataclasses.asdict(old.model), dataclasses.asdict(new.model)
-    return [f"model.{k}" for k in a if a[k] != b.get(k) and not (k == "vocab_size" and b.get(k) == 0)]
+    resumable = getattr(type(old.model), "RESUMABLE", ())
+    return [f"model.{k}" for k in a if a[k] != b.get(k) and not (k == "vocab_size" and b.get(k) == 0)
+            and k not in resumable]

@@ -51,3 +51,20 @@ def test_vocab_size_too_small_and_unknown_kind():
         train_tokenizer("bpe", [TEXT], vocab_size=100)
     with pytest.raises(DataError, match="unknown tokenizer"):
         train_tokenizer("sentencepiece", [TEXT])
+
+
+def test_word_tokenizer_on_text_that_spells_unk_keeps_ids_dense():
+    """PTB writes <unk> for rare words: it must map to the special <unk> (id 1) and leave no hole in the ids."""
+    text = "the <unk> sat on the mat\nthe cat saw <unk> <unk>\n" * 5
+    tok = train_tokenizer("word", [text], vocab_size=100)
+    ids = tok.encode("the <unk> sat")
+    assert ids[1] == tok.unk_id == 1
+    assert sorted(tok.hf.get_vocab(with_added_tokens=True).values()) == list(range(tok.vocab_size))
+    assert max(tok.encode(text)) < tok.vocab_size
+
+
+def test_vocab_size_counts_past_holes_in_a_foreign_tokenizer():
+    from tokenizers import models
+
+    hf = HFTokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2, "b": 7}, unk_token="<unk>"))
+    assert Tokenizer(hf).vocab_size == 8  # ids run to 7: an embedding needs 8 rows

@@ -1,0 +1,251 @@
+"""Family `vae`: the sentence VAE of Bowman et al. (2016), with the known defences against posterior collapse.
+
+An LSTM encoder (optionally bidirectional) reads a sentence and gives q(z|x) = N(mu, diag sigma^2);
+the decoder is the `lstm` family's network, conditioned on z through its initial state and by
+concatenating z to every input. Training maximises the ELBO, E_q[log p(x|z)] - KL(q(z|x) || N(0, I)),
+with a weight beta on the KL term that follows a schedule (constant, linear warm-up, or cyclical as in
+Fu et al. 2019), word dropout on the decoder's inputs, and free bits (Kingma et al. 2016): a KL floor
+per latent dimension or in total, below which the KL term exerts no pull. ``nll`` (used for
+validation) is the negative ELBO with beta = 1 and none of the defences: an upper bound on the NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from glmlab.config import field
+from glmlab.data.dataset import IGNORE_INDEX
+from glmlab.errors import ConfigError
+from glmlab.models.lstm import LSTMNet, LSTMState, token_nll
+
+UNK_ID = 1  # glmlab's tokenizers put <unk> at 1 (SPECIAL_TOKENS)
+PAD_ID = 0
+
+
+@dataclass
+class VAEConfig:
+    """Shape and training objective of a `vae` model (``model.*`` keys)."""
+
+    family: str = field("vae", "model family")
+    vocab_size: int = field(0, "vocabulary size; 0 = take it from the data's tokenizer", min=0)
+    block_size: int = field(64, "longest sentence in tokens (longer ones are cut)", min=2)
+    n_embd: int = field(256, "word embedding width (shared by encoder and decoder)", min=1)
+    n_hidden: int = field(256, "decoder LSTM hidden units", min=1)
+    n_layer: int = field(1, "decoder LSTM layers", min=1)
+    encoder_hidden: int = field(256, "encoder LSTM hidden units (per direction)", min=1)
+    bidirectional: bool = field(True, "bidirectional encoder")
+    latent_dim: int = field(32, "dimensions of z", min=1)
+    dropout: float = field(0.3, "dropout on embeddings and before the softmax", min=0.0, max=0.99)
+    tie_weights: bool = field(True, "share the embedding with the softmax")
+    word_dropout: float = field(0.0, "rate at which decoder input words become <unk> while training (Bowman: "
+                                     "forces the decoder to use z)", min=0.0, max=1.0)
+    beta: float = field(1.0, "weight of the KL term at the end of its schedule", min=0.0)
+    beta_schedule: str = field("constant", "KL weight schedule: constant, linear (0 -> beta over anneal_steps), "
+                                           "cyclical (Fu et al. 2019: cycles of linear rise then hold)",
+                               choices=("constant", "linear", "cyclical"))
+    anneal_steps: int = field(10000, "linear: steps of the 0 -> beta warm-up; cyclical: steps per cycle", min=1)
+    cycle_rise: float = field(0.5, "cyclical: fraction of each cycle spent rising (the rest holds beta)",
+                              min=0.0, max=1.0)
+    free_bits: float = field(0.0, "KL floor in nats (free bits): below it the KL term has no gradient; 0 = off",
+                             min=0.0)
+    free_bits_mode: str = field("dimension", "free bits per latent dimension (summed over dims) or on the total",
+                                choices=("dimension", "total"))
+    aggressive: bool = field(False, "aggressive encoder training (He et al. 2019): inner encoder-only updates "
+                                    "before each decoder update, until mutual information stops rising")
+    aggressive_inner_steps: int = field(30, "most encoder-only updates per step while aggressive", min=1)
+
+    def validate(self) -> None:
+        pass
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per dimension, closed form, (B, d)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def beta_at(config: VAEConfig, step: int) -> float:
+    """The KL weight at optimiser step ``step`` (0-based) under the config's schedule."""
+    if config.beta_schedule == "constant":
+        return config.beta
+    if config.beta_schedule == "linear":
+        return config.beta * min(1.0, step / config.anneal_steps)
+    position = (step % config.anneal_steps) / config.anneal_steps  # cyclical
+    rise = config.cycle_rise
+    return config.beta * (1.0 if rise == 0 or position >= rise else position / rise)
+
+
+class SentenceVAE(nn.Module):
+    """Encoder q(z|x), decoder p(x|z), and the families' protocol (``loss``, ``nll``, ``forward``)."""
+
+    sentence_level = True
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ConfigError("model.vocab_size is 0", "train on a data directory, which sets it from its tokenizer")
+        self.config = config
+        c = config
+        self.decoder = LSTMNet(c.vocab_size, c.n_embd, c.n_hidden, c.n_layer, c.dropout, c.tie_weights,
+                               cond_dim=c.latent_dim)
+        self.encoder = nn.LSTM(c.n_embd, c.encoder_hidden, 1, batch_first=True, bidirectional=c.bidirectional)
+        enc_out = c.encoder_hidden * (2 if c.bidirectional else 1)
+        self.to_posterior = nn.Linear(enc_out, 2 * c.latent_dim)
+        self.z_to_state = nn.Linear(c.latent_dim, 2 * c.n_layer * c.n_hidden)
+        self.beta = c.beta if c.beta_schedule == "constant" else 0.0
+        self.stats: dict[str, torch.Tensor] = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of q(z|x) only (the embedding is shared, so it belongs to the decoder side here)."""
+        return [*self.encoder.parameters(), *self.to_posterior.parameters()]
+
+    # --- the two halves ----------------------------------------------------------------------------------
+
+    def encode(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar), each (B, latent_dim), of q(z|x) for sentences given as targets ``y``
+        (words then ``<eos>``, padded with IGNORE_INDEX)."""
+        lengths = (y != IGNORE_INDEX).sum(1).clamp_min(1)
+        tokens = y.masked_fill(y == IGNORE_INDEX, PAD_ID)
+        emb = self.decoder.embedding(tokens)
+        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.encoder(packed)
+        h = torch.cat([h[-2], h[-1]], dim=-1) if self.config.bidirectional else h[-1]
+        mu, logvar = self.to_posterior(h).chunk(2, dim=-1)
+        return mu, logvar
+
+    def initial_state(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        h, cell = torch.tanh(self.z_to_state(z)).view(z.size(0), 2, c.n_layer, c.n_hidden).unbind(1)
+        return h.transpose(0, 1).contiguous(), cell.transpose(0, 1).contiguous()
+
+    def decode_logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, vocab) of p(x|z) for decoder inputs ``x`` (``<bos>`` then words)."""
+        out, _ = self.decoder.features(x, self.initial_state(z), cond=z)
+        return self.decoder.logits(out)
+
+    def reconstruction_nll(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """-log p(x|z) per sentence (B,), nats."""
+        return token_nll(self.decode_logits(x, z), y).sum(1)
+
+    # --- training ----------------------------------------------------------------------------------------
+
+    def set_step(self, step: int) -> None:
+        """Called by the trainer before each optimiser step: the KL weight follows its schedule."""
+        self.beta = beta_at(self.config, step)
+
+    def _kl_term(self, kl: torch.Tensor) -> torch.Tensor:
+        """The KL penalty of a batch (summed over sentences), with free bits applied to batch means."""
+        c, batch = self.config, kl.size(0)
+        if c.free_bits <= 0:
+            return kl.sum()
+        if c.free_bits_mode == "dimension":
+            return kl.mean(0).clamp_min(c.free_bits).sum() * batch
+        return kl.sum(1).mean().clamp_min(c.free_bits) * batch
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Training objective per target token: (reconstruction + beta * KL term) / tokens. Records
+        per-sentence reconstruction, KL, beta and ELBO in ``self.stats`` (detached, on device)."""
+        c = self.config
+        mu, logvar = self.encode(y)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        inputs = x
+        if self.training and c.word_dropout > 0:
+            drop = (torch.rand(x.shape, device=x.device) < c.word_dropout) & (y != IGNORE_INDEX)
+            drop[:, 0] = False  # keep <bos>
+            inputs = x.masked_fill(drop, UNK_ID)
+        recon = self.reconstruction_nll(inputs, y, z)
+        kl = gaussian_kl(mu, logvar)
+        tokens = (y != IGNORE_INDEX).sum().clamp_min(1)
+        kl_sum = kl.sum(1)
+        self.stats = {"recon": recon.detach().mean(), "kl": kl_sum.detach().mean(),
+                      "beta": torch.tensor(self.beta), "elbo": -(recon + kl_sum).detach().mean()}
+        return (recon.sum() + self.beta * self._kl_term(kl)) / tokens
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Negative ELBO summed over the batch (nats; beta = 1, no defences), one z per sentence drawn
+        with a fixed seed so that validation losses are comparable: an upper bound on the NLL."""
+        mu, logvar = self.encode(y)
+        generator = torch.Generator(device=mu.device).manual_seed(0)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+        z = mu + eps * (0.5 * logvar).exp()
+        return (self.reconstruction_nll(x, y, z) + gaussian_kl(mu, logvar).sum(1)).sum()
+
+    # --- generation: the decoder given z, through the shared engine ---------------------------------------
+
+    def forward(self, idx: torch.Tensor, cache: LSTMState | None = None, rows: list[int] | None = None,
+                valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
+        """Decoder logits (B, T, vocab) continuing each row's state; the cache (from :meth:`new_cache`
+        with z) holds each row's z."""
+        if cache is None or cache.cond is None:
+            raise ValueError("a vae decodes given z: make the cache with new_cache(batch, device, z=...)")
+        slots = torch.tensor(rows if rows is not None else range(idx.size(0)), device=idx.device)
+        state = (cache.h.index_select(1, slots), cache.c.index_select(1, slots))
+        out, (h, cell) = self.decoder.features(idx, state, cond=cache.cond.index_select(0, slots), lengths=valid)
+        cache.h[:, slots], cache.c[:, slots] = h, cell
+        for i, slot in enumerate(slots.tolist()):
+            cache.lengths[slot] += valid[i] if valid is not None else idx.size(1)
+        if last_only:
+            if valid is not None:
+                last = torch.tensor(valid, device=idx.device) - 1
+                out = out[torch.arange(idx.size(0), device=idx.device), last][:, None]
+            else:
+                out = out[:, -1:]
+        return self.decoder.logits(out)
+
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
+                  z: torch.Tensor | None = None) -> LSTMState:
+        """Decoder states for ``batch_size`` rows started from ``z`` (B, latent_dim); z = 0 (the prior's
+        mode) when not given."""
+        if z is None:
+            z = torch.zeros(batch_size, self.latent_dim, device=device)
+        if z.size(0) != batch_size:
+            raise ValueError(f"{z.size(0)} latent vectors for {batch_size} rows")
+        z = z.to(device)
+        h, c = self.initial_state(z)
+        return LSTMState(h, c, cond=z)
+
+
+class LatentDecoder(nn.Module):
+    """p(x|z) for fixed latent vectors, with the model protocol the generation engine drives: row i of
+    every batch decodes from ``z[i]``."""
+
+    sentence_level = True
+
+    def __init__(self, vae: SentenceVAE, z: torch.Tensor) -> None:
+        super().__init__()
+        self.vae, self.z = vae, z
+        self.config = vae.config
+        # a new Module is in training mode; take the VAE's instead, or the generator's train(was_training)
+        # afterwards would leave the VAE in training mode (dropout on)
+        self.train(vae.training)
+
+    @property
+    def block_size(self) -> int:
+        return self.vae.block_size
+
+    def forward(self, idx: torch.Tensor, cache: LSTMState | None = None, rows: list[int] | None = None,
+                valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
+        return self.vae(idx, cache, rows=rows, valid=valid, last_only=last_only)
+
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> LSTMState:
+        return self.vae.new_cache(batch_size, device, z=self.z)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag exp(logvar)) summed over the last dimension."""
+    return -0.5 * (((z - mu) ** 2) / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)

@@ -1,0 +1,146 @@
+"""SeqGAN's adversarial phase (Yu et al. 2017), run by the trainer after MLE pre-training of a `seqgan` model.
+
+Before the first round the discriminator D is fitted ``d_pretrain_steps`` times to real sentences
+against the generator's samples. Each round then makes ``g_steps`` policy-gradient updates of the
+generator G — the reward of token t is D's mean P(real) over ``rollout_num`` completions of the
+prefix by the rollout policy (a slowly following copy of G), the last token's is D's score of the
+sequence itself — and refits D ``d_steps`` times on fresh samples. ``baseline=mean`` subtracts each
+position's mean reward over the batch (an unbiased variance reduction). Every round counts as one
+trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from glmlab.data.sentences import Sentences, collate
+from glmlab.models.lstm import token_nll
+from glmlab.models.seqgan import PAD_ID, SeqGAN, sequence_mask
+
+
+class AdversarialPhase:
+    """The adversarial state of a run (D's optimiser, G's adversarial optimiser, the rollout policy) and
+    its steps; the trainer owns the loop, checkpoints and logging."""
+
+    def __init__(self, model: SeqGAN, real: Sentences, bos_id: int, device: torch.device, seed: int) -> None:
+        self.model, self.real, self.bos_id, self.device = model, real, bos_id, device
+        c = model.config
+        self.config = c
+        self.length = c.block_size - 1  # tokens per sequence, <eos> included
+        self.g_optimizer = torch.optim.Adam(model.generator_parameters(), lr=c.g_lr)
+        self.d_optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=c.d_lr)
+        self.rollout = model.rollout_copy()
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.d_pretrained = False
+
+    # --- state --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
+                "rollout": self.rollout.state_dict(), "generator": self.generator.get_state(),
+                "d_pretrained": self.d_pretrained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.rollout.load_state_dict(state["rollout"])
+        self.generator.set_state(state["generator"])
+        self.d_pretrained = bool(state["d_pretrained"])
+
+    # --- the discriminator --------------------------------------------------------------------------------
+
+    def _real_batch(self, n: int) -> torch.Tensor:
+        index = torch.randint(len(self.real), (n,), generator=self.generator).numpy()
+        _, y = collate(self.real, index, self.bos_id, PAD_ID)
+        y = y.masked_fill(y < 0, PAD_ID)
+        return F.pad(y, (0, max(0, self.length - y.size(1))), value=PAD_ID)[:, : self.length].to(self.device)
+
+    def _fake_batch(self, n: int) -> torch.Tensor:
+        return self.model.sample(n, self.length, self.bos_id, generator=self.generator)
+
+    def fit_discriminator(self) -> dict[str, float]:
+        """One refit: ``d_samples`` real and as many generated sequences, ``d_epochs`` epochs of mini-batches."""
+        c, d = self.config, self.model.discriminator
+        n = c.d_samples
+        data = torch.cat([self._real_batch(n), self._fake_batch(n)])
+        labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(self.device)
+        d.train()
+        losses, correct = [], 0
+        for _ in range(c.d_epochs):
+            order = torch.randperm(2 * n, generator=self.generator, device=self.device)
+            for begin in range(0, 2 * n, c.adv_batch):
+                idx = order[begin:begin + c.adv_batch]
+                logits = d(data[idx])
+                loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
+                loss = loss + c.d_l2 * 0.5 * (d.out.weight.pow(2).sum() + d.out.bias.pow(2).sum())
+                self.d_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.d_optimizer.step()
+                losses.append(float(loss.detach()))
+                correct += int(((logits > 0).float() == labels[idx]).sum())
+        return {"d_loss": sum(losses) / len(losses), "d_accuracy": correct / (2 * n * c.d_epochs)}
+
+    def pretrain_discriminator(self) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        for _ in range(self.config.d_pretrain_steps):
+            stats = self.fit_discriminator()
+        self.d_pretrained = True
+        return stats
+
+    # --- the generator ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rewards(self, samples: torch.Tensor) -> torch.Tensor:
+        """(B, L): token t's reward is D's mean P(real) over ``rollout_num`` completions of samples[:, :t+1]."""
+        c, d = self.config, self.model.discriminator
+        d.eval()
+        B, L = samples.shape
+        repeated = samples.repeat(c.rollout_num, 1)
+        live = sequence_mask(samples)
+        out = torch.sigmoid(d(samples))[:, None].repeat(1, L)  # an ended sequence's tokens: D's score of it
+        for t in range(1, L):
+            if not bool(live[:, t].any()):  # every sequence ended by token t - 1: the rest is D's score
+                break
+            completed = self.model.sample(repeated.size(0), L, self.bos_id, net=self.rollout,
+                                          prefix=repeated[:, :t], generator=self.generator)
+            out[:, t - 1] = torch.sigmoid(d(completed)).view(c.rollout_num, B).mean(0)
+        return out * live
+
+    def generator_step(self) -> dict[str, float]:
+        """One policy-gradient update of G on ``adv_batch`` of its own samples."""
+        c, model = self.config, self.model
+        samples = model.sample(c.adv_batch, self.length, self.bos_id, generator=self.generator)
+        rewards = self.rewards(samples)
+        mask = sequence_mask(samples)
+        mean_reward = float(rewards.sum() / mask.sum())
+        if c.baseline == "mean":
+            rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
+        x = torch.cat([torch.full_like(samples[:, :1], self.bos_id), samples[:, :-1]], dim=1)
+        logp = -token_nll(model(x), samples.masked_fill(~mask, -100))
+        loss = -(logp * rewards).sum() / c.adv_batch
+        self.g_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.generator_parameters(), 5.0)
+        self.g_optimizer.step()
+        return {"g_loss": float(loss.detach()), "reward": mean_reward}
+
+    def update_rollout(self) -> None:
+        """rollout = rate * rollout + (1 - rate) * G, parameter by parameter (SeqGAN's delayed policy)."""
+        rate = self.config.rollout_update
+        with torch.no_grad():
+            for mine, theirs in zip(self.rollout.parameters(), self.model.net.parameters(), strict=True):
+                mine.mul_(rate).add_(theirs.detach(), alpha=1 - rate)
+
+    def round(self) -> dict[str, float]:
+        """One adversarial round: G updates, rollout update, D refits."""
+        stats: dict[str, float] = {}
+        self.model.train()
+        for _ in range(self.config.g_steps):
+            stats.update(self.generator_step())
+        self.update_rollout()
+        for _ in range(self.config.d_steps):
+            stats.update(self.fit_discriminator())
+        return stats
