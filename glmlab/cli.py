@@ -140,6 +140,28 @@ def _add_interop(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export_hf)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="built-in benchmarks (oracle: SeqGAN's synthetic-data experiment)")
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{oracle}")
+    o = bench.add_parser("oracle", help="MLE then SeqGAN on the synthetic oracle; NLL-oracle and NLL-test",
+                         description="Train a seqgan generator by MLE on the oracle's samples, then adversarially "
+                                     "(SeqGAN, and SeqGAN with a mean reward baseline), each from the same MLE "
+                                     "run; score 10,000 generated sequences by the oracle (NLL-oracle) and "
+                                     "held-out oracle samples by the generator (NLL-test). Finished stages in "
+                                     "--out are reused. KEY=VALUE overrides apply to the adversarial stages.")
+    o.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="adversarial config overrides (model.*)")
+    o.add_argument("--out", required=True, metavar="DIR", help="work directory (data, runs, results.json)")
+    o.add_argument("--oracle", default="../shared/data/seqgan-oracle/oracle_params.npz", metavar="NPZ")
+    o.add_argument("--real", default="../shared/data/seqgan-oracle/real_data.txt", metavar="TXT",
+                   help="the oracle's training samples")
+    o.add_argument("--mle-steps", type=int, default=None, help="MLE steps of 64 sequences (default: the CPU preset)")
+    o.add_argument("--rounds", type=int, default=None, help="adversarial rounds (default: the CPU preset)")
+    o.add_argument("--variants", default="seqgan,seqgan-baseline",
+                   help="comma-separated: seqgan (as published), seqgan-baseline (mean reward baseline)")
+    o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
+    o.set_defaults(handler=cmd_bench_oracle)
+
+
 def _add_vae_decoding(p: argparse.ArgumentParser, temperature: float) -> None:
     """The run and decoding options every ``glmlab vae`` command shares."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run of model.family=vae")
@@ -201,8 +223,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_interop(sub)
+    _add_bench(sub)
     _add_vae(sub)
+    _add_compare(sub)
     return parser
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare runs trained on the same data: report.md + report.html",
+                       description="Score every run on one split (exact NLL, or a vae's importance-weighted bound; "
+                                   "sentence and window accounting labelled), sample from each (BLEU-2..5 against "
+                                   "references, Self-BLEU-2..5, distinct-1/2, mean length), overlay their loss "
+                                   "curves; write REPORT_DIR/report.md, report.html (self-contained) and curves.png.")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for the report (created)")
+    p.add_argument("--data", metavar="DATA_DIR", help="data directory (default: the one the first run was trained on)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to score (default test)")
+    p.add_argument("--references", metavar="F", help="reference sentences, one per line (default: the test split)")
+    p.add_argument("--samples", type=int, default=500, metavar="N", help="sentences generated per run (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and of a vae's z's (default 0)")
+    p.add_argument("--iw-samples", type=int, default=50, metavar="K",
+                   help="vae: samples of z per sentence for the importance-weighted NLL (default 50)")
+    p.add_argument("--max-sentences", type=int, default=None, metavar="N",
+                   help="score only the first N sentences of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from glmlab.evaluation.compare import check_out_dir, compare_runs, write_report
+
+    check_out_dir(args.out)
+    result = compare_runs(args.run_dirs, data_dir=args.data, split=args.split, references=args.references,
+                          samples=args.samples, seed=args.seed, iw_samples=args.iw_samples,
+                          max_sentences=args.max_sentences, batch_size=args.batch_size, checkpoint=args.checkpoint,
+                          device=args.device, progress=lambda message: print(message, file=sys.stderr))
+    paths = write_report(result, args.out)
+    print(result.summary_markdown())
+    print(f"\nwrote {paths['markdown']}, {paths['html']} and {paths['curves']}")
+    return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -423,6 +484,16 @@ def cmd_vae_interpolate(args: argparse.Namespace) -> int:
     width = len(str(len(path)))
     for i, sentence in enumerate(path):
         print(f"{i + 1:>{width}}  t={i / (len(path) - 1):.2f}  {sentence}")
+    return 0
+
+
+def cmd_bench_oracle(args: argparse.Namespace) -> int:
+    from glmlab.evaluation.oracle_benchmark import format_stages, oracle_benchmark
+
+    stages = oracle_benchmark(args.oracle, args.real, args.out, mle_steps=args.mle_steps, rounds=args.rounds,
+                              variants=[v for v in args.variants.split(",") if v], overrides=args.overrides,
+                              threads=args.threads)
+    print(format_stages(stages))
     return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from glmlab.config import resolve_config
 from glmlab.data.corpus import default_corpus_path
@@ -41,3 +43,18 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, char_data: Path) -> Pa
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_config("train.max_steps=40"), char_data, out, show_progress=False)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is fastest, and fair to whatever else runs on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def metrics_records(run: Path, split: str) -> list[dict]:
+    """The records of one split (train, val, adversarial, ...) in a run's metrics.jsonl."""
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]

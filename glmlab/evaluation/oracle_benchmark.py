@@ -25,6 +25,7 @@ from glmlab.config import resolve_config
 from glmlab.data.dataset import IGNORE_INDEX, open_data_dir
 from glmlab.data.prepare import prepare
 from glmlab.data.sentences import find_sentences, sentence_batches
+from glmlab.errors import GlmlabError
 from glmlab.evaluation.oracle import Oracle
 from glmlab.runs import load_run
 from glmlab.training.trainer import train
@@ -33,6 +34,17 @@ SEQUENCE_LENGTH = 20
 MLE = ["model.family=seqgan", f"model.block_size={SEQUENCE_LENGTH + 2}", "train.batch_size=64", "train.lr=1e-2",
        "train.warmup_steps=0", "train.lr_schedule=constant", "train.weight_decay=0", "train.grad_clip=5.0",
        "train.beta2=0.999", "train.sample_tokens=0", "train.eval_interval=500", "train.eval_tokens=0"]
+
+
+# The CPU preset (2 cores, about 30 minutes in all): SeqGAN's generator, MLE and rollout settings; a
+# discriminator with a quarter of SeqGAN's filters refitted once per round on 5,000 + 5,000 sequences,
+# where SeqGAN refits 5 times x 3 epochs on 10,000 + 10,000 (the cost that does not fit a CPU).
+CPU_MLE_STEPS = 6000
+CPU_ROUNDS = 100
+CPU_DISCRIMINATOR = ["model.d_num_filters=25,50,50,50,50,25,25,25,25,25,40,40"]
+CPU_ADVERSARIAL = ["model.d_samples=5000", "model.d_steps=1", "model.d_epochs=1", "model.d_pretrain_steps=10",
+                   "model.rollout_num=16", "model.adv_eval_interval=20"]
+VARIANTS = {"seqgan": [], "seqgan-baseline": ["model.baseline=mean"]}
 
 
 @dataclass
@@ -118,3 +130,31 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
         log(f"{name} ({adv_rounds} rounds): NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}, "
             f"{done['seconds']:.0f}s")
     return stages
+
+
+def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | Path, mle_steps: int | None = None,
+                     rounds: int | None = None, variants: list[str] | None = None, overrides: list[str] | None = None,
+                     threads: int = 0, log=print) -> list[Stage]:
+    """`glmlab bench oracle` with the CPU preset, ``overrides`` applied to the adversarial stages; writes
+    ``results.json`` in ``out``."""
+    oracle_path, real_data, out = Path(oracle_path), Path(real_data), Path(out)
+    for path, what in ((oracle_path, "--oracle"), (real_data, "--real")):
+        if not path.is_file():
+            raise GlmlabError(f"{path} does not exist", f"pass {what} (the files are in ../shared/data/seqgan-oracle)")
+    unknown = [v for v in (variants or list(VARIANTS)) if v not in VARIANTS]
+    if unknown:
+        raise GlmlabError(f"unknown variant(s) {', '.join(unknown)}", f"use: {', '.join(VARIANTS)}")
+    if out.exists() and not out.is_dir():
+        raise GlmlabError(f"--out {out} is a file", "choose a directory")
+    chosen = {v: [*CPU_ADVERSARIAL, *VARIANTS[v], *(overrides or [])] for v in (variants or list(VARIANTS))}
+    stages = run_oracle_benchmark(oracle_path, real_data, out, mle_steps or CPU_MLE_STEPS, rounds or CPU_ROUNDS,
+                                  chosen, mle_overrides=CPU_DISCRIMINATOR, threads=threads, log=log)
+    (out / "results.json").write_text(json.dumps([s.__dict__ for s in stages], indent=1))
+    return stages
+
+
+def format_stages(stages: list[Stage]) -> str:
+    """The results as a Markdown table (anchors: SeqGAN's log MLE ~9.07 -> SeqGAN ~8.68; LeakGAN ~7.0)."""
+    lines = ["| stage | NLL-oracle | NLL-test | training time |", "|---|---|---|---|"]
+    lines += [f"| {s.name} | {s.nll_oracle:.3f} | {s.nll_test:.3f} | {s.seconds / 60:.1f} min |" for s in stages]
+    return "\n".join(lines)

@@ -64,7 +64,15 @@ class SeqGANConfig(LSTMConfig):
                  "d_pretrain_steps", "rollout_num", "rollout_update", "baseline", "adv_eval_interval")
 
     def validate(self) -> None:
-        if len(_ints(self.d_filter_sizes)) != len(_ints(self.d_num_filters)) or not _ints(self.d_filter_sizes):
+        for key in ("d_filter_sizes", "d_num_filters"):
+            try:
+                values = _ints(getattr(self, key))
+            except ValueError:
+                values = []
+            if not values or min(values) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} is not a list of positive integers",
+                                  f"give comma-separated integers, e.g. model.{key}=2,3,4")
+        if len(_ints(self.d_filter_sizes)) != len(_ints(self.d_num_filters)):
             raise ConfigError("model.d_filter_sizes and model.d_num_filters differ in length",
                               "give one filter count per width")
 
@@ -158,7 +166,8 @@ def sample_rows(logits: torch.Tensor, generator: torch.Generator | None = None) 
     exact, and for thousands of rows of a large vocabulary far cheaper on a CPU than torch.multinomial
     (or any method that draws a random number per vocabulary entry)."""
     cdf = logits.float().softmax(-1).cumsum(-1)
-    u = torch.rand((cdf.size(0), 1), generator=generator, device=cdf.device) * cdf[:, -1:]
+    # u in (0, total]: the first entry of the CDF >= u then never has probability 0 (u = 0 would pick index 0)
+    u = (1 - torch.rand((cdf.size(0), 1), generator=generator, device=cdf.device)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u)[:, 0].clamp_max(cdf.size(-1) - 1)
 
 

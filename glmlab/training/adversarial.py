@@ -53,7 +53,7 @@ class AdversarialPhase:
     # --- the discriminator --------------------------------------------------------------------------------
 
     def _real_batch(self, n: int) -> torch.Tensor:
-        index = torch.randint(len(self.real), (n,), generator=self.generator).numpy()
+        index = torch.randint(len(self.real), (n,), generator=self.generator, device=self.device).cpu().numpy()
         _, y = collate(self.real, index, self.bos_id, PAD_ID)
         y = y.masked_fill(y < 0, PAD_ID)
         return F.pad(y, (0, max(0, self.length - y.size(1))), value=PAD_ID)[:, : self.length].to(self.device)
@@ -84,6 +84,8 @@ class AdversarialPhase:
         return {"d_loss": sum(losses) / len(losses), "d_accuracy": correct / (2 * n * c.d_epochs)}
 
     def pretrain_discriminator(self) -> dict[str, float]:
+        """The phase's start: the rollout policy becomes a copy of the (MLE-trained) generator, then D is fitted."""
+        self.rollout.load_state_dict(self.model.net.state_dict())  # built with the phase, before MLE or a resume
         stats: dict[str, float] = {}
         for _ in range(self.config.d_pretrain_steps):
             stats = self.fit_discriminator()

@@ -8,17 +8,12 @@ from safetensors.torch import load_file
 from glmlab.errors import DataError, GlmlabError, RunDirError
 from glmlab.runs import load_run
 from glmlab.training.trainer import LossModule, Trainer, train
-from tests.conftest import tiny_config
-
-
-def _records(run, split):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+from tests.conftest import metrics_records, tiny_config
 
 
 def test_training_lowers_the_loss_and_fills_the_run_directory(trained_run):
-    train_records = _records(trained_run, "train")
-    val_records = _records(trained_run, "val")
+    train_records = metrics_records(trained_run, "train")
+    val_records = metrics_records(trained_run, "val")
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.5
     assert [r["step"] for r in val_records] == [20, 40]
     assert val_records[-1]["loss"] < math.log(40)  # better than uniform over the char vocab
@@ -43,8 +38,9 @@ def test_resume_is_bit_exact(char_data, tmp_path):
     assert result.step == 20
     a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in _records(straight, "train")] == [r["loss"] for r in _records(split, "train")]
-    assert [r["step"] for r in _records(split, "val")] == [10, 20]
+    losses = [[r["loss"] for r in metrics_records(run, "train")] for run in (straight, split)]
+    assert losses[0] == losses[1]
+    assert [r["step"] for r in metrics_records(split, "val")] == [10, 20]
 
 
 def test_existing_run_is_not_overwritten(trained_run, char_data):
@@ -94,7 +90,8 @@ def test_gradient_accumulation_matches_one_large_batch(char_data, tmp_path):
                             "train.eval_interval=3"), char_data, tmp_path / "two", show_progress=False)
     a, b = load_file(one.run_dir / "model.safetensors"), load_file(two.run_dir / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert _records(one.run_dir, "val")[0]["loss"] == pytest.approx(_records(two.run_dir, "val")[0]["loss"], rel=1e-4)
+    val = [metrics_records(run.run_dir, "val")[0]["loss"] for run in (one, two)]
+    assert val[0] == pytest.approx(val[1], rel=1e-4)
 
 
 def test_compile_auto_stays_eager_on_a_cpu(char_data, tmp_path):
@@ -109,5 +106,5 @@ def test_compiled_step_trains_like_the_eager_one(char_data, tmp_path):
     compiled = train(tiny_config("train.max_steps=5", "train.compile=true"), char_data, tmp_path / "compiled",
                      show_progress=False)
     assert compiled.last_val_loss == pytest.approx(eager.last_val_loss, rel=1e-4)
-    assert _records(compiled.run_dir, "train")[-1]["loss"] == pytest.approx(
-        _records(eager.run_dir, "train")[-1]["loss"], rel=1e-4)
+    assert metrics_records(compiled.run_dir, "train")[-1]["loss"] == pytest.approx(
+        metrics_records(eager.run_dir, "train")[-1]["loss"], rel=1e-4)

@@ -3,7 +3,6 @@ its statistics are logged, and a resumed sentence-mode run continues exactly."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from glmlab.config import resolve_config
 from glmlab.data.prepare import prepare
 from glmlab.runs import load_run
 from glmlab.training.trainer import train
+from tests.conftest import metrics_records
 
 TOPICS = {
     "sea": "ship sail wave boat harbor captain storm anchor",
@@ -43,9 +43,6 @@ def topic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
-def _records(run: Path, split: str) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 @pytest.mark.slow
@@ -53,11 +50,11 @@ def test_vae_with_annealing_and_word_dropout_keeps_its_kl(topic_data: Path, tmp_
     config = resolve_config({}, [*VAE, "model.beta_schedule=linear", "model.anneal_steps=100",
                                  "model.word_dropout=0.4", "train.max_steps=200"])
     train(config, topic_data, tmp_path / "run", show_progress=False)
-    logged = _records(tmp_path / "run", "train")
+    logged = metrics_records(tmp_path / "run", "train")
     assert {"recon", "kl", "beta", "elbo"} <= set(logged[0])
     assert logged[0]["beta"] < 0.2 and logged[-1]["beta"] == pytest.approx(1.0)  # the warm-up ran
     assert all(r["elbo"] == pytest.approx(-(r["recon"] + r["kl"]), rel=1e-6) for r in logged)
-    val = _records(tmp_path / "run", "val")[-1]
+    val = metrics_records(tmp_path / "run", "val")[-1]
     # not collapsed (the topic is worth at most log 4 = 1.39 nats; this run measured KL 0.25, MI 0.17, AU 4)
     assert val["kl"] > 0.1 and val["active_units"] >= 1 and val["mutual_info"] > 0.05
     run = load_run(tmp_path / "run")
@@ -77,8 +74,8 @@ def test_sentence_mode_run_resumes_exactly(topic_data: Path, tmp_path: Path) -> 
     split = load_run(tmp_path / "split", checkpoint="last").model.state_dict()
     assert all(torch.equal(whole[k], split[k]) for k in whole)
     keys = ("loss", "recon", "kl", "beta")
-    last = [{k: r[k] for k in keys} for r in _records(tmp_path / "whole", "train") if r["step"] > 20]
-    assert last == [{k: r[k] for k in keys} for r in _records(tmp_path / "split", "train") if r["step"] > 20]
+    last = [{k: r[k] for k in keys} for r in metrics_records(tmp_path / "whole", "train") if r["step"] > 20]
+    assert last == [{k: r[k] for k in keys} for r in metrics_records(tmp_path / "split", "train") if r["step"] > 20]
 
 
 def test_lstm_trains_on_windows_or_sentences_and_vae_refuses_windows(topic_data: Path, tmp_path: Path) -> None:
