@@ -49,10 +49,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/work/coco")
     parser.add_argument("--mle-steps", type=int, default=4000)
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="adversarial config overrides, e.g. model.rollout_num=8")
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -62,7 +63,8 @@ def main() -> None:
     references = (DATA / "test_coco.txt").read_text(encoding="utf-8").splitlines()
     base = [*MODEL, f"train.max_steps={args.mle_steps}", f"train.threads={args.threads}"]
     rows = []
-    for name, extra in (("MLE", []), ("SeqGAN", [f"model.adv_rounds={args.rounds}", *CPU_ADVERSARIAL])):
+    adversarial = [f"model.adv_rounds={args.rounds}", *CPU_ADVERSARIAL, "model.rollout_num=8", *args.overrides]
+    for name, extra in (("MLE", []), ("SeqGAN", adversarial)):
         run_dir = out / name.lower()
         if not (run_dir / "done.json").is_file():
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/work/oracle")
     parser.add_argument("--mle-steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--variants", default="seqgan,seqgan-baseline")
+    parser.add_argument("--variants", default="seqgan,seqgan-baseline,seqgan-fast")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="adversarial config overrides, e.g. model.rollout_num=8")
     args = parser.parse_args()

@@ -42,6 +42,9 @@ CONFIGS = {  # name: (label, overrides)
                      [*VAE, "model.beta_schedule=cyclical", "model.anneal_steps={quarter}"]),
     "vae-fb": ("VAE + free bits 0.15/dim + linear annealing",
                [*VAE, "model.free_bits=0.15", "model.beta_schedule=linear", "model.anneal_steps={half}"]),
+    "vae-fb-total": ("VAE + free bits 4 nats in total + linear annealing",
+                     [*VAE, "model.free_bits=4", "model.free_bits_mode=total", "model.beta_schedule=linear",
+                      "model.anneal_steps={half}"]),
     "vae-aggressive": ("VAE + aggressive encoder (He et al. 2019)", [*VAE, "model.aggressive=true"]),
 }
 TRAIN = ["train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=100", "train.weight_decay=0.0",

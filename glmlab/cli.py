@@ -156,9 +156,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="the oracle's training samples")
     o.add_argument("--mle-steps", type=int, default=None, help="MLE steps of 64 sequences (default: the CPU preset)")
     o.add_argument("--rounds", type=int, default=None, help="adversarial rounds (default: the CPU preset)")
-    o.add_argument("--variants", default="seqgan,seqgan-baseline",
-                   help="comma-separated: seqgan (as published), seqgan-baseline (mean reward baseline)")
+    o.add_argument("--variants", default="seqgan,seqgan-baseline,seqgan-fast",
+                   help="comma-separated: seqgan (as published), seqgan-baseline (mean reward baseline), "
+                        "seqgan-fast (4 rollouts, 3 generator updates per round)")
     o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
+    o.add_argument("--oracle-samples", type=int, default=10000, help="generated sequences scored by the oracle")
     o.set_defaults(handler=cmd_bench_oracle)
 
 
@@ -492,7 +494,7 @@ def cmd_bench_oracle(args: argparse.Namespace) -> int:
 
     stages = oracle_benchmark(args.oracle, args.real, args.out, mle_steps=args.mle_steps, rounds=args.rounds,
                               variants=[v for v in args.variants.split(",") if v], overrides=args.overrides,
-                              threads=args.threads)
+                              threads=args.threads, oracle_samples=args.oracle_samples)
     print(format_stages(stages))
     return 0
 
