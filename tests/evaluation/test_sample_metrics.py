@@ -78,3 +78,26 @@ def test_format_names_nltk_and_the_counts():
     assert "7 generated sentences" in text and "against 5 references" in text and "(6 sentences)" in text
     assert f"2: {report.bleu[2]:.3f}" in text and "distinct" in text
     assert report.to_dict()["nltk_version"] == nltk.__version__
+
+
+def test_an_empty_generated_sentence_scores_zero_as_in_texygen():
+    refs = ["a man rides a horse", "a dog runs"]
+    assert bleu(["a man rides a horse", ""], refs, orders=(2,))[2] == pytest.approx(0.5)
+    assert self_bleu(["a cat", "a cat", ""], orders=(2,))[2] == pytest.approx(2 / 3)
+
+
+def test_fast_scores_equal_nltk_sentence_bleu_exactly_including_ties_and_left_out_lengths():
+    rng = random.Random(3)
+    vocab = "a b c d e f g".split()
+    sentences = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(40)]
+    refs, hyps = sentences[:25], sentences[25:] + [""]
+    smoothing = SmoothingFunction().method1
+    for n in (1, 2, 3, 4, 5):
+        weights = tuple(1.0 / n for _ in range(n))
+        expected = sum(sentence_bleu([r.split() for r in refs], h.split(), weights, smoothing_function=smoothing)
+                       for h in hyps) / len(hyps)
+        assert bleu(hyps, refs, orders=(n,), reference_limit=None)[n] == expected
+        own = [s.split() for s in refs]
+        expected_self = sum(sentence_bleu(own[:i] + own[i + 1:], own[i], weights, smoothing_function=smoothing)
+                            for i in range(len(own))) / len(own)
+        assert self_bleu(refs, orders=(n,))[n] == expected_self
