@@ -41,7 +41,7 @@ MLE = ["model.family=seqgan", f"model.block_size={SEQUENCE_LENGTH + 2}", "train.
 # where SeqGAN refits 5 times x 3 epochs on 10,000 + 10,000 (the cost that does not fit a CPU).
 # 3,000 MLE steps (19 epochs) reach NLL-oracle ~9.02; longer overfits the 10,000 sequences (NLL-test rises).
 CPU_MLE_STEPS = 3000
-CPU_ROUNDS = 100
+CPU_ROUNDS = 30
 CPU_DISCRIMINATOR = ["model.d_num_filters=25,50,50,50,50,25,25,25,25,25,40,40"]
 CPU_ADVERSARIAL = ["model.d_samples=2000", "model.d_steps=1", "model.d_epochs=1", "model.d_pretrain_steps=10",
                    "model.rollout_num=16", "model.adv_eval_interval=20"]
