@@ -88,7 +88,7 @@ def test_an_empty_generated_sentence_scores_zero_as_in_texygen():
 
 def test_fast_scores_equal_nltk_sentence_bleu_exactly_including_ties_and_left_out_lengths():
     rng = random.Random(3)
-    vocab = "a b c d e f g".split()
+    vocab = ["a", "b", "c", "d", "e", "f", "g"]
     sentences = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(40)]
     refs, hyps = sentences[:25], sentences[25:] + [""]
     smoothing = SmoothingFunction().method1
