@@ -28,7 +28,7 @@ from glmlab.data.sentences import find_sentences, sentence_batches
 from glmlab.errors import GlmlabError
 from glmlab.evaluation.oracle import Oracle
 from glmlab.runs import load_run
-from glmlab.training.trainer import train
+from glmlab.training.trainer import config_changes, train
 
 SEQUENCE_LENGTH = 20
 MLE = ["model.family=seqgan", f"model.block_size={SEQUENCE_LENGTH + 2}", "train.batch_size=64", "train.lr=1e-2",
@@ -107,6 +107,12 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
     data = prepare_oracle_data(oracle, real_data, out)
     mle_dir = out / "mle"
     base = [*MLE, *(mle_overrides or []), f"train.max_steps={mle_steps}", f"train.threads={threads}"]
+    for overrides in variants.values():  # before any training: a variant must continue the MLE model as is
+        changed = config_changes(resolve_config({}, base), resolve_config({}, [*base, *overrides]))
+        if changed:
+            raise GlmlabError(f"{', '.join(changed)} would change the model trained by MLE in {mle_dir}",
+                              "override only adversarial keys (model.adv_*, d_steps, d_epochs, d_samples, "
+                              "rollout_*, g_steps, g_lr, d_lr, baseline), or use another --out")
     stages = []
     if not (mle_dir / "done.json").is_file():
         shutil.rmtree(mle_dir, ignore_errors=True)

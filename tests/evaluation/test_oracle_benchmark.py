@@ -38,3 +38,12 @@ def test_bench_oracle_errors(tmp_path: Path, capsys) -> None:
     assert main(["bench", "oracle", "--out", str(tmp_path), "--oracle", str(ORACLE / "oracle_params.npz"),
                  "--real", str(ORACLE / "real_data.txt"), "--variants", "leakgan"]) == 1
     assert "unknown variant(s) leakgan" in capsys.readouterr().err
+
+
+def test_bench_oracle_refuses_overrides_that_change_the_mle_model(tmp_path: Path, capsys) -> None:
+    args = ["bench", "oracle", "--out", str(tmp_path / "b"), "--oracle", str(ORACLE / "oracle_params.npz"),
+            "--real", str(ORACLE / "real_data.txt"), "--mle-steps", "2", "--rounds", "1", "--oracle-samples", "50",
+            "--variants", "seqgan", "model.n_hidden=64"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "model.n_hidden would change the model trained by MLE" in err and "fix:" in err
