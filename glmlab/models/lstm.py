@@ -104,6 +104,29 @@ class LSTMNet(nn.Module):
             out, state = self.lstm(x, state)
         return out, state
 
+    def decode(self, idx: torch.Tensor, cache: LSTMState | None = None, rows: list[int] | None = None,
+               valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
+        """The generation protocol's step: logits (B, T, vocab) continuing the state of cache slots ``rows``
+        (default: all, in order) and the conditioning vector they hold, if any; ``valid`` gives the real
+        length of each right-padded row, ``last_only`` keeps each row's last real position."""
+        state = cond = None
+        if cache is not None:
+            slots = torch.tensor(rows if rows is not None else range(idx.size(0)), device=idx.device)
+            state = (cache.h.index_select(1, slots), cache.c.index_select(1, slots))
+            cond = cache.cond.index_select(0, slots) if cache.cond is not None else None
+        out, (h, c) = self.features(idx, state, cond=cond, lengths=valid)
+        if cache is not None:
+            cache.h[:, slots], cache.c[:, slots] = h, c
+            for i, slot in enumerate(slots.tolist()):
+                cache.lengths[slot] += valid[i] if valid is not None else idx.size(1)
+        if last_only:
+            if valid is not None:
+                last = torch.tensor(valid, device=idx.device) - 1
+                out = out[torch.arange(idx.size(0), device=idx.device), last][:, None]
+            else:
+                out = out[:, -1:]
+        return self.logits(out)
+
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         out = self.drop(out)
         if self.proj is not None:
@@ -141,19 +164,7 @@ class LSTMLM(nn.Module):
     def forward(self, idx: torch.Tensor, cache: LSTMState | None = None, rows: list[int] | None = None,
                 valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab); with a ``cache`` each row continues from its slot's state."""
-        state = None
-        if cache is not None:
-            slots = torch.tensor(rows if rows is not None else range(idx.size(0)), device=idx.device)
-            state = (cache.h.index_select(1, slots), cache.c.index_select(1, slots))
-        out, (h, c) = self.net.features(idx, state, lengths=valid)
-        if cache is not None:
-            cache.h[:, slots], cache.c[:, slots] = h, c
-            for i, slot in enumerate(slots.tolist()):
-                cache.lengths[slot] += valid[i] if valid is not None else idx.size(1)
-        if last_only:
-            last = torch.tensor(valid, device=idx.device) - 1 if valid is not None else None
-            out = out[torch.arange(idx.size(0), device=idx.device), last][:, None] if last is not None else out[:, -1:]
-        return self.net.logits(out)
+        return self.net.decode(idx, cache, rows, valid, last_only)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> LSTMState:
         return LSTMState(*self.net.zero_state(batch_size, device))

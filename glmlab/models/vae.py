@@ -193,19 +193,7 @@ class SentenceVAE(nn.Module):
         with z) holds each row's z."""
         if cache is None or cache.cond is None:
             raise ValueError("a vae decodes given z: make the cache with new_cache(batch, device, z=...)")
-        slots = torch.tensor(rows if rows is not None else range(idx.size(0)), device=idx.device)
-        state = (cache.h.index_select(1, slots), cache.c.index_select(1, slots))
-        out, (h, cell) = self.decoder.features(idx, state, cond=cache.cond.index_select(0, slots), lengths=valid)
-        cache.h[:, slots], cache.c[:, slots] = h, cell
-        for i, slot in enumerate(slots.tolist()):
-            cache.lengths[slot] += valid[i] if valid is not None else idx.size(1)
-        if last_only:
-            if valid is not None:
-                last = torch.tensor(valid, device=idx.device) - 1
-                out = out[torch.arange(idx.size(0), device=idx.device), last][:, None]
-            else:
-                out = out[:, -1:]
-        return self.decoder.logits(out)
+        return self.decoder.decode(idx, cache, rows, valid, last_only)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
                   z: torch.Tensor | None = None) -> LSTMState:

@@ -11,6 +11,7 @@ trainer step (for checkpoints and metrics), so resume continues mid-phase exactl
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from glmlab.data.sentences import Sentences, collate
 from glmlab.models.lstm import token_nll
 from glmlab.models.seqgan import PAD_ID, SeqGAN, sequence_mask
+from glmlab.runs import BEST_DIR, WEIGHTS, save_weights
 
 
 class AdversarialPhase:
@@ -146,3 +148,36 @@ class AdversarialPhase:
         for _ in range(self.config.d_steps):
             stats.update(self.fit_discriminator())
         return stats
+
+
+def adversarial_rounds(trainer: Any, stop: Any, metrics: Any, progress: Any) -> str:
+    """The trainer's loop over SeqGAN's rounds after MLE pre-training; each round is one step (logged,
+    evaluated every ``adv_eval_interval`` rounds and checkpointed then). The weights after the last
+    round become the run's ``best``: the adversarial phase is what the run is for. Returns how it ended."""
+    state, phase, cfg, mcfg = trainer.state, trainer.adversarial, trainer.cfg, trainer.mcfg
+    last_round = cfg.max_steps + mcfg.adv_rounds
+    start, elapsed_at_start = time.perf_counter(), state["elapsed"]
+    if not phase.d_pretrained:
+        progress.message(f"pre-training the discriminator ({mcfg.d_pretrain_steps} refits)")
+        stats = phase.pretrain_discriminator()
+        metrics.write({"step": state["step"], "split": "discriminator", **stats})
+    while state["step"] < last_round:
+        stats = phase.round()
+        state["step"] += 1
+        state["elapsed"] = elapsed_at_start + time.perf_counter() - start
+        done = state["step"] - cfg.max_steps
+        metrics.write({"step": state["step"], "split": "adversarial", "round": done, "elapsed": state["elapsed"],
+                       **stats})
+        if stop.set:
+            return "interrupted"
+        if done % mcfg.adv_eval_interval == 0 or state["step"] == last_round:
+            val = trainer._evaluate()
+            state["last_val_loss"] = val
+            metrics.write({"step": state["step"], "split": "val", "loss": val, "round": done,
+                           "elapsed": state["elapsed"]})
+            progress.message(f"round {done}/{mcfg.adv_rounds}: val loss {val:.4f}, reward "
+                             f"{stats.get('reward', 0):.3f}, D accuracy {stats.get('d_accuracy', 0):.3f}")
+            trainer.evaluated_at = state["step"]
+            trainer._checkpoint()
+    trainer.on_main(lambda: save_weights(trainer.model, trainer.out / BEST_DIR / WEIGHTS))
+    return "max_steps"

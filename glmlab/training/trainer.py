@@ -38,6 +38,8 @@ from glmlab.models import build_model, get_family
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, SAMPLES, TOKENIZER, WEIGHTS, save_weights
 from glmlab.runtime import autocast, precision_name, resolve_precision, select_device, set_threads
 from glmlab.training import distributed
+from glmlab.training.adversarial import AdversarialPhase, adversarial_rounds
+from glmlab.training.aggressive import aggressive_encoder_updates
 from glmlab.training.checkpoint import (
     checkpoint_dirs,
     load_checkpoint,
@@ -160,8 +162,6 @@ class Trainer:
         self.adversarial = None
         self.adv_rounds = int(getattr(self.mcfg, "adv_rounds", 0))
         if self.adv_rounds:
-            from glmlab.training.adversarial import AdversarialPhase
-
             self.adversarial = AdversarialPhase(self.model, self.sampler.sentences, self.tokenizer.bos_id,
                                                 self.device, self.cfg.seed)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
@@ -313,28 +313,7 @@ class Trainer:
             self.stat_sums[key] = self.stat_sums[key] + value if key in self.stat_sums else value
 
     def _aggressive_encoder_updates(self) -> None:
-        """He et al. (2019): update only the encoder on fresh batches until its loss stops falling (compared
-        every 10 updates, at most ``aggressive_inner_steps``), before each decoder update."""
-        encoder = {id(p) for p in self.model.encoder_parameters()}
-        others = [p for p in self.model.parameters() if id(p) not in encoder]
-        previous, window = math.inf, []
-        for _ in range(self.mcfg.aggressive_inner_steps):
-            x, y = self._next_batch()
-            with self.amp:
-                loss = self.step_module(x, y)
-            loss.backward()
-            for p in others:
-                p.grad = None
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            window.append(float(loss.detach()))
-            if len(window) == 10:
-                current = sum(window) / len(window)
-                if current >= previous:
-                    break
-                previous, window = current, []
+        aggressive_encoder_updates(self)
 
     def _train_step(self, lr: float) -> tuple[torch.Tensor, bool]:
         """One optimiser step; returns the (device) loss and whether the update was applied."""
@@ -482,7 +461,7 @@ class Trainer:
             with _graceful_stop(stop):
                 stopped_by = self._loop(stop, metrics, progress, tokens_per_step)
                 if self.adversarial is not None and stopped_by == "max_steps":
-                    stopped_by = self._adversarial_loop(stop, metrics, progress)
+                    stopped_by = adversarial_rounds(self, stop, metrics, progress)
                 self._guard()
                 state["window_loss"] = float(self.loss_sum)
                 if stopped_by == "interrupted":
@@ -541,37 +520,6 @@ class Trainer:
                     return "patience"
             if out_of_time:
                 return "max_time"
-        return "max_steps"
-
-    def _adversarial_loop(self, stop: _StopFlag, metrics: MetricsLog, progress: Progress) -> str:
-        """SeqGAN's rounds after MLE pre-training; each round is one step. The weights after the last
-        round become the run's ``best`` (the adversarial phase is what the run is for)."""
-        state, phase, cfg = self.state, self.adversarial, self.cfg
-        every = self.mcfg.adv_eval_interval
-        start, elapsed_at_start = time.perf_counter(), state["elapsed"]
-        if not phase.d_pretrained:
-            progress.message(f"pre-training the discriminator ({self.mcfg.d_pretrain_steps} refits)")
-            stats = phase.pretrain_discriminator()
-            metrics.write({"step": state["step"], "split": "discriminator", **stats})
-        while state["step"] < cfg.max_steps + self.adv_rounds:
-            stats = phase.round()
-            state["step"] += 1
-            state["elapsed"] = elapsed_at_start + time.perf_counter() - start
-            done = state["step"] - cfg.max_steps
-            metrics.write({"step": state["step"], "split": "adversarial", "round": done,
-                           "elapsed": state["elapsed"], **stats})
-            if stop.set:
-                return "interrupted"
-            if done % every == 0 or done == self.adv_rounds:
-                val = self._evaluate()
-                state["last_val_loss"] = val
-                metrics.write({"step": state["step"], "split": "val", "loss": val, "round": done,
-                               "elapsed": state["elapsed"]})
-                progress.message(f"round {done}/{self.adv_rounds}: val loss {val:.4f}, reward "
-                                 f"{stats.get('reward', 0):.3f}, D accuracy {stats.get('d_accuracy', 0):.3f}")
-                self.evaluated_at = state["step"]
-                self._checkpoint()
-        self.on_main(lambda: save_weights(self.model, self.out / BEST_DIR / WEIGHTS))
         return "max_steps"
 
     def _account(self, loss: torch.Tensor, applied: bool, progress: Progress) -> None:
