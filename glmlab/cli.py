@@ -17,6 +17,7 @@ from pathlib import Path
 from glmlab import __version__
 from glmlab.atomic import WRITE_ERRNOS, write_error
 from glmlab.errors import GlmlabError
+from glmlab.finetune.cli import add_parsers as add_finetune_parsers
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_vae(sub)
     _add_compare(sub)
+    add_finetune_parsers(sub)
     return parser
 
 

@@ -190,9 +190,19 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     run_dir = Path(run_dir)
     config, raw = read_run_config(run_dir)
     tokenizer = Tokenizer.from_file(run_dir / TOKENIZER, raw.get("special_tokens"))
+    finetuned = raw.get("finetune") or {}
+    if finetuned.get("task") == "classify":
+        raise RunDirError(f"{run_dir} is a classifier (glmlab finetune classify), not a language model",
+                          f"predict with: glmlab predict {run_dir} --text '...' "
+                          "(Python: glmlab.finetune.load_classifier)")
     model = build_model(config.model)
-    if config.train.batching == "sentences":  # trained on <bos>-started sentences: prompt it the same way
-        model.sentence_level = True
-    load_weights(model, weights_path(run_dir, checkpoint))
+    if config.train.batching == "sentences" or finetuned.get("bos"):  # trained on <bos>-started sentences
+        model.sentence_level = True  # prompt it the same way
+    if finetuned.get("mode") == "lora":  # LoRA updates merged into plain weights
+        from glmlab.finetune.run import load_backbone
+
+        load_backbone(model, run_dir, raw, checkpoint)
+    else:
+        load_weights(model, weights_path(run_dir, checkpoint))
     model.to(device).eval()
     return LoadedRun(model, tokenizer, config, run_dir, raw)

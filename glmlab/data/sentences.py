@@ -115,9 +115,11 @@ class SentenceBatches:
         mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         if len(mine) == 0:
             mine = batch[:1]
-        x, y = collate(self.sentences, mine, self.bos_id, self.pad_id)
         self.last_tokens = int(self.sentences.lengths[mine].sum())
-        return x, y
+        return self._collate(mine)
+
+    def _collate(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate(self.sentences, rows, self.bos_id, self.pad_id)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"epoch_generator": self.epoch_state, "position": torch.tensor(self.position),

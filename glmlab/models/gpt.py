@@ -265,6 +265,18 @@ class GPT(nn.Module):
                 x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))
 
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd) after the last layer norm: what the LM head reads, and what a
+        fine-tuned classifier pools."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        positions = torch.arange(T, dtype=torch.long, device=idx.device)[None]
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
+
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """Logits (B, vocab) for one new token per row when every row is at the same position (the common
         case, taken by a fast path); None when the general ``forward`` is needed."""

@@ -169,6 +169,10 @@ class LSTMLM(nn.Module):
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> LSTMState:
         return LSTMState(*self.net.zero_state(batch_size, device))
 
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """LSTM outputs (B, T, n_hidden) from a zero state: what a fine-tuned classifier pools."""
+        return self.net.features(idx)[0]
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over targets ``y`` (IGNORE_INDEX positions are skipped)."""
         logits = self(x)

@@ -140,8 +140,7 @@ class Trainer:
         self.config, self.out, self.resume = config, Path(out), resume
         self.mcfg, self.cfg = config.model, config.train
         self.dist = distributed.from_environment()
-        self.data = open_data_dir(data_dir)
-        self.tokenizer = self.data.tokenizer
+        self._open_data(data_dir)
         self._check_data()
         _check_run_dir(self.out, resume)
         device = select_device(self.cfg.device)
@@ -153,7 +152,7 @@ class Trainer:
         self.amp_dtype = resolve_precision(self.cfg.precision, self.device)
         self.amp = autocast(self.device, self.amp_dtype)
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
-        self.model = build_model(self.mcfg).to(self.device)
+        self.model = self._build_model().to(self.device)
         torch.manual_seed(self.cfg.seed + self.dist.rank)  # distinct dropout masks per process
         self.notes: list[str] = []
         if self.sentence_mode:
@@ -212,6 +211,14 @@ class Trainer:
             raise RunDirError(f"another glmlab train is using {self.out}",
                               "wait for it to finish, or stop it (Ctrl-C saves a checkpoint)") from None
 
+    def _open_data(self, data_dir: str | Path) -> None:
+        self.data = open_data_dir(data_dir)
+        self.tokenizer = self.data.tokenizer
+
+    def _build_model(self) -> nn.Module:
+        """The family's model with fresh weights (seeded by the caller)."""
+        return build_model(self.mcfg)
+
     def _make_sampler(self) -> None:
         """Random windows of the token stream, or whole sentences (``train.batching``)."""
         cfg, tok = self.cfg, self.tokenizer
@@ -260,7 +267,7 @@ class Trainer:
                             f"({len(self.val_tokens):,} tokens)", "lower model.block_size or give more validation text")
 
     def _restore(self) -> None:
-        if self.data.tokenizer.hf.to_str() != Tokenizer.from_file(self.out / TOKENIZER).hf.to_str():
+        if self.tokenizer.hf.to_str() != Tokenizer.from_file(self.out / TOKENIZER).hf.to_str():
             raise GlmlabError(f"{self.data.path} was tokenized differently from the run in {self.out}",
                               "resume with the data directory the run was trained on (--data)")
         if not checkpoint_dirs(self.out):
@@ -413,7 +420,7 @@ class Trainer:
                            "best_loss": self.state["best_val_loss"], "elapsed": self.state["elapsed"],
                            **self.eval_extras})
             plot_losses(metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
-            _write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
+            self._write_samples(val)
             progress.val = val
             extras = "".join(f", {k.replace('_', ' ')} {v:.3g}" for k, v in self.eval_extras.items()
                              if not isinstance(v, bool))
@@ -422,6 +429,17 @@ class Trainer:
             progress.message(f"step {self.state['step']}: val loss {val:.4f}{' (best)' if improved else ''}{extras}")
 
         self.on_main(write)
+
+    def _write_samples(self, val: float) -> None:
+        _write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
+
+    def _resume_command(self) -> str:
+        return f"glmlab train --resume --out {self.out}"
+
+    def _step_description(self, tokens_per_step: int) -> str:
+        if self.sentence_mode:
+            return f"{self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size} sentences/step"
+        return f"{tokens_per_step:,} tokens/step"
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -445,8 +463,7 @@ class Trainer:
                              enabled=self.dist.is_main)
         progress = Progress(cfg.max_steps, cfg.max_time, enabled=self.show_progress)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * self.dist.world_size
-        examples = f"{cfg.batch_size * cfg.grad_accum * self.dist.world_size} sentences/step" if self.sentence_mode \
-            else f"{tokens_per_step:,} tokens/step"
+        examples = self._step_description(tokens_per_step)
         n_params = sum(p.numel() for p in self.model.parameters())
         for note in self.notes:
             progress.message(f"note: {note}")
@@ -467,7 +484,7 @@ class Trainer:
                 if stopped_by == "interrupted":
                     self._checkpoint()
                     progress.message(f"interrupted at step {state['step']}: checkpoint saved in {self.out}; "
-                                     f"continue with: glmlab train --resume --out {self.out}")
+                                     f"continue with: {self._resume_command()}")
                 elif self.evaluated_at != state["step"]:
                     self._after_eval(self._evaluate(), metrics, progress)
                     self._checkpoint()
