@@ -51,6 +51,7 @@ VARIANTS = {  # name: overrides of the CPU preset
     "seqgan": [],  # as published (16 rollouts, no baseline, one generator update per round)
     "seqgan-baseline": ["model.baseline=mean"],  # variance reduction: each position's mean reward subtracted
     "seqgan-fast": ["model.rollout_num=4", "model.g_steps=3"],  # cheaper rollouts, three updates per round
+    "seqgan-rank": ["model.reward=rank"],  # LeakGAN's bootstrapped rescaled activation of the rewards
 }
 
 

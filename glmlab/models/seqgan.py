@@ -57,11 +57,18 @@ class SeqGANConfig(LSTMConfig):
     baseline: str = field("none", "reward baseline: none (SeqGAN), or mean (subtract each position's mean "
                                   "reward over the batch: less variance, same expected gradient)",
                           choices=("none", "mean"))
+    reward: str = field("probability", "token reward: D's mean P(real) over the rollouts (SeqGAN), or rank: "
+                                       "LeakGAN's bootstrapped rescaled activation, sigmoid(delta (0.5 - rank / B)) "
+                                       "of each sequence's rank among the batch at that position (scale-free when "
+                                       "D saturates; still positive, so the update still sharpens G)",
+                        choices=("probability", "rank"))
+    reward_delta: float = field(12.0, "reward=rank: the rescaled activation's slope delta (LeakGAN: 12)", min=0.0)
     adv_eval_interval: int = field(10, "rounds between validation NLL evaluations in the adversarial phase", min=1)
 
     # keys a resumed run may change: the adversarial schedule continues from an MLE-trained generator
     RESUMABLE = ("d_lr", "g_lr", "adv_rounds", "adv_batch", "g_steps", "d_steps", "d_epochs", "d_samples",
-                 "d_pretrain_steps", "rollout_num", "rollout_update", "baseline", "adv_eval_interval")
+                 "d_pretrain_steps", "rollout_num", "rollout_update", "baseline", "adv_eval_interval", "reward",
+                 "reward_delta")
 
     def validate(self) -> None:
         for key in ("d_filter_sizes", "d_num_filters"):

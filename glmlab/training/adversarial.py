@@ -5,7 +5,8 @@ against the generator's samples. Each round then makes ``g_steps`` policy-gradie
 generator G — the reward of token t is D's mean P(real) over ``rollout_num`` completions of the
 prefix by the rollout policy (a slowly following copy of G), the last token's is D's score of the
 sequence itself — and refits D ``d_steps`` times on fresh samples. ``baseline=mean`` subtracts each
-position's mean reward over the batch (an unbiased variance reduction). Every round counts as one
+position's mean reward over the batch (an unbiased variance reduction); ``reward=rank`` replaces
+rewards by LeakGAN's rescaled ranks (``rank_rewards``). Every round counts as one
 trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
 """
 
@@ -120,6 +121,8 @@ class AdversarialPhase:
         rewards = self.rewards(samples)
         mask = sequence_mask(samples)
         mean_reward = float(rewards.sum() / mask.sum())
+        if c.reward == "rank":
+            rewards = rank_rewards(rewards, mask, c.reward_delta)
         if c.baseline == "mean":
             rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
         x = torch.cat([torch.full_like(samples[:, :1], self.bos_id), samples[:, :-1]], dim=1)
@@ -148,6 +151,22 @@ class AdversarialPhase:
         for _ in range(self.config.d_steps):
             stats.update(self.fit_discriminator())
         return stats
+
+
+def rank_rewards(rewards: torch.Tensor, mask: torch.Tensor, delta: float) -> torch.Tensor:
+    """LeakGAN's bootstrapped rescaled activation: at each position, the live sequences ranked by reward
+    (1 = best of n) get sigmoid(delta * (0.5 - rank / n)) instead of the reward itself."""
+    out = torch.zeros_like(rewards)
+    for t in range(rewards.size(1)):
+        live = mask[:, t]
+        n = int(live.sum())
+        if n == 0:
+            continue
+        order = rewards[live, t].argsort(descending=True, stable=True)
+        ranks = torch.empty(n, device=rewards.device)
+        ranks[order] = torch.arange(1, n + 1, device=rewards.device, dtype=ranks.dtype)
+        out[live, t] = torch.sigmoid(delta * (0.5 - ranks / n)).to(out.dtype)
+    return out
 
 
 def adversarial_rounds(trainer: Any, stop: Any, metrics: Any, progress: Any) -> str:

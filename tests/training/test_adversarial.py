@@ -148,14 +148,27 @@ def test_fit_discriminator_learns_an_easy_task():
 
 # --- the generator ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("baseline", ["none", "mean"])
-def test_policy_gradient_raises_the_probability_of_a_rewarded_token(baseline):
-    phase = make_phase(g_lr=0.05, adv_batch=32, baseline=baseline)
+@pytest.mark.parametrize("baseline, reward", [("none", "probability"), ("mean", "probability"), ("none", "rank")])
+def test_policy_gradient_raises_the_probability_of_a_rewarded_token(baseline, reward):
+    phase = make_phase(g_lr=0.05, adv_batch=32, baseline=baseline, reward=reward)
     phase.model.discriminator = LovesToken(7)
     before = p_first(phase, 7)
     stats = [phase.generator_step() for _ in range(10)]
     assert p_first(phase, 7) > 3 * before
     assert stats[-1]["reward"] > stats[0]["reward"]
+
+
+def test_rank_rewards_rescale_ranks_among_live_sequences():
+    rewards = torch.tensor([[0.9, 0.2], [0.1, 0.0], [0.5, 0.3], [0.05, 0.0]])
+    mask = torch.tensor([[True, True], [True, False], [True, True], [True, False]])
+    out = adversarial.rank_rewards(rewards, mask, delta=12.0)
+    # position 0: ranks 1, 3, 2, 4 of n = 4; position 1: ranks 2, 1 of the two live rows
+    expected0 = torch.sigmoid(12.0 * (0.5 - torch.tensor([1, 3, 2, 4]) / 4))
+    assert torch.allclose(out[:, 0], expected0)
+    assert torch.allclose(out[[0, 2], 1], torch.sigmoid(12.0 * (0.5 - torch.tensor([2.0, 1.0]) / 2)))
+    assert bool((out[~mask] == 0).all())
+    scaled = adversarial.rank_rewards(rewards * 0.001, mask, delta=12.0)  # scale-free: D saturating changes nothing
+    assert torch.allclose(scaled, out)
 
 
 def test_mean_baseline_centres_each_position_over_live_tokens(monkeypatch):
