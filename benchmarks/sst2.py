@@ -83,7 +83,8 @@ def main() -> None:
     pretrained = work / "pretrain"
     if not (pretrained / "best" / "model.safetensors").is_file():
         shutil.rmtree(pretrained, ignore_errors=True)
-        config = resolve_config({}, [*PRETRAIN, f"train.max_time={args.pretrain_time}", f"train.threads={args.threads}"])
+        budget = [f"train.max_time={args.pretrain_time}", f"train.threads={args.threads}"]
+        config = resolve_config({}, [*PRETRAIN, *budget])
         train(config, data, pretrained, show_progress=True)
     val = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in val if r["split"] == "val"]

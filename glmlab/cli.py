@@ -18,6 +18,7 @@ from glmlab import __version__
 from glmlab.atomic import WRITE_ERRNOS, write_error
 from glmlab.errors import GlmlabError
 from glmlab.finetune.cli import add_parsers as add_finetune_parsers
+from glmlab.serve.cli import add_parser as add_serve_parser
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vae(sub)
     _add_compare(sub)
     add_finetune_parsers(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -356,11 +358,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GlmlabError("--stream prints one sampled text", "drop --num-samples, --num-beams and --json, "
                           "or --stream")
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
-    if args.decode_weights != "native":
-        if not hasattr(run.model, "set_decode_weights"):
-            raise GlmlabError(f"--decode-weights {args.decode_weights} is for gpt runs; this run's family is "
-                              f"{run.config.model.family}", "drop --decode-weights")
-        run.model.set_decode_weights(args.decode_weights)
+    run.use_decode_weights(args.decode_weights)
     prompt = _read_prompt(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

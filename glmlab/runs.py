@@ -142,6 +142,15 @@ class LoadedRun:
 
         return stream(self.model, self.tokenizer, prompt, _settings(settings))
 
+    def use_decode_weights(self, fmt: str) -> None:
+        """Decode with ``native`` or ``int8`` weights (gpt runs; ``--decode-weights``)."""
+        if fmt == "native":
+            return
+        if not hasattr(self.model, "set_decode_weights"):
+            raise GlmlabError(f"--decode-weights {fmt} is for gpt runs; this run's family is "
+                              f"{self.config.model.family}", "drop --decode-weights")
+        self.model.set_decode_weights(fmt)
+
     # --- a sentence VAE's latent tools (model.family=vae; glmlab.generation.latent) ---------------------
 
     def sample_prior(self, n: int = 1, seed: int | None = None, **settings: Any) -> list[str]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from glmlab.config import field
 from glmlab.errors import ConfigError
-from glmlab.models.gpt_decode import scripted_decode_layers
+from glmlab.models.gpt_decode import scripted_decode_layers, scripted_decode_rows
 
 
 @dataclass
@@ -285,6 +285,36 @@ class GPT(nn.Module):
         if self.training or cache.weights is None or not same_position or lengths[0] >= cache.max_len:
             return None
         return self._decode_one(tokens, cache)
+
+    def decode_rows(self, tokens: torch.Tensor, cache: KVCache, rows: list[int]) -> torch.Tensor | None:
+        """Logits (B, vocab) for one new token in each of the cache slots ``rows``, which may sit at
+        different positions (a server's continuous batch); None when the general ``forward`` is needed."""
+        if self.training or cache.weights is None or isinstance(cache.weights[4], Int8Linear):
+            return None
+        starts = [cache.lengths[r] for r in rows]
+        span = max(starts) + 1
+        if span > cache.max_len:
+            return None
+        c = self.config
+        wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
+        device = tokens.device
+        first = rows[0]
+        if starts.count(starts[0]) == len(starts) and rows == list(range(first, first + len(rows))):
+            # one position, consecutive slots: the plain step on a view of those slots (no mask, no gather)
+            kv = [layer.narrow(0, first, len(rows)) for layer in cache.layers]
+            with torch.jit.optimized_execution(False):
+                logits = scripted_decode_layers()(tokens, starts[0], kv, wte, wpe, ln_f_w, ln_f_b, head, layers,
+                                                  c.n_head, c.layer_norm_epsilon)
+            for r in rows:
+                cache.lengths[r] += 1
+            return logits
+        with torch.jit.optimized_execution(False):
+            logits = scripted_decode_rows()(tokens, torch.tensor(rows, device=device),
+                                            torch.tensor(starts, device=device), span, cache.layers, wte, wpe,
+                                            ln_f_w, ln_f_b, head, layers, c.n_head, c.layer_norm_epsilon)
+        for r in rows:
+            cache.lengths[r] += 1
+        return logits
 
     def _decode_one(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step for rows at the same position: the same maths as ``forward`` with a fraction

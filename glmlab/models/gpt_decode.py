@@ -37,7 +37,51 @@ def decode_layers(tokens: torch.Tensor, pos: int, kv_layers: list[torch.Tensor],
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
 
+def decode_rows(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, span: int,
+                kv_layers: list[torch.Tensor], wte: torch.Tensor, wpe: torch.Tensor, ln_f_w: torch.Tensor,
+                ln_f_b: torch.Tensor, head: torch.Tensor, layers: list[list[torch.Tensor]], n_head: int,
+                eps: float) -> torch.Tensor:
+    """:func:`decode_layers` for rows at different positions in any cache slots (continuous batching):
+    row i is cache slot ``slots[i]`` and its new token sits at ``positions[i]`` (each < ``span``, the
+    keys attended to). When ``slots`` is 0..B-1 in order the cache is read in place, else gathered.
+    Logits (B, vocab)."""
+    B, C = tokens.size(0), wte.size(1)
+    in_place = bool((slots == torch.arange(B, device=slots.device)).all())
+    rows = torch.arange(B, device=slots.device)
+    x = (wte[tokens] + wpe[positions]).to(ln_f_w.dtype)  # (B, C)
+    mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]).view(B, 1, 1, span)
+    for i in range(len(layers)):
+        w, kv = layers[i], kv_layers[i]
+        qkv = torch.addmm(w[3], torch.layer_norm(x, [C], w[0], w[1], eps), w[2]).view(B, 3, n_head, 1, C // n_head)
+        if in_place:
+            keys = kv.narrow(0, 0, B)
+            keys[rows, :, :, positions] = qkv[:, 1:, :, 0]  # k and v stored together
+            keys = keys.narrow(3, 0, span)
+        else:
+            kv[slots, :, :, positions] = qkv[:, 1:, :, 0]
+            keys = kv.narrow(3, 0, span).index_select(0, slots)
+        y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, 0], keys[:, 1], attn_mask=mask)
+        x = torch.addmm(w[5], y.view(B, C), w[4]).add_(x)
+        h = F.gelu(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]), approximate="tanh")
+        x = torch.addmm(w[11], h, w[10]).add_(x)
+    return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
+
+
 _scripted = None
+_scripted_rows = None
+
+
+def scripted_decode_rows():
+    """:func:`decode_rows`, compiled like :func:`scripted_decode_layers`."""
+    global _scripted_rows
+    if _scripted_rows is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _scripted_rows = torch.jit.script(decode_rows)
+        except Exception:  # noqa: BLE001 — any scripting failure just means running the same code eagerly
+            _scripted_rows = decode_rows
+    return _scripted_rows
 
 
 def scripted_decode_layers():

@@ -1,0 +1,208 @@
+"""Continuous batching: rows join a running batch between decode steps and leave it when they finish.
+
+The server's decoding loop, built from the engine's parts (:mod:`glmlab.generation.engine`). A fixed
+number of cache slots is allocated once; a new row is prefilled into a free slot, every active row
+advances one token per :meth:`ContinuousBatch.step`, and a finished or cancelled row frees its slot
+(``reset_row``: nothing is copied, unlike ``KVCache.select``). Rows keep the engine's per-row
+settings, generators and incremental text, so a row's tokens are the ones ``generate_batch`` gives for
+the same prompt, settings and sample index, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from glmlab.data.tokenizer import Tokenizer
+from glmlab.errors import GlmlabError
+from glmlab.generation.engine import (
+    Completion,
+    TokenLogprob,
+    _advance_text,
+    _choose,
+    _Controls,
+    _process,
+    _record_logprobs,
+    _Row,
+)
+from glmlab.generation.settings import GenerationSettings
+from glmlab.generation.text import IncrementalText
+
+
+@dataclass
+class RowEvent:
+    """What one row did in one step: new text, new tokens (and their log-probabilities), and, on its
+    last step, the finished :class:`Completion`."""
+
+    key: Hashable
+    delta: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    completion: Completion | None = None
+
+
+class _Slot:
+    """An active row and where it lives: its cache slot and the logits of its next token."""
+
+    __slots__ = ("key", "row", "slot", "started", "logged")
+
+    def __init__(self, key: Hashable, row: _Row, slot: int) -> None:
+        self.key, self.row, self.slot = key, row, slot
+        self.started = False  # prefilled
+        self.logged = 0  # logprob entries already reported
+
+
+class ContinuousBatch:
+    """A running batch of at most ``slots`` rows over one preallocated cache.
+
+    :meth:`add` reserves a slot (the row is prefilled at the next step), :meth:`cancel` frees one,
+    :meth:`step` advances every row by one token. Not thread-safe: one thread owns it (and the model).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, slots: int) -> None:
+        if slots < 1:
+            raise GlmlabError(f"a batch of {slots} slots holds nothing", "use at least 1 slot")
+        self.model, self.tokenizer, self.capacity = model, tokenizer, slots
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(slots, self.device)
+        self._free = list(range(slots - 1, -1, -1))  # a stack: the lowest slot is reused first
+        self._active: list[_Slot] = []  # in the order of self._logits' rows
+        self._logits: torch.Tensor | None = None
+        self._by_key: dict[Hashable, _Slot] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._by_key
+
+    def add(self, key: Hashable, prompt_ids: list[int], settings: GenerationSettings, index: int = 0) -> None:
+        """Reserve a slot for a row (``index``: its sample index, which seeds its generator with the
+        settings' seed); it is prefilled, and makes its first token, at the next :meth:`step`."""
+        if not self._free:
+            raise GlmlabError("every slot of the batch is taken", "wait for a row to finish")
+        if key in self._by_key:
+            raise GlmlabError(f"row {key!r} is already in the batch", "give each row its own key")
+        if not prompt_ids:
+            raise GlmlabError("an empty prompt has nothing to continue", "encode it with encode_prompt")
+        if len(prompt_ids) >= self.model.block_size and self.model.block_size > 1:
+            raise GlmlabError(f"a prompt of {len(prompt_ids)} tokens does not fit the context of "
+                              f"{self.model.block_size}", "cut it with encode_prompt")
+        row = _Row(prompt_ids, settings, index, self.tokenizer, self.device)
+        row.text = IncrementalText(self.tokenizer)  # deltas for every row: the server streams
+        entry = _Slot(key, row, self._free.pop())
+        self._by_key[key] = entry
+
+    def cancel(self, key: Hashable) -> bool:
+        """Drop a row now and free its slot; False if it is not in the batch."""
+        entry = self._by_key.pop(key, None)
+        if entry is None:
+            return False
+        if entry.started:
+            keep = [i for i, e in enumerate(self._active) if e is not entry]
+            self._active = [self._active[i] for i in keep]
+            if self._logits is not None:
+                self._logits = self._logits[keep] if keep else None
+        self._release(entry)
+        return True
+
+    def _release(self, entry: _Slot) -> None:
+        self.cache.reset_row(entry.slot)
+        self._free.append(entry.slot)
+
+    @torch.inference_mode()
+    def step(self) -> list[RowEvent]:
+        """Prefill the rows added since the last step, then give every active row its next token.
+        Returns one event per row that produced something (text, a token or its end)."""
+        self._prefill()
+        if not self._active:
+            return []
+        entries, logits = self._active, self._logits
+        live = [e.row for e in entries]
+        on = _Controls.of(live)
+        eos = self.tokenizer.eos_id
+        chosen = _choose(_process(logits, live, eos, on), live, on)
+        if on.logprobs:
+            _record_logprobs(logits, live, chosen, self.tokenizer)
+        events, now = [], time.perf_counter()
+        for entry, token in zip(entries, chosen, strict=True):
+            row = entry.row
+            event = RowEvent(entry.key)
+            if token == eos and row.settings.stop_at_eos:
+                row.done, row.finish_reason = True, "stop"
+                if row.logprobs:  # the EOS token is not part of the output, nor is its log-probability
+                    row.logprobs.pop()
+            else:
+                row.generated.append(token)
+                row.context.append(token)
+                event.token_ids.append(token)
+                event.delta = _advance_text(row, token)
+                if not row.done and len(row.generated) >= row.settings.max_new_tokens:
+                    row.done, row.finish_reason = True, "length"
+                if not row.done and row.deadline is not None and now >= row.deadline:
+                    row.done, row.finish_reason = True, "time"
+            if row.logprobs is not None and len(row.logprobs) > entry.logged:
+                event.logprobs = row.logprobs[entry.logged:]
+                entry.logged = len(row.logprobs)
+            if row.done:
+                event.completion, tail = self._finish(entry)
+                event.delta += tail  # text held back (a possible stop string) that no delta has shown yet
+            events.append(event)
+        # in slot order: when the slots in use are 0..n-1, a family's fast path reads the cache in place
+        self._active = sorted((e for e in entries if not e.row.done), key=lambda e: e.slot)
+        self._logits = self._decode(self._active) if self._active else None
+        return events
+
+    def _finish(self, entry: _Slot) -> tuple[Completion, str]:
+        """Free the row's slot; its completion, and the text the deltas have not shown yet."""
+        row = entry.row
+        text = row.final_text if row.final_text is not None else self.tokenizer.decode(row.generated)
+        tail = text[len(row.emitted):] if text.startswith(row.emitted) else ""
+        row.emitted = text
+        self._by_key.pop(entry.key, None)
+        self._release(entry)
+        return Completion(text, row.generated, row.finish_reason, len(row.prompt_ids), row.logprobs), tail
+
+    def _prefill(self) -> None:
+        """Encode the prompts of newly added rows into their slots, in one forward pass."""
+        new = [e for e in self._by_key.values() if not e.started]
+        if not new:
+            return
+        lengths = [len(e.row.prompt_ids) for e in new]
+        idx = torch.full((len(new), max(lengths)), self.tokenizer.eos_id, dtype=torch.long)
+        for i, e in enumerate(new):
+            idx[i, : lengths[i]] = torch.tensor(e.row.prompt_ids)
+        logits = self.model(idx.to(self.device), self.cache, rows=[e.slot for e in new], valid=lengths,
+                            last_only=True)[:, -1].float()
+        for e in new:
+            e.started = True
+        self._active = self._active + new
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+
+    def _decode(self, entries: list[_Slot]) -> torch.Tensor:
+        """Logits of the next token of every row, after feeding each its newest token."""
+        model, cache, block = self.model, self.cache, self.model.block_size
+        for e in entries:
+            if cache.lengths[e.slot] >= block:  # context full: re-encode the row's last half, then go on
+                row = e.row
+                row.context = row.context[-max(1, block // 2):]
+                cache.reset_row(e.slot)
+                if len(row.context) > 1:
+                    model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[e.slot],
+                          last_only=True)
+        newest = torch.tensor([e.row.context[-1] for e in entries], device=self.device)
+        slots = [e.slot for e in entries]
+        fast = getattr(model, "decode_rows", None)  # optional fast path of a family
+        logits = fast(newest, cache, slots) if fast is not None else None
+        if logits is None:
+            logits = model(newest[:, None], cache, rows=slots, last_only=True)[:, -1]
+        return logits.float()

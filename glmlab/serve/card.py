@@ -1,0 +1,69 @@
+"""A run's model card for the playground and ``GET /v1/models/{id}``: family, size, tokenizer, training
+data and the latest training figures, read from the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from glmlab.runs import METRICS, LoadedRun
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    """The last training line and the last evaluation of ``metrics.jsonl`` (what is readable of it)."""
+    out: dict[str, Any] = {}
+    path = run_dir / METRICS
+    if not path.is_file():
+        return out
+    last_train = last_val = None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("split") == "train":
+            last_train = record
+        elif record.get("split") == "val":
+            last_val = record
+    if last_train:
+        out.update(steps=last_train.get("step"), train_loss=last_train.get("loss"),
+                   training_seconds=last_train.get("elapsed"))
+    if last_val:
+        out.update(val_loss=last_val.get("loss"), best_val_loss=last_val.get("best_loss"))
+    return out
+
+
+def _data(raw: dict[str, Any]) -> dict[str, Any]:
+    data = dict(raw.get("data") or {})
+    meta_path = Path(data["dir"]) / "meta.json" if data.get("dir") else None
+    if meta_path is not None and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        sources = meta.get("sources") or []
+        data["sources"] = [s.get("path", s) if isinstance(s, dict) else s for s in sources][:10]
+        splits = meta.get("splits") or {}
+        if isinstance(splits, dict) and isinstance(splits.get("train"), dict):
+            data["train_tokens"] = splits["train"].get("tokens")
+    return data
+
+
+def model_card(run: LoadedRun, name: str, checkpoint: str) -> dict[str, Any]:
+    model = run.model
+    count = getattr(model, "num_parameters", None)
+    return {
+        "id": name,
+        "family": run.config.model.family,
+        "parameters": count() if count else sum(p.numel() for p in model.parameters()),
+        "context": model.block_size,
+        "architecture": run.raw_config.get("model", {}),
+        "tokenizer": {"kind": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size},
+        "training_data": _data(run.raw_config),
+        "metrics": _metrics(run.run_dir),
+        "checkpoint": checkpoint,
+        "run_dir": str(run.run_dir),
+        "sentence_level": bool(getattr(model, "sentence_level", False)),
+        "latent": run.config.model.family == "vae",
+    }

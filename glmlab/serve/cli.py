@@ -1,0 +1,125 @@
+"""``glmlab serve RUN_DIR``: the command's flags and what it runs (wired into :mod:`glmlab.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import socket
+import sys
+
+from glmlab.errors import GlmlabError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a run over HTTP: OpenAI-compatible API, metrics and a web playground",
+        description="Serve a trained run: POST /v1/completions and /v1/chat/completions (OpenAI's shapes, "
+                    "streaming), /tokenize, /detokenize, the /v1/vae/* latent tools for vae runs, GET /metrics "
+                    "(Prometheus) and a web playground at /. Concurrent requests are decoded together "
+                    "(continuous batching). Binds to 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; "
+                   "0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every "
+                   "endpoint but /health (default: $GLMLAB_API_KEY, else none)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run "
+                   "directory's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot; more are "
+                   "answered 429 with Retry-After (default 256)")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted, in tokens "
+                   "(default 8192; prompts longer than the context keep their last tokens)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for "
+                   "(default 2048)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) (default 16)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--decode-weights", default="native", choices=("native", "int8"),
+                   help="int8: int8 matrices for decoding on a CPU (gpt runs)")
+    p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (default 0: PyTorch's choice)")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default warning)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def _check(args: argparse.Namespace) -> None:
+    positive = {"--port": args.port, "--max-batch": args.max_batch, "--max-queue": args.max_queue,
+                "--max-prompt-tokens": args.max_prompt_tokens, "--max-tokens": args.max_tokens,
+                "--max-n": args.max_n, "--max-body-bytes": args.max_body_bytes}
+    for flag, value in positive.items():
+        if value < 1 and not (flag == "--port" and value == 0):
+            raise GlmlabError(f"{flag} {value} must be at least 1", f"give {flag} a positive number")
+    if not 0 <= args.port <= 65535:
+        raise GlmlabError(f"--port {args.port} is not a TCP port", "use a port between 1 and 65535")
+    if args.threads < 0:
+        raise GlmlabError(f"--threads {args.threads} must be >= 0", "use 0 for PyTorch's default")
+    if args.api_key is not None and not args.api_key.strip():
+        raise GlmlabError("--api-key is empty", "give a key, or drop --api-key to serve without one")
+
+
+def _warn_if_exposed(host: str, api_key: str | None) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and api_key is None:
+        print(f"glmlab serve: note: listening on {host} without --api-key: anyone who can reach this address "
+              "can use the model", file=sys.stderr)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a taken port fails fast and clearly."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise GlmlabError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                          "choose another --port (or stop the program using it), or check --host") from None
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check(args)
+    sock = _bind(args.host, args.port)
+    try:
+        return _run(args, sock)
+    finally:
+        sock.close()
+
+
+def _run(args: argparse.Namespace, sock: socket.socket) -> int:
+    import torch
+    import uvicorn
+
+    from glmlab.runs import load_run
+    from glmlab.runtime import select_device
+    from glmlab.serve.app import ServeOptions, create_app
+    from glmlab.serve.protocol import Limits
+
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("GLMLAB_API_KEY") or None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
+    run.use_decode_weights(args.decode_weights)
+    name = args.model_name or run.run_dir.resolve().name
+    options = ServeOptions(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                           limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                                         max_n=args.max_n, max_body_bytes=args.max_body_bytes),
+                           checkpoint=args.checkpoint)
+    app = create_app(run, options)
+    _warn_if_exposed(args.host, api_key)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"glmlab serve: {name} ({run.config.model.family}) on http://{shown}:{port}/  "
+          f"(playground at /, API at /v1, metrics at /metrics; Ctrl-C stops)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it stopped on: the normal end
+        uvicorn.Server(config).run(sockets=[sock])
+    print("glmlab serve: stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,359 @@
+"""The OpenAI request shapes, checked: JSON bodies become prompts and :class:`GenerationSettings`, and
+every mistake becomes an OpenAI-shaped error (``{"error": {"message", "type", "param", "code"}}``)
+with a 4xx status that names the field, the value and the allowed range.
+
+Also the plain chat template that turns messages into a prompt for a base model (see
+:func:`render_chat`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmlab.data.tokenizer import Tokenizer
+from glmlab.errors import GlmlabError
+from glmlab.generation.settings import MAX_LOGPROBS, GenerationSettings
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape, with its HTTP status (and headers, e.g. ``Retry-After``)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (``glmlab serve`` flags)."""
+
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 2048
+    max_n: int = 16
+    max_rows: int = 64  # prompts x n in one request
+    max_body_bytes: int = 1 << 20
+    max_stop: int = 16
+
+
+def parse_json(raw: bytes, limits: Limits) -> dict[str, Any]:
+    """The request body as a JSON object; 413 when too large, 400 when not JSON or not an object."""
+    if len(raw) > limits.max_body_bytes:
+        raise too_large(limits)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def too_large(limits: Limits) -> APIError:
+    return APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes, this server's limit "
+                         "(glmlab serve --max-body-bytes)", code="request_too_large")
+
+
+class Fields:
+    """Typed access to a JSON object's fields, each mistake a 400 naming the field and what it must be."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def present(self, name: str) -> bool:
+        return self.body.get(name) is not None
+
+    def number(self, name: str, default: float, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False) -> float:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad_request(f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type")
+        if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
+            raise bad_request(f"{name}={value} is out of range: it must be {_range(lo, hi, lo_open)}", name,
+                              "invalid_value")
+        return float(value)
+
+    def integer(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None,
+                hint: str = "") -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad_request(f"{name} must be an integer, got {json.dumps(value)}", name, "invalid_type")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise bad_request(f"{name}={value} is out of range: it must be {_range(lo, hi)}{hint}", name,
+                              "invalid_value")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise bad_request(f"{name} must be true or false, got {json.dumps(value)}", name, "invalid_type")
+        return value
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise bad_request(f"{name} must be a string, got {json.dumps(value)[:80]}", name, "invalid_type")
+        return value
+
+    def stop(self, limits: Limits) -> list[str]:
+        value = self.body.get("stop")
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise bad_request("stop must be a string or a list of strings", "stop", "invalid_type")
+        if len(stops) > limits.max_stop:
+            raise bad_request(f"stop has {len(stops)} strings; at most {limits.max_stop} are allowed", "stop",
+                              "invalid_value")
+        if any(not s for s in stops):
+            raise bad_request("stop strings must not be empty", "stop", "invalid_value")
+        return stops
+
+
+def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"{'>' if lo_open else '>='} {lo} and <= {hi}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"<= {hi}"
+
+
+@dataclass
+class Prompt:
+    """One prompt: its text (for echo) and its ids as the model reads them (start token, cut to fit)."""
+
+    text: str
+    ids: list[int]
+    tokens: int  # prompt tokens counted for usage
+
+
+@dataclass
+class GenerationRequest:
+    """A checked completions or chat request: what to decode and how to answer."""
+
+    model: str | None
+    prompts: list[Prompt]
+    settings: GenerationSettings
+    n: int
+    stream: bool
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # completions: alternatives per token; chat: top_logprobs when logprobs is on
+    chat: bool = False
+    extra_stops: list[str] = field(default_factory=list)
+
+
+def sampling_settings(f: Fields, limits: Limits, default_max_tokens: int) -> GenerationSettings:
+    """The controls shared by completions and chat, OpenAI names first, then vLLM's extensions."""
+    max_tokens = f.integer("max_tokens", None, 1, limits.max_tokens,
+                           hint=" (this server's limit: glmlab serve --max-tokens)")
+    if max_tokens is None:
+        max_tokens = f.integer("max_completion_tokens", min(default_max_tokens, limits.max_tokens), 1,
+                               limits.max_tokens, hint=" (this server's limit: glmlab serve --max-tokens)")
+    top_k = f.integer("top_k", 0, -1, 2**31 - 1)
+    settings = GenerationSettings(
+        max_new_tokens=max_tokens,
+        min_new_tokens=f.integer("min_tokens", 0, 0, max_tokens),
+        temperature=f.number("temperature", 1.0, 0.0),
+        top_p=f.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=max(0, top_k),  # -1 = off, as in vLLM
+        min_p=f.number("min_p", 0.0, 0.0, 1.0),
+        presence_penalty=f.number("presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=f.number("frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=f.number("repetition_penalty", 1.0, 0.01, 100.0),  # beyond: logits overflow
+        stop=f.stop(limits),
+        stop_at_eos=not f.boolean("ignore_eos", False),
+        seed=f.integer("seed", None, 0, 2**63 - 1),
+    )
+    for name in ("best_of",):
+        if f.present(name) and f.body[name] != f.body.get("n", 1):
+            raise bad_request(f"{name} is not supported by this server", name, "unsupported")
+    if f.body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported")
+    if f.body.get("suffix"):
+        raise bad_request("suffix is not supported by this server (no fill-in-the-middle)", "suffix", "unsupported")
+    return settings
+
+
+def stream_options(f: Fields, stream: bool) -> bool:
+    """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+    options = f.body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise bad_request("stream_options must be an object like {\"include_usage\": true}", "stream_options",
+                          "invalid_type")
+    if not stream:
+        raise bad_request("stream_options is only allowed with stream=true", "stream_options", "invalid_value")
+    return bool(options.get("include_usage", False))
+
+
+def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab_size: int, start: int | None,
+           limits: Limits, param: str = "prompt") -> Prompt:
+    """A prompt's ids, checked (not empty, encodable, within --max-prompt-tokens), after ``start`` when the
+    model reads one, and cut to its last ``block_size - 1`` tokens when longer than the context."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request(f"{param} is empty; give some text to continue", param, "empty_prompt")
+        try:
+            ids = tokenizer.encode_checked(prompt)
+        except GlmlabError as exc:
+            raise bad_request(f"{param} cannot be encoded: {exc.problem}", param, "unencodable_prompt") from None
+        text = prompt
+    else:
+        if not prompt:
+            raise bad_request(f"{param} is empty; give at least one token id", param, "empty_prompt")
+        bad = [i for i in prompt if not 0 <= i < vocab_size]
+        if bad:
+            raise bad_request(f"{param} token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})", param,
+                              "invalid_value")
+        ids, text = list(prompt), tokenizer.decode(prompt)
+    if len(ids) > limits.max_prompt_tokens:
+        raise bad_request(f"{param} has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens} "
+                          "(glmlab serve --max-prompt-tokens)", param, "prompt_too_long")
+    if start is not None:
+        ids = [start, *ids]
+    keep = max(1, block_size - 1)  # room for at least one generated token; a longer prompt keeps its end
+    return Prompt(text, ids[-keep:], len(ids))
+
+
+def prompt_list(value: Any) -> list[str | list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of such lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [list(value)]
+        if all(isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+               for v in value):
+            return [list(v) for v in value]
+    if isinstance(value, list) and not value:
+        raise bad_request("prompt is an empty list; give at least one prompt", "prompt", "empty_prompt")
+    raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of such lists",
+                      "prompt", "invalid_type")
+
+
+def completion_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vocab_size: int,
+                       start: int | None, limits: Limits) -> GenerationRequest:
+    """``POST /v1/completions``."""
+    f = Fields(body)
+    if "prompt" not in body:
+        raise bad_request("prompt is required", "prompt", "missing_field")
+    texts = prompt_list(body["prompt"])
+    settings = sampling_settings(f, limits, default_max_tokens=16)
+    n = _n(f, limits, len(texts))
+    logprobs = f.integer("logprobs", None, 0, min(MAX_LOGPROBS, vocab_size))
+    settings.logprobs = logprobs
+    stream = f.boolean("stream", False)
+    request = GenerationRequest(f.string("model"), [], settings, n, stream, stream_options(f, stream),
+                                echo=f.boolean("echo", False), logprobs=logprobs)
+    request.prompts = [encode(tokenizer, t, block_size, vocab_size, start, limits,
+                              "prompt" if len(texts) == 1 else f"prompt[{i}]") for i, t in enumerate(texts)]
+    _validate(settings)
+    return request
+
+
+def _n(f: Fields, limits: Limits, prompts: int) -> int:
+    n = f.integer("n", 1, 1, limits.max_n, hint=" (this server's limit: glmlab serve --max-n)")
+    if n * prompts > limits.max_rows:
+        raise bad_request(f"{prompts} prompts x n={n} asks for {n * prompts} completions; at most {limits.max_rows} "
+                          "per request", "n", "invalid_value")
+    return n
+
+
+def _validate(settings: GenerationSettings) -> None:
+    try:
+        settings.validate()
+    except GlmlabError as exc:
+        raise bad_request(exc.problem.removeprefix("invalid sampling setting: ")) from None
+
+
+# --- chat ----------------------------------------------------------------------------------------------
+
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOPS = ["\nUser:", "\nSystem:", "\nAssistant:"]
+
+
+def render_chat(messages: list[dict[str, str]]) -> str:
+    """The plain chat template for base models: each message as ``Role: content`` followed by a blank line
+    (roles System, User, Assistant), then ``Assistant:`` for the model to continue. Generation also
+    stops at a new ``User:`` / ``System:`` / ``Assistant:`` line, and the reply's leading whitespace is
+    dropped. For example::
+
+        System: You are terse.
+
+        User: Hello
+
+        Assistant:
+    """
+    return "".join(f"{CHAT_ROLES[m['role']]}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+
+def chat_messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages",
+                          "invalid_type")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object with role and content", where, "invalid_type")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"{where}.role={json.dumps(role)} is not supported; use one of "
+                              f"{', '.join(CHAT_ROLES)}", f"{where}.role", "invalid_value")
+        if isinstance(content, list):  # content parts: only text
+            parts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
+            if any(not isinstance(p, str) for p in parts):
+                raise bad_request(f"{where}.content may only hold text parts", f"{where}.content", "invalid_value")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise bad_request(f"{where}.content must be a string", f"{where}.content", "invalid_type")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vocab_size: int, start: int | None,
+                 limits: Limits) -> GenerationRequest:
+    """``POST /v1/chat/completions``: the messages through :func:`render_chat`, then as a completion."""
+    f = Fields(body)
+    if "messages" not in body:
+        raise bad_request("messages is required", "messages", "missing_field")
+    prompt = render_chat(chat_messages(body["messages"]))
+    settings = sampling_settings(f, limits, default_max_tokens=256)
+    n = _n(f, limits, 1)
+    top = f.integer("top_logprobs", None, 0, min(MAX_LOGPROBS, vocab_size))
+    logprobs = (top or 0) if f.boolean("logprobs", False) else None
+    if top is not None and logprobs is None:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
+    settings.logprobs = logprobs
+    settings.stop = settings.stop + [s for s in CHAT_STOPS if s not in settings.stop]
+    stream = f.boolean("stream", False)
+    request = GenerationRequest(f.string("model"), [encode(tokenizer, prompt, block_size, vocab_size, start, limits,
+                                                           "messages")],
+                                settings, n, stream, stream_options(f, stream), logprobs=logprobs, chat=True)
+    _validate(settings)
+    return request

@@ -1,0 +1,155 @@
+"""OpenAI response bodies: completion and chat objects, their streamed chunks (server-sent events), logprobs
+in both shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from glmlab.generation.continuous import RowEvent
+from glmlab.generation.engine import TokenLogprob
+from glmlab.serve.protocol import GenerationRequest
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, list]:
+    """The completions API's logprobs: parallel lists of tokens, their log-probabilities, the top
+    alternatives and each token's offset in the text (an echoed prompt's first token has none: null)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e.token)
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append({t: lp for _, t, lp in e.top} if e.logprob is not None else None)
+        out["text_offset"].append(offset)
+        offset += len(e.token)
+    return out
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, list]:
+    """The chat API's logprobs: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for _, t, lp in e.top]}
+                        for e in entries]}
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: list, name: str) -> dict[str, Any]:
+    choices, generated = [], 0
+    for r in range(len(results)):
+        c, prompt = results[r], req.prompts[r // req.n]
+        generated += len(c.token_ids)
+        if req.chat:
+            choice = {"index": r, "message": {"role": "assistant", "content": c.text.lstrip()},
+                      "logprobs": chat_logprobs(c.logprobs) if req.logprobs is not None else None,
+                      "finish_reason": c.finish_reason}
+        else:
+            text = prompt.text + c.text if req.echo else c.text
+            logprobs = None
+            if req.logprobs is not None:
+                entries = (prompt_lp[r // req.n] if req.echo else []) + list(c.logprobs or [])
+                logprobs = completion_logprobs(entries, 0)
+            choice = {"text": text, "index": r, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        choices.append(choice)
+    prompt_tokens = sum(p.tokens for p in req.prompts)
+    return {"id": new_id("chatcmpl" if req.chat else "cmpl"),
+            "object": "chat.completion" if req.chat else "text_completion", "created": now(), "model": name,
+            "choices": choices, "usage": usage(prompt_tokens, generated)}
+
+
+async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: list, name: str) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per choice per step that produced text, ending with ``data: [DONE]``."""
+    rid, created = new_id("chatcmpl" if req.chat else "cmpl"), now()
+    kind = "chat.completion.chunk" if req.chat else "text_completion"
+    rows = len(req.prompts) * req.n
+    usage_field = {"usage": None} if req.include_usage else {}
+
+    def chunk(choice: dict[str, Any]) -> str:
+        return sse({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice],
+                      **usage_field})
+
+    started = [False] * rows  # chat: the reply's leading whitespace is dropped
+    offsets = [0] * rows
+    for r in range(rows):
+        if req.chat:
+            yield chunk({"index": r, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None})
+        elif req.echo:
+            text = req.prompts[r // req.n].text
+            lp = completion_logprobs(prompt_lp[r // req.n], 0) if req.logprobs is not None else None
+            offsets[r] = len(text)
+            yield chunk({"text": text, "index": r, "logprobs": lp, "finish_reason": None})
+    done, generated = 0, 0
+    while done < rows:
+        items = await queue.get()
+        while not queue.empty() and not isinstance(items, BaseException):  # a slow reader: send what piled up
+            more = queue.get_nowait()
+            items = more if isinstance(more, BaseException) else items + more
+        if isinstance(items, BaseException):
+            yield sse({"error": {"message": f"generation failed: {items}", "type": "server_error", "param": None,
+                                   "code": "generation_failed"}})
+            break
+        for r, event in merge_events(items):
+            generated += len(event.token_ids)
+            finish = event.completion.finish_reason if event.completion is not None else None
+            done += finish is not None
+            delta = event.delta
+            if req.chat:
+                if not started[r]:
+                    delta = delta.lstrip()
+                    started[r] = bool(delta)
+                if not (delta or finish or event.logprobs):
+                    continue
+                lp = chat_logprobs(event.logprobs) if req.logprobs is not None and event.logprobs else None
+                yield chunk({"index": r, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                             "finish_reason": finish})
+            else:
+                if not (delta or finish or event.logprobs):
+                    continue
+                lp = None
+                if req.logprobs is not None:
+                    lp = completion_logprobs(event.logprobs, offsets[r])
+                offsets[r] += len(delta)
+                yield chunk({"text": delta, "index": r, "logprobs": lp, "finish_reason": finish})
+    if req.include_usage:
+        yield sse({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
+                     "usage": usage(sum(p.tokens for p in req.prompts), generated)})
+    yield sse("[DONE]")
+
+
+def merge_events(items: list[tuple[int, RowEvent]]) -> list[tuple[int, RowEvent]]:
+    """One event per row: the deltas, tokens and logprobs of several steps joined, in row order."""
+    merged: dict[int, RowEvent] = {}
+    for r, event in items:
+        into = merged.get(r)
+        if into is None:
+            merged[r] = RowEvent(event.key, event.delta, list(event.token_ids), list(event.logprobs),
+                                 event.completion)
+        else:
+            into.delta += event.delta
+            into.token_ids += event.token_ids
+            into.logprobs += event.logprobs
+            into.completion = event.completion or into.completion
+    return sorted(merged.items())

@@ -1,0 +1,253 @@
+"""The model's one thread: continuous batching of every request's sequences over one model instance.
+
+Requests wait in a bounded queue (full: :class:`QueueFull`, which the server answers with 429). Between
+decode steps the thread admits waiting sequences into free slots of a
+:class:`~glmlab.generation.continuous.ContinuousBatch`, drops cancelled ones, runs one step, and hands
+the step's events to ``deliver`` in one call (the server's ``deliver`` wakes its event loop once per
+step and puts each request's events on that request's queue, its ``sink``). Other model work (a VAE's
+latent tools, prompt log-probabilities) runs on the same thread between steps through
+:meth:`Scheduler.call`, so nothing else touches the model.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from glmlab.data.tokenizer import Tokenizer
+from glmlab.generation.continuous import ContinuousBatch, RowEvent
+from glmlab.generation.settings import GenerationSettings
+from glmlab.serve.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests already."""
+
+
+class SchedulerStopped(Exception):
+    """The model thread is not running (shutting down, or it failed)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's sequences: (prompt ids, settings, sample index) per row. Its ``sink`` (whatever the
+    scheduler's ``deliver`` wants, e.g. an asyncio queue) gets, per step, a list of (row number,
+    :class:`RowEvent`), or an exception when the batch failed."""
+
+    rows: list[tuple[list[int], GenerationSettings, int]]
+    sink: Any
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    admitted: int = 0  # rows given a slot so far
+    finished: int = 0
+    first_token: float | None = None
+    last_token: dict[int, float] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Owns the model on one background thread; see the module docstring."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, slots: int, max_queue: int,
+                 deliver: Callable[[list[tuple[Job, Any]]], None], metrics: Metrics | None = None) -> None:
+        self.model, self.tokenizer, self.deliver = model, tokenizer, deliver
+        self.slots, self.max_queue = slots, max_queue
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._cancel_pending = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.failure: str | None = None
+        self.batch: ContinuousBatch | None = None
+
+    # --- the event loop's side -----------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        batch = self.batch
+        return batch.active if batch is not None else 0
+
+    def start(self) -> None:
+        self.batch = ContinuousBatch(self.model, self.tokenizer, self.slots)
+        self._thread = threading.Thread(target=self._loop, name="glmlab-model", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        """Queue a request's rows; :class:`QueueFull` when ``max_queue`` requests wait already."""
+        with self._cond:
+            if not self.alive:
+                raise SchedulerStopped(self.failure or "the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a request's rows (a client that went away); its slots are freed before the next step."""
+        if job.cancelled or job.finished == len(job.rows):
+            return
+        with self._cond:
+            job.cancelled = True
+            self._cancel_pending = True
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the model thread between two steps; its result (or exception) in a future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self.alive:
+                raise SchedulerStopped(self.failure or "the server is shutting down")
+            if len(self._calls) >= self.max_queue:
+                raise QueueFull
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    # --- the model thread --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._calls or self._running
+                               or self._cancel_pending):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    calls, self._calls = list(self._calls), collections.deque()
+                    cancels, self._cancel_pending = self._cancel_pending, False
+                for fn, future in calls:
+                    self._run_call(fn, future)
+                if cancels:
+                    self._drop_cancelled()
+                self._admit()
+                if self._running:
+                    self._step()
+        except BaseException:  # noqa: BLE001 — report it to every waiting request, then stop
+            self.failure = "the model thread failed: " + traceback.format_exc(limit=3).splitlines()[-1]
+            self._fail_all(RuntimeError(self.failure))
+        finally:
+            with self._cond:
+                self._stopping = True
+                waiting = list(self._waiting) + self._running
+                self._waiting.clear()
+                self._running = []
+                for _, future in self._calls:
+                    future.set_exception(SchedulerStopped("the server is shutting down"))
+                self._calls.clear()
+            stopped = SchedulerStopped(self.failure or "the server is shutting down")
+            self.deliver([(job, stopped) for job in waiting])
+
+    @staticmethod
+    def _run_call(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 — the caller gets it
+            future.set_exception(exc)
+
+    def _drop_cancelled(self) -> None:
+        batch = self.batch
+        with self._cond:
+            gone = [job for job in self._waiting if job.cancelled]
+            for job in gone:
+                self._waiting.remove(job)
+        for job in [j for j in self._running if j.cancelled]:
+            for row in range(job.admitted):
+                if batch.cancel((job, row)) and self.metrics is not None:
+                    self.metrics.inc("cancelled_sequences_total")
+            self._running.remove(job)
+            gone.append(job)
+        for job in gone:
+            job.finished = len(job.rows)
+
+    def _admit(self) -> None:
+        """Give waiting rows free slots, oldest request first (a request may be admitted in parts)."""
+        batch = self.batch
+        with self._cond:
+            while self._waiting and batch.free_slots:
+                job = self._waiting[0]
+                if job.cancelled:
+                    self._waiting.popleft()
+                    continue
+                if job.admitted == 0:
+                    self._running.append(job)
+                while job.admitted < len(job.rows) and batch.free_slots:
+                    ids, settings, index = job.rows[job.admitted]
+                    batch.add((job, job.admitted), ids, settings, index)
+                    job.admitted += 1
+                if job.admitted == len(job.rows):
+                    self._waiting.popleft()
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            events = self.batch.step()
+        except Exception as exc:  # noqa: BLE001 — fail the batch's requests, keep serving the next ones
+            self._fail_all(exc)
+            self.batch = ContinuousBatch(self.model, self.tokenizer, self.slots)
+            return
+        now = time.perf_counter()
+        per_job: dict[Job, list[tuple[int, RowEvent]]] = {}
+        m = self.metrics
+        tokens = 0
+        for event in events:
+            job, row = event.key
+            per_job.setdefault(job, []).append((row, event))
+            if event.token_ids:
+                tokens += len(event.token_ids)
+                if job.first_token is None:
+                    job.first_token = now
+                    if m is not None:
+                        m.observe("time_to_first_token_seconds", now - job.submitted)
+                previous = job.last_token.get(row)
+                if previous is not None and m is not None:
+                    m.observe("inter_token_latency_seconds", now - previous)
+                job.last_token[row] = now
+            if event.completion is not None:
+                job.finished += 1
+        if m is not None:
+            m.observe("decode_step_seconds", now - started)
+            m.inc("generated_tokens_total", tokens)
+        for job in per_job:
+            if job.finished == len(job.rows):
+                self._running.remove(job)
+        if per_job:
+            self.deliver(list(per_job.items()))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            jobs = self._running + [j for j in self._waiting if j.admitted]
+            self._running = []
+            for job in jobs:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+        for job in jobs:
+            job.finished = len(job.rows)
+        self.deliver([(job, exc) for job in jobs])

@@ -1,0 +1,46 @@
+"""A vae run's latent tools over HTTP (/v1/vae/sample, /reconstruct, /interpolate), and its playground view."""
+
+from __future__ import annotations
+
+import httpx2 as httpx
+import pytest
+
+from glmlab.runs import load_run
+from glmlab.serve.app import create_app
+from tests.serve.conftest import OPTIONS, LiveServer
+
+
+@pytest.fixture(scope="module")
+def server(vae_run, serve_threads):
+    with LiveServer(create_app(load_run(vae_run), OPTIONS)) as live:
+        yield live
+
+
+def test_latent_endpoints_match_the_library(server, vae_run):
+    lm = load_run(vae_run)
+    url = server.url + "/v1/vae"
+    sampled = httpx.post(url + "/sample", json={"n": 3, "seed": 4}).json()["samples"]
+    assert sampled == lm.sample_prior(3, seed=4)
+    with pytest.warns(UserWarning, match="<unk>"):
+        expected = lm.reconstruct(["the king is dead", "i love you"])
+        path_expected = lm.interpolate("the king is dead", "i love you", steps=4)
+    rec = httpx.post(url + "/reconstruct", json={"sentences": ["the king is dead", "i love you"]}).json()
+    assert [r["output"] for r in rec["reconstructions"]] == expected
+    assert "read as <unk>" in rec["notes"][0]  # a note for the client, not a warning in the server's log
+    path = httpx.post(url + "/interpolate", json={"start": "the king is dead", "end": "i love you", "steps": 4})
+    assert path.json()["sentences"] == path_expected
+    card = httpx.get(server.url + "/v1/models/" + server.app.state.options.model_name).json()["card"]
+    assert card["family"] == "vae" and card["latent"]
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/interpolate", {"start": "the king", "steps": 3}, "end must be a non-empty sentence"),
+    ("/interpolate", {"start": "the king", "end": "a", "steps": 1}, "steps=1"),
+    ("/reconstruct", {"sentences": []}, "sentences must be"),
+    ("/sample", {"n": 0}, "n=0"),
+    ("/sample", {"temperature": -1}, "temperature"),
+])
+def test_latent_mistakes_are_400(server, path, body, words):
+    r = httpx.post(server.url + "/v1/vae" + path, json=body)
+    assert r.status_code == 400 and words in r.json()["error"]["message"]
+    assert httpx.post(server.url + "/v1/vae/sample", json={"n": 1}).status_code == 200
