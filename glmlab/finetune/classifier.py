@@ -31,11 +31,12 @@ class SequenceClassifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, n_classes: int, pooling: str, pad_id: int, width: int,
-                 dropout: float = 0.1, frozen: bool = False) -> None:
+                 dropout: float = 0.1, frozen: bool = False, lm_weight: float = 0.0) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise GlmlabError(f"unknown pooling {pooling!r}", f"use one of: {', '.join(POOLINGS)}")
         self.backbone, self.pooling, self.pad_id, self.frozen = backbone, pooling, pad_id, frozen
+        self.lm_weight = lm_weight
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(width, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -54,11 +55,14 @@ class SequenceClassifier(nn.Module):
             self.backbone.eval()
         return self
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """One vector (B, C) per right-padded row of token ids."""
-        real = x != self.pad_id
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad() if self.frozen else nullcontext():
-            h = self.backbone.features(x)
+            return self.backbone.features(x)
+
+    def pooled(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """One vector (B, C) per right-padded row of token ids (``h``: their hidden states, if computed)."""
+        real = x != self.pad_id
+        h = self.hidden(x) if h is None else h
         if self.pooling == "last":
             last = real.sum(1).clamp(min=1) - 1
             return h[torch.arange(x.size(0), device=x.device), last]
@@ -70,7 +74,17 @@ class SequenceClassifier(nn.Module):
         return self.head(self.drop(self.pooled(x)))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(x).float(), y, weight=self.class_weights)
+        """Cross-entropy of the classes, plus ``lm_weight`` x the language-modelling loss of the texts
+        (GPT-1's auxiliary objective, which keeps the features a language model's)."""
+        h = self.hidden(x)
+        loss = F.cross_entropy(self.head(self.drop(self.pooled(x, h))).float(), y, weight=self.class_weights)
+        if self.lm_weight > 0:
+            b = self.backbone
+            logits = b.lm_head(h) if hasattr(b, "lm_head") else b.net.logits(h)
+            targets = x[:, 1:].masked_fill(x[:, 1:] == self.pad_id, -100)
+            loss = loss + self.lm_weight * F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                                           targets.reshape(-1), ignore_index=-100)
+        return loss
 
     def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(x).float(), y, reduction="sum")

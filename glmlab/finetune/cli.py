@@ -51,6 +51,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="features of the last token (<eos> after the text) or the mean over the text (default last)")
     c.add_argument("--class-weights", default="none", choices=("none", "balanced"),
                    help="balanced: weight each class's loss by n / (classes * its count), for imbalanced data")
+    c.add_argument("--lm-weight", type=float, default=0.0, help="add this weight x the language-modelling loss "
+                   "of the texts (GPT-1's auxiliary objective; it used 0.5); full and lora modes (default 0)")
     c.add_argument("--text-column", default=None, help="text column (default: text, else sentence)")
     c.add_argument("--label-column", default="label", help="label column (default: label)")
     c.set_defaults(handler=cmd_finetune)
@@ -105,7 +107,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     options = FinetuneOptions(
         task=task, init=init, train=train_file or "", val=args.val, test=args.test, mode=args.mode,
         pooling=getattr(args, "pooling", "last"), class_weights=getattr(args, "class_weights", "none"),
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, text_column=getattr(args, "text_column", None),
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lm_weight=getattr(args, "lm_weight", 0.0),
+        text_column=getattr(args, "text_column", None),
         label_column=getattr(args, "label_column", "label"), arch=args.arch, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, eval_samples=getattr(args, "eval_samples", 200),
         max_new_tokens=getattr(args, "max_new_tokens", None))

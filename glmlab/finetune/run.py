@@ -64,6 +64,7 @@ class FinetuneOptions:
     class_weights: str = "none"  # none | balanced
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    lm_weight: float = 0.0  # classify: weight of the auxiliary language-modelling loss (GPT-1: 0.5)
     text_column: str | None = None
     label_column: str = "label"
     arch: str | None = None  # with init None: the architecture and tokenizer of this run
@@ -87,6 +88,9 @@ class FinetuneOptions:
             raise ConfigError(f"unknown --class-weights {self.class_weights!r}", "use none or balanced")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise ConfigError("--lora-rank must be >= 1 and --lora-alpha > 0", "e.g. --lora-rank 8 --lora-alpha 16")
+        if self.lm_weight < 0 or (self.lm_weight > 0 and (self.task != "classify" or self.mode == "probe")):
+            raise ConfigError(f"--lm-weight {self.lm_weight}: the auxiliary LM loss is for classify with --mode "
+                              "full or lora, and cannot be negative", "drop --lm-weight")
         if self.init is None and self.mode != "full":
             raise ConfigError(f"--mode {self.mode} freezes pre-trained weights, and --init none has none",
                               "use --mode full with --init none")
@@ -200,7 +204,7 @@ class Task:
             return backbone
         model = SequenceClassifier(backbone, len(self.labels), o.pooling, self.tokenizer.pad_id,
                                    feature_width(backbone), dropout=getattr(config.model, "dropout", 0.1),
-                                   frozen=o.mode == "probe")
+                                   frozen=o.mode == "probe", lm_weight=o.lm_weight)
         if o.class_weights == "balanced":
             counts = torch.tensor(self.class_counts, dtype=torch.float32)
             model.class_weights.copy_(counts.sum() / (len(counts) * counts.clamp(min=1)))

@@ -87,3 +87,22 @@ def test_generation_metrics_by_hand():
     m = generation_metrics(["the  king is here", "no"], ["the king is here", "yes sir"])
     assert m["exact_match"] == 0.5  # whitespace is normalised
     assert generation_metrics(["a b c d e"], ["a b c d e"])["bleu"] == pytest.approx(1.0)
+
+
+def test_auxiliary_lm_loss_adds_the_weighted_language_modelling_loss():
+    backbone = gpt().eval()
+    x = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 8, 7, 6, 5, 4]])
+    y = torch.tensor([1, 0])
+    plain = SequenceClassifier(backbone, 2, "last", pad_id=0, width=32).eval()
+    aux = SequenceClassifier(backbone, 2, "last", pad_id=0, width=32, lm_weight=0.5).eval()
+    aux.head.load_state_dict(plain.head.state_dict())
+    targets = x[:, 1:].masked_fill(x[:, 1:] == 0, -100)
+    expected = plain.loss(x, y) + 0.5 * backbone.loss(x[:, :-1], targets)
+    assert torch.allclose(aux.loss(x, y), expected, atol=1e-6)
+
+
+def test_lm_weight_needs_a_trainable_backbone():
+    from glmlab.finetune.run import FinetuneOptions
+
+    with pytest.raises(GlmlabError, match="auxiliary LM loss"):
+        FinetuneOptions(task="classify", init="x", train="t", mode="probe", lm_weight=0.5).check()
