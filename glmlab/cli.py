@@ -164,6 +164,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "rescaled rank rewards)")
     o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     o.add_argument("--oracle-samples", type=int, default=10000, help="generated sequences scored by the oracle")
+    o.add_argument("--temperatures", default=None, metavar="T,T,...",
+                   help="also score the MLE generator sampled at these temperatures (the sharpening-only "
+                        "frontier an adversarial variant should beat at equal NLL-test), e.g. 0.9,0.85,0.8")
     o.set_defaults(handler=cmd_bench_oracle)
 
 
@@ -490,12 +493,23 @@ def cmd_vae_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _temperatures(text: str | None) -> list[float]:
+    try:
+        values = [float(t) for t in (text or "").split(",") if t.strip()]
+    except ValueError:
+        raise GlmlabError(f"--temperatures {text!r} is not a list of numbers", "e.g. --temperatures 0.9,0.8") from None
+    if any(t <= 0 for t in values):
+        raise GlmlabError(f"--temperatures {text!r}: temperatures must be above 0", "e.g. --temperatures 0.9,0.8")
+    return values
+
+
 def cmd_bench_oracle(args: argparse.Namespace) -> int:
     from glmlab.evaluation.oracle_benchmark import format_stages, oracle_benchmark
 
     stages = oracle_benchmark(args.oracle, args.real, args.out, mle_steps=args.mle_steps, rounds=args.rounds,
                               variants=[v for v in args.variants.split(",") if v], overrides=args.overrides,
-                              threads=args.threads, oracle_samples=args.oracle_samples)
+                              threads=args.threads, oracle_samples=args.oracle_samples,
+                              temperatures=_temperatures(args.temperatures))
     print(format_stages(stages))
     return 0
 

@@ -27,6 +27,7 @@ from glmlab.data.prepare import prepare
 from glmlab.data.sentences import find_sentences, sentence_batches
 from glmlab.errors import GlmlabError
 from glmlab.evaluation.oracle import Oracle
+from glmlab.models.lstm import token_nll
 from glmlab.runs import load_run
 from glmlab.training.trainer import config_changes, train
 
@@ -83,13 +84,15 @@ def prepare_oracle_data(oracle: Oracle, real_data: Path, out: Path, seed: int = 
 
 
 @torch.no_grad()
-def score(run_dir: Path, data_dir: Path, oracle: Oracle, samples: int = 10000, seed: int = 1) -> tuple[float, float]:
-    """(NLL-oracle of ``samples`` generated sequences, NLL-test of the generator) for a run's last weights."""
+def score(run_dir: Path, data_dir: Path, oracle: Oracle, samples: int = 10000, seed: int = 1,
+          temperature: float = 1.0) -> tuple[float, float]:
+    """(NLL-oracle of ``samples`` generated sequences, NLL-test of the generator) for a run's last weights,
+    the generator's distribution taken at ``temperature`` for both."""
     run = load_run(run_dir, checkpoint="last")
     model, tok = run.model, run.tokenizer
     specials = [i for i in (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) if i is not None]
     generated = model.sample(samples, SEQUENCE_LENGTH, tok.bos_id, generator=torch.Generator().manual_seed(seed),
-                             banned=specials)
+                             banned=specials, temperature=temperature)
     words = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
     ids = torch.tensor([[int(words[t]) for t in row] for row in generated.tolist()])
     nll_oracle = oracle.nll(ids)
@@ -97,7 +100,7 @@ def score(run_dir: Path, data_dir: Path, oracle: Oracle, samples: int = 10000, s
     total, count = 0.0, 0
     for x, y in sentence_batches(sentences, 500, tok.bos_id, tok.pad_id):
         y = y.masked_fill(y == tok.eos_id, IGNORE_INDEX)  # the 20 tokens, as the literature scores them
-        total += float(model.nll(x, y))
+        total += float(token_nll(model(x) / temperature, y).sum())
         count += int((y != IGNORE_INDEX).sum())
     return nll_oracle, total / count
 
@@ -148,7 +151,8 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
 
 def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | Path, mle_steps: int | None = None,
                      rounds: int | None = None, variants: list[str] | None = None, overrides: list[str] | None = None,
-                     threads: int = 0, oracle_samples: int = 10000, log=print) -> list[Stage]:
+                     threads: int = 0, oracle_samples: int = 10000, temperatures: list[float] | None = None,
+                     log=print) -> list[Stage]:
     """`glmlab bench oracle` with the CPU preset, ``overrides`` applied to the adversarial stages; writes
     ``results.json`` in ``out``."""
     oracle_path, real_data, out = Path(oracle_path), Path(real_data), Path(out)
@@ -164,7 +168,25 @@ def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | 
     stages = run_oracle_benchmark(oracle_path, real_data, out, mle_steps or CPU_MLE_STEPS, rounds or CPU_ROUNDS,
                                   chosen, mle_overrides=CPU_DISCRIMINATOR, threads=threads,
                                   oracle_samples=oracle_samples, log=log)
+    if temperatures:
+        stages += temperature_stages(oracle_path, out, temperatures, oracle_samples, log)
     (out / "results.json").write_text(json.dumps([s.__dict__ for s in stages], indent=1))
+    return stages
+
+
+def temperature_stages(oracle_path: Path, out: Path, temperatures: list[float], samples: int = 10000,
+                       log=print) -> list[Stage]:
+    """The MLE generator sampled (and scored on held-out data) at each temperature: the sharpening-only
+    frontier that an adversarial variant should beat at equal NLL-test."""
+    oracle, stages = Oracle(oracle_path), []
+    for t in temperatures:
+        cached = out / "mle" / f"temperature-{t:g}.json"
+        if not cached.is_file():
+            nll_oracle, nll_test = score(out / "mle", out / "data", oracle, samples, temperature=t)
+            cached.write_text(json.dumps({"nll_oracle": nll_oracle, "nll_test": nll_test}))
+        done = json.loads(cached.read_text())
+        stages.append(Stage(f"MLE at temperature {t:g}", done["nll_oracle"], done["nll_test"], 0.0, {"temperature": t}))
+        log(f"MLE at temperature {t:g}: NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}")
     return stages
 
 

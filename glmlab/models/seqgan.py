@@ -135,8 +135,8 @@ class SeqGAN(LSTMLM):
     @torch.no_grad()
     def sample(self, n: int, length: int, bos_id: int, net: LSTMNet | None = None,
                prefix: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               banned: list[int] | None = None) -> torch.Tensor:
-        """``n`` sequences (n, length) sampled at temperature 1 from ``net`` (default: the generator),
+               banned: list[int] | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """``n`` sequences (n, length) sampled at ``temperature`` from ``net`` (default: the generator),
         continuing ``prefix`` (n, t) when given; after ``<eos>`` every position is ``<pad>``. ``banned``
         token ids get probability 0 (the rest renormalised)."""
         net = net or self.net
@@ -144,7 +144,7 @@ class SeqGAN(LSTMLM):
         start = torch.full((n, 1), bos_id, dtype=torch.long, device=device)
         given = start if prefix is None else torch.cat([start, prefix], dim=1)
         out, state = net.features(given)
-        logits = net.logits(out[:, -1])
+        logits = net.logits(out[:, -1]) / temperature
         tokens = [] if prefix is None else list(prefix.unbind(1))
         done = torch.zeros(n, dtype=torch.bool, device=device)
         for t in tokens:
@@ -157,7 +157,7 @@ class SeqGAN(LSTMLM):
             tokens.append(token)
             done |= token == EOS_ID
             out, state = net.features(token[:, None], state)
-            logits = net.logits(out[:, -1])
+            logits = net.logits(out[:, -1]) / temperature
         return torch.stack(tokens, dim=1)
 
     def rollout_copy(self) -> LSTMNet:

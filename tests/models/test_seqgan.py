@@ -76,6 +76,16 @@ def test_sample_pads_after_the_first_eos():
     assert torch.equal(sequence_mask(out), ~after & (out != PAD_ID))
 
 
+@torch.no_grad()
+def test_sample_at_a_temperature_sharpens_towards_greedy():
+    model = tiny()
+    cold = model.sample(50, 6, BOS, generator=torch.Generator().manual_seed(0), temperature=1e-4)
+    assert bool((cold == cold[0]).all())  # every row the greedy sequence
+    warm = model.sample(400, 6, BOS, generator=torch.Generator().manual_seed(0), temperature=1.0)
+    hot = model.sample(400, 6, BOS, generator=torch.Generator().manual_seed(0), temperature=3.0)
+    assert len(set(map(tuple, hot.tolist()))) > len(set(map(tuple, warm.tolist()))) > 1
+
+
 def test_sample_keeps_the_prefix_and_never_draws_banned_tokens():
     model = tiny()
     prefix = torch.tensor([[5, 6, 7]] * 40 + [[5, EOS_ID, PAD_ID]] * 10)
