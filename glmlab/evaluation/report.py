@@ -146,8 +146,9 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path
         split = split or "val"
         directory = data_dir or run.raw_config.get("data", {}).get("dir")
         if not directory or not Path(directory).is_dir():
-            raise GlmlabError(f"the run's data directory {directory} is not there",
-                              "pass --data DATA_DIR, or score a text file with --file F")
+            where = f"the run's data directory {directory} is not there" if directory else \
+                "the run does not name a data directory"
+            raise GlmlabError(where, "pass --data DATA_DIR, or score a text file with --file F")
         data = open_data_dir(directory)
         if data.tokenizer.hf.to_str() != tok.hf.to_str():
             raise GlmlabError(f"{directory} was tokenized with a different tokenizer than {run_dir}",

@@ -290,8 +290,9 @@ class FinetuneTrainer(Trainer):
         init_raw = self.task.init_raw or {}
         atomic.write_json(self.out / CONFIG, {
             **kept, **self.config.to_dict(),
-            "data": {"tokenizer": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size,
-                     "init_data": init_raw.get("data")},
+            # dir: the pre-training data, so glmlab eval / compare score what fine-tuning kept of it
+            "data": {"dir": (init_raw.get("data") or {}).get("dir"), "tokenizer": self.tokenizer.kind,
+                     "vocab_size": self.tokenizer.vocab_size, "init_data": init_raw.get("data")},
             **({"special_tokens": init_raw["special_tokens"]} if "special_tokens" in init_raw else {}),
             "finetune": {**self.task.describe(), **self.parameter_counts},
             "world_size": self.dist.world_size})

@@ -143,6 +143,7 @@ def test_sft_improves_completions_and_is_an_ordinary_run(pretrained, task_files,
                                                    "train.threads=1", "train.lr=3e-3"], show_progress=False)
     assert results["val"]["loss"] < results["before"]["val"]["loss"] - 0.5  # completion NLL per token
     assert results["val"]["examples"] == 12 and 0 <= results["val"]["rouge_l"] <= 1
+    assert main(["eval", str(out), "--split", "val"]) == 0  # scores the pre-training data it came from
     run = load_run(out)
     text = run.generate("say moon:", temperature=0, max_new_tokens=10)[0]
     assert isinstance(text, str) and len(text) > 0
