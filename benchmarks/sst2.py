@@ -5,10 +5,11 @@ with 8,192 tokens; a gpt of 4 layers x 4 heads x 256 (5.3M parameters), context 
 windows, AdamW lr 1e-3 with cosine decay over a wall-clock budget (--pretrain-time, default 30 minutes).
 
 Fine-tuning: SST-2 train.tsv minus 2,000 phrases held out for validation (early stopping, checkpoint
-selection); SST-2 dev.tsv (872 sentences) is the test set, touched once per run at the end. Five runs
+selection); SST-2 dev.tsv (872 sentences) is the test set, touched once per run at the end. Six runs
 with the same architecture and tokenizer: from scratch, linear probe, full fine-tune (also with GPT-1's
-auxiliary LM loss, weight 0.5), LoRA (rank 8). Finished
-stages in --work are reused, so a second call only prints the table.
+auxiliary LM loss, weight 0.5), LoRA (rank 8), and a full fine-tune of the LM first fine-tuned on
+SST-2's training sentences without labels (ULMFiT's second stage: 2,000 steps, as `glmlab finetune sft`
+with empty prompts). Finished stages in --work are reused, so a second call only prints the table.
 
     python benchmarks/sst2.py --threads 2                  # 30 min pre-training + ~50 min fine-tuning
     python benchmarks/sst2.py --only full,probe --steps 500
@@ -41,7 +42,10 @@ RUNS = {  # name: (mode, from the pre-trained weights?, overrides)
     "full": ("full", True, ["train.lr=1e-4"]),
     "full-lm": ("full", True, ["train.lr=1e-4"]),  # + GPT-1's auxiliary LM loss (weight 0.5)
     "lora": ("lora", True, ["train.lr=1e-3"]),
+    "adapted": ("full", True, ["train.lr=1e-4"]),  # from the LM adapted to SST-2's training text (ULMFiT)
 }
+ADAPT = ["train.batch_size=32", "train.max_steps=2000", "train.lr=3e-4", "train.eval_interval=500",
+         "train.warmup_steps=100", "train.patience=0", "train.weight_decay=0.01", "train.log_interval=50"]
 FINETUNE = ["train.batch_size=32", "train.eval_interval=250", "train.patience=6", "train.warmup_steps=100",
             "train.weight_decay=0.01", "train.log_interval=50"]
 
@@ -64,6 +68,28 @@ def split_train(work: Path, held_out: int) -> tuple[Path, Path]:
         train_file.write_text("\n".join([header, *(r for i, r in enumerate(rows) if i not in held)]) + "\n")
         val_file.write_text("\n".join([header, *(rows[i] for i in sorted(held))]) + "\n")
     return train_file, val_file
+
+
+def texts_as_pairs(tsv: Path, out: Path) -> Path:
+    """The sentences of an SST-2 file as {"prompt": "", "completion": sentence} pairs: an sft run on them
+    is language-model fine-tuning on the task's text (labels unused)."""
+    if not out.is_file():
+        rows = tsv.read_text(encoding="utf-8").splitlines()[1:]
+        out.write_text("".join(json.dumps({"prompt": "", "completion": r.split("\t")[0].strip()}) + "\n"
+                               for r in rows if r.split("\t")[0].strip()), encoding="utf-8")
+    return out
+
+
+def adapt_lm(work: Path, pretrained: Path, train_file: Path, val_file: Path, threads: int) -> Path:
+    """ULMFiT's second stage: the pre-trained LM fine-tuned on SST-2's training sentences (no labels)."""
+    out = work / "lm-adapt"
+    if not (out / "results.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        options = FinetuneOptions(task="sft", init=str(pretrained), eval_samples=0,
+                                  train=str(texts_as_pairs(train_file, work / "sst2-train-text.jsonl")),
+                                  val=str(texts_as_pairs(val_file, work / "sst2-val-text.jsonl")))
+        finetune(options, out, overrides=[*ADAPT, f"train.threads={threads}"], show_progress=True)
+    return out
 
 
 def main() -> None:
@@ -99,7 +125,8 @@ def main() -> None:
         out = work / name
         if not (out / "results.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
-            options = FinetuneOptions(task="classify", init=str(pretrained) if from_pretrained else None,
+            init = adapt_lm(work, pretrained, train_file, val_file, args.threads) if name == "adapted" else pretrained
+            options = FinetuneOptions(task="classify", init=str(init) if from_pretrained else None,
                                       arch=None if from_pretrained else str(pretrained), train=str(train_file),
                                       val=str(val_file), test=str(SHARED / "sst2" / "dev.tsv"), mode=mode,
                                       lm_weight=0.5 if name == "full-lm" else 0.0)

@@ -65,7 +65,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--data", metavar="PAIRS.jsonl", help="training pairs")
     s.add_argument("--val", metavar="F", help="validation pairs (default: 10%% of --data held out)")
     s.add_argument("--mode", default="full", choices=("full", "lora"), help="what trains (default full)")
-    s.add_argument("--eval-samples", type=int, default=200, help="held-out prompts completed and scored (default 200)")
+    s.add_argument("--eval-samples", type=int, default=200, help="held-out prompts completed and scored (default 200; "
+                   "0: completion NLL only)")
     s.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generated completion (default: the longest reference + 16)")
     s.set_defaults(handler=cmd_finetune)
@@ -137,7 +138,10 @@ def _summary(results: dict) -> str:
         else:
             before = results.get("before", {}).get(split)
             was = (f" (before: NLL/token {before['loss']:.3f}, exact {before['exact_match']:.2%}, "
-                   f"ROUGE-L {before['rouge_l']:.3f})") if before else ""
+                   f"ROUGE-L {before['rouge_l']:.3f})") if before and "exact_match" in before else ""
+            if "exact_match" not in r:
+                lines.append(f"{split}: completion NLL/token {r['loss']:.3f} (no completions generated)")
+                continue
             lines.append(f"{split}: completion NLL/token {r['loss']:.3f}, exact match {r['exact_match']:.2%}, "
                          f"BLEU-4 {r['bleu']:.3f}, ROUGE-L {r['rouge_l']:.3f} ({r['examples']} generated){was}")
     return "\n".join(lines)

@@ -359,7 +359,7 @@ def measure(model: nn.Module, task: Task, batch_size: int, device: torch.device)
         if split not in task.splits:
             continue
         figures = evaluate_split(model, task, split, batch_size, device)
-        if task.options.task == "sft":
+        if task.options.task == "sft" and task.options.eval_samples > 0:  # 0: completion NLL only
             figures.update(score_completions(model, task, split))
         out[split] = figures
     return out
