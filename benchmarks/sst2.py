@@ -5,11 +5,12 @@ with 8,192 tokens; a gpt of 4 layers x 4 heads x 256 (5.3M parameters), context 
 windows, AdamW lr 1e-3 with cosine decay over a wall-clock budget (--pretrain-time, default 30 minutes).
 
 Fine-tuning: SST-2 train.tsv minus 2,000 phrases held out for validation (early stopping, checkpoint
-selection); SST-2 dev.tsv (872 sentences) is the test set, touched once per run at the end. Six runs
+selection); SST-2 dev.tsv (872 sentences) is the test set, touched once per run at the end. Seven runs
 with the same architecture and tokenizer: from scratch, linear probe, full fine-tune (also with GPT-1's
 auxiliary LM loss, weight 0.5), LoRA (rank 8), and a full fine-tune of the LM first fine-tuned on
 SST-2's training sentences without labels (ULMFiT's second stage: 2,000 steps, as `glmlab finetune sft`
-with empty prompts). Finished stages in --work are reused, so a second call only prints the table.
+with empty prompts), also with the auxiliary loss. Finished stages in --work are reused, so a second
+call only prints the table.
 
     python benchmarks/sst2.py --threads 2                  # 30 min pre-training + ~50 min fine-tuning
     python benchmarks/sst2.py --only full,probe --steps 500
@@ -43,7 +44,9 @@ RUNS = {  # name: (mode, from the pre-trained weights?, overrides)
     "full-lm": ("full", True, ["train.lr=1e-4"]),  # + GPT-1's auxiliary LM loss (weight 0.5)
     "lora": ("lora", True, ["train.lr=1e-3"]),
     "adapted": ("full", True, ["train.lr=1e-4"]),  # from the LM adapted to SST-2's training text (ULMFiT)
+    "adapted-lm": ("full", True, ["train.lr=1e-4"]),  # both: the adapted LM, and the auxiliary LM loss
 }
+WITH_LM_LOSS = ("full-lm", "adapted-lm")  # weight 0.5, as GPT-1
 ADAPT = ["train.batch_size=32", "train.max_steps=2000", "train.lr=3e-4", "train.eval_interval=500",
          "train.warmup_steps=100", "train.patience=0", "train.weight_decay=0.01", "train.log_interval=50"]
 FINETUNE = ["train.batch_size=32", "train.eval_interval=250", "train.patience=6", "train.warmup_steps=100",
@@ -125,11 +128,12 @@ def main() -> None:
         out = work / name
         if not (out / "results.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
-            init = adapt_lm(work, pretrained, train_file, val_file, args.threads) if name == "adapted" else pretrained
+            adapted = name.startswith("adapted")
+            init = adapt_lm(work, pretrained, train_file, val_file, args.threads) if adapted else pretrained
             options = FinetuneOptions(task="classify", init=str(init) if from_pretrained else None,
                                       arch=None if from_pretrained else str(pretrained), train=str(train_file),
                                       val=str(val_file), test=str(SHARED / "sst2" / "dev.tsv"), mode=mode,
-                                      lm_weight=0.5 if name == "full-lm" else 0.0)
+                                      lm_weight=0.5 if name in WITH_LM_LOSS else 0.0)
             finetune(options, out, overrides=[*FINETUNE, *overrides, f"train.max_steps={args.steps}",
                                                f"train.threads={args.threads}"], show_progress=True)
         results = json.loads((out / "results.json").read_text())
