@@ -79,6 +79,13 @@ def setup(info: Distributed, device: torch.device) -> torch.device:
     return device
 
 
+def barrier(info: Distributed) -> None:
+    """Wait until every process gets here (before tearing the group down: a process that destroys it while
+    another is still in its last collective can make that one abort)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown(info: Distributed) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

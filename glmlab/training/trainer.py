@@ -445,7 +445,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         try:
-            return self._run()
+            result = self._run()
+            distributed.barrier(self.dist)  # every rank done with its collectives before any tears down
+            return result
         except OSError as exc:
             if exc.errno in atomic.WRITE_ERRNOS:  # metrics, plot or samples hit a full or read-only disk
                 raise write_error(self.out, exc) from None
