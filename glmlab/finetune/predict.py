@@ -13,7 +13,7 @@ import torch
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, RunDirError
 from glmlab.finetune.classifier import SequenceClassifier, feature_width
-from glmlab.finetune.examples import encode_texts, read_labelled, sort_labels
+from glmlab.finetune.examples import Examples, encode_texts, read_labelled, sort_labels
 from glmlab.finetune.lora import add_lora, merge_lora
 from glmlab.finetune.metrics import classification_metrics
 from glmlab.models import build_model
@@ -40,15 +40,9 @@ class Classifier:
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 64) -> list[Prediction]:
         ids, self.truncated = encode_texts(self.tokenizer, texts, self.model.block_size, self.bos)
-        lengths = np.array([len(i) for i in ids])
-        order = np.argsort(lengths, kind="stable")
         probabilities = np.zeros((len(texts), len(self.labels)))
         device = next(self.model.parameters()).device
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin:begin + batch_size]
-            x = torch.full((len(rows), int(lengths[rows].max())), self.tokenizer.pad_id, dtype=torch.long)
-            for r, i in enumerate(rows):
-                x[r, : lengths[i]] = torch.tensor(ids[i])
+        for rows, x, _ in Examples(ids, labels=[0] * len(ids)).batches(batch_size, self.tokenizer.pad_id):
             probabilities[rows] = torch.softmax(self.model(x.to(device)).float(), -1).cpu().numpy()
         return [Prediction(self.labels[int(p.argmax())], dict(zip(self.labels, p.tolist(), strict=True)))
                 for p in probabilities]

@@ -24,8 +24,12 @@ def _read(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {RESULTS} (not a finished fine-tune)",
                           "finish it with glmlab finetune ... --resume --out " + str(run_dir))
-    results = json.loads(path.read_text(encoding="utf-8"))
-    config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{run_dir} is not a readable fine-tuning run ({exc})",
+                          "point to directories written by glmlab finetune") from None
     results["name"] = run_dir.name
     results["sources"] = config.get("finetune", {}).get("sources", {})
     return results

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from glmlab import atomic
-from glmlab.config import RunConfig, resolve_config
+from glmlab.config import RunConfig, parse_overrides, resolve_config, suggest
 from glmlab.data.tokenizer import Tokenizer, train_tokenizer
 from glmlab.errors import ConfigError, DataError, GlmlabError, RunDirError
 from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier, check_backbone, feature_width
@@ -303,8 +304,6 @@ def evaluate_split(model: nn.Module, task: Task, split: str, batch_size: int, de
                    amp: Any = None) -> dict[str, Any]:
     """Loss on a split (mean cross-entropy per example for classify, per completion token for sft), plus
     accuracy / macro-F1 / confusion matrix for classify."""
-    from contextlib import nullcontext
-
     examples = task.splits[split]
     was_training = model.training
     model.eval()
@@ -378,30 +377,21 @@ def resolve_finetune_config(options: FinetuneOptions, base: dict[str, Any], over
             raise RunDirError(f"{source} is a fine-tuned classifier, not a language model",
                               "pass --init a run trained by glmlab train (or an sft fine-tune)")
         layers["model"] = dict(init_raw["model"])
-        layers["model"].pop("adv_rounds", None)
-    user = {s: dict(base.get(s, {})) for s in ("model", "train")}
-    for section in base:
-        if section not in ("model", "train"):
-            raise ConfigError(f"unknown config section '{section}'", "use model: and train:")
-    from glmlab.config import parse_overrides
-
-    for section, values in parse_overrides(overrides).items():
-        user.setdefault(section, {}).update(values)
+    user: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for layer in (base, parse_overrides(overrides)):
+        for section, values in layer.items():
+            if section not in user:  # a misspelt section must not be ignored
+                raise ConfigError(f"unknown config section '{section}'", suggest(section, user))
+            user[section].update(values)
     if source:
-        fixed = [k for k in user.get("model", {}) if k not in MODEL_KEYS_TUNABLE]
+        fixed = [k for k in user["model"] if k not in MODEL_KEYS_TUNABLE]
         if fixed:
             raise ConfigError(f"model.{fixed[0]} comes from the pre-trained run {source} and cannot change",
                               f"drop it (only model.{', model.'.join(MODEL_KEYS_TUNABLE)} may be set)")
-    merged = {s: {**layers.get(s, {}), **user.get(s, {})} for s in ("model", "train")}
-    if "adv_rounds" in _model_fields(merged["model"]):
-        merged["model"]["adv_rounds"] = 0  # a seqgan run's generator is fine-tuned as a language model
+    merged = {s: {**layers[s], **user[s]} for s in ("model", "train")}
+    if merged["model"].get("family") == "seqgan":
+        merged["model"]["adv_rounds"] = 0  # its generator is fine-tuned as a language model, no adversarial phase
     return resolve_config(merged), init_raw
-
-
-def _model_fields(model: dict[str, Any]) -> list[str]:
-    from glmlab.models import family_config_class
-
-    return [f.name for f in dataclasses.fields(family_config_class(str(model.get("family", "gpt"))))]
 
 
 def finetune(options: FinetuneOptions, out: str | Path, config_file: dict[str, Any] | None = None,

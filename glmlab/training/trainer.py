@@ -33,9 +33,8 @@ from glmlab.data.sentences import SentenceBatches, find_sentences, sentence_batc
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, GlmlabError, RunDirError
 from glmlab.evaluation.likelihood import sum_nll, sum_nll_batches
-from glmlab.generation.generate import GenerationSettings, generate
 from glmlab.models import build_model, get_family
-from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, SAMPLES, TOKENIZER, WEIGHTS, save_weights
+from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, TOKENIZER, WEIGHTS, save_weights
 from glmlab.runtime import autocast, precision_name, resolve_precision, select_device, set_threads
 from glmlab.training import distributed
 from glmlab.training.adversarial import AdversarialPhase, adversarial_rounds
@@ -51,6 +50,7 @@ from glmlab.training.checkpoint import (
 from glmlab.training.metrics import MetricsLog, plot_losses
 from glmlab.training.optim import learning_rate, make_optimizer
 from glmlab.training.progress import Progress
+from glmlab.training.samples import write_samples
 
 MAX_CONSECUTIVE_SKIPS = 25
 
@@ -431,7 +431,7 @@ class Trainer:
         self.on_main(write)
 
     def _write_samples(self, val: float) -> None:
-        _write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
+        write_samples(self.out, self.model, self.tokenizer, self.cfg, self.state["step"], val)
 
     def _resume_command(self) -> str:
         return f"glmlab train --resume --out {self.out}"
@@ -586,27 +586,6 @@ def train(config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool
           show_progress: bool = True) -> TrainResult:
     """Train ``config`` on a prepared data directory into run directory ``out``."""
     return Trainer(config, data_dir, out, resume=resume, show_progress=show_progress).run()
-
-
-def _write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig, step: int, val: float) -> None:
-    """samples.txt: a short sample from the current weights, so progress can be read, not just plotted.
-    A model of sentences writes three sentences started from ``<bos>`` (a VAE's from z = 0, the prior's mode)."""
-    if cfg.sample_tokens == 0:
-        return
-    if getattr(model, "sentence_level", False):
-        settings = GenerationSettings(max_new_tokens=min(cfg.sample_tokens, model.block_size - 1), temperature=0.8,
-                                      seed=cfg.seed, num_return_sequences=3)
-        texts = generate(model, tokenizer, "", settings)
-        body, prompt = "\n".join(texts), ""
-    else:
-        prompt = cfg.sample_prompt if not tokenizer.unencodable(cfg.sample_prompt) else ""
-        settings = GenerationSettings(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
-        body = prompt + generate(model, tokenizer, prompt, settings)[0]
-    try:
-        atomic.write_text(out / SAMPLES, f"# step {step}, val loss {val:.4f}, temperature 0.8, seed {cfg.seed}, "
-                                         f"prompt {prompt!r}\n{body}\n")
-    except OSError as exc:
-        raise write_error(out / SAMPLES, exc) from None
 
 
 def config_changes(old: RunConfig, new: RunConfig) -> list[str]:

@@ -110,6 +110,7 @@ def test_interrupted_finetune_resumes(pretrained, task_files, tmp_path):
     (["--label-column", "y"], "no label column 'y'"),
     (["model.n_layer=3"], "model.n_layer comes from the pre-trained run"),
     (["train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
+    (["trian.lr=1"], "unknown config section 'trian'"),
 ])
 def test_cli_errors(pretrained, task_files, tmp_path, capsys, args, message):
     argv = ["finetune", "classify", "--init", str(pretrained), "--train", str(task_files["train"]), "--val",

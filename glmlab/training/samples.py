@@ -1,0 +1,35 @@
+"""samples.txt: a short sample from the current weights at each evaluation, so progress can be read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from glmlab import atomic
+from glmlab.config import TrainConfig
+from glmlab.generation.generate import GenerationSettings, generate
+from glmlab.runs import SAMPLES
+from glmlab.training.checkpoint import write_error
+
+
+def write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig, step: int, val: float) -> None:
+    """samples.txt: a short sample from the current weights, so progress can be read, not just plotted.
+    A model of sentences writes three sentences started from ``<bos>`` (a VAE's from z = 0, the prior's mode)."""
+    if cfg.sample_tokens == 0:
+        return
+    if getattr(model, "sentence_level", False):
+        settings = GenerationSettings(max_new_tokens=min(cfg.sample_tokens, model.block_size - 1), temperature=0.8,
+                                      seed=cfg.seed, num_return_sequences=3)
+        texts = generate(model, tokenizer, "", settings)
+        body, prompt = "\n".join(texts), ""
+    else:
+        prompt = cfg.sample_prompt if not tokenizer.unencodable(cfg.sample_prompt) else ""
+        settings = GenerationSettings(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
+        body = prompt + generate(model, tokenizer, prompt, settings)[0]
+    try:
+        atomic.write_text(out / SAMPLES, f"# step {step}, val loss {val:.4f}, temperature 0.8, seed {cfg.seed}, "
+                                         f"prompt {prompt!r}\n{body}\n")
+    except OSError as exc:
+        raise write_error(out / SAMPLES, exc) from None
