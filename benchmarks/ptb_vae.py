@@ -45,6 +45,16 @@ CONFIGS = {  # name: (label, overrides)
     "vae-fb-total": ("VAE + free bits 4 nats in total + linear annealing",
                      [*VAE, "model.free_bits=4", "model.free_bits_mode=total", "model.beta_schedule=linear",
                       "model.anneal_steps={half}"]),
+    "vae-fb-elbo": ("VAE + free bits 0.15/dim for 3/4 of the run, then the plain ELBO",
+                    [*VAE, "model.free_bits=0.15", "model.free_bits_until={three_quarters}",
+                     "model.beta_schedule=linear", "model.anneal_steps={half}"]),
+    "vae-fb-mix": ("VAE + free bits 0.15/dim + linear annealing + a learned mixture prior (128 components)",
+                   [*VAE, "model.free_bits=0.15", "model.beta_schedule=linear", "model.anneal_steps={half}",
+                    "model.prior=mixture", "model.prior_components=128"]),
+    "vae-fb-z16": ("VAE + free bits 0.3/dim + linear annealing, 16-dimensional z",
+                   [*VAE, "model.latent_dim=16", "model.free_bits=0.3", "model.beta_schedule=linear",
+                    "model.anneal_steps={half}"]),
+    "vae-bn": ("BN-VAE, gamma 0.5 (Zhu et al. 2020)", [*VAE, "model.bn_gamma=0.5"]),
     "vae-aggressive": ("VAE + aggressive encoder (He et al. 2019)", [*VAE, "model.aggressive=true"]),
 }
 TRAIN = ["train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=100", "train.weight_decay=0.0",
@@ -74,7 +84,7 @@ def test_figures(run_dir: Path, data_dir: Path, iw_samples: int, batch_size: int
            "ppl": math.exp(total / tokens), "eval_seconds": time.perf_counter() - started}
     if is_vae:
         report = latent_report(model, sentence_batches(sentences, batch_size, tok.bos_id, tok.pad_id))
-        out.update(kl=report.kl, mi=report.mutual_info, au=report.active_units)
+        out.update(kl=report.kl, mi=report.mutual_info, au=report.active_units, latent_dim=report.latent_dim)
     return out
 
 
@@ -94,7 +104,7 @@ def main() -> None:
         prepare([PTB / "ptb.train.txt"], data_dir, tokenizer="word", val_file=PTB / "ptb.valid.txt",
                 test_file=PTB / "ptb.test.txt", sentences=True)
     steps = args.max_steps
-    fill = {"half": steps // 2, "quarter": max(1, steps // 4)}
+    fill = {"half": steps // 2, "quarter": max(1, steps // 4), "three_quarters": 3 * steps // 4}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} steps of 32 sentences per model; "
           f"IW samples {args.iw_samples}", flush=True)
     rows = []
@@ -126,7 +136,7 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|")
     for r in rows:
         kind = "exact" if "kl" not in r else f"IW k={args.iw_samples}"
-        latent = (f"{r['kl']:.2f} | {r['mi']:.2f} | {r['au']}/32" if "kl" in r else "— | — | —")
+        latent = (f"{r['kl']:.2f} | {r['mi']:.2f} | {r['au']}/{r.get('latent_dim', 32)}" if "kl" in r else "— | — | —")
         print(f"| {r['label']} | {r['nll']:.2f} ({kind}) | {r['ppl']:.1f} | {latent} | {r['parameters'] / 1e6:.2f}M | "
               f"{r['train_seconds'] / 60:.1f} min |")
     (work / "results.json").write_text(json.dumps(rows, indent=1))

@@ -189,7 +189,7 @@ def _add_vae(sub: argparse._SubParsersAction) -> None:
                        description="Latent tools of a vae run: decode sentences from the prior, encode and "
                                    "decode sentences, or walk between two sentences in latent space.")
     vae = p.add_subparsers(dest="vae_command", required=True, metavar="{sample,reconstruct,interpolate}")
-    s = vae.add_parser("sample", help="sentences decoded from z ~ N(0, I)",
+    s = vae.add_parser("sample", help="sentences decoded from z ~ p(z), the prior",
                        description="Draw z from the prior and decode a sentence from each. By default words are "
                                    "sampled too (temperature 1.0): a true sample from the model. --temperature 0 "
                                    "decodes each z greedily (as Bowman et al. show prior samples: the variety then "

@@ -154,8 +154,9 @@ class LoadedRun:
     # --- a sentence VAE's latent tools (model.family=vae; glmlab.generation.latent) ---------------------
 
     def sample_prior(self, n: int = 1, seed: int | None = None, **settings: Any) -> list[str]:
-        """``n`` sentences decoded from z ~ N(0, I). Words are sampled (temperature 1.0) unless settings say
-        otherwise (``temperature=0``: greedy; ``num_beams``); ``seed`` draws z and the words (None = random)."""
+        """``n`` sentences decoded from z ~ p(z), the model's prior. Words are sampled (temperature 1.0)
+        unless settings say otherwise (``temperature=0``: greedy; ``num_beams``); ``seed`` draws z and the
+        words (None = random)."""
         from glmlab.generation.latent import sample_prior
 
         return sample_prior(self.model, self.tokenizer, n, seed=seed, settings=_settings({"seed": seed, **settings}))

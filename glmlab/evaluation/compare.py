@@ -15,7 +15,7 @@ Likelihoods come from :mod:`glmlab.evaluation.report`, with its two accountings 
   with sentence-accounting rows: such rows are shown but marked.
 
 Samples are drawn at temperature 1 from one seed, through the shared generation engine: a vae
-decodes z ~ N(0, I) (exactly as :func:`glmlab.generation.latent.sample_prior` draws them), a
+decodes z ~ p(z) (exactly as :func:`glmlab.generation.latent.sample_prior` draws them), a
 sentence-level model starts from ``<bos>`` and stops at ``<eos>``, a window-trained model starts
 from an empty prompt and its sample is cut at the first line break or ``<eos>``. Sentences are
 compared as whitespace-separated words; ``<unk>`` stays spelled out in samples and references alike.
@@ -316,7 +316,7 @@ def split_sentences(tokenizer: Tokenizer, tokens: np.ndarray) -> list[str]:
 
 def generate_samples(run: LoadedRun, n: int, seed: int) -> list[str]:
     """``n`` sentences at temperature 1 through the engine; row i is seeded from (seed, i), so the result
-    does not depend on how the rows are batched. A vae decodes z ~ N(0, I) drawn from ``seed`` as
+    does not depend on how the rows are batched. A vae decodes z ~ p(z) (its prior) drawn from ``seed`` as
     :func:`~glmlab.generation.latent.sample_prior` draws it; a sentence-level model runs from ``<bos>`` to
     ``<eos>``; a model of running text starts from an empty prompt and is cut at its first line break."""
     model, tokenizer = run.model, run.tokenizer
@@ -326,7 +326,7 @@ def generate_samples(run: LoadedRun, n: int, seed: int) -> list[str]:
     if latent_dim is not None:
         from glmlab.models.vae import LatentDecoder
 
-        z = torch.randn((n, latent_dim), generator=torch.Generator().manual_seed(seed)).to(run.device)
+        z = model.sample_prior(n, torch.Generator().manual_seed(seed)).to(run.device)
     out: list[str] = []
     for begin in range(0, n, DECODE_ROWS):
         count = min(DECODE_ROWS, n - begin)

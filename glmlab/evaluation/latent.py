@@ -86,7 +86,9 @@ def latent_report(model: SentenceVAE, batches: Iterable[tuple[torch.Tensor, torc
     finally:
         model.train(was_training)
     generator = torch.Generator(device=mu.device).manual_seed(seed)
-    return LatentReport(sentences=mu.size(0), tokens=tokens, kl=float(gaussian_kl(mu, logvar).sum(1).mean()),
+    with torch.no_grad():
+        kl = float(model.kl_divergence(mu, logvar, generator=generator).mean())
+    return LatentReport(sentences=mu.size(0), tokens=tokens, kl=kl,
                         active_units=active_units(mu), latent_dim=mu.size(1),
                         mutual_info=mutual_information(mu, logvar, generator))
 
@@ -102,7 +104,7 @@ def importance_weighted_nll(model: SentenceVAE, x: torch.Tensor, y: torch.Tensor
     mu, logvar = posterior if posterior is not None else model.encode(y)
     B, d = mu.shape
     std = (0.5 * logvar).exp()
-    log_weights, recon_sum = [], torch.zeros(B, device=mu.device)
+    log_weights, recon_sum, prior_sum = [], torch.zeros(B, device=mu.device), torch.zeros(B, device=mu.device)
     done = 0
     while done < samples:
         k = min(chunk, samples - done)
@@ -110,11 +112,16 @@ def importance_weighted_nll(model: SentenceVAE, x: torch.Tensor, y: torch.Tensor
         z = mu[None] + eps * std[None]  # (k, B, d)
         flat = z.reshape(k * B, d)
         recon = model.reconstruction_nll(x.repeat(k, 1), y.repeat(k, 1), flat).view(k, B)
-        log_prior = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+        log_prior = model.log_prior(z)
         log_q = log_normal(z, mu[None], logvar[None])
         log_weights.append(-recon + log_prior - log_q)
         recon_sum += recon.sum(0)
+        prior_sum += log_prior.sum(0)
         done += k
     iw = -(torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(samples))
-    elbo_nll = recon_sum / samples + gaussian_kl(mu, logvar).sum(1)
+    if model.config.prior == "standard":
+        kl = gaussian_kl(mu, logvar).sum(1)
+    else:  # entropy in closed form, E_q[log p(z)] over the same samples
+        kl = -0.5 * (d * (1 + math.log(2 * math.pi)) + logvar.sum(1)) - prior_sum / samples
+    elbo_nll = recon_sum / samples + kl
     return iw, elbo_nll

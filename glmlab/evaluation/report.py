@@ -33,7 +33,6 @@ from glmlab.evaluation.latent import (
     mutual_information,
 )
 from glmlab.evaluation.likelihood import LikelihoodReport, likelihood_report, sum_nll, sum_nll_batches
-from glmlab.models.vae import gaussian_kl
 from glmlab.runs import LoadedRun, load_run
 from glmlab.runtime import select_device
 
@@ -218,7 +217,9 @@ def evaluate_sentences(model: nn.Module, tokenizer: Tokenizer, sentences: Senten
     report.iw_samples = samples
     report.elbo_nll, report.elbo_nll_per_sentence, report.elbo_nll_per_token = elbo_total, elbo_total / n, \
         elbo_total / max(count, 1)
-    report.kl_per_sentence = float(gaussian_kl(mu, logvar).sum(1).mean())
+    with torch.no_grad():  # closed form under N(0, I), Monte Carlo under a mixture prior
+        kl = model.kl_divergence(mu, logvar, generator=torch.Generator(device=mu.device).manual_seed(seed))
+    report.kl_per_sentence = float(kl.mean())
     report.mutual_info = mutual_information(mu, logvar, mi_generator)
     report.active_units, report.latent_dim = active_units(mu), mu.size(1)
     report.active_unit_threshold = ACTIVE_UNIT_THRESHOLD

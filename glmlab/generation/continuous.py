@@ -118,6 +118,7 @@ class ContinuousBatch:
     def _release(self, entry: _Slot) -> None:
         self.cache.reset_row(entry.slot)
         self._free.append(entry.slot)
+        self._free.sort(reverse=True)  # the lowest free slot is taken first
 
     @torch.inference_mode()
     def step(self) -> list[RowEvent]:
@@ -159,8 +160,32 @@ class ContinuousBatch:
             events.append(event)
         # in slot order: when the slots in use are 0..n-1, a family's fast path reads the cache in place
         self._active = sorted((e for e in entries if not e.row.done), key=lambda e: e.slot)
+        self._compact()
         self._logits = self._decode(self._active) if self._active else None
         return events
+
+    def _compact(self) -> None:
+        """Keep the rows in the lowest slots (0..n-1): a row that sits above them moves down into a slot a
+        finished row freed (one copy of its cache), so decoding reads the cache in place instead of
+        gathering scattered slots. Families whose cache cannot move rows keep their slots."""
+        move = getattr(self.cache, "move_row", None)
+        holders = len(self._by_key)  # active rows and rows waiting for their prefill
+        if move is None or all(e.slot < holders for e in self._by_key.values()):
+            return
+        low = sorted(s for s in self._free if s < holders)
+        for entry in sorted(self._by_key.values(), key=lambda e: e.slot, reverse=True):
+            if entry.slot < holders:
+                break
+            target = low.pop(0)
+            if entry.started:
+                move(entry.slot, target)
+            else:
+                self.cache.reset_row(entry.slot)
+            self._free.remove(target)
+            self._free.append(entry.slot)
+            entry.slot = target
+        self._free.sort(reverse=True)  # the lowest free slot is taken first
+        self._active.sort(key=lambda e: e.slot)
 
     def _finish(self, entry: _Slot) -> tuple[Completion, str]:
         """Free the row's slot; its completion, and the text the deltas have not shown yet."""

@@ -24,6 +24,7 @@ import torch.nn as nn
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation import processors as P
+from glmlab.generation.sampling import UniformStream, inverse_cdf
 from glmlab.generation.settings import GenerationSettings
 from glmlab.generation.text import IncrementalText, find_stop, held_back
 
@@ -105,6 +106,7 @@ class _Row:
         self.settings = settings
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(row_seed(settings.seed, index))
+        self.uniforms = UniformStream(self.generator)  # what sampling draws tokens with
         self.generated: list[int] = []
         self.done = False
         self.finish_reason = "length"
@@ -168,18 +170,17 @@ def _process(logits: torch.Tensor, rows: list[_Row], eos_id: int, on: _Controls)
 
 
 def _choose(logits: torch.Tensor, rows: list[_Row], on: _Controls) -> list[int]:
-    """Greedy rows take the argmax; sampling rows draw from their own generator."""
-    greedy = logits.argmax(dim=-1).tolist()
+    """Greedy rows take the argmax; sampling rows draw, all in one batched inverse-CDF search, with a
+    uniform number from their own generator."""
     if not on.sampling:
-        return greedy
-    out = []
-    for i, row in enumerate(rows):
-        if row.settings.temperature == 0:
-            out.append(greedy[i])
-        else:
-            probs = logits[i].softmax(dim=-1)
-            out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
-    return out
+        return logits.argmax(dim=-1).tolist()
+    u = torch.tensor([row.uniforms.next() if row.settings.temperature != 0 else 0.0 for row in rows],
+                     dtype=torch.float64)
+    sampled = inverse_cdf(logits, u).tolist()
+    if all(row.settings.temperature != 0 for row in rows):
+        return sampled
+    greedy = logits.argmax(dim=-1).tolist()
+    return [sampled[i] if row.settings.temperature != 0 else greedy[i] for i, row in enumerate(rows)]
 
 
 def _record_logprobs(raw: torch.Tensor, rows: list[_Row], chosen: list[int], tokenizer: Tokenizer) -> None:

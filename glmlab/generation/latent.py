@@ -63,11 +63,11 @@ def _generator(seed: int | None) -> torch.Generator:
 
 def sample_prior(model: SentenceVAE, tokenizer: Tokenizer, n: int, seed: int | None = 0,
                  settings: GenerationSettings | None = None) -> list[str]:
-    """``n`` sentences decoded from z ~ N(0, I) (drawn from ``seed``; None = a random seed)."""
+    """``n`` sentences decoded from z ~ p(z), the model's prior (drawn from ``seed``; None = a random seed)."""
     model = _require_vae(model)
     if n < 1:
         raise GlmlabError(f"asked for {n} samples", "ask for at least 1")
-    z = torch.randn((n, model.latent_dim), generator=_generator(seed)).to(_device(model))
+    z = model.sample_prior(n, _generator(seed))
     return decode_latents(model, tokenizer, z, settings)
 
 

@@ -110,6 +110,12 @@ class KVCache:
     def reset_row(self, row: int) -> None:
         self.lengths[row] = 0
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Move slot ``src``'s keys and values to slot ``dst`` (free); ``src`` becomes empty."""
+        n = self.lengths[src]
+        self.kv[:, dst, :, :, :n] = self.kv[:, src, :, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
 
 @dataclass
 class _CacheStep:

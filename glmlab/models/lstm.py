@@ -62,6 +62,15 @@ class LSTMState:
         self.h[:, row], self.c[:, row] = self.initial[0][:, row], self.initial[1][:, row]
         self.lengths[row] = 0
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Move slot ``src``'s state (and its starting state and z) to slot ``dst``; ``src`` is reset."""
+        for t in (self.h, self.c, *self.initial):
+            t[:, dst] = t[:, src]
+        if self.cond is not None:
+            self.cond[dst] = self.cond[src]
+        self.lengths[dst] = self.lengths[src]
+        self.reset_row(src)
+
 
 class LSTMNet(nn.Module):
     """Embedding -> dropout -> n-layer LSTM -> dropout -> (projection) -> softmax weights.

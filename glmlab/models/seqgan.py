@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from glmlab.config import field
 from glmlab.errors import ConfigError
+from glmlab.generation.sampling import sample_rows
 from glmlab.models.lstm import LSTMLM, LSTMConfig, LSTMNet
 
 PAD_ID, EOS_ID = 0, 3
@@ -166,16 +167,6 @@ class SeqGAN(LSTMLM):
         for p in net.parameters():
             p.requires_grad_(False)
         return net.eval()
-
-
-def sample_rows(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from softmax(logits) by inverting the CDF with one uniform number per row:
-    exact, and for thousands of rows of a large vocabulary far cheaper on a CPU than torch.multinomial
-    (or any method that draws a random number per vocabulary entry)."""
-    cdf = logits.float().softmax(-1).cumsum(-1)
-    # u in (0, total]: the first entry of the CDF >= u then never has probability 0 (u = 0 would pick index 0)
-    u = (1 - torch.rand((cdf.size(0), 1), generator=generator, device=cdf.device)) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u)[:, 0].clamp_max(cdf.size(-1) - 1)
 
 
 def sequence_mask(tokens: torch.Tensor) -> torch.Tensor:

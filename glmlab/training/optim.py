@@ -11,11 +11,12 @@ from glmlab.config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (dim >= 2: linear weights, embeddings); none on biases and norms."""
+    """Weight decay on matrices (dim >= 2: linear weights, embeddings); none on biases and norms, nor on
+    parameters marked ``no_weight_decay`` (a learned prior's means and variances)."""
     decay, no_decay = [], []
     for p in model.parameters():  # .parameters() de-duplicates tied weights
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

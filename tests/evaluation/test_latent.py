@@ -110,6 +110,41 @@ def test_iw_bound_tightens_with_more_samples_and_stays_above_the_exact_nll():
         assert (bound > exact).all()  # upper bounds on the NLL (in expectation, so on these averages)
 
 
+def _mixture_vae() -> SentenceVAE:
+    """The 1-d tiny VAE with a two-component mixture prior far from N(0, 1)."""
+    model = _tiny_vae(latent_dim=1)
+    mixture = SentenceVAE(VAEConfig(**{**vars(model.config), "prior": "mixture", "prior_components": 2})).eval()
+    mixture.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        mixture.prior_means.copy_(torch.tensor([[-1.5], [2.0]]))
+        mixture.prior_logvars.copy_(torch.tensor([[-1.0], [0.5]]))
+        mixture.prior_logits.copy_(torch.tensor([0.3, -0.2]))
+    return mixture
+
+
+def test_iw_bound_under_a_mixture_prior_is_the_elbo_at_k1_and_bounds_the_exact_nll():
+    model, (x, y) = _mixture_vae(), _batch()
+    grid = torch.linspace(-10, 10, 4001)
+    with torch.no_grad():
+        log_prior = model.log_prior(grid[:, None])
+        step = float(grid[1] - grid[0])
+        assert math.exp(torch.logsumexp(log_prior, 0) + math.log(step)) == pytest.approx(1.0, abs=1e-4)  # a density
+        exact = []
+        for row in range(x.size(0)):
+            recon = model.reconstruction_nll(x[row:row + 1].repeat(len(grid), 1), y[row:row + 1].repeat(len(grid), 1),
+                                             grid[:, None])
+            exact.append(-(torch.logsumexp(-recon + log_prior, 0) + math.log(step)))
+        exact = torch.stack(exact)
+    _, elbo = importance_weighted_nll(model, x, y, samples=3_000, chunk=3_000, generator=_seeded(7))
+    iw1 = _iw_mean(model, x, y, k=1, repeats=3_000, seed=8)
+    iw100 = _iw_mean(model, x, y, k=100, repeats=30, seed=9)
+    assert torch.allclose(iw1, elbo, atol=0.08)  # the ELBO's Monte-Carlo KL matches the k = 1 bound
+    assert (iw100 < elbo - 0.05).all() and (iw100 > exact).all()
+    standard, _ = importance_weighted_nll(_tiny_vae(latent_dim=1), x, y, samples=100, chunk=100,
+                                          generator=_seeded(9))
+    assert (standard - iw100).abs().max() > 0.1  # the prior is used: a different model, a different bound
+
+
 # --- mutual information and active units on constructed posteriors ----------------------------------------------
 
 

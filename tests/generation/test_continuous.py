@@ -41,7 +41,10 @@ def run_staggered(model, tokenizer, slots, cancel=None):
             key, (prompt, settings, index) = pending.pop(0)
             ids = encode_prompt(tokenizer, prompt, model.block_size, model.config.vocab_size)
             batch.add(key, ids, settings, index)
-        for event in batch.step():
+        events = batch.step()
+        # rows that outlive others move down into the freed slots: the slots in use stay 0..n-1
+        assert sorted(e.slot for e in batch._by_key.values()) == list(range(len(batch._by_key)))
+        for event in events:
             texts[event.key] = texts.get(event.key, "") + event.delta
             if event.completion is not None:
                 done[event.key] = event.completion

@@ -34,7 +34,8 @@ def test_greedy_matches_a_loop_without_cache(lm):
 def test_generation_continues_past_the_context(lm):
     text = lm.generate("First", max_new_tokens=3 * lm.model.block_size, temperature=0.8, seed=1,
                        stop_at_eos=False)[0]
-    assert len(text) == 3 * lm.model.block_size
+    # one character per token, but for a special token (the <eos> this tiny model may sample), which shows as ''
+    assert 2 * lm.model.block_size < len(text) <= 3 * lm.model.block_size
 
 
 def test_long_prompt_keeps_its_end_with_a_warning(lm):

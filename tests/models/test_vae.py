@@ -73,6 +73,89 @@ def test_free_bits_per_dimension_release_only_the_dimensions_below_the_floor():
     assert total.item() == pytest.approx(5.7) and kl.grad.eq(1.0).all()
 
 
+def test_free_bits_switch_off_at_free_bits_until():
+    kl = torch.tensor([[0.1, 2.0, 0.3], [0.2, 3.0, 0.1]])
+    model = tiny(free_bits=1.0, free_bits_until=100)
+    model.set_step(99)
+    assert model._kl_term(kl).item() == pytest.approx(2 * (1.0 + 2.5 + 1.0))  # floored
+    model.set_step(100)
+    assert model._kl_term(kl).item() == pytest.approx(float(kl.sum()))  # the plain KL from then on
+    never = tiny(free_bits=1.0)
+    never.set_step(10**6)
+    assert never._kl_term(kl).item() == pytest.approx(2 * (1.0 + 2.5 + 1.0))
+
+
+def test_bn_vae_fixes_the_spread_of_the_posterior_means_and_so_a_kl_floor():
+    torch.manual_seed(1)
+    gamma, latent = 0.5, 4
+    model = tiny(bn_gamma=gamma, latent_dim=latent)
+    with torch.no_grad():  # even raw means that hardly vary are spread to gamma (no escape under eps)
+        model.to_posterior.weight.mul_(0.01)
+    y = torch.randint(4, 30, (64, 7))
+    mu, logvar = model.encode(y)
+    # per dimension over the batch: mean = the learned shift (0 at the start), biased std = gamma
+    assert mu.mean(0).abs().max().item() < 2e-3  # float32 cancellation of raw means that hardly vary
+    assert mu.std(0, unbiased=False).tolist() == pytest.approx([gamma] * latent, abs=0.03)
+    # E[KL] >= sum_d E[mu_d^2] / 2 = latent * gamma^2 / 2, whatever the variances
+    kl = gaussian_kl(mu, logvar).sum(1).mean().item()
+    assert kl >= mu.pow(2).mean(0).sum().item() / 2 >= 0.9 * latent * gamma**2 / 2
+    mu.sum().backward()  # the shift is learned and belongs to the encoder
+    assert any(p is model.mu_shift for p in model.encoder_parameters()) and model.mu_shift.grad is not None
+    model.eval()  # running statistics: a sentence's posterior does not depend on its batch
+    alone, _ = model.encode(y[:1])
+    together, _ = model.encode(y)
+    assert torch.allclose(alone[0], together[0], atol=1e-6)
+    model.train()
+    assert model.encode(y[:1])[0].shape == (1, latent)  # one sentence in training: no batch statistics
+
+
+def test_mixture_prior_density_sampling_and_kl():
+    import math
+
+    model = tiny(prior="mixture", prior_components=2, latent_dim=2)
+    with torch.no_grad():
+        model.prior_means.copy_(torch.tensor([[-2.0, 0.0], [3.0, 1.0]]))
+        model.prior_logvars.copy_(torch.tensor([[0.0, 0.0], [math.log(0.25), 0.0]]))
+        model.prior_logits.copy_(torch.tensor([math.log(0.25), math.log(0.75)]))
+    z = torch.tensor([[0.5, -1.0]])
+    by_hand = math.log(0.25 * math.exp(-0.5 * (2.5**2 + 1.0)) / (2 * math.pi)
+                       + 0.75 * math.exp(-0.5 * ((2.5 / 0.5) ** 2 + 2.0**2)) / (2 * math.pi * 0.5))
+    assert model.log_prior(z).item() == pytest.approx(by_hand, rel=1e-5)
+    draws = model.sample_prior(40_000, torch.Generator().manual_seed(0))
+    assert draws[:, 0].mean().item() == pytest.approx(0.25 * -2.0 + 0.75 * 3.0, abs=0.05)
+    assert (draws[:, 0] > 0.5).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    mu, logvar = torch.tensor([[2.5, 0.5]]), torch.tensor([[-1.0, 0.2]])
+    eps = torch.randn((200_000, 1, 2), generator=torch.Generator().manual_seed(1))
+    zs = mu + eps * (0.5 * logvar).exp()
+    from glmlab.models.vae import log_normal
+
+    monte_carlo = (log_normal(zs, mu, logvar) - model.log_prior(zs)).mean(0)
+    kl = model.kl_divergence(mu, logvar, samples=20_000, generator=torch.Generator().manual_seed(2))
+    assert kl.item() == pytest.approx(monte_carlo.item(), abs=0.03) and kl.item() > 0.5
+    standard = tiny(latent_dim=2)
+    assert standard.kl_divergence(mu, logvar).item() == pytest.approx(gaussian_kl(mu, logvar).sum().item())
+
+
+def test_mixture_prior_learns_from_the_loss_without_changing_its_value_or_the_other_gradients():
+    x, y = batch()
+    plain, mixture = tiny(), tiny(prior="mixture", prior_components=3)
+    mixture.load_state_dict(plain.state_dict(), strict=False)
+    losses = []
+    for model in (plain, mixture):
+        torch.manual_seed(5)  # the same z
+        loss = model.loss(x, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for name, p in plain.named_parameters():
+        assert torch.allclose(p.grad, dict(mixture.named_parameters())[name].grad, atol=1e-6), name
+    for p in (mixture.prior_means, mixture.prior_logvars, mixture.prior_logits):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # the logged KL and ELBO are against the model's own prior
+    assert mixture.stats["kl"].item() != pytest.approx(plain.stats["kl"].item(), abs=1e-3)
+    assert mixture.stats["elbo"].item() == pytest.approx(-(mixture.stats["recon"] + mixture.stats["kl"]).item())
+
+
 def _decoder_inputs(model: SentenceVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     seen = {}
     original = model.reconstruction_nll

@@ -29,3 +29,17 @@ def test_time_budget_drives_the_schedule_when_it_binds_first():
     cfg = TrainConfig(max_steps=100, warmup_steps=0)
     assert _progress_fraction(cfg, 50, 1e6) == pytest.approx(0.5)
     assert math.isclose(_progress_fraction(TrainConfig(max_steps=100, warmup_steps=0, max_time=1e6), 25, 1), 0.25)
+
+
+def test_weight_decay_skips_vectors_and_parameters_marked_no_weight_decay():
+    from glmlab.models.vae import SentenceVAE, VAEConfig
+    from glmlab.training.optim import parameter_groups
+
+    model = SentenceVAE(VAEConfig(vocab_size=20, n_embd=8, n_hidden=8, encoder_hidden=8, latent_dim=4,
+                                  prior="mixture", prior_components=3))
+    decay, no_decay = parameter_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.prior_means) not in decayed and id(model.prior_logvars) not in decayed  # matrices, marked
+    assert id(model.z_to_state.weight) in decayed and id(model.z_to_state.bias) not in decayed
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

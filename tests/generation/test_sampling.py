@@ -1,0 +1,47 @@
+"""Batched inverse-CDF sampling and the per-row uniform streams the engine samples with."""
+
+import torch
+
+from glmlab.generation.engine import _choose, _Controls, _Row
+from glmlab.generation.sampling import UniformStream, inverse_cdf
+from glmlab.generation.settings import GenerationSettings
+
+
+def test_inverse_cdf_maps_uniforms_to_tokens_and_never_picks_a_filtered_token():
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.25, 0.25], [0.0, 0.0, 1.0, 0.0]]))  # -inf where p = 0
+    # row 0's CDF is 0.5, 0.5, 0.75, 1.0: u -> 1 - u is the point searched for
+    for u, want in [(0.0, 3), (0.2, 3), (0.3, 2), (0.49, 2), (0.51, 0), (0.9, 0), (1 - 1e-9, 0)]:
+        assert inverse_cdf(logits, torch.tensor([u, u], dtype=torch.float64)).tolist() == [want, 2], u
+    assert inverse_cdf(logits, torch.tensor([1.0, 1.0])).tolist() == [0, 2]  # even u = 1 finds probability mass
+
+
+def test_inverse_cdf_draws_from_the_softmax():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens = inverse_cdf(probs.log().expand(len(u), 4), u)
+    freq = torch.bincount(tokens, minlength=4).double() / len(u)
+    assert torch.allclose(freq, probs.double(), atol=0.005) and freq[1] == 0
+
+
+def test_uniform_stream_depends_only_on_the_seed_not_on_the_block_size():
+    a = UniformStream(torch.Generator().manual_seed(7), block=3)
+    b = UniformStream(torch.Generator().manual_seed(7), block=256)
+    first = [a.next() for _ in range(10)]
+    assert first == [b.next() for _ in range(10)]
+    assert all(0.0 <= x < 1.0 for x in first) and len(set(first)) == 10
+
+
+def test_a_rows_tokens_do_not_depend_on_the_rest_of_the_batch():
+    def rows(seeds, temperature=1.0):
+        return [_Row([1], GenerationSettings(temperature=temperature, seed=s), 0, None, torch.device("cpu"))
+                for s in seeds]
+
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
+    alone = rows([3])
+    together = rows([3, 4, 5])
+    picks_alone = [_choose(logits, alone, _Controls.of(alone))[0] for _ in range(20)]
+    picks_together = [_choose(logits.expand(3, 50), together, _Controls.of(together))[0] for _ in range(20)]
+    assert picks_alone == picks_together and len(set(picks_alone)) > 3
+    mixed = rows([3]) + rows([0], temperature=0.0)  # a greedy row next to a sampling one takes the argmax
+    assert [_choose(logits.expand(2, 50), mixed, _Controls.of(mixed))[1] for _ in range(5)] == \
+        [int(logits.argmax())] * 5
