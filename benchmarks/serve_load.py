@@ -8,7 +8,9 @@ seeded), and the script reports per concurrency level: total generated tokens/s 
 request: the time from its first to its last token over the tokens in between; the server may send
 several tokens in one chunk to a client that reads slower than they come), errors, and the server's
 resident memory before and after. A soak phase then sends ``--soak`` requests (16 clients) and
-compares memory before and after.
+compares memory before and after. Each client holds one keep-alive connection and speaks HTTP/1.1 over
+raw asyncio streams (see :class:`Connection`): on loopback the load generator competes with the server
+for the same cores, and an HTTP library's per-chunk work would be measured as the server's.
 
     python benchmarks/serve_load.py
     python benchmarks/serve_load.py --levels 1,4,16 --requests 4 --tokens 32 --soak 0
@@ -81,31 +83,69 @@ def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Po
     raise SystemExit("the server did not answer /health")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, tokens: int, seed: int,
-                      ttft: list[float], gaps: list[float]) -> int:
+class Connection:
+    """One client's keep-alive HTTP/1.1 connection, spoken over raw asyncio streams: the load generator
+    shares the machine's cores with the server, so it does as little as it can per token (no HTTP
+    library, no JSON parsing of text chunks) to leave the CPU to what is being measured."""
+
+    def __init__(self, url: str) -> None:
+        self.host, port = url.split("://", 1)[1].rsplit(":", 1)
+        self.port = int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_stream(self, path: str, body: bytes):
+        """Send a POST and yield the response's server-sent events (bytes, one per event)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+        reader = self.reader
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if status != 200:
+            detail = await reader.readexactly(int(headers.get("content-length", "0")))
+            raise RuntimeError(f"HTTP {status}: {detail[:200]!r}")
+        pending = b""
+        while True:  # chunked transfer encoding
+            size = int((await reader.readline()).strip(), 16)
+            if size == 0:
+                await reader.readline()
+                break
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                yield event
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def one_request(conn: Connection, prompt: str, tokens: int, seed: int, ttft: list[float],
+                      gaps: list[float]) -> int:
     """One streaming completion; its generated tokens (from usage). Appends its TTFT and mean inter-token
     latency."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
     started = time.perf_counter()
     first = last = None
     generated = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
-            # a light client (it shares the machine with the server): text chunks are recognised without
-            # parsing them; only the usage chunk and errors are parsed
-            if '"text":"' in line and '"text":""' not in line:
-                last = time.perf_counter()
-                if first is None:
-                    first = last
-                    ttft.append(first - started)
-            elif line.startswith("data: {") and ('"usage":{' in line or '"error":' in line):
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                generated = chunk["usage"]["completion_tokens"]
+    async for event in conn.post_stream("/v1/completions", body):
+        # text chunks are recognised without parsing them; only the usage chunk and errors are parsed
+        if b'"text":"' in event and b'"text":""' not in event:
+            last = time.perf_counter()
+            if first is None:
+                first = last
+                ttft.append(first - started)
+        elif event.startswith(b"data: {") and (b'"usage":{' in event or b'"error":' in event):
+            chunk = json.loads(event[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            generated = chunk["usage"]["completion_tokens"]
     if first is not None and generated > 1:
         gaps.append((last - first) / (generated - 1))
     return generated
@@ -116,22 +156,25 @@ async def level(url: str, clients: int, requests: int, tokens: int) -> dict:
     ttft: list[float] = []
     gaps: list[float] = []
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
 
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def run_client(c: int) -> int:
-            total = 0
+    async def run_client(c: int) -> int:
+        total, conn = 0, Connection(url)
+        try:
             for i in range(requests):
                 try:
-                    total += await one_request(client, url, PROMPTS[(c + i) % len(PROMPTS)], tokens,
-                                               seed=c * 1000 + i, ttft=ttft, gaps=gaps)
+                    total += await one_request(conn, PROMPTS[(c + i) % len(PROMPTS)], tokens, seed=c * 1000 + i,
+                                               ttft=ttft, gaps=gaps)
                 except Exception as exc:  # noqa: BLE001 — counted and reported
                     errors.append(str(exc)[:200])
-            return total
+                    conn.close()
+                    conn = Connection(url)
+        finally:
+            conn.close()
+        return total
 
-        started = time.perf_counter()
-        totals = await asyncio.gather(*(run_client(c) for c in range(clients)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    totals = await asyncio.gather(*(run_client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - started
     return {"clients": clients, "requests": clients * requests, "tokens": sum(totals), "seconds": elapsed,
             "tokens_per_s": sum(totals) / elapsed, "ttft": ttft, "gaps": gaps, "errors": errors}
 

@@ -56,6 +56,20 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+def text_chunk_format(rid: str, kind: str, created: int, name: str, chat: bool, usage_null: bool):
+    """A function (text, row) -> the server-sent event of a streamed chunk that only carries text (no
+    log-probabilities, not the last): byte for byte what :func:`sse` makes of the chunk's dict, with only
+    the text encoded per chunk — the chunk every token of a stream is."""
+    head = ('data: {"id":' + json.dumps(rid) + ',"object":' + json.dumps(kind) + f',"created":{created}'
+            + ',"model":' + json.dumps(name, ensure_ascii=False) + ',"choices":[{')
+    tail = "]" + (',"usage":null' if usage_null else "") + "}\n\n"
+    if chat:
+        return lambda text, row: (f'{head}"index":{row},"delta":{{"content":{json.dumps(text, ensure_ascii=False)}}},'
+                                  f'"logprobs":null,"finish_reason":null}}{tail}')
+    return lambda text, row: (f'{head}"text":{json.dumps(text, ensure_ascii=False)},"index":{row},"logprobs":null,'
+                              f'"finish_reason":null}}{tail}')
+
+
 def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: list, name: str) -> dict[str, Any]:
     choices, generated = [], 0
     for r in range(len(results)):
@@ -90,6 +104,8 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
         return sse({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice],
                       **usage_field})
 
+    text_chunk = text_chunk_format(rid, kind, created, name, req.chat, req.include_usage)
+
     started = [False] * rows  # chat: the reply's leading whitespace is dropped
     offsets = [0] * rows
     for r in range(rows):
@@ -123,6 +139,9 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
                 if not (delta or finish or event.logprobs):
                     continue
                 lp = chat_logprobs(event.logprobs) if req.logprobs is not None and event.logprobs else None
+                if delta and lp is None and finish is None:
+                    yield text_chunk(delta, r)
+                    continue
                 yield chunk({"index": r, "delta": {"content": delta} if delta else {}, "logprobs": lp,
                              "finish_reason": finish})
             else:
@@ -132,6 +151,9 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
                 if req.logprobs is not None:
                     lp = completion_logprobs(event.logprobs, offsets[r])
                 offsets[r] += len(delta)
+                if lp is None and finish is None:
+                    yield text_chunk(delta, r)
+                    continue
                 yield chunk({"text": delta, "index": r, "logprobs": lp, "finish_reason": finish})
     if req.include_usage:
         yield sse({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
@@ -141,6 +163,8 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
 
 def merge_events(items: list[tuple[int, RowEvent]]) -> list[tuple[int, RowEvent]]:
     """One event per row: the deltas, tokens and logprobs of several steps joined, in row order."""
+    if len(items) == 1:
+        return items
     merged: dict[int, RowEvent] = {}
     for r, event in items:
         into = merged.get(r)

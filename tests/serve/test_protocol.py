@@ -80,3 +80,18 @@ def test_prometheus_text():
     assert 'glmlab_latency_seconds_bucket{le="0.1"} 1' in text and 'glmlab_latency_seconds_bucket{le="1"} 2' in text
     assert 'glmlab_latency_seconds_bucket{le="+Inf"} 3' in text and "glmlab_latency_seconds_count 3" in text
     assert "# TYPE glmlab_depth gauge\nglmlab_depth 3" in text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("usage_null", [False, True])
+def test_the_text_chunk_fast_path_writes_what_sse_writes(chat, usage_null):
+    from glmlab.serve.responses import sse, text_chunk_format
+
+    rid, kind, created, name = "cmpl-abc", "chat.completion.chunk" if chat else "text_completion", 1700000000, 'm"é'
+    fast = text_chunk_format(rid, kind, created, name, chat, usage_null)
+    for text, row in [("a", 0), (' "quoted" \\ back\nslash', 3), ("é✓ \u2028 \x00", 12)]:
+        choice = ({"index": row, "delta": {"content": text}, "logprobs": None, "finish_reason": None} if chat
+                  else {"text": text, "index": row, "logprobs": None, "finish_reason": None})
+        body = {"id": rid, "object": kind, "created": created, "model": name, "choices": [choice],
+                **({"usage": None} if usage_null else {})}
+        assert fast(text, row) == sse(body)
