@@ -63,6 +63,13 @@ CONFIGS = {  # name: (label, overrides)
                              [*VAE, "model.latent_dim=16", "model.free_bits=0.3", "model.beta_schedule=linear",
                               "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128",
                               "train.seed=2"]),
+    "vae-fb-z8-mix": ("VAE + free bits 0.5/dim + linear annealing, 8-dimensional z, mixture prior",
+                      [*VAE, "model.latent_dim=8", "model.free_bits=0.5", "model.beta_schedule=linear",
+                       "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128"]),
+    "vae-fb-z8-mix-seed2": ("the same, another seed",
+                            [*VAE, "model.latent_dim=8", "model.free_bits=0.5", "model.beta_schedule=linear",
+                             "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128",
+                             "train.seed=2"]),
     "vae-bn": ("BN-VAE, gamma 0.5 (Zhu et al. 2020)", [*VAE, "model.bn_gamma=0.5"]),
     "vae-aggressive": ("VAE + aggressive encoder (He et al. 2019)", [*VAE, "model.aggressive=true"]),
 }

@@ -189,6 +189,13 @@ class SentenceVAE(nn.Module):
         means, logvars = self.prior_means.detach().cpu()[k], self.prior_logvars.detach().cpu()[k]
         return (means + eps * (0.5 * logvars).exp()).to(device)
 
+    def prior_centre(self) -> torch.Tensor:
+        """The z a decoder starts from when none is given, (latent_dim,): 0, the mode of N(0, I); for the
+        mixture, the mean of its heaviest component."""
+        if self.config.prior == "standard":
+            return torch.zeros(self.latent_dim, device=next(self.parameters()).device)
+        return self.prior_means.detach()[int(self.prior_logits.detach().argmax())]
+
     def kl_divergence(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor | None = None,
                       samples: int = 64, generator: torch.Generator | None = None) -> torch.Tensor:
         """KL(q(z|x) || p(z)) per sentence (B,): closed form for N(0, I); for the mixture, the entropy of
@@ -283,10 +290,10 @@ class SentenceVAE(nn.Module):
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
                   z: torch.Tensor | None = None) -> LSTMState:
-        """Decoder states for ``batch_size`` rows started from ``z`` (B, latent_dim); z = 0 (the prior's
-        mode) when not given."""
+        """Decoder states for ``batch_size`` rows started from ``z`` (B, latent_dim); the prior's centre
+        (:meth:`prior_centre`) when not given."""
         if z is None:
-            z = torch.zeros(batch_size, self.latent_dim, device=device)
+            z = self.prior_centre().to(device).repeat(batch_size, 1)  # a row of its own per slot (move_row writes)
         if z.size(0) != batch_size:
             raise ValueError(f"{z.size(0)} latent vectors for {batch_size} rows")
         z = z.to(device)

@@ -16,7 +16,7 @@ from glmlab.training.checkpoint import write_error
 
 def write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig, step: int, val: float) -> None:
     """samples.txt: a short sample from the current weights, so progress can be read, not just plotted.
-    A model of sentences writes three sentences started from ``<bos>`` (a VAE's from z = 0, the prior's mode)."""
+    A model of sentences writes three sentences started from ``<bos>`` (a VAE's from the centre of its prior)."""
     if cfg.sample_tokens == 0:
         return
     if getattr(model, "sentence_level", False):

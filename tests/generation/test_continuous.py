@@ -111,3 +111,26 @@ def test_decode_rows_matches_the_general_forward(lm, slots):
         slow = model(tokens[:, None], reference, rows=slots, last_only=True)[:, -1]
     assert torch.allclose(fast, slow, atol=1e-5)
     assert [cache.lengths[s] for s in slots] == [reference.lengths[s] for s in slots]
+
+
+def test_move_row_carries_a_rows_whole_state_to_a_free_slot(lm):
+    from glmlab.models.vae import SentenceVAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = SentenceVAE(VAEConfig(vocab_size=30, n_embd=8, n_hidden=8, encoder_hidden=8, latent_dim=4)).eval()
+    for model in (lm.model, vae):
+        cache, reference = model.new_cache(4, torch.device("cpu")), model.new_cache(4, torch.device("cpu"))
+        if model is vae:  # a row's own z travels with it
+            cache.cond[3] += 1.0
+            reference.cond[3] += 1.0
+            cache.initial, reference.initial = vae.initial_state(cache.cond), vae.initial_state(reference.cond)
+            cache.reset_row(3)
+            reference.reset_row(3)
+        with torch.no_grad():
+            for c in (cache, reference):
+                model(torch.tensor([[5, 6, 7]]), c, rows=[3])
+            cache.move_row(3, 1)
+            moved = model(torch.tensor([[8]]), cache, rows=[1], last_only=True)
+            stayed = model(torch.tensor([[8]]), reference, rows=[3], last_only=True)
+        assert torch.allclose(moved, stayed, atol=1e-6)
+        assert cache.lengths[1] == 4 and cache.lengths[3] == 0

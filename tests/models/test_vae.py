@@ -223,3 +223,13 @@ def test_loss_records_recon_kl_beta_and_elbo():
     assert not any(t.requires_grad for t in stats.values())
     with torch.no_grad():  # validation NLL (negative ELBO) draws z from a fixed seed: repeatable
         assert float(model.eval().nll(x, y)) == float(model.nll(x, y))
+
+
+def test_a_decoder_without_z_starts_from_the_centre_of_the_prior():
+    standard = tiny()
+    assert torch.equal(standard.new_cache(3, torch.device("cpu")).cond, torch.zeros(3, 4))
+    mixture = tiny(prior="mixture", prior_components=3)
+    with torch.no_grad():
+        mixture.prior_logits.copy_(torch.tensor([0.0, 2.0, 1.0]))
+    cond = mixture.new_cache(2, torch.device("cpu")).cond
+    assert torch.equal(cond, mixture.prior_means.detach()[1].expand(2, -1))
