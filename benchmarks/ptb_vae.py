@@ -34,59 +34,44 @@ from glmlab.training.trainer import train
 PTB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ptb"
 DECODER = ["model.n_embd=128", "model.n_hidden=256", "model.dropout=0.3"]
 VAE = ["model.family=vae", "model.encoder_hidden=128", "model.latent_dim=32", *DECODER]
-CONFIGS = {  # name: (label, overrides)
-    "lm": ("LSTM-LM", ["model.family=lstm", "train.batching=sentences", *DECODER]),
-    "lm-seed2": ("LSTM-LM, another seed", ["model.family=lstm", "train.batching=sentences", *DECODER,
-                                            "train.seed=2"]),
-    "lm-seed3": ("LSTM-LM, a third seed", ["model.family=lstm", "train.batching=sentences", *DECODER,
-                                            "train.seed=3"]),
+LM = ["model.family=lstm", "train.batching=sentences", *DECODER]
+ANNEAL = ["model.beta_schedule=linear", "model.anneal_steps={half}"]
+
+
+def mixture_recipe(latent_dim: int, free_bits: float) -> list[str]:
+    """Free bits per dimension + linear annealing + a learned mixture prior (128 components)."""
+    return [*VAE, f"model.latent_dim={latent_dim}", f"model.free_bits={free_bits}", *ANNEAL, "model.prior=mixture",
+            "model.prior_components=128"]
+
+
+CONFIGS = {  # name: (label, overrides); a "-seedN" name repeats its row with train.seed=N
+    "lm": ("LSTM-LM", LM),
     "vae": ("VAE (no defence)", VAE),
-    "vae-anneal-wd": ("VAE + linear KL annealing + word dropout 0.25",
-                      [*VAE, "model.beta_schedule=linear", "model.anneal_steps={half}", "model.word_dropout=0.25"]),
+    "vae-anneal-wd": ("VAE + linear KL annealing + word dropout 0.25", [*VAE, *ANNEAL, "model.word_dropout=0.25"]),
     "vae-cyclical": ("VAE + cyclical KL (4 cycles)",
                      [*VAE, "model.beta_schedule=cyclical", "model.anneal_steps={quarter}"]),
-    "vae-fb": ("VAE + free bits 0.15/dim + linear annealing",
-               [*VAE, "model.free_bits=0.15", "model.beta_schedule=linear", "model.anneal_steps={half}"]),
+    "vae-fb": ("VAE + free bits 0.15/dim + linear annealing", [*VAE, "model.free_bits=0.15", *ANNEAL]),
     "vae-fb-total": ("VAE + free bits 4 nats in total + linear annealing",
-                     [*VAE, "model.free_bits=4", "model.free_bits_mode=total", "model.beta_schedule=linear",
-                      "model.anneal_steps={half}"]),
+                     [*VAE, "model.free_bits=4", "model.free_bits_mode=total", *ANNEAL]),
     "vae-fb-elbo": ("VAE + free bits 0.15/dim for 3/4 of the run, then the plain ELBO",
-                    [*VAE, "model.free_bits=0.15", "model.free_bits_until={three_quarters}",
-                     "model.beta_schedule=linear", "model.anneal_steps={half}"]),
+                    [*VAE, "model.free_bits=0.15", "model.free_bits_until={three_quarters}", *ANNEAL]),
     "vae-fb-mix": ("VAE + free bits 0.15/dim + linear annealing + a learned mixture prior (128 components)",
-                   [*VAE, "model.free_bits=0.15", "model.beta_schedule=linear", "model.anneal_steps={half}",
-                    "model.prior=mixture", "model.prior_components=128"]),
+                   mixture_recipe(32, 0.15)),
     "vae-fb-z16": ("VAE + free bits 0.3/dim + linear annealing, 16-dimensional z",
-                   [*VAE, "model.latent_dim=16", "model.free_bits=0.3", "model.beta_schedule=linear",
-                    "model.anneal_steps={half}"]),
+                   [*VAE, "model.latent_dim=16", "model.free_bits=0.3", *ANNEAL]),
     "vae-fb-z16-mix": ("VAE + free bits 0.3/dim + linear annealing, 16-dimensional z, mixture prior",
-                       [*VAE, "model.latent_dim=16", "model.free_bits=0.3", "model.beta_schedule=linear",
-                        "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128"]),
-    "vae-fb-z16-mix-seed2": ("the same, another seed",
-                             [*VAE, "model.latent_dim=16", "model.free_bits=0.3", "model.beta_schedule=linear",
-                              "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128",
-                              "train.seed=2"]),
+                       mixture_recipe(16, 0.3)),
     "vae-fb-z8-mix": ("VAE + free bits 0.5/dim + linear annealing, 8-dimensional z, mixture prior",
-                      [*VAE, "model.latent_dim=8", "model.free_bits=0.5", "model.beta_schedule=linear",
-                       "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128"]),
-    "vae-fb-z8-mix-seed2": ("the same, another seed",
-                            [*VAE, "model.latent_dim=8", "model.free_bits=0.5", "model.beta_schedule=linear",
-                             "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128",
-                             "train.seed=2"]),
-    "vae-fb04-z8-mix": ("VAE + free bits 0.4/dim + linear annealing, 8-dimensional z, mixture prior",
-                        [*VAE, "model.latent_dim=8", "model.free_bits=0.4", "model.beta_schedule=linear",
-                         "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128"]),
-    "vae-fb04-z8-mix-seed2": ("the same, another seed",
-                              [*VAE, "model.latent_dim=8", "model.free_bits=0.4", "model.beta_schedule=linear",
-                               "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128",
-                               "train.seed=2"]),
-    "vae-fb04-z8-mix-seed3": ("the same, a third seed",
-                              [*VAE, "model.latent_dim=8", "model.free_bits=0.4", "model.beta_schedule=linear",
-                               "model.anneal_steps={half}", "model.prior=mixture", "model.prior_components=128",
-                               "train.seed=3"]),
+                      mixture_recipe(8, 0.5)),
+    "vae-fb04-z8-mix": ("VAE + free bits 0.4/dim + linear annealing, 8-dimensional z, mixture prior (128 components)",
+                        mixture_recipe(8, 0.4)),
     "vae-bn": ("BN-VAE, gamma 0.5 (Zhu et al. 2020)", [*VAE, "model.bn_gamma=0.5"]),
     "vae-aggressive": ("VAE + aggressive encoder (He et al. 2019)", [*VAE, "model.aggressive=true"]),
 }
+for _name, _seeds in {"lm": (2, 3), "vae-fb-z16-mix": (2,), "vae-fb-z8-mix": (2,), "vae-fb04-z8-mix": (2, 3)}.items():
+    for _seed in _seeds:
+        _label, _overrides = CONFIGS[_name]
+        CONFIGS[f"{_name}-seed{_seed}"] = (f"{_label}, seed {_seed}", [*_overrides, f"train.seed={_seed}"])
 MAIN_TABLE = ["lm", "vae", "vae-anneal-wd", "vae-cyclical", "vae-fb", "vae-fb-total", "vae-fb04-z8-mix"]
 TRAIN = ["train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=100", "train.weight_decay=0.0",
          "train.eval_interval={quarter}", "train.eval_tokens=20000", "train.sample_tokens=0", "train.log_interval=50",
