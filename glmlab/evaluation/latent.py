@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from glmlab.data.dataset import IGNORE_INDEX
-from glmlab.models.vae import SentenceVAE, gaussian_kl, log_normal
+from glmlab.models.vae import SentenceVAE, log_normal
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -119,9 +119,6 @@ def importance_weighted_nll(model: SentenceVAE, x: torch.Tensor, y: torch.Tensor
         prior_sum += log_prior.sum(0)
         done += k
     iw = -(torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(samples))
-    if model.config.prior == "standard":
-        kl = gaussian_kl(mu, logvar).sum(1)
-    else:  # entropy in closed form, E_q[log p(z)] over the same samples
-        kl = -0.5 * (d * (1 + math.log(2 * math.pi)) + logvar.sum(1)) - prior_sum / samples
-    elbo_nll = recon_sum / samples + kl
+    # closed form under N(0, I); under a mixture, E_q[log p(z)] over the same samples
+    elbo_nll = recon_sum / samples + model.kl_divergence(mu, logvar, log_prior=prior_sum / samples)
     return iw, elbo_nll

@@ -196,18 +196,18 @@ class SentenceVAE(nn.Module):
             return torch.zeros(self.latent_dim, device=next(self.parameters()).device)
         return self.prior_means.detach()[int(self.prior_logits.detach().argmax())]
 
-    def kl_divergence(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor | None = None,
+    def kl_divergence(self, mu: torch.Tensor, logvar: torch.Tensor, log_prior: torch.Tensor | None = None,
                       samples: int = 64, generator: torch.Generator | None = None) -> torch.Tensor:
         """KL(q(z|x) || p(z)) per sentence (B,): closed form for N(0, I); for the mixture, the entropy of
-        q in closed form and E_q[log p(z)] by Monte Carlo over ``z`` (S, B, d) when given, else over
-        ``samples`` fresh draws."""
+        q in closed form and E_q[log p(z)] by Monte Carlo — ``log_prior`` (B,) when the caller has it
+        from its own draws of z, else over ``samples`` fresh draws."""
         if self.config.prior == "standard":
             return gaussian_kl(mu, logvar).sum(-1)
-        if z is None:
+        if log_prior is None:
             eps = torch.randn((samples, *mu.shape), generator=generator, device=mu.device)
-            z = mu + eps * (0.5 * logvar).exp()
+            log_prior = self.log_prior(mu + eps * (0.5 * logvar).exp()).mean(0)
         neg_entropy = -0.5 * (mu.size(-1) * (1 + math.log(2 * math.pi)) + logvar.sum(-1))
-        return neg_entropy - self.log_prior(z).mean(0)
+        return neg_entropy - log_prior
 
     def initial_state(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -261,7 +261,7 @@ class SentenceVAE(nn.Module):
             # schedule and free bits), which keeps the aggregate posterior compact for the mixture to fit
             log_p = self.log_prior(z.detach())
             objective = objective - (log_p.sum() - log_p.sum().detach())
-            kl_sum = self.kl_divergence(mu.detach(), logvar.detach(), z=z.detach()[None])
+            kl_sum = self.kl_divergence(mu.detach(), logvar.detach(), log_prior=log_p.detach())
         else:
             kl_sum = kl.sum(1)
         self.stats = {"recon": recon.detach().mean(), "kl": kl_sum.detach().mean(),
@@ -275,7 +275,7 @@ class SentenceVAE(nn.Module):
         generator = torch.Generator(device=mu.device).manual_seed(0)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device)
         z = mu + eps * (0.5 * logvar).exp()
-        kl = self.kl_divergence(mu, logvar, z=z[None])
+        kl = self.kl_divergence(mu, logvar, log_prior=self.log_prior(z))
         return (self.reconstruction_nll(x, y, z) + kl).sum()
 
     # --- generation: the decoder given z, through the shared engine ---------------------------------------

@@ -7,7 +7,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from glmlab.generation.continuous import RowEvent
@@ -56,7 +56,8 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def text_chunk_format(rid: str, kind: str, created: int, name: str, chat: bool, usage_null: bool):
+def text_chunk_format(rid: str, kind: str, created: int, name: str, chat: bool,
+                      usage_null: bool) -> Callable[[str, int], str]:
     """A function (text, row) -> the server-sent event of a streamed chunk that only carries text (no
     log-probabilities, not the last): byte for byte what :func:`sse` makes of the chunk's dict, with only
     the text encoded per chunk — the chunk every token of a stream is."""
