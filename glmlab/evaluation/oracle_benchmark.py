@@ -53,6 +53,7 @@ VARIANTS = {  # name: overrides of the CPU preset
     "seqgan-baseline": ["model.baseline=mean"],  # variance reduction: each position's mean reward subtracted
     "seqgan-fast": ["model.rollout_num=4", "model.g_steps=3"],  # cheaper rollouts, three updates per round
     "seqgan-rank": ["model.reward=rank"],  # LeakGAN's bootstrapped rescaled activation of the rewards
+    "seqgan-ratio": ["model.reward=logit", "model.baseline=mean"],  # D's log density ratio: reverse KL
 }
 
 

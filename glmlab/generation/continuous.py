@@ -206,8 +206,12 @@ class ContinuousBatch:
         idx = torch.full((len(new), max(lengths)), self.tokenizer.eos_id, dtype=torch.long)
         for i, e in enumerate(new):
             idx[i, : lengths[i]] = torch.tensor(e.row.prompt_ids)
-        logits = self.model(idx.to(self.device), self.cache, rows=[e.slot for e in new], valid=lengths,
-                            last_only=True)[:, -1].float()
+        idx, slots = idx.to(self.device), [e.slot for e in new]
+        fast = getattr(self.model, "prefill_rows", None)  # optional fast path of a family
+        logits = fast(idx, self.cache, slots, lengths) if fast is not None else None
+        if logits is None:
+            logits = self.model(idx, self.cache, rows=slots, valid=lengths, last_only=True)[:, -1]
+        logits = logits.float()
         for e in new:
             e.started = True
         self._active = self._active + new

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from glmlab.config import field
 from glmlab.errors import ConfigError
-from glmlab.models.gpt_decode import scripted_decode_layers, scripted_decode_rows
+from glmlab.models.gpt_decode import scripted_decode_layers, scripted_decode_rows, scripted_prefill_rows
 
 
 @dataclass
@@ -320,6 +320,24 @@ class GPT(nn.Module):
                                             ln_f_w, ln_f_b, head, layers, c.n_head, c.layer_norm_epsilon)
         for r in rows:
             cache.lengths[r] += 1
+        return logits
+
+    def prefill_rows(self, idx: torch.Tensor, cache: KVCache, rows: list[int], valid: list[int]) -> torch.Tensor | None:
+        """Logits (B, vocab) at the last real token of each right-padded prompt in idx (B, T) (``valid``:
+        the real lengths), encoded into the empty cache slots ``rows``; None when the general
+        ``forward`` is needed (training, int8 weights, a slot that is not empty, a prompt too long)."""
+        if (self.training or cache.weights is None or isinstance(cache.weights[4], Int8Linear)
+                or idx.size(1) > cache.max_len or any(cache.lengths[r] for r in rows)):
+            return None
+        c = self.config
+        wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
+        device = idx.device
+        with torch.jit.optimized_execution(False):
+            logits = scripted_prefill_rows()(idx, torch.tensor(rows, device=device),
+                                             torch.tensor(valid, device=device) - 1, cache.layers, wte, wpe, ln_f_w,
+                                             ln_f_b, head, layers, c.n_head, c.layer_norm_epsilon)
+        for r, n in zip(rows, valid, strict=True):
+            cache.lengths[r] = n
         return logits
 
     def _decode_one(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

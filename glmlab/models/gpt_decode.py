@@ -1,4 +1,4 @@
-"""The `gpt` family's one-token decoding step as a TorchScript function.
+"""The `gpt` family's one-token decoding step (and a server's prefill) as TorchScript functions.
 
 Decoding a small model one token at a time on a CPU costs the overhead of each PyTorch call, not
 arithmetic: a 4 x 128 model makes ~70 calls per token at ~4 us each. Run by TorchScript's
@@ -67,32 +67,56 @@ def decode_rows(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tens
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
 
-_scripted = None
-_scripted_rows = None
+def prefill_rows(idx: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, kv_layers: list[torch.Tensor],
+                 wte: torch.Tensor, wpe: torch.Tensor, ln_f_w: torch.Tensor, ln_f_b: torch.Tensor, head: torch.Tensor,
+                 layers: list[list[torch.Tensor]], n_head: int, eps: float) -> torch.Tensor:
+    """Encode right-padded prompts idx (B, T) into empty cache slots ``slots`` (their keys and values at
+    positions 0..T-1; a padded row's extra positions are overwritten before anything reads them) and
+    return the logits (B, vocab) at each row's last real position ``last``: a server's prefill of a
+    joining request, with :func:`decode_layers`' per-call savings over the module-by-module forward."""
+    B, T, C = idx.size(0), idx.size(1), wte.size(1)
+    x = (wte[idx] + wpe[:T]).to(ln_f_w.dtype).view(B * T, C)
+    for i in range(len(layers)):
+        w, kv = layers[i], kv_layers[i]
+        qkv = torch.addmm(w[3], torch.layer_norm(x, [C], w[0], w[1], eps), w[2])
+        qkv = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        kv.narrow(3, 0, T).index_copy_(0, slots, qkv[1:].transpose(0, 1).to(kv.dtype))  # k and v together
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)  # (B, nh, T, hs)
+        x = torch.addmm(w[5], y.transpose(1, 2).reshape(B * T, C), w[4]).add_(x)
+        h = F.gelu(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]), approximate="tanh")
+        x = torch.addmm(w[11], h, w[10]).add_(x)
+    x = x.view(B, T, C)[torch.arange(B, device=idx.device), last]
+    return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
 
-def scripted_decode_rows():
-    """:func:`decode_rows`, compiled like :func:`scripted_decode_layers`."""
-    global _scripted_rows
-    if _scripted_rows is None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                _scripted_rows = torch.jit.script(decode_rows)
-        except Exception:  # noqa: BLE001 — any scripting failure just means running the same code eagerly
-            _scripted_rows = decode_rows
-    return _scripted_rows
+_compiled: dict[str, object] = {}
 
 
-def scripted_decode_layers():
-    """:func:`decode_layers` compiled by TorchScript once per process; the Python function itself where
-    TorchScript is unavailable or refuses it."""
-    global _scripted
-    if _scripted is None:
+def _script(fn):
+    """``fn`` compiled by TorchScript once per process; ``fn`` itself where TorchScript is unavailable or
+    refuses it (the same code, run eagerly, gives the same numbers)."""
+    compiled = _compiled.get(fn.__name__)
+    if compiled is None:
         try:
             with warnings.catch_warnings():  # PyTorch marks TorchScript deprecated; its interpreter still ships
                 warnings.simplefilter("ignore", DeprecationWarning)
-                _scripted = torch.jit.script(decode_layers)
+                compiled = torch.jit.script(fn)
         except Exception:  # noqa: BLE001 — any scripting failure just means running the same code eagerly
-            _scripted = decode_layers
-    return _scripted
+            compiled = fn
+        _compiled[fn.__name__] = compiled
+    return compiled
+
+
+def scripted_decode_layers():
+    """:func:`decode_layers`, compiled (see :func:`_script`)."""
+    return _script(decode_layers)
+
+
+def scripted_decode_rows():
+    """:func:`decode_rows`, compiled (see :func:`_script`)."""
+    return _script(decode_rows)
+
+
+def scripted_prefill_rows():
+    """:func:`prefill_rows`, compiled (see :func:`_script`)."""
+    return _script(prefill_rows)

@@ -61,8 +61,10 @@ class SeqGANConfig(LSTMConfig):
     reward: str = field("probability", "token reward: D's mean P(real) over the rollouts (SeqGAN), or rank: "
                                        "LeakGAN's bootstrapped rescaled activation, sigmoid(delta (0.5 - rank / B)) "
                                        "of each sequence's rank among the batch at that position (scale-free when "
-                                       "D saturates; still positive, so the update still sharpens G)",
-                        choices=("probability", "rank"))
+                                       "D saturates; still positive, so the update still sharpens G), or logit: "
+                                       "D's mean logit log D / (1 - D), its estimate of log p_data / p_G (the "
+                                       "reverse-KL policy gradient; signed, use with baseline=mean)",
+                        choices=("probability", "rank", "logit"))
     reward_delta: float = field(12.0, "reward=rank: the rescaled activation's slope delta (LeakGAN: 12)", min=0.0)
     adv_eval_interval: int = field(10, "rounds between validation NLL evaluations in the adversarial phase", min=1)
 

@@ -6,7 +6,10 @@ generator G — the reward of token t is D's mean P(real) over ``rollout_num`` c
 prefix by the rollout policy (a slowly following copy of G), the last token's is D's score of the
 sequence itself — and refits D ``d_steps`` times on fresh samples. ``baseline=mean`` subtracts each
 position's mean reward over the batch (an unbiased variance reduction); ``reward=rank`` replaces
-rewards by LeakGAN's rescaled ranks (``rank_rewards``). Every round counts as one
+rewards by LeakGAN's rescaled ranks (``rank_rewards``); ``reward=logit`` uses D's logit, log D / (1 - D), which for a
+well-fitted D estimates log p_data(x) / p_G(x), so the expected update follows -KL(G || data) (the
+reverse KL, NLL-oracle minus G's entropy) instead of E_G[D], whose differences vanish as D saturates.
+Every round counts as one
 trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
 """
 
@@ -105,13 +108,14 @@ class AdversarialPhase:
         B, L = samples.shape
         repeated = samples.repeat(c.rollout_num, 1)
         live = sequence_mask(samples)
-        out = torch.sigmoid(d(samples))[:, None].repeat(1, L)  # an ended sequence's tokens: D's score of it
+        score = _logit if c.reward == "logit" else torch.sigmoid
+        out = score(d(samples))[:, None].repeat(1, L)  # an ended sequence's tokens: D's score of it
         for t in range(1, L):
             if not bool(live[:, t].any()):  # every sequence ended by token t - 1: the rest is D's score
                 break
             completed = self.model.sample(repeated.size(0), L, self.bos_id, net=self.rollout,
                                           prefix=repeated[:, :t], generator=self.generator)
-            out[:, t - 1] = torch.sigmoid(d(completed)).view(c.rollout_num, B).mean(0)
+            out[:, t - 1] = score(d(completed)).view(c.rollout_num, B).mean(0)
         return out * live
 
     def generator_step(self) -> dict[str, float]:
@@ -151,6 +155,11 @@ class AdversarialPhase:
         for _ in range(self.config.d_steps):
             stats.update(self.fit_discriminator())
         return stats
+
+
+def _logit(logits: torch.Tensor) -> torch.Tensor:
+    """D's logit as the reward: log D / (1 - D), its estimate of log p_data(x) / p_G(x)."""
+    return logits
 
 
 def rank_rewards(rewards: torch.Tensor, mask: torch.Tensor, delta: float) -> torch.Tensor:

@@ -113,6 +113,46 @@ def test_decode_rows_matches_the_general_forward(lm, slots):
     assert [cache.lengths[s] for s in slots] == [reference.lengths[s] for s in slots]
 
 
+@pytest.mark.parametrize("scripted", [True, False])
+def test_prefill_rows_matches_the_general_forward(lm, scripted, monkeypatch):
+    """Right-padded prompts of different lengths into scattered empty slots: the same logits at each
+    prompt's last token, the same keys and values, the same fill levels; the eager function equals the
+    compiled one."""
+    from glmlab.models import gpt_decode
+
+    if not scripted:
+        monkeypatch.setattr("glmlab.models.gpt.scripted_prefill_rows", lambda: gpt_decode.prefill_rows)
+    model = lm.model
+    cache, reference = model.new_cache(8, torch.device("cpu")), model.new_cache(8, torch.device("cpu"))
+    slots, lengths = [6, 1, 3], [5, 2, 4]
+    idx = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 0, 0, 0], [12, 13, 14, 15, 0]])
+    with torch.no_grad():
+        fast = model.prefill_rows(idx, cache, slots, lengths)
+        slow = model(idx, reference, rows=slots, valid=lengths, last_only=True)[:, -1]
+    assert fast is not None and torch.allclose(fast, slow, atol=1e-5)
+    assert [cache.lengths[s] for s in slots] == lengths == [reference.lengths[s] for s in slots]
+    for s, n in zip(slots, lengths, strict=True):
+        assert torch.allclose(cache.kv[:, s, :, :, :n], reference.kv[:, s, :, :, :n], atol=1e-6)
+    with torch.no_grad():  # then a decode step reads what the prefill wrote exactly as the forward's
+        tokens = torch.tensor([1, 2, 3])
+        assert torch.allclose(model.decode_rows(tokens, cache, slots),
+                              model(tokens[:, None], reference, rows=slots, last_only=True)[:, -1], atol=1e-5)
+
+
+def test_prefill_rows_leaves_a_slot_that_holds_tokens_to_the_forward(lm):
+    model = lm.model
+    cache = model.new_cache(4, torch.device("cpu"))
+    with torch.no_grad():
+        model(torch.tensor([[5, 6]]), cache, rows=[2])
+        assert model.prefill_rows(torch.tensor([[7, 8]]), cache, [2], [2]) is None
+        model.train()
+        try:
+            assert model.prefill_rows(torch.tensor([[7, 8]]), cache, [0], [2]) is None
+        finally:
+            model.eval()
+    assert cache.lengths == [0, 0, 2, 0]
+
+
 def test_move_row_carries_a_rows_whole_state_to_a_free_slot(lm):
     from glmlab.models.vae import SentenceVAE, VAEConfig
 

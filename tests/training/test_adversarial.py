@@ -101,6 +101,26 @@ def test_the_reward_of_a_token_counts_the_token_itself():
     assert torch.allclose(rewards[2], never.expand(7))
 
 
+def test_logit_rewards_are_ds_mean_log_odds_over_the_rollouts():
+    """reward=logit: the same rollouts, scored by D's logit log D / (1 - D) instead of its probability
+    (signed and unbounded: with the loved token, +10; without, -10; half the rollouts, 0)."""
+    phase = make_phase(rollout_num=4, reward="logit")
+    phase.model.discriminator = LovesToken(7)
+    samples = torch.tensor([[7, 4, 5, 6, 8, 9, EOS_ID], [4, 5, 7, 6, EOS_ID, PAD_ID, PAD_ID],
+                            [4, 5, 6, 8, 9, 10, EOS_ID]])
+    with torch.no_grad():
+        phase.rollout.head.bias[7] = -1e4
+        phase.rollout.head.bias[EOS_ID] = -1e4
+    rewards = phase.rewards(samples)
+    assert torch.equal(rewards[0], torch.full((7,), 10.0))
+    assert torch.equal(rewards[1, :2], torch.full((2,), -10.0)) and torch.equal(rewards[1, 2:5], torch.full((3,), 10.0))
+    assert rewards[1, 5:].eq(0).all() and torch.equal(rewards[2], torch.full((7,), -10.0))
+    with torch.no_grad():  # a rollout policy that draws 7 half the time at the next position
+        phase.rollout.head.bias[7] = 0.0
+    mixed = phase.rewards(samples[2:])
+    assert -10.0 < float(mixed[0, 0]) < 10.0
+
+
 # --- the rollout policy -----------------------------------------------------------------------------------
 
 def test_update_rollout_follows_the_generator_at_the_configured_rate():
@@ -148,7 +168,8 @@ def test_fit_discriminator_learns_an_easy_task():
 
 # --- the generator ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("baseline, reward", [("none", "probability"), ("mean", "probability"), ("none", "rank")])
+@pytest.mark.parametrize("baseline, reward", [("none", "probability"), ("mean", "probability"), ("none", "rank"),
+                                              ("mean", "logit")])
 def test_policy_gradient_raises_the_probability_of_a_rewarded_token(baseline, reward):
     phase = make_phase(g_lr=0.05, adv_batch=32, baseline=baseline, reward=reward)
     phase.model.discriminator = LovesToken(7)
