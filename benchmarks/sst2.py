@@ -9,11 +9,14 @@ selection); SST-2 dev.tsv (872 sentences) is the test set, touched once per run 
 with the same architecture and tokenizer: from scratch, linear probe, full fine-tune (also with GPT-1's
 auxiliary LM loss, weight 0.5), LoRA (rank 8), and a full fine-tune of the LM first fine-tuned on
 SST-2's training sentences without labels (ULMFiT's second stage: 2,000 steps, as `glmlab finetune sft`
-with empty prompts), also with the auxiliary loss. Finished stages in --work are reused, so a second
-call only prints the table.
+with empty prompts), also with the auxiliary loss; on request (--only), full + auxiliary loss for up to
+12,000 steps with last-token or mean pooling (full-lm-long, full-lm-mean-long) and from scratch for as
+long (scratch-long). Finished stages in --work
+are reused, so a second call only prints the table.
 
     python benchmarks/sst2.py --threads 2                  # 30 min pre-training + ~50 min fine-tuning
     python benchmarks/sst2.py --only full,probe --steps 500
+    python benchmarks/sst2.py --threads 1 --only scratch-long,full-lm-long,full-lm-mean-long
 """
 
 from __future__ import annotations
@@ -45,8 +48,14 @@ RUNS = {  # name: (mode, from the pre-trained weights?, overrides)
     "lora": ("lora", True, ["train.lr=1e-3"]),
     "adapted": ("full", True, ["train.lr=1e-4"]),  # from the LM adapted to SST-2's training text (ULMFiT)
     "adapted-lm": ("full", True, ["train.lr=1e-4"]),  # both: the adapted LM, and the auxiliary LM loss
+    "scratch-long": ("full", False, ["train.lr=5e-4"]),  # scratch for up to 12,000 steps
+    "full-lm-long": ("full", True, ["train.lr=1e-4"]),  # full-lm for up to 12,000 steps
+    "full-lm-mean-long": ("full", True, ["train.lr=1e-4"]),  # the same with mean pooling
 }
-WITH_LM_LOSS = ("full-lm", "adapted-lm")  # weight 0.5, as GPT-1
+DEFAULT_RUNS = ("scratch", "probe", "full", "full-lm", "lora", "adapted", "adapted-lm")
+WITH_LM_LOSS = ("full-lm", "adapted-lm", "full-lm-long", "full-lm-mean-long")  # weight 0.5, as GPT-1
+STEPS = {"scratch-long": 12000, "full-lm-long": 12000, "full-lm-mean-long": 12000}  # instead of --steps
+MEAN_POOLING = ("full-lm-mean-long",)
 ADAPT = ["train.batch_size=32", "train.max_steps=2000", "train.lr=3e-4", "train.eval_interval=500",
          "train.warmup_steps=100", "train.patience=0", "train.weight_decay=0.01", "train.log_interval=50"]
 FINETUNE = ["train.batch_size=32", "train.eval_interval=250", "train.patience=6", "train.warmup_steps=100",
@@ -100,7 +109,8 @@ def main() -> None:
     parser.add_argument("--work", default="benchmarks/work/sst2", help="where data and runs go")
     parser.add_argument("--pretrain-time", default="30m", help="pre-training wall-clock budget (default 30m)")
     parser.add_argument("--steps", type=int, default=4000, help="fine-tuning steps (batches of 32) at most")
-    parser.add_argument("--only", default=",".join(RUNS), help="fine-tuning runs, comma-separated")
+    parser.add_argument("--only", default=",".join(DEFAULT_RUNS),
+                        help=f"fine-tuning runs, comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     args = parser.parse_args()
     if args.threads:
@@ -133,8 +143,10 @@ def main() -> None:
             options = FinetuneOptions(task="classify", init=str(init) if from_pretrained else None,
                                       arch=None if from_pretrained else str(pretrained), train=str(train_file),
                                       val=str(val_file), test=str(SHARED / "sst2" / "dev.tsv"), mode=mode,
-                                      lm_weight=0.5 if name in WITH_LM_LOSS else 0.0)
-            finetune(options, out, overrides=[*FINETUNE, *overrides, f"train.max_steps={args.steps}",
+                                      lm_weight=0.5 if name in WITH_LM_LOSS else 0.0,
+                                      pooling="mean" if name in MEAN_POOLING else "last")
+            steps = STEPS.get(name, args.steps)
+            finetune(options, out, overrides=[*FINETUNE, *overrides, f"train.max_steps={steps}",
                                                f"train.threads={args.threads}"], show_progress=True)
         results = json.loads((out / "results.json").read_text())
         print(f"{name}: SST-2 dev accuracy {results['test']['accuracy']:.2%}", flush=True)

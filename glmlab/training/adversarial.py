@@ -6,11 +6,11 @@ generator G — the reward of token t is D's mean P(real) over ``rollout_num`` c
 prefix by the rollout policy (a slowly following copy of G), the last token's is D's score of the
 sequence itself — and refits D ``d_steps`` times on fresh samples. ``baseline=mean`` subtracts each
 position's mean reward over the batch (an unbiased variance reduction); ``reward=rank`` replaces
-rewards by LeakGAN's rescaled ranks (``rank_rewards``); ``reward=logit`` uses D's logit, log D / (1 - D), which for a
-well-fitted D estimates log p_data(x) / p_G(x), so the expected update follows -KL(G || data) (the
-reverse KL, NLL-oracle minus G's entropy) instead of E_G[D], whose differences vanish as D saturates.
-Every round counts as one
-trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
+rewards by LeakGAN's rescaled ranks (``rank_rewards``); ``reward=logit`` scores with D's logit,
+log D / (1 - D), which for a well-fitted D estimates log p_data(x) / p_G(x), so the expected update
+follows -KL(G || data) (the reverse KL: NLL-oracle minus G's entropy) instead of E_G[D], whose
+differences vanish as D saturates. Every round counts as one trainer step (for checkpoints and
+metrics), so resume continues mid-phase exactly.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ class AdversarialPhase:
 
     @torch.no_grad()
     def rewards(self, samples: torch.Tensor) -> torch.Tensor:
-        """(B, L): token t's reward is D's mean P(real) over ``rollout_num`` completions of samples[:, :t+1]."""
+        """(B, L): token t's reward is D's mean P(real) (``reward=logit``: mean logit) over ``rollout_num``
+        completions of samples[:, :t+1]."""
         c, d = self.config, self.model.discriminator
         d.eval()
         B, L = samples.shape
