@@ -10,13 +10,13 @@ with the same architecture and tokenizer: from scratch, linear probe, full fine-
 auxiliary LM loss, weight 0.5), LoRA (rank 8), and a full fine-tune of the LM first fine-tuned on
 SST-2's training sentences without labels (ULMFiT's second stage: 2,000 steps, as `glmlab finetune sft`
 with empty prompts), also with the auxiliary loss; on request (--only), full + auxiliary loss for up to
-12,000 steps with last-token or mean pooling (full-lm-long, full-lm-mean-long) and from scratch for as
-long (scratch-long). Finished stages in --work
+12,000 steps (full-lm-long) and from scratch for as long (scratch-long), and both validated on 700
+held-out whole sentences instead of phrases, up to 8,000 steps (full-lm-sent, scratch-sent). Finished stages in --work
 are reused, so a second call only prints the table.
 
     python benchmarks/sst2.py --threads 2                  # 30 min pre-training + ~50 min fine-tuning
     python benchmarks/sst2.py --only full,probe --steps 500
-    python benchmarks/sst2.py --threads 1 --only scratch-long,full-lm-long,full-lm-mean-long
+    python benchmarks/sst2.py --threads 1 --only scratch-sent,full-lm-sent
 """
 
 from __future__ import annotations
@@ -50,12 +50,13 @@ RUNS = {  # name: (mode, from the pre-trained weights?, overrides)
     "adapted-lm": ("full", True, ["train.lr=1e-4"]),  # both: the adapted LM, and the auxiliary LM loss
     "scratch-long": ("full", False, ["train.lr=5e-4"]),  # scratch for up to 12,000 steps
     "full-lm-long": ("full", True, ["train.lr=1e-4"]),  # full-lm for up to 12,000 steps
-    "full-lm-mean-long": ("full", True, ["train.lr=1e-4"]),  # the same with mean pooling
+    "scratch-sent": ("full", False, ["train.lr=5e-4"]),  # scratch, validated on held-out sentences
+    "full-lm-sent": ("full", True, ["train.lr=1e-4"]),  # full-lm, validated on held-out sentences
 }
 DEFAULT_RUNS = ("scratch", "probe", "full", "full-lm", "lora", "adapted", "adapted-lm")
-WITH_LM_LOSS = ("full-lm", "adapted-lm", "full-lm-long", "full-lm-mean-long")  # weight 0.5, as GPT-1
-STEPS = {"scratch-long": 12000, "full-lm-long": 12000, "full-lm-mean-long": 12000}  # instead of --steps
-MEAN_POOLING = ("full-lm-mean-long",)
+WITH_LM_LOSS = ("full-lm", "adapted-lm", "full-lm-long", "full-lm-sent")  # weight 0.5, as GPT-1
+STEPS = {"scratch-long": 12000, "full-lm-long": 12000, "scratch-sent": 8000, "full-lm-sent": 8000}  # not --steps
+SENTENCE_SPLIT = ("scratch-sent", "full-lm-sent")  # validated on held-out sentences (split_by_sentence)
 ADAPT = ["train.batch_size=32", "train.max_steps=2000", "train.lr=3e-4", "train.eval_interval=500",
          "train.warmup_steps=100", "train.patience=0", "train.weight_decay=0.01", "train.log_interval=50"]
 FINETUNE = ["train.batch_size=32", "train.eval_interval=250", "train.patience=6", "train.warmup_steps=100",
@@ -79,6 +80,43 @@ def split_train(work: Path, held_out: int) -> tuple[Path, Path]:
         held = set(order[:held_out])
         train_file.write_text("\n".join([header, *(r for i, r in enumerate(rows) if i not in held)]) + "\n")
         val_file.write_text("\n".join([header, *(rows[i] for i in sorted(held))]) + "\n")
+    return train_file, val_file
+
+
+def sentence_roots(phrases: list[str]) -> list[int]:
+    """Indices of the phrases that are no other phrase's part: SST-2's train file holds every sentence's
+    phrases, the sentences (their parse trees' roots) among them, so these are the sentences."""
+    order = sorted(range(len(phrases)), key=lambda i: -len(phrases[i]))
+    roots: list[int] = []
+    joined, recent = "", []  # the roots so far, as one searchable string (plus the newest few)
+    for i in order:
+        p = f" {phrases[i]} "
+        if p in joined or any(p in r for r in recent):
+            continue
+        roots.append(i)
+        recent.append(p)
+        if len(recent) >= 200:
+            joined += "\n" + "\n".join(recent)
+            recent = []
+    return roots
+
+
+def split_by_sentence(work: Path, held_out: int) -> tuple[Path, Path]:
+    """A validation split without leaks: ``held_out`` random sentences (seed 0) of SST-2 train.tsv, and for
+    training every phrase that is not part of one of them (word boundaries). Validation then looks like
+    dev (whole sentences, median 19 words) and shares no phrase with training, unlike ``split_train``'s
+    random phrases, whose sentences stay in training."""
+    train_file, val_file = work / "sst2-sent-train.tsv", work / "sst2-sent-val.tsv"
+    if not val_file.is_file():
+        header, *rows = (SHARED / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
+        phrases = [r.split("\t")[0].strip() for r in rows]
+        roots = sentence_roots(phrases)
+        random.Random(0).shuffle(roots)
+        held = sorted(roots[:held_out])
+        val_text = "\n".join(f" {phrases[i]} " for i in held)
+        train_rows = [r for r, p in zip(rows, phrases, strict=True) if f" {p} " not in val_text]
+        train_file.write_text("\n".join([header, *train_rows]) + "\n")
+        val_file.write_text("\n".join([header, *(rows[i] for i in held)]) + "\n")
     return train_file, val_file
 
 
@@ -131,11 +169,13 @@ def main() -> None:
     val = [r for r in val if r["split"] == "val"]
     print(f"pre-trained: {val[-1]['step']} steps in {val[-1]['elapsed'] / 60:.1f} min, WikiText-2 val loss "
           f"{min(r['loss'] for r in val):.3f} nats/token", flush=True)
-    train_file, val_file = split_train(work, held_out=2000)
+    phrase_split = split_train(work, held_out=2000)
+    sentence_split = split_by_sentence(work, held_out=700)
     runs = []
     for name in args.only.split(","):
         mode, from_pretrained, overrides = RUNS[name]
         out = work / name
+        train_file, val_file = sentence_split if name in SENTENCE_SPLIT else phrase_split
         if not (out / "results.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
             adapted = name.startswith("adapted")
@@ -143,8 +183,7 @@ def main() -> None:
             options = FinetuneOptions(task="classify", init=str(init) if from_pretrained else None,
                                       arch=None if from_pretrained else str(pretrained), train=str(train_file),
                                       val=str(val_file), test=str(SHARED / "sst2" / "dev.tsv"), mode=mode,
-                                      lm_weight=0.5 if name in WITH_LM_LOSS else 0.0,
-                                      pooling="mean" if name in MEAN_POOLING else "last")
+                                      lm_weight=0.5 if name in WITH_LM_LOSS else 0.0)
             steps = STEPS.get(name, args.steps)
             finetune(options, out, overrides=[*FINETUNE, *overrides, f"train.max_steps={steps}",
                                                f"train.threads={args.threads}"], show_progress=True)
