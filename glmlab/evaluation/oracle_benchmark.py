@@ -54,6 +54,7 @@ VARIANTS = {  # name: overrides of the CPU preset
     "seqgan-fast": ["model.rollout_num=4", "model.g_steps=3"],  # cheaper rollouts, three updates per round
     "seqgan-rank": ["model.reward=rank"],  # LeakGAN's bootstrapped rescaled activation of the rewards
     "seqgan-ratio": ["model.reward=logit", "model.baseline=mean"],  # D's log density ratio: reverse KL
+    "seqgan-drift": ["model.reward=constant"],  # the ablation: reward 1 everywhere, no discriminator
 }
 
 

@@ -63,8 +63,10 @@ class SeqGANConfig(LSTMConfig):
                                        "of each sequence's rank among the batch at that position (scale-free when "
                                        "D saturates; still positive, so the update still sharpens G), or logit: "
                                        "D's mean logit log D / (1 - D), its estimate of log p_data / p_G (the "
-                                       "reverse-KL policy gradient; signed, use with baseline=mean)",
-                        choices=("probability", "rank", "logit"))
+                                       "reverse-KL policy gradient; signed, use with baseline=mean), or constant: "
+                                       "1 for every token, D unused (an ablation: the drift of reinforcing G's "
+                                       "own samples)",
+                        choices=("probability", "rank", "logit", "constant"))
     reward_delta: float = field(12.0, "reward=rank: the rescaled activation's slope delta (LeakGAN: 12)", min=0.0)
     adv_eval_interval: int = field(10, "rounds between validation NLL evaluations in the adversarial phase", min=1)
 

@@ -9,8 +9,9 @@ position's mean reward over the batch (an unbiased variance reduction); ``reward
 rewards by LeakGAN's rescaled ranks (``rank_rewards``); ``reward=logit`` scores with D's logit,
 log D / (1 - D), which for a well-fitted D estimates log p_data(x) / p_G(x), so the expected update
 follows -KL(G || data) (the reverse KL: NLL-oracle minus G's entropy) instead of E_G[D], whose
-differences vanish as D saturates. Every round counts as one trainer step (for checkpoints and
-metrics), so resume continues mid-phase exactly.
+differences vanish as D saturates; ``reward=constant`` rewards every token 1 without asking D (an
+ablation: the update's expectation is zero, so what it does is the drift of reinforcing G's own samples).
+Every round counts as one trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class AdversarialPhase:
         """(B, L): token t's reward is D's mean P(real) (``reward=logit``: mean logit) over ``rollout_num``
         completions of samples[:, :t+1]."""
         c, d = self.config, self.model.discriminator
+        if c.reward == "constant":  # the ablation: no discriminator, every live token rewarded 1
+            return sequence_mask(samples).float()
         d.eval()
         B, L = samples.shape
         repeated = samples.repeat(c.rollout_num, 1)

@@ -121,6 +121,19 @@ def test_logit_rewards_are_ds_mean_log_odds_over_the_rollouts():
     assert -10.0 < float(mixed[0, 0]) < 10.0
 
 
+def test_constant_rewards_are_one_on_live_tokens_without_asking_the_discriminator():
+    phase = make_phase(reward="constant")
+
+    class Unused(nn.Module):
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("reward=constant must not score with D")
+
+    phase.model.discriminator = Unused()
+    samples = torch.tensor([[7, 4, 5, 6, 8, 9, EOS_ID], [4, 5, 7, 6, EOS_ID, PAD_ID, PAD_ID]])
+    assert torch.equal(phase.rewards(samples), sequence_mask(samples).float())
+    assert phase.rewards(samples)[1].tolist() == [1, 1, 1, 1, 1, 0, 0]
+
+
 # --- the rollout policy -----------------------------------------------------------------------------------
 
 def test_update_rollout_follows_the_generator_at_the_configured_rate():
