@@ -11,7 +11,8 @@ auxiliary LM loss, weight 0.5), LoRA (rank 8), and a full fine-tune of the LM fi
 SST-2's training sentences without labels (ULMFiT's second stage: 2,000 steps, as `glmlab finetune sft`
 with empty prompts), also with the auxiliary loss; on request (--only), full + auxiliary loss for up to
 12,000 steps (full-lm-long) and from scratch for as long (scratch-long), and both validated on 700
-held-out whole sentences instead of phrases, up to 8,000 steps (full-lm-sent, scratch-sent). Finished stages in --work
+held-out whole sentences instead of phrases, up to 8,000 steps (full-lm-sent, scratch-sent); scratch and
+full-lm with another seed (scratch-seed2, full-lm-seed2). Finished stages in --work
 are reused, so a second call only prints the table.
 
     python benchmarks/sst2.py --threads 2                  # 30 min pre-training + ~50 min fine-tuning
@@ -50,11 +51,13 @@ RUNS = {  # name: (mode, from the pre-trained weights?, overrides)
     "adapted-lm": ("full", True, ["train.lr=1e-4"]),  # both: the adapted LM, and the auxiliary LM loss
     "scratch-long": ("full", False, ["train.lr=5e-4"]),  # scratch for up to 12,000 steps
     "full-lm-long": ("full", True, ["train.lr=1e-4"]),  # full-lm for up to 12,000 steps
+    "scratch-seed2": ("full", False, ["train.lr=5e-4", "train.seed=2"]),  # scratch, another seed
+    "full-lm-seed2": ("full", True, ["train.lr=1e-4", "train.seed=2"]),  # full-lm, another seed
     "scratch-sent": ("full", False, ["train.lr=5e-4"]),  # scratch, validated on held-out sentences
     "full-lm-sent": ("full", True, ["train.lr=1e-4"]),  # full-lm, validated on held-out sentences
 }
 DEFAULT_RUNS = ("scratch", "probe", "full", "full-lm", "lora", "adapted", "adapted-lm")
-WITH_LM_LOSS = ("full-lm", "adapted-lm", "full-lm-long", "full-lm-sent")  # weight 0.5, as GPT-1
+WITH_LM_LOSS = ("full-lm", "adapted-lm", "full-lm-long", "full-lm-sent", "full-lm-seed2")  # weight 0.5, as GPT-1
 STEPS = {"scratch-long": 12000, "full-lm-long": 12000, "scratch-sent": 8000, "full-lm-sent": 8000}  # not --steps
 SENTENCE_SPLIT = ("scratch-sent", "full-lm-sent")  # validated on held-out sentences (split_by_sentence)
 ADAPT = ["train.batch_size=32", "train.max_steps=2000", "train.lr=3e-4", "train.eval_interval=500",
