@@ -55,6 +55,7 @@ VARIANTS = {  # name: overrides of the CPU preset
     "seqgan-rank": ["model.reward=rank"],  # LeakGAN's bootstrapped rescaled activation of the rewards
     "seqgan-ratio": ["model.reward=logit", "model.baseline=mean"],  # D's log density ratio: reverse KL
     "seqgan-drift": ["model.reward=constant"],  # the ablation: reward 1 everywhere, no discriminator
+    "seqgan-ppo": ["model.g_epochs=4"],  # four clipped-surrogate steps per batch of rollout rewards
 }
 
 

@@ -134,12 +134,22 @@ class AdversarialPhase:
         if c.baseline == "mean":
             rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
         x = torch.cat([torch.full_like(samples[:, :1], self.bos_id), samples[:, :-1]], dim=1)
-        logp = -token_nll(model(x), samples.masked_fill(~mask, -100))
-        loss = -(logp * rewards).sum() / c.adv_batch
-        self.g_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.generator_parameters(), 5.0)
-        self.g_optimizer.step()
+        targets = samples.masked_fill(~mask, -100)
+        old_logp = None
+        for _ in range(c.g_epochs):
+            logp = -token_nll(model(x), targets)
+            if c.g_epochs == 1:  # REINFORCE
+                loss = -(logp * rewards).sum() / c.adv_batch
+            else:  # PPO's clipped surrogate; its first step's gradient is REINFORCE's
+                if old_logp is None:
+                    old_logp = logp.detach()
+                ratio = (logp - old_logp).exp()
+                clipped = ratio.clamp(1 - c.g_clip, 1 + c.g_clip)
+                loss = -torch.minimum(ratio * rewards, clipped * rewards).sum() / c.adv_batch
+            self.g_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.generator_parameters(), 5.0)
+            self.g_optimizer.step()
         return {"g_loss": float(loss.detach()), "reward": mean_reward}
 
     def update_rollout(self) -> None:

@@ -181,15 +181,40 @@ def test_fit_discriminator_learns_an_easy_task():
 
 # --- the generator ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("baseline, reward", [("none", "probability"), ("mean", "probability"), ("none", "rank"),
-                                              ("mean", "logit")])
-def test_policy_gradient_raises_the_probability_of_a_rewarded_token(baseline, reward):
-    phase = make_phase(g_lr=0.05, adv_batch=32, baseline=baseline, reward=reward)
+@pytest.mark.parametrize("baseline, reward, epochs", [("none", "probability", 1), ("mean", "probability", 1),
+                                                      ("none", "rank", 1), ("mean", "logit", 1),
+                                                      ("mean", "probability", 4)])
+def test_policy_gradient_raises_the_probability_of_a_rewarded_token(baseline, reward, epochs):
+    phase = make_phase(g_lr=0.05, adv_batch=32, baseline=baseline, reward=reward, g_epochs=epochs)
     phase.model.discriminator = LovesToken(7)
     before = p_first(phase, 7)
     stats = [phase.generator_step() for _ in range(10)]
     assert p_first(phase, 7) > 3 * before
     assert stats[-1]["reward"] > stats[0]["reward"]
+
+
+def test_ppo_epochs_reuse_one_batch_and_start_as_reinforce(monkeypatch):
+    """g_epochs=4: one batch of samples and rewards (one reward computation), four optimiser steps, the
+    first of which is exactly REINFORCE's (the clipped surrogate's gradient at ratio 1)."""
+    reinforce = make_phase(g_lr=0.05, adv_batch=16)
+    reinforce.generator_step()
+    phase = make_phase(g_lr=0.05, adv_batch=16, g_epochs=4, g_clip=0.2)
+    calls, after_first = {"rewards": 0, "steps": 0}, {}
+    original_rewards, original_step = phase.rewards, phase.g_optimizer.step
+
+    def step() -> None:
+        original_step()
+        calls["steps"] += 1
+        if calls["steps"] == 1:
+            after_first.update({k: v.clone() for k, v in phase.model.net.state_dict().items()})
+
+    monkeypatch.setattr(phase, "rewards", lambda s: calls.update(rewards=calls["rewards"] + 1) or original_rewards(s))
+    monkeypatch.setattr(phase.g_optimizer, "step", step)
+    phase.generator_step()
+    assert calls == {"rewards": 1, "steps": 4}
+    for key, value in reinforce.model.net.state_dict().items():
+        assert torch.allclose(after_first[key], value, atol=1e-6), key
+    assert any(not torch.allclose(after_first[k], v) for k, v in phase.model.net.state_dict().items())
 
 
 def test_rank_rewards_rescale_ranks_among_live_sequences():
