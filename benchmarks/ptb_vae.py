@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--iw-samples", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     args = parser.parse_args()
+    unknown = [n for n in args.only.split(",") if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}: use {', '.join(CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)

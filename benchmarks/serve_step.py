@@ -28,14 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from serve_load import PROMPTS, ROOT  # the same requests as the load test
 
 from glmlab.generation.continuous import ContinuousBatch
 from glmlab.generation.settings import GenerationSettings
 from glmlab.runs import load_run
-
-ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nBefore we proceed", "KING HENRY:", "To be, or not",
-           "MENENIUS:\nWhat work's, my countrymen", "HAMLET:", "O, "]  # serve_load.py's
 
 
 def step_time(model: torch.nn.Module, tokenizer, rows: int, steps: int) -> float:

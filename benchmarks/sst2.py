@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,25 +42,43 @@ PRETRAIN = ["model.family=gpt", "model.n_layer=4", "model.n_head=4", "model.n_em
             "model.dropout=0.1", "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=200",
             "train.max_steps=100000", "train.eval_interval=500", "train.eval_tokens=65536", "train.sample_tokens=0",
             "train.weight_decay=0.1"]
-RUNS = {  # name: (mode, from the pre-trained weights?, overrides)
-    "scratch": ("full", False, ["train.lr=5e-4"]),
-    "probe": ("probe", True, ["train.lr=3e-3"]),
-    "full": ("full", True, ["train.lr=1e-4"]),
-    "full-lm": ("full", True, ["train.lr=1e-4"]),  # + GPT-1's auxiliary LM loss (weight 0.5)
-    "lora": ("lora", True, ["train.lr=1e-3"]),
-    "adapted": ("full", True, ["train.lr=1e-4"]),  # from the LM adapted to SST-2's training text (ULMFiT)
-    "adapted-lm": ("full", True, ["train.lr=1e-4"]),  # both: the adapted LM, and the auxiliary LM loss
-    "scratch-long": ("full", False, ["train.lr=5e-4"]),  # scratch for up to 12,000 steps
-    "full-lm-long": ("full", True, ["train.lr=1e-4"]),  # full-lm for up to 12,000 steps
-    "scratch-seed2": ("full", False, ["train.lr=5e-4", "train.seed=2"]),  # scratch, another seed
-    "full-lm-seed2": ("full", True, ["train.lr=1e-4", "train.seed=2"]),  # full-lm, another seed
-    "scratch-sent": ("full", False, ["train.lr=5e-4"]),  # scratch, validated on held-out sentences
-    "full-lm-sent": ("full", True, ["train.lr=1e-4"]),  # full-lm, validated on held-out sentences
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of the table."""
+
+    mode: str  # full | probe | lora
+    pretrained: bool  # from the pre-trained weights; else the same architecture and tokenizer, fresh
+    lr: str
+    lm_loss: bool = False  # GPT-1's auxiliary LM loss, weight 0.5
+    adapted: bool = False  # from the LM first fine-tuned on SST-2's training sentences (ULMFiT)
+    steps: int | None = None  # at most this many steps instead of --steps
+    by_sentence: bool = False  # validated on held-out sentences (split_by_sentence), not random phrases
+    seed: int | None = None  # train.seed, if not the default
+
+    def overrides(self, steps: int, threads: int) -> list[str]:
+        seed = [f"train.seed={self.seed}"] if self.seed is not None else []
+        return [*FINETUNE, f"train.lr={self.lr}", *seed, f"train.max_steps={self.steps or steps}",
+                f"train.threads={threads}"]
+
+
+RUNS = {
+    "scratch": Run("full", False, "5e-4"),
+    "probe": Run("probe", True, "3e-3"),
+    "full": Run("full", True, "1e-4"),
+    "full-lm": Run("full", True, "1e-4", lm_loss=True),
+    "lora": Run("lora", True, "1e-3"),
+    "adapted": Run("full", True, "1e-4", adapted=True),
+    "adapted-lm": Run("full", True, "1e-4", lm_loss=True, adapted=True),
+    "scratch-long": Run("full", False, "5e-4", steps=12000),
+    "full-lm-long": Run("full", True, "1e-4", lm_loss=True, steps=12000),
+    "scratch-seed2": Run("full", False, "5e-4", seed=2),
+    "full-lm-seed2": Run("full", True, "1e-4", lm_loss=True, seed=2),
+    "scratch-sent": Run("full", False, "5e-4", steps=8000, by_sentence=True),
+    "full-lm-sent": Run("full", True, "1e-4", lm_loss=True, steps=8000, by_sentence=True),
 }
 DEFAULT_RUNS = ("scratch", "probe", "full", "full-lm", "lora", "adapted", "adapted-lm")
-WITH_LM_LOSS = ("full-lm", "adapted-lm", "full-lm-long", "full-lm-sent", "full-lm-seed2")  # weight 0.5, as GPT-1
-STEPS = {"scratch-long": 12000, "full-lm-long": 12000, "scratch-sent": 8000, "full-lm-sent": 8000}  # not --steps
-SENTENCE_SPLIT = ("scratch-sent", "full-lm-sent")  # validated on held-out sentences (split_by_sentence)
 ADAPT = ["train.batch_size=32", "train.max_steps=2000", "train.lr=3e-4", "train.eval_interval=500",
          "train.warmup_steps=100", "train.patience=0", "train.weight_decay=0.01", "train.log_interval=50"]
 FINETUNE = ["train.batch_size=32", "train.eval_interval=250", "train.patience=6", "train.warmup_steps=100",
@@ -154,6 +173,10 @@ def main() -> None:
                         help=f"fine-tuning runs, comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     args = parser.parse_args()
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}: use {', '.join(RUNS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -172,24 +195,20 @@ def main() -> None:
     val = [r for r in val if r["split"] == "val"]
     print(f"pre-trained: {val[-1]['step']} steps in {val[-1]['elapsed'] / 60:.1f} min, WikiText-2 val loss "
           f"{min(r['loss'] for r in val):.3f} nats/token", flush=True)
-    phrase_split = split_train(work, held_out=2000)
-    sentence_split = split_by_sentence(work, held_out=700)
     runs = []
-    for name in args.only.split(","):
-        mode, from_pretrained, overrides = RUNS[name]
-        out = work / name
-        train_file, val_file = sentence_split if name in SENTENCE_SPLIT else phrase_split
+    for name in names:
+        run, out = RUNS[name], work / name
         if not (out / "results.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
-            adapted = name.startswith("adapted")
-            init = adapt_lm(work, pretrained, train_file, val_file, args.threads) if adapted else pretrained
-            options = FinetuneOptions(task="classify", init=str(init) if from_pretrained else None,
-                                      arch=None if from_pretrained else str(pretrained), train=str(train_file),
-                                      val=str(val_file), test=str(SHARED / "sst2" / "dev.tsv"), mode=mode,
-                                      lm_weight=0.5 if name in WITH_LM_LOSS else 0.0)
-            steps = STEPS.get(name, args.steps)
-            finetune(options, out, overrides=[*FINETUNE, *overrides, f"train.max_steps={steps}",
-                                               f"train.threads={args.threads}"], show_progress=True)
+            split = split_by_sentence(work, held_out=700) if run.by_sentence else split_train(work, held_out=2000)
+            train_file, val_file = split
+            init = adapt_lm(work, pretrained, *split_train(work, held_out=2000), args.threads) if run.adapted \
+                else pretrained
+            options = FinetuneOptions(task="classify", init=str(init) if run.pretrained else None,
+                                      arch=None if run.pretrained else str(pretrained), train=str(train_file),
+                                      val=str(val_file), test=str(SHARED / "sst2" / "dev.tsv"), mode=run.mode,
+                                      lm_weight=0.5 if run.lm_loss else 0.0)
+            finetune(options, out, overrides=run.overrides(args.steps, args.threads), show_progress=True)
         results = json.loads((out / "results.json").read_text())
         print(f"{name}: SST-2 dev accuracy {results['test']['accuracy']:.2%}", flush=True)
         runs.append(out)

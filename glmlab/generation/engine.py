@@ -174,13 +174,14 @@ def _choose(logits: torch.Tensor, rows: list[_Row], on: _Controls) -> list[int]:
     uniform number from their own generator."""
     if not on.sampling:
         return logits.argmax(dim=-1).tolist()
-    u = torch.tensor([row.uniforms.next() if row.settings.temperature != 0 else 0.0 for row in rows],
+    sampling = [row.settings.temperature != 0 for row in rows]
+    u = torch.tensor([row.uniforms.next() if s else 0.0 for row, s in zip(rows, sampling, strict=True)],
                      dtype=torch.float64)
     sampled = inverse_cdf(logits, u).tolist()
-    if all(row.settings.temperature != 0 for row in rows):
+    if all(sampling):
         return sampled
     greedy = logits.argmax(dim=-1).tolist()
-    return [sampled[i] if row.settings.temperature != 0 else greedy[i] for i, row in enumerate(rows)]
+    return [t if s else g for t, g, s in zip(sampled, greedy, sampling, strict=True)]
 
 
 def _record_logprobs(raw: torch.Tensor, rows: list[_Row], chosen: list[int], tokenizer: Tokenizer) -> None:

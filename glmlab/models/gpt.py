@@ -292,17 +292,23 @@ class GPT(nn.Module):
             return None
         return self._decode_one(tokens, cache)
 
+    def _compiled_weights(self, cache: KVCache) -> tuple | None:
+        """The cache's gathered weights when the compiled steps of :mod:`glmlab.models.gpt_decode` can take
+        them (evaluation mode, native weights); None otherwise."""
+        if self.training or cache.weights is None or isinstance(cache.weights[4], Int8Linear):
+            return None
+        return cache.weights
+
     def decode_rows(self, tokens: torch.Tensor, cache: KVCache, rows: list[int]) -> torch.Tensor | None:
         """Logits (B, vocab) for one new token in each of the cache slots ``rows``, which may sit at
         different positions (a server's continuous batch); None when the general ``forward`` is needed."""
-        if self.training or cache.weights is None or isinstance(cache.weights[4], Int8Linear):
-            return None
+        weights = self._compiled_weights(cache)
         starts = [cache.lengths[r] for r in rows]
         span = max(starts) + 1
-        if span > cache.max_len:
+        if weights is None or span > cache.max_len:
             return None
         c = self.config
-        wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
+        wte, wpe, ln_f_w, ln_f_b, head, layers = weights
         device = tokens.device
         first = rows[0]
         if starts.count(starts[0]) == len(starts) and rows == list(range(first, first + len(rows))):
@@ -326,11 +332,11 @@ class GPT(nn.Module):
         """Logits (B, vocab) at the last real token of each right-padded prompt in idx (B, T) (``valid``:
         the real lengths), encoded into the empty cache slots ``rows``; None when the general
         ``forward`` is needed (training, int8 weights, a slot that is not empty, a prompt too long)."""
-        if (self.training or cache.weights is None or isinstance(cache.weights[4], Int8Linear)
-                or idx.size(1) > cache.max_len or any(cache.lengths[r] for r in rows)):
+        weights = self._compiled_weights(cache)
+        if weights is None or idx.size(1) > cache.max_len or any(cache.lengths[r] for r in rows):
             return None
         c = self.config
-        wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
+        wte, wpe, ln_f_w, ln_f_b, head, layers = weights
         device = idx.device
         with torch.jit.optimized_execution(False):
             logits = scripted_prefill_rows()(idx, torch.tensor(rows, device=device),

@@ -8,6 +8,7 @@ well: where scripting is unavailable it runs eagerly and gives the same numbers.
 (No ``from __future__ import annotations`` here: TorchScript reads the annotations.)
 """
 
+import functools
 import warnings
 
 import torch
@@ -89,22 +90,16 @@ def prefill_rows(idx: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, kv_
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
 
-_compiled: dict[str, object] = {}
-
-
+@functools.cache
 def _script(fn):
     """``fn`` compiled by TorchScript once per process; ``fn`` itself where TorchScript is unavailable or
     refuses it (the same code, run eagerly, gives the same numbers)."""
-    compiled = _compiled.get(fn.__name__)
-    if compiled is None:
-        try:
-            with warnings.catch_warnings():  # PyTorch marks TorchScript deprecated; its interpreter still ships
-                warnings.simplefilter("ignore", DeprecationWarning)
-                compiled = torch.jit.script(fn)
-        except Exception:  # noqa: BLE001 — any scripting failure just means running the same code eagerly
-            compiled = fn
-        _compiled[fn.__name__] = compiled
-    return compiled
+    try:
+        with warnings.catch_warnings():  # PyTorch marks TorchScript deprecated; its interpreter still ships
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(fn)
+    except Exception:  # noqa: BLE001 — any scripting failure just means running the same code eagerly
+        return fn
 
 
 def scripted_decode_layers():

@@ -260,7 +260,8 @@ class SentenceVAE(nn.Module):
             # value is unchanged, and the encoder's penalty stays the KL to N(0, I) above (with its
             # schedule and free bits), which keeps the aggregate posterior compact for the mixture to fit
             log_p = self.log_prior(z.detach())
-            objective = objective - (log_p.sum() - log_p.sum().detach())
+            prior_sum = log_p.sum()
+            objective = objective - (prior_sum - prior_sum.detach())
             kl_sum = self.kl_divergence(mu.detach(), logvar.detach(), log_prior=log_p.detach())
         else:
             kl_sum = kl.sum(1)

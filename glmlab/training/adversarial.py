@@ -135,14 +135,13 @@ class AdversarialPhase:
             rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
         x = torch.cat([torch.full_like(samples[:, :1], self.bos_id), samples[:, :-1]], dim=1)
         targets = samples.masked_fill(~mask, -100)
-        old_logp = None
-        for _ in range(c.g_epochs):
+        for epoch in range(c.g_epochs):
             logp = -token_nll(model(x), targets)
+            if epoch == 0:
+                old_logp = logp.detach()  # the policy the samples came from
             if c.g_epochs == 1:  # REINFORCE
                 loss = -(logp * rewards).sum() / c.adv_batch
             else:  # PPO's clipped surrogate; its first step's gradient is REINFORCE's
-                if old_logp is None:
-                    old_logp = logp.detach()
                 ratio = (logp - old_logp).exp()
                 clipped = ratio.clamp(1 - c.g_clip, 1 + c.g_clip)
                 loss = -torch.minimum(ratio * rewards, clipped * rewards).sum() / c.adv_batch
