@@ -10,7 +10,8 @@ process, so the two can be compared:
   scales from one client to sixteen; a server's ratio moves from it by how its own per-token work
   compares at the two loads.
 - **prefill**: a joining request's prompt through the family's compiled ``prefill_rows`` against the
-  general module-by-module forward, per prompt length.
+  general module-by-module forward, per prompt length, and sixteen of serve_load's prompts joining at
+  once (``prefill_rows`` runs the matrix products on the real tokens only; the forward on the padding too).
 - **overlap**: the 16-row decode called right after waking a thread that runs 0.5 ms of Python (as a
   server's event loop does when a step's tokens arrive). If the model's compute ran beside it, the call
   would take as long as alone.
@@ -66,22 +67,24 @@ def timed(fn, n: int) -> float:
     return (time.perf_counter() - started) / n
 
 
-def prefill_times(model: torch.nn.Module, lengths: list[int]) -> list[tuple[int, float, float]]:
-    cache = model.new_cache(8, torch.device("cpu"))
-    out = []
-    for n in lengths:
-        idx = torch.randint(0, model.config.vocab_size, (1, n))
+def prefill_times(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[float, float]:
+    """Seconds to prefill ``prompts`` together (right-padded) into empty slots: the compiled, packed
+    ``prefill_rows`` and the general forward."""
+    cache = model.new_cache(len(prompts), torch.device("cpu"))
+    lengths, slots = [len(p) for p in prompts], list(range(len(prompts)))
+    idx = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
 
-        def fast(idx: torch.Tensor = idx, n: int = n) -> None:
-            cache.reset_row(5)
-            model.prefill_rows(idx, cache, [5], [n])
+    def fast() -> None:
+        for s in slots:
+            cache.reset_row(s)
+        model.prefill_rows(idx, cache, slots, lengths)
 
-        def general(idx: torch.Tensor = idx, n: int = n) -> None:
-            cache.reset_row(5)
-            model(idx, cache, rows=[5], valid=[n], last_only=True)
+    def general() -> None:
+        for s in slots:
+            cache.reset_row(s)
+        model(idx, cache, rows=slots, valid=lengths, last_only=True)
 
-        out.append((n, timed(fast, 300), timed(general, 300)))
-    return out
+    return timed(fast, 200), timed(general, 200)
 
 
 def overlap(model: torch.nn.Module, burst: float = 0.0005, calls: int = 200) -> tuple[float, float, float]:
@@ -147,9 +150,15 @@ def main() -> None:
         print(f"step, 16 rows: {sixteen * 1e3:.3f} ms ({16 / sixteen:,.0f} tokens/s)")
         print(f"16 rows vs 1: {16 * one / sixteen:.2f}x the tokens/s (the model thread's own scaling)")
         if hasattr(model, "prefill_rows"):
-            for n, fast, general in prefill_times(model, [1, 8, 16, 32]):
+            for n in (1, 8, 16, 32):
+                fast, general = prefill_times(model, [list(range(4, 4 + n))])
                 print(f"prefill of {n} tokens: prefill_rows {fast * 1e3:.3f} ms, general forward "
                       f"{general * 1e3:.3f} ms")
+            joining = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(16)]
+            fast, general = prefill_times(model, joining)
+            print(f"prefill of 16 joining prompts ({sum(map(len, joining))} tokens, padded to "
+                  f"{16 * max(map(len, joining))}): prefill_rows {fast * 1e3:.3f} ms, general forward "
+                  f"{general * 1e3:.3f} ms")
         if hasattr(model, "decode_rows"):
             alone, beside, ended = overlap(model)
             print(f"16-row decode: alone {alone * 1e3:.3f} ms; right after waking 0.5 ms of Python on another "

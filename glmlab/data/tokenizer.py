@@ -53,6 +53,19 @@ class Tokenizer:
         """One more than the largest id (a tokenizer file from elsewhere may leave holes in its ids)."""
         return max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
 
+    @functools.cached_property
+    def pieces(self) -> list[str] | None:
+        """Each id's text when decoding is plain concatenation of the tokens' texts (a char tokenizer:
+        its decoder fuses them), special tokens '' as a decode skips them; None for other kinds. Lets
+        incremental decoding append one token's text instead of decoding a window."""
+        if self.kind != "char":
+            return None
+        table = [""] * self.vocab_size
+        specials = set(self.special_tokens.values())
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            table[i] = "" if token in specials else self.hf.decode([i], skip_special_tokens=True)
+        return table
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 

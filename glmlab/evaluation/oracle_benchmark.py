@@ -56,6 +56,7 @@ VARIANTS = {  # name: overrides of the CPU preset
     "seqgan-ratio": ["model.reward=logit", "model.baseline=mean"],  # D's log density ratio: reverse KL
     "seqgan-drift": ["model.reward=constant"],  # the ablation: reward 1 everywhere, no discriminator
     "seqgan-ppo": ["model.g_epochs=4"],  # four clipped-surrogate steps per batch of rollout rewards
+    "seqgan-mle": ["model.mle_steps=1"],  # LeakGAN's interleaved training: an MLE update on real data per round
 }
 
 

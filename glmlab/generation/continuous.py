@@ -11,7 +11,7 @@ the same prompt, settings and sample index, whatever else is in the batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -121,9 +121,13 @@ class ContinuousBatch:
         self._free.sort(reverse=True)  # the lowest free slot is taken first
 
     @torch.inference_mode()
-    def step(self) -> list[RowEvent]:
+    def step(self, publish: Callable[[list[RowEvent]], None] | None = None) -> list[RowEvent]:
         """Prefill the rows added since the last step, then give every active row its next token.
-        Returns one event per row that produced something (text, a token or its end)."""
+        Returns one event per row that produced something (text, a token or its end).
+
+        ``publish``, when given, receives the events as soon as they are made, before the model computes
+        the next step's logits: a server's other threads then handle them while that computation runs
+        (it releases Python's GIL) instead of competing with this thread's Python work afterwards."""
         self._prefill()
         if not self._active:
             return []
@@ -161,6 +165,8 @@ class ContinuousBatch:
         # in slot order: when the slots in use are 0..n-1, a family's fast path reads the cache in place
         self._active = sorted((e for e in entries if not e.row.done), key=lambda e: e.slot)
         self._compact()
+        if publish is not None and events:
+            publish(events)
         self._logits = self._decode(self._active) if self._active else None
         return events
 

@@ -10,7 +10,8 @@ class IncrementalText:
 
     Each push decodes only the last token or two (with one token of left context, so word-level
     spacing and byte-level merges come out exactly as a full decode would); while the newest tokens
-    end in an incomplete UTF-8 sequence, nothing is added until the character is whole.
+    end in an incomplete UTF-8 sequence, nothing is added until the character is whole. A tokenizer
+    whose decoding is plain concatenation (``Tokenizer.pieces``) appends the token's text directly.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -19,10 +20,15 @@ class IncrementalText:
         self.text = ""
         self._prefix = 0  # start of the context window that is re-decoded
         self._read = 0  # tokens before this are already in self.text
+        self._pieces = tokenizer.pieces
 
     def push(self, token: int) -> str:
         """Add a token; returns the text it completed ('' while a character is still incomplete)."""
         self.ids.append(token)
+        if self._pieces is not None and 0 <= token < len(self._pieces):
+            delta = self._pieces[token]
+            self.text += delta
+            return delta
         before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         after = self.tokenizer.decode(self.ids[self._prefix:])
         if len(after) <= len(before) or after.endswith("\ufffd"):

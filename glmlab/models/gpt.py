@@ -340,7 +340,7 @@ class GPT(nn.Module):
         device = idx.device
         with torch.jit.optimized_execution(False):
             logits = scripted_prefill_rows()(idx, torch.tensor(rows, device=device),
-                                             torch.tensor(valid, device=device) - 1, cache.layers, wte, wpe, ln_f_w,
+                                             torch.tensor(valid, device=device), cache.layers, wte, wpe, ln_f_w,
                                              ln_f_b, head, layers, c.n_head, c.layer_norm_epsilon)
         for r, n in zip(rows, valid, strict=True):
             cache.lengths[r] = n

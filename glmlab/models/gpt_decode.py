@@ -47,20 +47,20 @@ def decode_rows(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tens
     keys attended to). When ``slots`` is 0..B-1 in order the cache is read in place, else gathered.
     Logits (B, vocab)."""
     B, C = tokens.size(0), wte.size(1)
+    hs = C // n_head
     in_place = bool((slots == torch.arange(B, device=slots.device)).all())
-    rows = torch.arange(B, device=slots.device)
     x = (wte[tokens] + wpe[positions]).to(ln_f_w.dtype)  # (B, C)
     mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]).view(B, 1, 1, span)
+    # where each row's new key and value go, as rows of a (slots * 2 * n_head * max_len, hs) view of a
+    # layer's cache: one index_copy_ per layer (cheaper than indexing four dimensions)
+    max_len = kv_layers[0].size(3)
+    heads = torch.arange(2 * n_head, device=slots.device)[None, :]
+    where = ((slots[:, None] * (2 * n_head) + heads) * max_len + positions[:, None]).reshape(-1)
     for i in range(len(layers)):
         w, kv = layers[i], kv_layers[i]
-        qkv = torch.addmm(w[3], torch.layer_norm(x, [C], w[0], w[1], eps), w[2]).view(B, 3, n_head, 1, C // n_head)
-        if in_place:
-            keys = kv.narrow(0, 0, B)
-            keys[rows, :, :, positions] = qkv[:, 1:, :, 0]  # k and v stored together
-            keys = keys.narrow(3, 0, span)
-        else:
-            kv[slots, :, :, positions] = qkv[:, 1:, :, 0]
-            keys = kv.narrow(3, 0, span).index_select(0, slots)
+        qkv = torch.addmm(w[3], torch.layer_norm(x, [C], w[0], w[1], eps), w[2]).view(B, 3, n_head, 1, hs)
+        kv.view(-1, hs).index_copy_(0, where, qkv[:, 1:].reshape(-1, hs).to(kv.dtype))  # k and v together
+        keys = kv.narrow(0, 0, B).narrow(3, 0, span) if in_place else kv.narrow(3, 0, span).index_select(0, slots)
         y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, 0], keys[:, 1], attn_mask=mask)
         x = torch.addmm(w[5], y.view(B, C), w[4]).add_(x)
         h = F.gelu(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]), approximate="tanh")
@@ -68,25 +68,37 @@ def decode_rows(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tens
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
 
-def prefill_rows(idx: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, kv_layers: list[torch.Tensor],
+def prefill_rows(idx: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, kv_layers: list[torch.Tensor],
                  wte: torch.Tensor, wpe: torch.Tensor, ln_f_w: torch.Tensor, ln_f_b: torch.Tensor, head: torch.Tensor,
                  layers: list[list[torch.Tensor]], n_head: int, eps: float) -> torch.Tensor:
-    """Encode right-padded prompts idx (B, T) into empty cache slots ``slots`` (their keys and values at
-    positions 0..T-1; a padded row's extra positions are overwritten before anything reads them) and
-    return the logits (B, vocab) at each row's last real position ``last``: a server's prefill of a
-    joining request, with :func:`decode_layers`' per-call savings over the module-by-module forward."""
+    """Encode right-padded prompts idx (B, T) of ``lengths`` real tokens into empty cache slots ``slots``
+    (their keys and values at positions 0..T-1; a padded row's extra positions are overwritten before
+    anything reads them) and return the logits (B, vocab) at each prompt's last token: a server's
+    prefill of joining requests, with :func:`decode_layers`' per-call savings over the module-by-module
+    forward. The matrix products, which are most of the work, run on the real tokens only (packed, one
+    row per token); attention, which needs each prompt on its own, runs on the padded layout."""
     B, T, C = idx.size(0), idx.size(1), wte.size(1)
-    x = (wte[idx] + wpe[:T]).to(ln_f_w.dtype).view(B * T, C)
+    real = (torch.arange(T, device=idx.device)[None, :] < lengths[:, None]).reshape(B * T)
+    padded = int(real.sum()) < B * T
+    packed = real.nonzero().squeeze(1)  # padded cell of each real token, (N,)
+    # each padded cell's packed row; padding cells read row N, a zero row appended for them
+    unpack = torch.where(real, real.long().cumsum(0) - 1, torch.full_like(packed[:1], packed.size(0)))
+    x = (wte[idx.reshape(B * T)[packed]] + wpe[packed % T]).to(ln_f_w.dtype)  # (N, C)
     for i in range(len(layers)):
         w, kv = layers[i], kv_layers[i]
         qkv = torch.addmm(w[3], torch.layer_norm(x, [C], w[0], w[1], eps), w[2])
+        if padded:
+            qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * C)]).index_select(0, unpack)
         qkv = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         kv.narrow(3, 0, T).index_copy_(0, slots, qkv[1:].transpose(0, 1).to(kv.dtype))  # k and v together
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)  # (B, nh, T, hs)
-        x = torch.addmm(w[5], y.transpose(1, 2).reshape(B * T, C), w[4]).add_(x)
+        y = y.transpose(1, 2).reshape(B * T, C)
+        if padded:
+            y = y.index_select(0, packed)
+        x = torch.addmm(w[5], y, w[4]).add_(x)
         h = F.gelu(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]), approximate="tanh")
         x = torch.addmm(w[11], h, w[10]).add_(x)
-    x = x.view(B, T, C)[torch.arange(B, device=idx.device), last]
+    x = x.index_select(0, lengths.cumsum(0) - 1)  # each prompt's last token
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
 

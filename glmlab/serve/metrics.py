@@ -58,17 +58,25 @@ class Metrics:
             series[key] = series.get(key, 0.0) + value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
+        self.observe_many(name, [value], **labels)
+
+    def observe_many(self, name: str, values: list[float], **labels: str) -> None:
+        """Count each of ``values`` in the histogram, under one lock (a server step's inter-token gaps)."""
+        if not values:
+            return
         key = tuple(sorted(labels.items()))
         buckets = self._buckets[name]
         with self._lock:
             series = self._histograms[name].get(key)
             if series is None:
                 series = self._histograms[name][key] = [[0] * len(buckets), 0.0, 0]
-            i = bisect.bisect_left(buckets, value)
-            if i < len(buckets):
-                series[0][i] += 1
-            series[1] += value
-            series[2] += 1
+            counts = series[0]
+            for value in values:
+                i = bisect.bisect_left(buckets, value)
+                if i < len(buckets):
+                    counts[i] += 1
+            series[1] += sum(values)
+            series[2] += len(values)
 
     def value(self, name: str, **labels: str) -> float:
         """A counter's current value (tests and the benchmark read it)."""

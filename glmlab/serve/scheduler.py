@@ -207,16 +207,22 @@ class Scheduler:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        try:
-            events = self.batch.step()
+        try:  # the events go out before the next step's model computation, which the event loop then overlaps
+            self.batch.step(publish=self._publish)
         except Exception as exc:  # noqa: BLE001 — fail the batch's requests, keep serving the next ones
             self._fail_all(exc)
             self.batch = ContinuousBatch(self.model, self.tokenizer, self.slots)
             return
+        if self.metrics is not None:
+            self.metrics.observe("decode_step_seconds", time.perf_counter() - started)
+
+    def _publish(self, events: list[RowEvent]) -> None:
+        """Hand a step's events to their requests (one delivery for all) and update the metrics."""
         now = time.perf_counter()
         per_job: dict[Job, list[tuple[int, RowEvent]]] = {}
         m = self.metrics
         tokens = 0
+        gaps = []
         for event in events:
             job, row = event.key
             per_job.setdefault(job, []).append((row, event))
@@ -227,19 +233,18 @@ class Scheduler:
                     if m is not None:
                         m.observe("time_to_first_token_seconds", now - job.submitted)
                 previous = job.last_token.get(row)
-                if previous is not None and m is not None:
-                    m.observe("inter_token_latency_seconds", now - previous)
+                if previous is not None:
+                    gaps.append(now - previous)
                 job.last_token[row] = now
             if event.completion is not None:
                 job.finished += 1
         if m is not None:
-            m.observe("decode_step_seconds", now - started)
+            m.observe_many("inter_token_latency_seconds", gaps)
             m.inc("generated_tokens_total", tokens)
         for job in per_job:
             if job.finished == len(job.rows):
                 self._running.remove(job)
-        if per_job:
-            self.deliver(list(per_job.items()))
+        self.deliver(list(per_job.items()))
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._cond:

@@ -11,6 +11,9 @@ log D / (1 - D), which for a well-fitted D estimates log p_data(x) / p_G(x), so 
 follows -KL(G || data) (the reverse KL: NLL-oracle minus G's entropy) instead of E_G[D], whose
 differences vanish as D saturates; ``reward=constant`` rewards every token 1 without asking D (an
 ablation: the update's expectation is zero, so what it does is the drift of reinforcing G's own samples).
+``mle_steps`` adds LeakGAN's interleaved training: teacher-forced MLE updates on real sentences each
+round, with their own optimiser, so the generator keeps covering the data while the adversarial
+updates sharpen it.
 Every round counts as one trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
 """
 
@@ -39,6 +42,7 @@ class AdversarialPhase:
         self.length = c.block_size - 1  # tokens per sequence, <eos> included
         self.g_optimizer = torch.optim.Adam(model.generator_parameters(), lr=c.g_lr)
         self.d_optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=c.d_lr)
+        self.mle_optimizer = torch.optim.Adam(model.generator_parameters(), lr=c.g_lr)
         self.rollout = model.rollout_copy()
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.d_pretrained = False
@@ -47,12 +51,14 @@ class AdversarialPhase:
 
     def state_dict(self) -> dict[str, Any]:
         return {"g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
-                "rollout": self.rollout.state_dict(), "generator": self.generator.get_state(),
-                "d_pretrained": self.d_pretrained}
+                "mle_optimizer": self.mle_optimizer.state_dict(), "rollout": self.rollout.state_dict(),
+                "generator": self.generator.get_state(), "d_pretrained": self.d_pretrained}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.g_optimizer.load_state_dict(state["g_optimizer"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if "mle_optimizer" in state:  # absent in checkpoints written before model.mle_steps existed
+            self.mle_optimizer.load_state_dict(state["mle_optimizer"])
         self.rollout.load_state_dict(state["rollout"])
         self.generator.set_state(state["generator"])
         self.d_pretrained = bool(state["d_pretrained"])
@@ -151,6 +157,20 @@ class AdversarialPhase:
             self.g_optimizer.step()
         return {"g_loss": float(loss.detach()), "reward": mean_reward}
 
+    def mle_step(self) -> dict[str, float]:
+        """One teacher-forced MLE update of G on ``adv_batch`` real sentences (interleaved training)."""
+        model = self.model
+        real = self._real_batch(self.config.adv_batch)
+        x = torch.cat([torch.full_like(real[:, :1], self.bos_id), real[:, :-1]], dim=1)
+        targets = real.masked_fill(~sequence_mask(real), -100)
+        nll = token_nll(model(x), targets)
+        loss = nll.sum() / (targets != -100).sum()
+        self.mle_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.generator_parameters(), 5.0)
+        self.mle_optimizer.step()
+        return {"mle_loss": float(loss.detach())}
+
     def update_rollout(self) -> None:
         """rollout = rate * rollout + (1 - rate) * G, parameter by parameter (SeqGAN's delayed policy)."""
         rate = self.config.rollout_update
@@ -159,11 +179,13 @@ class AdversarialPhase:
                 mine.mul_(rate).add_(theirs.detach(), alpha=1 - rate)
 
     def round(self) -> dict[str, float]:
-        """One adversarial round: G updates, rollout update, D refits."""
+        """One adversarial round: G updates (policy gradient, then any interleaved MLE), rollout update, D refits."""
         stats: dict[str, float] = {}
         self.model.train()
         for _ in range(self.config.g_steps):
             stats.update(self.generator_step())
+        for _ in range(self.config.mle_steps):
+            stats.update(self.mle_step())
         self.update_rollout()
         for _ in range(self.config.d_steps):
             stats.update(self.fit_discriminator())

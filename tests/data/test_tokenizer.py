@@ -28,6 +28,19 @@ def test_char_round_trip_and_unencodable_characters():
     assert "'z'" in str(err.value) and "--tokenizer bpe" in str(err.value)
 
 
+def test_char_pieces_concatenate_to_the_decode_and_other_kinds_have_none():
+    """The incremental decoder's fast path: a char tokenizer's per-id texts, joined, are its decode (special
+    tokens skipped); word and BPE tokenizers, whose decoding is not concatenation, give None."""
+    tok = train_tokenizer("char", [TEXT + "\n"])
+    pieces = tok.pieces
+    assert pieces is not None and len(pieces) == tok.vocab_size
+    ids = tok.encode(TEXT + "\n") + [tok.eos_id, tok.bos_id] + tok.encode("to be")
+    assert "".join(pieces[i] for i in ids) == tok.decode(ids)
+    assert all(pieces[i] == "" for i in (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id))
+    assert train_tokenizer("word", [TEXT], vocab_size=100).pieces is None
+    assert train_tokenizer("bpe", [TEXT], vocab_size=300).pieces is None
+
+
 def test_word_vocab_cap_unknowns_and_line_breaks():
     tok = train_tokenizer("word", [TEXT], vocab_size=10)
     assert tok.vocab_size == 10

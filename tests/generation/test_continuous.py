@@ -86,6 +86,30 @@ def test_an_lstm_batch_matches_generate_batch(lm, one_thread):
         assert done[key].token_ids == alone(model, lm.tokenizer, prompt, settings, index).token_ids
 
 
+def test_publish_gets_each_steps_events_before_the_next_decode(lm, one_thread, monkeypatch):
+    """A server hands a step's events on while the model computes the next step: ``publish`` receives
+    exactly the events ``step`` returns, before the model is asked for the next logits."""
+    model, order = lm.model, []
+    decode = model.decode_rows
+
+    def recording(*args, **kwargs):
+        order.append("decode")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode_rows", recording)
+    batch = ContinuousBatch(model, lm.tokenizer, 2)
+    batch.add("a", [5, 6], GenerationSettings(max_new_tokens=3, seed=1))
+    batch.add("b", [7], GenerationSettings(max_new_tokens=2, seed=2))
+    published, returned = [], []
+    while batch.active or not returned:
+        order.clear()
+        events = batch.step(publish=lambda ev: (order.append("publish"), published.append(ev)))
+        returned.append(events)
+        assert order[:1] == ["publish"] and order.count("publish") == 1
+    assert published == returned and [len(e) for e in returned] == [2, 2, 1]
+    assert returned[-1][0].completion is not None and order == ["publish"]  # the last step decodes nothing
+
+
 def test_adding_to_a_full_batch_or_twice_is_refused(lm):
     batch = ContinuousBatch(lm.model, lm.tokenizer, 1)
     batch.add("a", [5, 6], GenerationSettings(max_new_tokens=2))
@@ -114,18 +138,19 @@ def test_decode_rows_matches_the_general_forward(lm, slots):
 
 
 @pytest.mark.parametrize("scripted", [True, False])
-def test_prefill_rows_matches_the_general_forward(lm, scripted, monkeypatch):
-    """Right-padded prompts of different lengths into scattered empty slots: the same logits at each
-    prompt's last token, the same keys and values, the same fill levels; the eager function equals the
-    compiled one."""
+@pytest.mark.parametrize("lengths", [[5, 2, 4], [5, 5, 5], [1, 5, 1]])
+def test_prefill_rows_matches_the_general_forward(lm, scripted, lengths, monkeypatch):
+    """Right-padded prompts of different (or equal: nothing to pack) lengths into scattered empty slots:
+    the same logits at each prompt's last token, the same keys and values, the same fill levels; the
+    eager function equals the compiled one."""
     from glmlab.models import gpt_decode
 
     if not scripted:
         monkeypatch.setattr("glmlab.models.gpt.scripted_prefill_rows", lambda: gpt_decode.prefill_rows)
     model = lm.model
     cache, reference = model.new_cache(8, torch.device("cpu")), model.new_cache(8, torch.device("cpu"))
-    slots, lengths = [6, 1, 3], [5, 2, 4]
-    idx = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 0, 0, 0], [12, 13, 14, 15, 0]])
+    slots = [6, 1, 3]
+    idx = torch.tensor([[5 + 3 * r + t if t < n else 0 for t in range(5)] for r, n in enumerate(lengths)])
     with torch.no_grad():
         fast = model.prefill_rows(idx, cache, slots, lengths)
         slow = model(idx, reference, rows=slots, valid=lengths, last_only=True)[:, -1]

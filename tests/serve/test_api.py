@@ -233,7 +233,7 @@ def test_a_failed_decoding_step_is_a_503_and_the_server_goes_on(make_server):
     server = make_server()
     batch = server.scheduler.batch
 
-    def broken():
+    def broken(publish=None):
         raise RuntimeError("simulated failure")
 
     batch.step = broken  # this batch fails; the scheduler starts a fresh one after it

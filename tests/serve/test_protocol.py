@@ -80,6 +80,11 @@ def test_prometheus_text():
     assert 'glmlab_latency_seconds_bucket{le="0.1"} 1' in text and 'glmlab_latency_seconds_bucket{le="1"} 2' in text
     assert 'glmlab_latency_seconds_bucket{le="+Inf"} 3' in text and "glmlab_latency_seconds_count 3" in text
     assert "# TYPE glmlab_depth gauge\nglmlab_depth 3" in text
+    many = Metrics()
+    many.histogram("latency_seconds", "latency", buckets=(0.1, 1.0))
+    many.observe_many("latency_seconds", [0.05, 0.5, 5.0])
+    many.observe_many("latency_seconds", [])
+    assert many.render() == "\n".join(line for line in text.splitlines() if "latency" in line) + "\n"
 
 
 @pytest.mark.parametrize("chat", [False, True])
