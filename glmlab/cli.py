@@ -164,7 +164,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "rescaled rank rewards), seqgan-ratio (D's log-odds as the reward, mean baseline: a "
                         "reverse-KL policy gradient), seqgan-drift (reward 1 everywhere, no discriminator: an "
                         "ablation), seqgan-ppo (4 PPO steps per batch of rollout rewards), seqgan-mle (an interleaved "
-                        "MLE update on real sentences per round, LeakGAN's interleaved training)")
+                        "MLE update on real sentences per round, LeakGAN's interleaved training), cot (CoT: a "
+                        "mediator LM and the exact KL to it, no discriminator or rollouts)")
     o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     o.add_argument("--oracle-samples", type=int, default=10000, help="generated sequences scored by the oracle")
     o.add_argument("--temperatures", default=None, metavar="T,T,...",

@@ -74,12 +74,22 @@ class SeqGANConfig(LSTMConfig):
                                        "own samples)",
                         choices=("probability", "rank", "logit", "constant"))
     reward_delta: float = field(12.0, "reward=rank: the rescaled activation's slope delta (LeakGAN: 12)", min=0.0)
+    objective: str = field("adversarial", "what the phase after MLE trains G on: adversarial (SeqGAN: policy "
+                                          "gradient against the discriminator), or cooperative (CoT, Lu et al. "
+                                          "2019: a mediator LM fitted to the balanced mixture of real sentences "
+                                          "and G's samples, G moved down the exact KL(G || mediator) over the "
+                                          "whole vocabulary at each position of its samples: an estimate of "
+                                          "JSD(data, G) minimised without rollouts, rewards or a discriminator)",
+                          choices=("adversarial", "cooperative"))
+    m_steps: int = field(1, "objective=cooperative: mediator MLE updates per round, each on adv_batch / 2 real and "
+                            "as many generated sentences", min=0)
+    m_lr: float = field(1e-3, "objective=cooperative: mediator Adam learning rate (CoT: 1e-3)", min=0.0)
     adv_eval_interval: int = field(10, "rounds between validation NLL evaluations in the adversarial phase", min=1)
 
     # keys a resumed run may change: the adversarial schedule continues from an MLE-trained generator
     RESUMABLE = ("d_lr", "g_lr", "adv_rounds", "adv_batch", "g_steps", "g_epochs", "g_clip", "mle_steps", "d_steps",
                  "d_epochs", "d_samples", "d_pretrain_steps", "rollout_num", "rollout_update", "baseline",
-                 "adv_eval_interval", "reward", "reward_delta")
+                 "adv_eval_interval", "reward", "reward_delta", "objective", "m_steps", "m_lr")
 
     def validate(self) -> None:
         for key in ("d_filter_sizes", "d_num_filters"):

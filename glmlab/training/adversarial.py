@@ -14,11 +14,18 @@ ablation: the update's expectation is zero, so what it does is the drift of rein
 ``mle_steps`` adds LeakGAN's interleaved training: teacher-forced MLE updates on real sentences each
 round, with their own optimiser, so the generator keeps covering the data while the adversarial
 updates sharpen it.
+
+``objective=cooperative`` replaces the game by CoT (Lu et al. 2019): a mediator, a copy of G's network
+that starts from the MLE generator, is fitted by MLE to the balanced mixture of real sentences and G's
+samples, so it estimates (p_data + p_G) / 2; G takes gradient steps on the exact per-position
+KL(G || mediator) over the whole vocabulary along its own samples, which estimates the Jensen-Shannon
+divergence's gradient. No rollouts, no rewards, no discriminator: each update costs a few forward passes.
 Every round counts as one trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -44,13 +51,19 @@ class AdversarialPhase:
         self.d_optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=c.d_lr)
         self.mle_optimizer = torch.optim.Adam(model.generator_parameters(), lr=c.g_lr)
         self.rollout = model.rollout_copy()
+        self.cooperative = c.objective == "cooperative"
+        if self.cooperative:  # CoT's mediator: G's network, fitted to the mixture of real and generated sentences
+            self.mediator = copy.deepcopy(model.net).train()
+            self.m_optimizer = torch.optim.Adam(self.mediator.parameters(), lr=c.m_lr)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.d_pretrained = False
 
     # --- state --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
+        extra = {"mediator": self.mediator.state_dict(), "m_optimizer": self.m_optimizer.state_dict()} \
+            if self.cooperative else {}
+        return {**extra, "g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
                 "mle_optimizer": self.mle_optimizer.state_dict(), "rollout": self.rollout.state_dict(),
                 "generator": self.generator.get_state(), "d_pretrained": self.d_pretrained}
 
@@ -59,6 +72,9 @@ class AdversarialPhase:
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         if "mle_optimizer" in state:  # absent in checkpoints written before model.mle_steps existed
             self.mle_optimizer.load_state_dict(state["mle_optimizer"])
+        if self.cooperative and "mediator" in state:
+            self.mediator.load_state_dict(state["mediator"])
+            self.m_optimizer.load_state_dict(state["m_optimizer"])
         self.rollout.load_state_dict(state["rollout"])
         self.generator.set_state(state["generator"])
         self.d_pretrained = bool(state["d_pretrained"])
@@ -99,6 +115,10 @@ class AdversarialPhase:
     def pretrain_discriminator(self) -> dict[str, float]:
         """The phase's start: the rollout policy becomes a copy of the (MLE-trained) generator, then D is fitted."""
         self.rollout.load_state_dict(self.model.net.state_dict())  # built with the phase, before MLE or a resume
+        if self.cooperative:  # the mediator starts from the MLE generator; no discriminator is used
+            self.mediator.load_state_dict(self.model.net.state_dict())
+            self.d_pretrained = True
+            return {}
         stats: dict[str, float] = {}
         for _ in range(self.config.d_pretrain_steps):
             stats = self.fit_discriminator()
@@ -151,25 +171,50 @@ class AdversarialPhase:
                 ratio = (logp - old_logp).exp()
                 clipped = ratio.clamp(1 - c.g_clip, 1 + c.g_clip)
                 loss = -torch.minimum(ratio * rewards, clipped * rewards).sum() / c.adv_batch
-            self.g_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.generator_parameters(), 5.0)
-            self.g_optimizer.step()
+            _update(self.g_optimizer, loss, model.generator_parameters())
         return {"g_loss": float(loss.detach()), "reward": mean_reward}
 
     def mle_step(self) -> dict[str, float]:
         """One teacher-forced MLE update of G on ``adv_batch`` real sentences (interleaved training)."""
         model = self.model
-        real = self._real_batch(self.config.adv_batch)
-        x = torch.cat([torch.full_like(real[:, :1], self.bos_id), real[:, :-1]], dim=1)
-        targets = real.masked_fill(~sequence_mask(real), -100)
+        x, targets = self._teacher_forced(self._real_batch(self.config.adv_batch))
         nll = token_nll(model(x), targets)
         loss = nll.sum() / (targets != -100).sum()
-        self.mle_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.generator_parameters(), 5.0)
-        self.mle_optimizer.step()
+        _update(self.mle_optimizer, loss, model.generator_parameters())
         return {"mle_loss": float(loss.detach())}
+
+    def _teacher_forced(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) for teacher forcing on sequences (B, L): <bos> + the sequence shifted right, and
+        the sequence with everything after its <eos> ignored."""
+        x = torch.cat([torch.full_like(samples[:, :1], self.bos_id), samples[:, :-1]], dim=1)
+        return x, samples.masked_fill(~sequence_mask(samples), -100)
+
+    def cooperative_step(self) -> dict[str, float]:
+        """CoT's generator update: the exact KL(G || mediator) of the next-token distributions at each position
+        of ``adv_batch`` of G's samples, summed over positions and averaged over sequences."""
+        c, model = self.config, self.model
+        samples = model.sample(c.adv_batch, self.length, self.bos_id, generator=self.generator)
+        x, targets = self._teacher_forced(samples)
+        live = targets != -100
+        log_g = F.log_softmax(model(x).float(), dim=-1)
+        with torch.no_grad():
+            self.mediator.eval()
+            log_m = F.log_softmax(self.mediator.logits(self.mediator.features(x)[0]).float(), dim=-1)
+        kl = (log_g.exp() * (log_g - log_m)).sum(-1)  # (B, L)
+        loss = (kl * live).sum() / c.adv_batch
+        _update(self.g_optimizer, loss, model.generator_parameters())
+        return {"g_loss": float(loss.detach())}
+
+    def mediator_step(self) -> dict[str, float]:
+        """CoT's mediator update: MLE on ``adv_batch / 2`` real sentences and as many of G's samples."""
+        c, m = self.config, self.mediator
+        half = max(1, c.adv_batch // 2)
+        x, targets = self._teacher_forced(torch.cat([self._real_batch(half), self._fake_batch(half)]))
+        m.train()
+        nll = token_nll(m.logits(m.features(x)[0]), targets)
+        loss = nll.sum() / (targets != -100).sum()
+        _update(self.m_optimizer, loss, list(m.parameters()))
+        return {"m_loss": float(loss.detach())}
 
     def update_rollout(self) -> None:
         """rollout = rate * rollout + (1 - rate) * G, parameter by parameter (SeqGAN's delayed policy)."""
@@ -182,6 +227,14 @@ class AdversarialPhase:
         """One adversarial round: G updates (policy gradient, then any interleaved MLE), rollout update, D refits."""
         stats: dict[str, float] = {}
         self.model.train()
+        if self.cooperative:
+            for _ in range(self.config.m_steps):
+                stats.update(self.mediator_step())
+            for _ in range(self.config.g_steps):
+                stats.update(self.cooperative_step())
+            for _ in range(self.config.mle_steps):
+                stats.update(self.mle_step())
+            return stats
         for _ in range(self.config.g_steps):
             stats.update(self.generator_step())
         for _ in range(self.config.mle_steps):
@@ -190,6 +243,14 @@ class AdversarialPhase:
         for _ in range(self.config.d_steps):
             stats.update(self.fit_discriminator())
         return stats
+
+
+def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 5 (SeqGAN's generator clip)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 5.0)
+    optimizer.step()
 
 
 def _logit(logits: torch.Tensor) -> torch.Tensor:

@@ -283,6 +283,38 @@ def test_interleaved_mle_steps_fit_the_real_sentences_and_resume(monkeypatch):
     make_phase().load_state_dict({k: v for k, v in saved.items() if k != "mle_optimizer"})
 
 
+def test_cooperative_training_moves_g_toward_the_mediator_and_the_mediator_toward_the_mixture():
+    """objective=cooperative (CoT): the mediator starts as the generator (KL 0, so G's first gradient is
+    zero); fitted to real and generated sentences it moves away, and G's steps then lower KL(G || mediator)
+    on G's own samples; a round makes m_steps mediator and g_steps generator updates and asks no
+    discriminator; the mediator and its optimiser are saved with the phase."""
+    phase = make_phase(objective="cooperative", g_lr=0.05, m_lr=0.05, m_steps=2, g_steps=1, adv_batch=32)
+    phase.model.discriminator = None  # never asked
+    assert phase.pretrain_discriminator() == {} and phase.d_pretrained
+    assert phase.cooperative_step()["g_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert max(float(p.grad.abs().max()) for p in phase.model.generator_parameters()) < 1e-5
+    real = phase._real_batch(64)
+    x, targets = phase._teacher_forced(real)
+
+    def mediator_nll() -> float:
+        with torch.no_grad():
+            m = phase.mediator.eval()
+            return float(adversarial.token_nll(m.logits(m.features(x)[0]), targets).sum() / (targets != -100).sum())
+
+    start = mediator_nll()
+    for _ in range(20):
+        phase.mediator_step()
+    assert mediator_nll() < start - 0.1  # it learns the real half of its mixture
+    losses = [phase.cooperative_step()["g_loss"] for _ in range(25)]
+    assert losses[0] > 0.01 and sum(losses[-5:]) / 5 < losses[0] * 0.8
+    stats = phase.round()
+    assert {"m_loss", "g_loss"} <= set(stats) and "d_loss" not in stats
+    other = make_phase(objective="cooperative")
+    other.load_state_dict(phase.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.mediator.parameters(), phase.mediator.parameters(),
+                                                 strict=True))
+
+
 def test_round_and_state_dict_round_trip():
     phase = make_phase()
     phase.pretrain_discriminator()
