@@ -25,9 +25,10 @@ class IncrementalText:
     def push(self, token: int) -> str:
         """Add a token; returns the text it completed ('' while a character is still incomplete)."""
         self.ids.append(token)
-        if self._pieces is not None and 0 <= token < len(self._pieces):
-            delta = self._pieces[token]
+        if self._pieces is not None:  # an id outside the table (a model's padded vocabulary) decodes to nothing
+            delta = self._pieces[token] if 0 <= token < len(self._pieces) else ""
             self.text += delta
+            self._prefix = self._read = len(self.ids)
             return delta
         before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         after = self.tokenizer.decode(self.ids[self._prefix:])

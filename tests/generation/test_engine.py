@@ -78,6 +78,14 @@ def test_incremental_text_never_splits_a_character():
     assert "" in deltas  # some tokens completed no character
 
 
+def test_char_incremental_text_matches_a_full_decode_even_past_the_vocabulary():
+    tok = train_tokenizer("char", ["to be or not to be\nthat is the question"])
+    ids = tok.encode("to be\nor not") + [tok.eos_id, tok.vocab_size + 5] + tok.encode(" that")
+    inc = IncrementalText(tok)
+    deltas = [inc.push(i) for i in ids]
+    assert "".join(deltas) == inc.text == tok.decode(ids) == "to be\nor not that"
+
+
 def test_word_level_incremental_text_matches_a_full_decode():
     tok = train_tokenizer("word", ["to be or not to be\nthat is the question\n\nwhether"], vocab_size=100)
     ids = tok.encode("to be or\n\nnot to be\nthat")
