@@ -75,6 +75,8 @@ class AdversarialPhase:
         if self.cooperative and "mediator" in state:
             self.mediator.load_state_dict(state["mediator"])
             self.m_optimizer.load_state_dict(state["m_optimizer"])
+        elif self.cooperative:  # a SeqGAN phase resumed as CoT: the mediator starts from the (loaded) generator
+            self.mediator.load_state_dict(self.model.net.state_dict())
         self.rollout.load_state_dict(state["rollout"])
         self.generator.set_state(state["generator"])
         self.d_pretrained = bool(state["d_pretrained"])

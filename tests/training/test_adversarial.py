@@ -313,6 +313,13 @@ def test_cooperative_training_moves_g_toward_the_mediator_and_the_mediator_towar
     other.load_state_dict(phase.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(other.mediator.parameters(), phase.mediator.parameters(),
                                                  strict=True))
+    seqgan = make_phase()  # a SeqGAN phase's state resumed as CoT: the mediator starts from the generator
+    with torch.no_grad():
+        for p in other.model.net.parameters():
+            p.add_(0.1)
+    other.load_state_dict(seqgan.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.mediator.parameters(), other.model.net.parameters(),
+                                                 strict=True))
 
 
 def test_round_and_state_dict_round_trip():
