@@ -169,8 +169,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     o.add_argument("--oracle-samples", type=int, default=10000, help="generated sequences scored by the oracle")
     o.add_argument("--temperatures", default=None, metavar="T,T,...",
-                   help="also score the MLE generator sampled at these temperatures (the sharpening-only "
-                        "frontier an adversarial variant should beat at equal NLL-test), e.g. 0.9,0.85,0.8")
+                   help="also score the MLE generator and each variant sampled at these temperatures "
+                        "(quality-diversity curves: MLE's is the sharpening-only frontier an adversarial variant "
+                        "should beat at equal NLL-test), e.g. 0.9,0.85,0.8")
     o.set_defaults(handler=cmd_bench_oracle)
 
 

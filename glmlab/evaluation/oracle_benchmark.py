@@ -175,24 +175,29 @@ def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | 
                                   chosen, mle_overrides=CPU_DISCRIMINATOR, threads=threads,
                                   oracle_samples=oracle_samples, log=log)
     if temperatures:
-        stages += temperature_stages(oracle_path, out, temperatures, oracle_samples, log)
+        stages += temperature_stages(oracle_path, out, temperatures, oracle_samples, log, runs=["mle", *chosen])
     (out / "results.json").write_text(json.dumps([s.__dict__ for s in stages], indent=1))
     return stages
 
 
 def temperature_stages(oracle_path: Path, out: Path, temperatures: list[float], samples: int = 10000,
-                       log=print) -> list[Stage]:
-    """The MLE generator sampled (and scored on held-out data) at each temperature: the sharpening-only
-    frontier that an adversarial variant should beat at equal NLL-test."""
+                       log=print, runs: list[str] | None = None) -> list[Stage]:
+    """Each finished run in ``out`` (``mle`` and the variants) sampled, and scored on held-out data, at each
+    temperature: a run's quality-diversity curve. The MLE generator's is the sharpening-only frontier an
+    adversarial variant should beat at equal NLL-test; two variants compare by their curves, not by
+    one point each (Caccia et al. 2020)."""
     oracle, stages = Oracle(oracle_path), []
-    for t in temperatures:
-        cached = out / "mle" / f"temperature-{t:g}.json"
-        if not cached.is_file():
-            nll_oracle, nll_test = score(out / "mle", out / "data", oracle, samples, temperature=t)
-            cached.write_text(json.dumps({"nll_oracle": nll_oracle, "nll_test": nll_test}))
-        done = json.loads(cached.read_text())
-        stages.append(Stage(f"MLE at temperature {t:g}", done["nll_oracle"], done["nll_test"], 0.0, {"temperature": t}))
-        log(f"MLE at temperature {t:g}: NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}")
+    for run in runs or ["mle"]:
+        name = "MLE" if run == "mle" else run
+        for t in temperatures:
+            cached = out / run / f"temperature-{t:g}.json"
+            if not cached.is_file():
+                nll_oracle, nll_test = score(out / run, out / "data", oracle, samples, temperature=t)
+                cached.write_text(json.dumps({"nll_oracle": nll_oracle, "nll_test": nll_test}))
+            done = json.loads(cached.read_text())
+            stages.append(Stage(f"{name} at temperature {t:g}", done["nll_oracle"], done["nll_test"], 0.0,
+                                {"temperature": t}))
+            log(f"{name} at temperature {t:g}: NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}")
     return stages
 
 

@@ -30,6 +30,10 @@ def test_bench_oracle_runs_mle_then_variants_and_reuses_finished_stages(tmp_path
     assert main(args) == 0  # finished stages are reused, not retrained
     assert (tmp_path / "b" / "mle" / "model.safetensors").stat().st_mtime_ns == mle_weights
     assert json.loads((tmp_path / "b" / "results.json").read_text()) == results
+    assert main([*args, "--temperatures", "0.8"]) == 0  # every run's curve, scored once and cached
+    names = [r["name"] for r in json.loads((tmp_path / "b" / "results.json").read_text())]
+    assert names[3:] == ["MLE at temperature 0.8", "seqgan at temperature 0.8", "seqgan-baseline at temperature 0.8"]
+    assert (tmp_path / "b" / "seqgan" / "temperature-0.8.json").is_file()
 
 
 def test_bench_oracle_errors(tmp_path: Path, capsys) -> None:
