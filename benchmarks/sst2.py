@@ -200,8 +200,8 @@ def main() -> None:
         run, out = RUNS[name], work / name
         if not (out / "results.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
-            split = split_by_sentence(work, held_out=700) if run.by_sentence else split_train(work, held_out=2000)
-            train_file, val_file = split
+            train_file, val_file = split_by_sentence(work, held_out=700) if run.by_sentence \
+                else split_train(work, held_out=2000)
             init = adapt_lm(work, pretrained, *split_train(work, held_out=2000), args.threads) if run.adapted \
                 else pretrained
             options = FinetuneOptions(task="classify", init=str(init) if run.pretrained else None,

@@ -55,16 +55,12 @@ class Tokenizer:
 
     @functools.cached_property
     def pieces(self) -> list[str] | None:
-        """Each id's text when decoding is plain concatenation of the tokens' texts (a char tokenizer:
-        its decoder fuses them), special tokens '' as a decode skips them; None for other kinds. Lets
-        incremental decoding append one token's text instead of decoding a window."""
+        """Each id's text as :meth:`decode` gives it (special tokens: ''), for a tokenizer whose decoding is
+        plain concatenation of those texts (a char tokenizer: its decoder fuses them); None for other
+        kinds. Lets incremental decoding append one token's text instead of decoding a window."""
         if self.kind != "char":
             return None
-        table = [""] * self.vocab_size
-        specials = set(self.special_tokens.values())
-        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
-            table[i] = "" if token in specials else self.hf.decode([i], skip_special_tokens=True)
-        return table
+        return [self.decode([i]) for i in range(self.vocab_size)]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

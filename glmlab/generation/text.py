@@ -28,7 +28,6 @@ class IncrementalText:
         if self._pieces is not None:  # an id outside the table (a model's padded vocabulary) decodes to nothing
             delta = self._pieces[token] if 0 <= token < len(self._pieces) else ""
             self.text += delta
-            self._prefix = self._read = len(self.ids)
             return delta
         before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         after = self.tokenizer.decode(self.ids[self._prefix:])

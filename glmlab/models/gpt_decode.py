@@ -81,8 +81,9 @@ def prefill_rows(idx: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, 
     real = (torch.arange(T, device=idx.device)[None, :] < lengths[:, None]).reshape(B * T)
     padded = int(real.sum()) < B * T
     packed = real.nonzero().squeeze(1)  # padded cell of each real token, (N,)
-    # each padded cell's packed row; padding cells read row N, a zero row appended for them
-    unpack = torch.where(real, real.long().cumsum(0) - 1, torch.full_like(packed[:1], packed.size(0)))
+    unpack = packed  # each padded cell's packed row; padding cells read row N, a zero row appended for them
+    if padded:
+        unpack = torch.where(real, real.long().cumsum(0) - 1, torch.full_like(packed[:1], packed.size(0)))
     x = (wte[idx.reshape(B * T)[packed]] + wpe[packed % T]).to(ln_f_w.dtype)  # (N, C)
     for i in range(len(layers)):
         w, kv = layers[i], kv_layers[i]

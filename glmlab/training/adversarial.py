@@ -155,14 +155,13 @@ class AdversarialPhase:
         c, model = self.config, self.model
         samples = model.sample(c.adv_batch, self.length, self.bos_id, generator=self.generator)
         rewards = self.rewards(samples)
-        mask = sequence_mask(samples)
+        x, targets = self._teacher_forced(samples)
+        mask = targets != -100
         mean_reward = float(rewards.sum() / mask.sum())
         if c.reward == "rank":
             rewards = rank_rewards(rewards, mask, c.reward_delta)
         if c.baseline == "mean":
             rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
-        x = torch.cat([torch.full_like(samples[:, :1], self.bos_id), samples[:, :-1]], dim=1)
-        targets = samples.masked_fill(~mask, -100)
         for epoch in range(c.g_epochs):
             logp = -token_nll(model(x), targets)
             if epoch == 0:
@@ -180,8 +179,7 @@ class AdversarialPhase:
         """One teacher-forced MLE update of G on ``adv_batch`` real sentences (interleaved training)."""
         model = self.model
         x, targets = self._teacher_forced(self._real_batch(self.config.adv_batch))
-        nll = token_nll(model(x), targets)
-        loss = nll.sum() / (targets != -100).sum()
+        loss = mean_nll(model(x), targets)
         _update(self.mle_optimizer, loss, model.generator_parameters())
         return {"mle_loss": float(loss.detach())}
 
@@ -201,7 +199,7 @@ class AdversarialPhase:
         log_g = F.log_softmax(model(x).float(), dim=-1)
         with torch.no_grad():
             self.mediator.eval()
-            log_m = F.log_softmax(self.mediator.logits(self.mediator.features(x)[0]).float(), dim=-1)
+            log_m = F.log_softmax(self.mediator.decode(x).float(), dim=-1)
         kl = (log_g.exp() * (log_g - log_m)).sum(-1)  # (B, L)
         loss = (kl * live).sum() / c.adv_batch
         _update(self.g_optimizer, loss, model.generator_parameters())
@@ -213,8 +211,7 @@ class AdversarialPhase:
         half = max(1, c.adv_batch // 2)
         x, targets = self._teacher_forced(torch.cat([self._real_batch(half), self._fake_batch(half)]))
         m.train()
-        nll = token_nll(m.logits(m.features(x)[0]), targets)
-        loss = nll.sum() / (targets != -100).sum()
+        loss = mean_nll(m.decode(x), targets)
         _update(self.m_optimizer, loss, list(m.parameters()))
         return {"m_loss": float(loss.detach())}
 
@@ -245,6 +242,11 @@ class AdversarialPhase:
         for _ in range(self.config.d_steps):
             stats.update(self.fit_discriminator())
         return stats
+
+
+def mean_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean per-token NLL of ``targets`` (-100: ignored) under ``logits``."""
+    return token_nll(logits, targets).sum() / (targets != -100).sum()
 
 
 def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> None:

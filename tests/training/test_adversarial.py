@@ -263,13 +263,11 @@ def test_interleaved_mle_steps_fit_the_real_sentences_and_resume(monkeypatch):
     phase.pretrain_discriminator()
     stats = phase.round()
     assert len(calls) == 3 and "mle_loss" in stats and "g_loss" in stats
-    real = phase._real_batch(50)
-    x = torch.cat([torch.full_like(real[:, :1], BOS), real[:, :-1]], dim=1)
-    targets = real.masked_fill(~sequence_mask(real), -100)
+    x, targets = phase._teacher_forced(phase._real_batch(50))
 
     def nll() -> float:
         with torch.no_grad():
-            return float(adversarial.token_nll(phase.model(x), targets).sum() / (targets != -100).sum())
+            return float(adversarial.mean_nll(phase.model(x), targets))
 
     before = nll()
     for _ in range(30):
@@ -298,8 +296,7 @@ def test_cooperative_training_moves_g_toward_the_mediator_and_the_mediator_towar
 
     def mediator_nll() -> float:
         with torch.no_grad():
-            m = phase.mediator.eval()
-            return float(adversarial.token_nll(m.logits(m.features(x)[0]), targets).sum() / (targets != -100).sum())
+            return float(adversarial.mean_nll(phase.mediator.eval().decode(x), targets))
 
     start = mediator_nll()
     for _ in range(20):
