@@ -15,6 +15,17 @@ import torch
 import torch.nn.functional as F
 
 
+def gelu_rows(h: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU of ``h`` (rows, features). From 8 rows on, computed as h * sigmoid(2u) (the same
+    function: 0.5 * (1 + tanh(u)) = sigmoid(2u)), whose vectorised kernels beat this PyTorch build's
+    tanh-GELU kernel: 11.5 vs 17.9 us at 16 x 512, 30 vs 68 us at 64 x 512 (one thread, this CPU)."""
+    if h.size(0) < 8:
+        return F.gelu(h, approximate="tanh")
+    k = 1.5957691216057308  # 2 * sqrt(2 / pi), a literal: TorchScript reads no module constants
+    return torch.addcmul(torch.full([1], k, dtype=h.dtype, device=h.device), h, h, value=k * 0.044715) \
+        .mul_(h).sigmoid_().mul_(h)
+
+
 def decode_layers(tokens: torch.Tensor, pos: int, kv_layers: list[torch.Tensor], wte: torch.Tensor,
                   wpe: torch.Tensor, ln_f_w: torch.Tensor, ln_f_b: torch.Tensor, head: torch.Tensor,
                   layers: list[list[torch.Tensor]], n_head: int, eps: float) -> torch.Tensor:
@@ -33,7 +44,7 @@ def decode_layers(tokens: torch.Tensor, pos: int, kv_layers: list[torch.Tensor],
         keys = kv.narrow(3, 0, end)
         y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, 0], keys[:, 1])
         x = torch.addmm(w[5], y.view(B, C), w[4]).add_(x)
-        h = F.gelu(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]), approximate="tanh")
+        h = gelu_rows(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]))
         x = torch.addmm(w[11], h, w[10]).add_(x)
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
@@ -63,7 +74,7 @@ def decode_rows(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tens
         keys = kv.narrow(0, 0, B).narrow(3, 0, span) if in_place else kv.narrow(3, 0, span).index_select(0, slots)
         y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, 0], keys[:, 1], attn_mask=mask)
         x = torch.addmm(w[5], y.view(B, C), w[4]).add_(x)
-        h = F.gelu(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]), approximate="tanh")
+        h = gelu_rows(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]))
         x = torch.addmm(w[11], h, w[10]).add_(x)
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)
 
@@ -97,7 +108,7 @@ def prefill_rows(idx: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, 
         if padded:
             y = y.index_select(0, packed)
         x = torch.addmm(w[5], y, w[4]).add_(x)
-        h = F.gelu(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]), approximate="tanh")
+        h = gelu_rows(torch.addmm(w[9], torch.layer_norm(x, [C], w[6], w[7], eps), w[8]))
         x = torch.addmm(w[11], h, w[10]).add_(x)
     x = x.index_select(0, lengths.cumsum(0) - 1)  # each prompt's last token
     return F.linear(torch.layer_norm(x, [C], ln_f_w, ln_f_b, eps), head)

@@ -1,11 +1,19 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glmlab.config import resolve_config
 from glmlab.errors import ConfigError
 from glmlab.models import build_model
 from glmlab.models.gpt import GPT, GPTConfig
-from glmlab.models.gpt_decode import decode_layers, scripted_decode_layers
+from glmlab.models.gpt_decode import (
+    _script,
+    decode_layers,
+    gelu_rows,
+    scripted_decode_layers,
+    scripted_decode_rows,
+    scripted_prefill_rows,
+)
 from glmlab.training.optim import parameter_groups
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -132,6 +140,26 @@ def test_int8_decode_weights_stay_close_and_follow_weight_changes():
     assert not torch.allclose(last_step(), quantized, atol=1e-3)
     with pytest.raises(ConfigError, match="int4"):
         model.set_decode_weights("int4")
+
+
+def test_every_fast_step_compiles():
+    """The fast steps fall back to running eagerly when TorchScript refuses them (same numbers, slower):
+    the ones shipped here must all compile."""
+    for step in (scripted_decode_layers, scripted_decode_rows, scripted_prefill_rows):
+        assert isinstance(step(), torch.jit.ScriptFunction), step.__name__
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 64])
+def test_gelu_rows_is_the_tanh_gelu(rows):
+    """From 8 rows on it is written as h * sigmoid(2u); below, it is PyTorch's own kernel."""
+    torch.manual_seed(rows)
+    h = torch.randn(rows, 96) * 4
+    expected = F.gelu(h, approximate="tanh")
+    assert torch.allclose(gelu_rows(h.clone()), expected, atol=2e-6, rtol=1e-6)
+    scripted = _script(gelu_rows)
+    assert isinstance(scripted, torch.jit.ScriptFunction)
+    assert torch.allclose(scripted(h.clone()), expected, atol=2e-6, rtol=1e-6)
+    assert not torch.allclose(gelu_rows(h.clone()), F.gelu(h), atol=1e-4)  # not the erf GELU
 
 
 @pytest.mark.parametrize("bias", [True, False])
