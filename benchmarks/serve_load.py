@@ -58,16 +58,24 @@ def default_run(run: Path, train_time: str) -> Path:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process, MiB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of a process and its children (the server and its engine process), MiB (Linux /proc)."""
+    total, pids = 0.0, [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total if total else float("nan")
 
 
-def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, max_batch: int, threads: int, engine: str = "process") -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-c", SERVE, "serve", str(run), "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", "4096", "--threads", str(threads)]
+           "--max-queue", "4096", "--threads", str(threads), "--engine", engine]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = proc.stderr.readline()
     if " on http" not in line:
@@ -197,11 +205,13 @@ def main() -> None:
     ap.add_argument("--soak", type=int, default=2000, help="requests of the memory soak (16 clients; 0 = none)")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="the server's PyTorch threads")
+    ap.add_argument("--engine", default="process", choices=("process", "thread"),
+                    help="glmlab serve --engine: the model in its own process (default) or the server's")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
     run = default_run(args.run, args.train_time)
-    proc, url = start_server(run, args.max_batch, args.threads)
+    proc, url = start_server(run, args.max_batch, args.threads, args.engine)
     try:
         asyncio.run(level(url, 2, 2, 8))  # warm-up: first-call costs out of the way
         rows = []
@@ -224,7 +234,7 @@ def main() -> None:
         proc.wait(timeout=30)
 
     base = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
-    print(f"\nserver: {run} (max batch {args.max_batch}, {args.threads} PyTorch thread(s)); "
+    print(f"\nserver: {run} (max batch {args.max_batch}, {args.threads} PyTorch thread(s), engine {args.engine}); "
           f"{args.requests} requests per client, {args.tokens} tokens each\n")
     print("| clients | requests | tokens | tokens/s | vs 1 client | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors "
           "| server RSS before → after |")

@@ -2,4 +2,5 @@
 
 from glmlab.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a spawned process (glmlab serve's engine) re-imports the main module
+    raise SystemExit(main())

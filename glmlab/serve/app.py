@@ -29,6 +29,7 @@ from glmlab.runs import LoadedRun
 from glmlab.serve import protocol as P
 from glmlab.serve import responses as R
 from glmlab.serve.card import model_card
+from glmlab.serve.engine_process import EngineSpec, ProcessScheduler
 from glmlab.serve.latent_routes import add_vae_endpoints
 from glmlab.serve.metrics import server_metrics
 from glmlab.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped
@@ -48,6 +49,8 @@ class ServeOptions:
     limits: P.Limits = P.Limits()
     checkpoint: str = "best"
     retry_after: int = 1  # seconds, in a 429's Retry-After
+    engine: str = "thread"  # "process": the model decodes in a process of its own (glmlab serve's default)
+    decode_weights: str = "native"  # what the engine process decodes with (glmlab serve --decode-weights)
 
 
 class _Guard:
@@ -138,7 +141,15 @@ def create_app(run: LoadedRun, options: ServeOptions | None = None) -> FastAPI:
         with contextlib.suppress(RuntimeError, IndexError):  # no loop (any more): nobody is listening
             loops[0].call_soon_threadsafe(put_all, pairs)
 
-    scheduler = Scheduler(model, tokenizer, options.max_batch, options.max_queue, deliver)
+    scheduler: Scheduler | ProcessScheduler
+    if options.engine == "process":
+        spec = EngineSpec(str(run.run_dir), options.checkpoint, str(next(model.parameters()).device),
+                          options.decode_weights, torch.get_num_threads())
+        scheduler = ProcessScheduler(spec, options.max_batch, options.max_queue, deliver)
+    elif options.engine == "thread":
+        scheduler = Scheduler(model, tokenizer, options.max_batch, options.max_queue, deliver)
+    else:
+        raise GlmlabError(f"unknown engine {options.engine!r}", "use 'process' or 'thread'")
     metrics = server_metrics(lambda: scheduler.queue_depth, lambda: scheduler.active, options.max_batch)
     scheduler.metrics = metrics
     card = model_card(run, options.model_name, options.checkpoint)

@@ -40,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--decode-weights", default="native", choices=("native", "int8"),
                    help="int8: int8 matrices for decoding on a CPU (gpt runs)")
+    p.add_argument("--engine", default="process", choices=("process", "thread"),
+                   help="process (default): the model decodes in a process of its own, so its Python and the "
+                        "HTTP server's never wait for each other's interpreter lock (the server keeps a second "
+                        "copy of the model for echo log-probabilities and the vae tools); thread: one process")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (default 0: PyTorch's choice)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default warning)")
@@ -111,7 +115,7 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     options = ServeOptions(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                            limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                          max_n=args.max_n, max_body_bytes=args.max_body_bytes),
-                           checkpoint=args.checkpoint)
+                           checkpoint=args.checkpoint, engine=args.engine, decode_weights=args.decode_weights)
     app = create_app(run, options)
     _warn_if_exposed(args.host, api_key)
     host, port = sock.getsockname()[:2]

@@ -16,7 +16,7 @@ import concurrent.futures
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,34 @@ class Job:
     finished: int = 0
     first_token: float | None = None
     last_token: dict[int, float] = field(default_factory=dict)
+
+
+def account(events: Iterable[tuple[Job, int, RowEvent]], metrics: Metrics | None = None,
+            now: float | None = None) -> dict[Job, list[tuple[int, RowEvent]]]:
+    """Group a step's (job, row, event) triples by job, in order, and do the bookkeeping every
+    scheduler does when they reach their requests: rows finished, each request's time to first token,
+    the rows' inter-token gaps and the generated-token count (into ``metrics`` when given)."""
+    now = time.perf_counter() if now is None else now
+    per_job: dict[Job, list[tuple[int, RowEvent]]] = {}
+    tokens, gaps = 0, []
+    for job, row, event in events:
+        per_job.setdefault(job, []).append((row, event))
+        if event.token_ids:
+            tokens += len(event.token_ids)
+            if job.first_token is None:
+                job.first_token = now
+                if metrics is not None:
+                    metrics.observe("time_to_first_token_seconds", now - job.submitted)
+            previous = job.last_token.get(row)
+            if previous is not None:
+                gaps.append(now - previous)
+            job.last_token[row] = now
+        if event.completion is not None:
+            job.finished += 1
+    if metrics is not None:
+        metrics.observe_many("inter_token_latency_seconds", gaps)
+        metrics.inc("generated_tokens_total", tokens)
+    return per_job
 
 
 class Scheduler:
@@ -186,6 +214,8 @@ class Scheduler:
             gone.append(job)
         for job in gone:
             job.finished = len(job.rows)
+        if gone:  # an empty delivery: a server in another process learns the new queue and batch sizes
+            self.deliver([])
 
     def _admit(self) -> None:
         """Give waiting rows free slots, oldest request first (a request may be admitted in parts)."""
@@ -218,29 +248,7 @@ class Scheduler:
 
     def _publish(self, events: list[RowEvent]) -> None:
         """Hand a step's events to their requests (one delivery for all) and update the metrics."""
-        now = time.perf_counter()
-        per_job: dict[Job, list[tuple[int, RowEvent]]] = {}
-        m = self.metrics
-        tokens = 0
-        gaps = []
-        for event in events:
-            job, row = event.key
-            per_job.setdefault(job, []).append((row, event))
-            if event.token_ids:
-                tokens += len(event.token_ids)
-                if job.first_token is None:
-                    job.first_token = now
-                    if m is not None:
-                        m.observe("time_to_first_token_seconds", now - job.submitted)
-                previous = job.last_token.get(row)
-                if previous is not None:
-                    gaps.append(now - previous)
-                job.last_token[row] = now
-            if event.completion is not None:
-                job.finished += 1
-        if m is not None:
-            m.observe_many("inter_token_latency_seconds", gaps)
-            m.inc("generated_tokens_total", tokens)
+        per_job = account(((event.key[0], event.key[1], event) for event in events), self.metrics)
         for job in per_job:
             if job.finished == len(job.rows):
                 self._running.remove(job)

@@ -1,0 +1,340 @@
+"""The model in a process of its own: a scheduler with :class:`~glmlab.serve.scheduler.Scheduler`'s
+interface whose model thread runs in a child process (``glmlab serve --engine process``, the default).
+
+Why: in one process the server's event loop (HTTP parsing, one server-sent event per token per client)
+and the model thread's Python (sampling, text, bookkeeping) share one interpreter lock, and a thread
+that wants it back while the other holds it waits for the whole burst. Measured on a 2-core CPU with a
+4 x 128 model, another thread's 400 us of Python per step lengthens a 16-row step from 1.45 to 2.15 ms;
+the same work without the lock costs 0.1 ms (benchmarks/README.md, "Serving under load"). Here the child
+runs the very same thread :class:`Scheduler` over its own copy of the run, and the server's process only
+parses requests and writes responses: the two never wait for each other's lock. (vLLM's V1 engine-core
+split does the same.)
+
+The wire is one duplex pipe of pickled messages. Server → engine: ``("submit", id, rows)``,
+``("cancel", id)``, ``("stop",)``. Engine → server: ``("ready",)`` or ``("failed", message)`` once, then
+per step ``("events", [(id, payload), ...], stats)`` where a payload is a list of (row, delta, token ids,
+logprobs, completion) or an error message, and ``stats`` the engine's queue depth, active rows, step
+times and cancelled rows since the previous message. Requests' time to first token, inter-token gaps
+and token counts are measured here, in the server's process, when their events arrive.
+
+Work that is not decoding (a prompt's log-probabilities for ``echo``, a VAE's latent tools) runs in the
+server's process on its own copy of the model, one call at a time (:meth:`ProcessScheduler.call`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import multiprocessing
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from glmlab.generation.continuous import RowEvent
+from glmlab.serve.metrics import Metrics
+from glmlab.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped, account
+
+STARTUP_TIMEOUT = 600.0  # seconds for the engine to import PyTorch and load the run
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the engine process loads: the run and how to run it (``glmlab serve``'s flags)."""
+
+    run_dir: str
+    checkpoint: str = "best"
+    device: str = "cpu"
+    decode_weights: str = "native"
+    threads: int = 0  # PyTorch CPU threads; 0 = PyTorch's choice
+
+
+class _StepStats:
+    """Stands in for the engine's metrics: keeps what only the engine can measure (step times, rows
+    cancelled) until the next message carries it to the server; the rest is measured there."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.cancelled = 0
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        if name == "decode_step_seconds":
+            self.steps.append(value)
+
+    def observe_many(self, name: str, values: list[float]) -> None:
+        pass
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        if name == "cancelled_sequences_total":
+            self.cancelled += int(amount)
+
+    def drain(self) -> tuple[list[float], int]:
+        steps, cancelled = self.steps, self.cancelled
+        self.steps, self.cancelled = [], 0
+        return steps, cancelled
+
+
+def _engine_main(conn: Any, spec: EngineSpec, slots: int) -> None:
+    """The engine process: load the run, start a thread :class:`Scheduler` over it, forward requests to
+    it and its events back, until told to stop or the server's end of the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
+    import torch
+
+    from glmlab.runs import load_run
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        run = load_run(spec.run_dir, checkpoint=spec.checkpoint, device=spec.device)
+        run.use_decode_weights(spec.decode_weights)
+    except Exception as exc:  # noqa: BLE001 — reported to the server, which says it
+        conn.send_bytes(pickle.dumps(("failed", f"{type(exc).__name__}: {exc}")))
+        return
+    send_lock = threading.Lock()
+    stats = _StepStats()
+    jobs: dict[int, Job] = {}
+    scheduler: Scheduler | None = None
+
+    def send(message: tuple) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with send_lock:
+            conn.send_bytes(data)
+
+    def deliver(pairs: list[tuple[Job, Any]]) -> None:
+        out = []
+        for job, items in pairs:
+            if isinstance(items, BaseException):
+                out.append((job.sink, str(items)))
+                jobs.pop(job.sink, None)
+                continue
+            out.append((job.sink, [(row, e.delta, e.token_ids, e.logprobs, e.completion) for row, e in items]))
+            if job.finished == len(job.rows):
+                jobs.pop(job.sink, None)
+        depth, active = (scheduler.queue_depth, scheduler.active) if scheduler is not None else (0, 0)
+        send(("events", out, (depth, active, *stats.drain())))
+
+    scheduler = Scheduler(run.model, run.tokenizer, slots, 1 << 30, deliver, metrics=stats)  # type: ignore[arg-type]
+    scheduler.start()
+    send(("ready",))
+    try:
+        while True:
+            message = pickle.loads(conn.recv_bytes())
+            if message[0] == "submit":
+                _, key, rows = message
+                job = Job(rows, key)
+                jobs[key] = job
+                try:
+                    scheduler.submit(job)
+                except (QueueFull, SchedulerStopped) as exc:
+                    jobs.pop(key, None)
+                    send(("events", [(key, str(exc) or "the model thread is not running")],
+                          (scheduler.queue_depth, scheduler.active, [], 0)))
+            elif message[0] == "cancel":
+                job = jobs.get(message[1])
+                if job is not None:
+                    scheduler.cancel(job)
+            else:  # "stop"
+                break
+    except (EOFError, OSError, KeyboardInterrupt):  # the server went away
+        pass
+    finally:
+        scheduler.stop()
+
+
+class ProcessScheduler:
+    """:class:`~glmlab.serve.scheduler.Scheduler`'s interface over an engine process (see the module
+    docstring). ``deliver`` and ``metrics`` mean what they mean there; ``model`` is the server's own copy,
+    for :meth:`call`."""
+
+    def __init__(self, spec: EngineSpec, slots: int, max_queue: int,
+                 deliver: Callable[[list[tuple[Job, Any]]], None], metrics: Metrics | None = None) -> None:
+        self.spec, self.slots, self.max_queue, self.deliver = spec, slots, max_queue, deliver
+        self.metrics = metrics
+        self.failure: str | None = None
+        self.batch = None  # the batch lives in the engine process
+        self._jobs: dict[int, Job] = {}  # requests in the engine, by the key they travel under
+        self._keys: dict[Job, int] = {}
+        self._unstarted: set[int] = set()  # keys of requests whose first event has not arrived
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards the tables above and the pipe's sending end
+        self._depth = 0
+        self._active = 0
+        self._conn: Any = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+        self._calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glmlab-calls")
+        self._pending_calls = 0
+
+    # --- Scheduler's interface ------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return (self._process is not None and self._process.is_alive() and not self._stopping
+                and self.failure is None)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def start(self) -> None:
+        """Start the engine and wait until it has loaded the run (a failure raises
+        :class:`SchedulerStopped` with the engine's message)."""
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks inherited
+        ours, theirs = context.Pipe(duplex=True)
+        self._process = context.Process(target=_engine_main, args=(theirs, self.spec, self.slots),
+                                        name="glmlab-engine", daemon=True)
+        self._process.start()
+        theirs.close()
+        self._conn = ours
+        started = time.monotonic()
+        while not ours.poll(0.1):
+            if not self._process.is_alive():
+                raise SchedulerStopped(f"the engine process exited (code {self._process.exitcode}) while loading "
+                                       f"{self.spec.run_dir}")
+            if time.monotonic() - started > STARTUP_TIMEOUT:
+                self._process.kill()
+                raise SchedulerStopped(f"the engine process did not load {self.spec.run_dir} in "
+                                       f"{STARTUP_TIMEOUT:.0f} s")
+        first = pickle.loads(ours.recv_bytes())
+        if first[0] != "ready":
+            self._process.join(timeout=10)
+            raise SchedulerStopped(f"the engine process could not load the run: {first[1]}")
+        self._reader = threading.Thread(target=self._read, name="glmlab-engine-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._conn is not None:
+            try:
+                with self._lock:
+                    self._conn.send_bytes(pickle.dumps(("stop",)))
+            except OSError:
+                pass
+        if self._process is not None:
+            self._process.join(timeout=30)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout=5)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self._calls.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, job: Job) -> None:
+        """Send a request's rows to the engine; :class:`QueueFull` when about ``max_queue`` requests wait
+        for a slot already (counted here, within one step, as requests without a first event beyond the
+        engine's free slots)."""
+        if not self.alive:
+            raise SchedulerStopped(self.failure or "the server is shutting down")
+        with self._lock:
+            free = max(0, self.slots - self._active)
+            if len(self._unstarted) - free >= self.max_queue:
+                raise QueueFull
+            key = next(self._ids)
+            self._send(("submit", key, job.rows))
+            self._jobs[key], self._keys[job] = job, key
+            self._unstarted.add(key)
+
+    def cancel(self, job: Job) -> None:
+        """Drop a request's rows (a client that went away)."""
+        if job.cancelled or job.finished == len(job.rows):
+            return
+        job.cancelled = True
+        with self._lock:
+            key = self._forget(job)
+            if key is not None:
+                with contextlib.suppress(SchedulerStopped):  # an engine that is gone has nothing to cancel
+                    self._send(("cancel", key))
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` (work on the server's copy of the model) on this process's worker thread, one call
+        at a time; its result (or exception) in a future."""
+        if not self.alive:
+            raise SchedulerStopped(self.failure or "the server is shutting down")
+        with self._lock:
+            if self._pending_calls >= self.max_queue:
+                raise QueueFull
+            self._pending_calls += 1
+
+        def run() -> Any:
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._pending_calls -= 1
+
+        return self._calls.submit(run)
+
+    # --- the server's side of the pipe -------------------------------------------------------------------
+
+    def _forget(self, job: Job) -> int | None:
+        """Drop a request from the tables (under the lock); its key, or None if it was not there."""
+        key = self._keys.pop(job, None)
+        if key is not None:
+            self._jobs.pop(key, None)
+            self._unstarted.discard(key)
+        return key
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError as exc:  # the engine is gone; the reader reports it to every request
+            raise SchedulerStopped(self.failure or f"the engine process is gone: {exc}") from None
+
+    def _read(self) -> None:
+        """Turn the engine's messages into deliveries, until it stops."""
+        try:
+            while True:
+                message = pickle.loads(self._conn.recv_bytes())
+                if message[0] == "events":
+                    self._arrived(message[1], message[2])
+        except (EOFError, OSError):
+            pass
+        except BaseException as exc:  # noqa: BLE001 — a broken message: stop serving, say why
+            self.failure = f"the engine's messages could not be read: {type(exc).__name__}: {exc}"
+        code = self._process.exitcode if self._process is not None else None
+        if not self._stopping and self.failure is None:
+            self.failure = f"the engine process exited (code {code})"
+        with self._lock:
+            left = list(self._jobs.values())
+            self._jobs, self._keys, self._unstarted = {}, {}, set()
+        stopped = SchedulerStopped(self.failure or "the server is shutting down")
+        if left:
+            self.deliver([(job, stopped) for job in left])
+
+    def _arrived(self, items: list[tuple[int, Any]], stats: tuple) -> None:
+        depth, active, steps, cancelled = stats
+        self._depth, self._active = depth, active
+        m = self.metrics
+        if m is not None:
+            m.observe_many("decode_step_seconds", steps)
+            if cancelled:
+                m.inc("cancelled_sequences_total", cancelled)
+        triples, failed = [], []
+        with self._lock:
+            for key, payload in items:
+                job = self._jobs.get(key)
+                if job is None:
+                    continue
+                self._unstarted.discard(key)
+                if isinstance(payload, str):
+                    failed.append((job, RuntimeError(payload)))
+                    job.finished = len(job.rows)
+                    self._forget(job)
+                    continue
+                for row, delta, token_ids, logprobs, completion in payload:
+                    triples.append((job, row, RowEvent((job, row), delta, token_ids, logprobs, completion)))
+        per_job = account(triples, m)
+        with self._lock:
+            for job in per_job:
+                if job.finished == len(job.rows):
+                    self._forget(job)
+        self.deliver(list(per_job.items()) + failed)
