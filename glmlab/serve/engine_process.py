@@ -147,8 +147,8 @@ def _engine_main(conn: Any, spec: EngineSpec, slots: int) -> None:
 
 class ProcessScheduler:
     """:class:`~glmlab.serve.scheduler.Scheduler`'s interface over an engine process (see the module
-    docstring). ``deliver`` and ``metrics`` mean what they mean there; ``model`` is the server's own copy,
-    for :meth:`call`."""
+    docstring). ``deliver`` and ``metrics`` mean what they mean there; :meth:`call`'s functions run here,
+    on whatever they close over (the server's own copy of the model)."""
 
     def __init__(self, spec: EngineSpec, slots: int, max_queue: int,
                  deliver: Callable[[list[tuple[Job, Any]]], None], metrics: Metrics | None = None) -> None:
