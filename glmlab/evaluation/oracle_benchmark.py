@@ -57,6 +57,8 @@ VARIANTS = {  # name: overrides of the CPU preset
     "seqgan-drift": ["model.reward=constant"],  # the ablation: reward 1 everywhere, no discriminator
     "seqgan-ppo": ["model.g_epochs=4"],  # four clipped-surrogate steps per batch of rollout rewards
     "seqgan-mle": ["model.mle_steps=1"],  # LeakGAN's interleaved training: an MLE update on real data per round
+    # RLHF's objective: PPO's four steps per batch, held near the MLE generator by an exact-KL penalty
+    "seqgan-ppo-kl": ["model.g_epochs=4", "model.kl_coef=0.05"],
     # CoT: a mediator fitted to the mixture, G down the exact KL to it; no rollouts, so many cheap rounds
     "cot": ["model.objective=cooperative", "model.g_lr=1e-3", "model.m_lr=1e-3", "model.adv_eval_interval=500"],
 }

@@ -54,6 +54,11 @@ class SeqGANConfig(LSTMConfig):
     mle_steps: int = field(0, "teacher-forced MLE updates of the generator on real sentences per round, after its "
                               "policy-gradient updates (LeakGAN's interleaved training: the forward-KL pull that "
                               "keeps the adversarial updates from dropping modes; 0 = SeqGAN)", min=0)
+    kl_coef: float = field(0.0, "weight of a KL(G || MLE generator) penalty on the generator's policy-gradient "
+                                "updates: the exact KL of the next-token distributions at each position of its "
+                                "samples, against a frozen copy of the generator as MLE left it (RLHF's "
+                                "KL-regularised objective: maximise the reward while staying near the data's "
+                                "model; 0 = SeqGAN)", min=0.0)
     d_steps: int = field(5, "discriminator refits per round, each on fresh samples (SeqGAN: 5)", min=0)
     d_epochs: int = field(3, "epochs per discriminator refit (SeqGAN: 3)", min=1)
     d_samples: int = field(10000, "real and as many generated sequences per refit (SeqGAN: 10,000)", min=1)
@@ -87,7 +92,8 @@ class SeqGANConfig(LSTMConfig):
     adv_eval_interval: int = field(10, "rounds between validation NLL evaluations in the adversarial phase", min=1)
 
     # keys a resumed run may change: the adversarial schedule continues from an MLE-trained generator
-    RESUMABLE = ("d_lr", "g_lr", "adv_rounds", "adv_batch", "g_steps", "g_epochs", "g_clip", "mle_steps", "d_steps",
+    RESUMABLE = ("d_lr", "g_lr", "adv_rounds", "adv_batch", "g_steps", "g_epochs", "g_clip", "mle_steps", "kl_coef",
+                 "d_steps",
                  "d_epochs", "d_samples", "d_pretrain_steps", "rollout_num", "rollout_update", "baseline",
                  "adv_eval_interval", "reward", "reward_delta", "objective", "m_steps", "m_lr")
 

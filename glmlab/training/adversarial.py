@@ -13,7 +13,10 @@ differences vanish as D saturates; ``reward=constant`` rewards every token 1 wit
 ablation: the update's expectation is zero, so what it does is the drift of reinforcing G's own samples).
 ``mle_steps`` adds LeakGAN's interleaved training: teacher-forced MLE updates on real sentences each
 round, with their own optimiser, so the generator keeps covering the data while the adversarial
-updates sharpen it.
+updates sharpen it. ``kl_coef`` adds RLHF's KL-regularised objective instead: each policy-gradient
+update also descends ``kl_coef`` times the exact KL(G || reference) of the next-token distributions
+along G's samples, the reference being a frozen copy of the generator as MLE left it — the reward is
+pursued only as far as it pays for leaving the data's model.
 
 ``objective=cooperative`` replaces the game by CoT (Lu et al. 2019): a mediator, a copy of G's network
 that starts from the MLE generator, is fitted by MLE to the balanced mixture of real sentences and G's
@@ -51,6 +54,7 @@ class AdversarialPhase:
         self.d_optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=c.d_lr)
         self.mle_optimizer = torch.optim.Adam(model.generator_parameters(), lr=c.g_lr)
         self.rollout = model.rollout_copy()
+        self.reference = model.rollout_copy() if c.kl_coef > 0 else None  # the MLE generator, for kl_coef
         self.cooperative = c.objective == "cooperative"
         if self.cooperative:  # CoT's mediator: G's network, fitted to the mixture of real and generated sentences
             self.mediator = copy.deepcopy(model.net).train()
@@ -63,6 +67,8 @@ class AdversarialPhase:
     def state_dict(self) -> dict[str, Any]:
         extra = {"mediator": self.mediator.state_dict(), "m_optimizer": self.m_optimizer.state_dict()} \
             if self.cooperative else {}
+        if self.reference is not None:
+            extra["reference"] = self.reference.state_dict()
         return {**extra, "g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
                 "mle_optimizer": self.mle_optimizer.state_dict(), "rollout": self.rollout.state_dict(),
                 "generator": self.generator.get_state(), "d_pretrained": self.d_pretrained}
@@ -78,6 +84,8 @@ class AdversarialPhase:
         elif self.cooperative:  # a SeqGAN phase resumed as CoT: the mediator starts from the (loaded) generator
             self.mediator.load_state_dict(self.model.net.state_dict())
         self.rollout.load_state_dict(state["rollout"])
+        if self.reference is not None:  # a phase saved without kl_coef keeps the generator it resumes from
+            self.reference.load_state_dict(state.get("reference", self.model.net.state_dict()))
         self.generator.set_state(state["generator"])
         self.d_pretrained = bool(state["d_pretrained"])
 
@@ -117,6 +125,8 @@ class AdversarialPhase:
     def pretrain_discriminator(self) -> dict[str, float]:
         """The phase's start: the rollout policy becomes a copy of the (MLE-trained) generator, then D is fitted."""
         self.rollout.load_state_dict(self.model.net.state_dict())  # built with the phase, before MLE or a resume
+        if self.reference is not None:
+            self.reference.load_state_dict(self.model.net.state_dict())
         if self.cooperative:  # the mediator starts from the MLE generator; no discriminator is used
             self.mediator.load_state_dict(self.model.net.state_dict())
             self.d_pretrained = True
@@ -162,8 +172,14 @@ class AdversarialPhase:
             rewards = rank_rewards(rewards, mask, c.reward_delta)
         if c.baseline == "mean":
             rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
+        log_ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                log_ref = F.log_softmax(self.reference.decode(x).float(), dim=-1)
+        stats: dict[str, float] = {"reward": mean_reward}
         for epoch in range(c.g_epochs):
-            logp = -token_nll(model(x), targets)
+            logits = model(x)
+            logp = -token_nll(logits, targets)
             if epoch == 0:
                 old_logp = logp.detach()  # the policy the samples came from
             if c.g_epochs == 1:  # REINFORCE
@@ -172,8 +188,14 @@ class AdversarialPhase:
                 ratio = (logp - old_logp).exp()
                 clipped = ratio.clamp(1 - c.g_clip, 1 + c.g_clip)
                 loss = -torch.minimum(ratio * rewards, clipped * rewards).sum() / c.adv_batch
+            if log_ref is not None:
+                log_g = F.log_softmax(logits.float(), dim=-1)
+                kl = ((log_g.exp() * (log_g - log_ref)).sum(-1) * mask).sum() / c.adv_batch
+                loss = loss + c.kl_coef * kl
+                if epoch == 0:
+                    stats["kl"] = float(kl.detach())  # per sequence, before this batch's updates
             _update(self.g_optimizer, loss, model.generator_parameters())
-        return {"g_loss": float(loss.detach()), "reward": mean_reward}
+        return {"g_loss": float(loss.detach()), **stats}
 
     def mle_step(self) -> dict[str, float]:
         """One teacher-forced MLE update of G on ``adv_batch`` real sentences (interleaved training)."""

@@ -217,6 +217,48 @@ def test_ppo_epochs_reuse_one_batch_and_start_as_reinforce(monkeypatch):
     assert any(not torch.allclose(after_first[k], v) for k, v in phase.model.net.state_dict().items())
 
 
+def _first_gradients(phase: AdversarialPhase, monkeypatch) -> dict[str, torch.Tensor]:
+    """The generator's gradients at its next update (recorded as the optimiser steps)."""
+    grads: dict[str, torch.Tensor] = {}
+    step = phase.g_optimizer.step
+
+    def recording() -> None:
+        if not grads:
+            grads.update({n: p.grad.clone() for n, p in phase.model.net.named_parameters() if p.grad is not None})
+        step()
+
+    monkeypatch.setattr(phase.g_optimizer, "step", recording)
+    return grads
+
+
+def test_the_kl_penalty_is_silent_at_the_reference_and_holds_g_near_it(monkeypatch):
+    """kl_coef: at the phase's start G is its reference (the MLE generator), where KL(G || reference) and
+    its gradient are zero, so the first update's gradient is the unpenalised one; over more updates G
+    ends nearer the reference than without the penalty, and the reference does not move."""
+    plain = make_phase(g_lr=0.05, adv_batch=16)
+    plain.model.discriminator = LovesToken(7)
+    penalised = make_phase(g_lr=0.05, adv_batch=16, kl_coef=5.0, d_pretrain_steps=0)
+    penalised.model.discriminator = LovesToken(7)
+    penalised.pretrain_discriminator()  # the reference becomes the generator as it is now
+    reference = {k: v.clone() for k, v in penalised.reference.state_dict().items()}
+    plain_grads, penalised_grads = _first_gradients(plain, monkeypatch), _first_gradients(penalised, monkeypatch)
+    first = penalised.generator_step()
+    plain.generator_step()
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert plain_grads.keys() == penalised_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.allclose(penalised_grads[name], grad, atol=1e-6), name
+    for _ in range(15):
+        plain.generator_step()
+        last = penalised.generator_step()
+    assert last["kl"] > 0 and p_first(penalised, 7) < p_first(plain, 7)
+    assert all(torch.equal(reference[k], v) for k, v in penalised.reference.state_dict().items())
+    saved = penalised.state_dict()
+    other = make_phase(kl_coef=5.0)
+    other.load_state_dict(saved)
+    assert all(torch.equal(reference[k], v) for k, v in other.reference.state_dict().items())
+
+
 def test_rank_rewards_rescale_ranks_among_live_sequences():
     rewards = torch.tensor([[0.9, 0.2], [0.1, 0.0], [0.5, 0.3], [0.05, 0.0]])
     mask = torch.tensor([[True, True], [True, False], [True, True], [True, False]])
