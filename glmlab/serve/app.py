@@ -51,6 +51,7 @@ class ServeOptions:
     retry_after: int = 1  # seconds, in a 429's Retry-After
     engine: str = "thread"  # "process": the model decodes in a process of its own (glmlab serve's default)
     decode_weights: str = "native"  # what the engine process decodes with (glmlab serve --decode-weights)
+    engine_device: str | None = None  # where the engine process decodes; None: the served model's device
 
 
 class _Guard:
@@ -143,8 +144,9 @@ def create_app(run: LoadedRun, options: ServeOptions | None = None) -> FastAPI:
 
     scheduler: Scheduler | ProcessScheduler
     if options.engine == "process":
-        spec = EngineSpec(str(run.run_dir), options.checkpoint, str(next(model.parameters()).device),
-                          options.decode_weights, torch.get_num_threads())
+        spec = EngineSpec(str(run.run_dir), options.checkpoint,
+                          options.engine_device or str(next(model.parameters()).device), options.decode_weights,
+                          torch.get_num_threads())
         scheduler = ProcessScheduler(spec, options.max_batch, options.max_queue, deliver)
     elif options.engine == "thread":
         scheduler = Scheduler(model, tokenizer, options.max_batch, options.max_queue, deliver)

@@ -109,13 +109,18 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     api_key = args.api_key if args.api_key is not None else (os.environ.get("GLMLAB_API_KEY") or None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
+    device = select_device(args.device)
+    # with an engine process the model decodes there; this process's copy (echo log-probabilities, the vae
+    # tools) stays on the CPU, so an accelerator holds one copy, not two
+    run = load_run(args.run_dir, checkpoint=args.checkpoint,
+                   device="cpu" if args.engine == "process" else device)
     run.use_decode_weights(args.decode_weights)
     name = args.model_name or run.run_dir.resolve().name
     options = ServeOptions(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                            limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                          max_n=args.max_n, max_body_bytes=args.max_body_bytes),
-                           checkpoint=args.checkpoint, engine=args.engine, decode_weights=args.decode_weights)
+                           checkpoint=args.checkpoint, engine=args.engine, decode_weights=args.decode_weights,
+                           engine_device=str(device))
     app = create_app(run, options)
     _warn_if_exposed(args.host, api_key)
     host, port = sock.getsockname()[:2]
