@@ -51,6 +51,7 @@ CPU_ADVERSARIAL = ["model.d_samples=1000", "model.d_steps=1", "model.d_epochs=1"
 VARIANTS = {  # name: overrides of the CPU preset
     "seqgan": [],  # as published (16 rollouts, no baseline, one generator update per round)
     "seqgan-baseline": ["model.baseline=mean"],  # variance reduction: each position's mean reward subtracted
+    "seqgan-critic": ["model.baseline=learned"],  # actor-critic's learned, state-dependent baseline
     "seqgan-fast": ["model.rollout_num=4", "model.g_steps=3"],  # cheaper rollouts, three updates per round
     "seqgan-rank": ["model.reward=rank"],  # LeakGAN's bootstrapped rescaled activation of the rewards
     "seqgan-ratio": ["model.reward=logit", "model.baseline=mean"],  # D's log density ratio: reverse KL

@@ -66,9 +66,12 @@ class SeqGANConfig(LSTMConfig):
     rollout_num: int = field(16, "Monte-Carlo rollouts per token for the reward (SeqGAN: 16)", min=1)
     rollout_update: float = field(0.8, "rollout policy = rate * itself + (1 - rate) * generator after each "
                                         "round (SeqGAN: 0.8)", min=0.0, max=1.0)
-    baseline: str = field("none", "reward baseline: none (SeqGAN), or mean (subtract each position's mean "
-                                  "reward over the batch: less variance, same expected gradient)",
-                          choices=("none", "mean"))
+    baseline: str = field("none", "reward baseline: none (SeqGAN), mean (subtract each position's mean "
+                                  "reward over the batch: less variance, same expected gradient), or learned (a "
+                                  "critic: a linear value head on the generator's LSTM state of each prefix, "
+                                  "fitted to the rewards by least squares, its prediction subtracted)",
+                          choices=("none", "mean", "learned"))
+    critic_lr: float = field(1e-3, "baseline=learned: the value head's Adam learning rate", min=0.0)
     reward: str = field("probability", "token reward: D's mean P(real) over the rollouts (SeqGAN), or rank: "
                                        "LeakGAN's bootstrapped rescaled activation, sigmoid(delta (0.5 - rank / B)) "
                                        "of each sequence's rank among the batch at that position (scale-free when "
@@ -94,7 +97,7 @@ class SeqGANConfig(LSTMConfig):
     # keys a resumed run may change: the adversarial schedule continues from an MLE-trained generator
     RESUMABLE = ("d_lr", "g_lr", "adv_rounds", "adv_batch", "g_steps", "g_epochs", "g_clip", "mle_steps", "kl_coef",
                  "d_steps",
-                 "d_epochs", "d_samples", "d_pretrain_steps", "rollout_num", "rollout_update", "baseline",
+                 "d_epochs", "d_samples", "d_pretrain_steps", "rollout_num", "rollout_update", "baseline", "critic_lr",
                  "adv_eval_interval", "reward", "reward_delta", "objective", "m_steps", "m_lr")
 
     def validate(self) -> None:

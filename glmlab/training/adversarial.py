@@ -5,7 +5,9 @@ against the generator's samples. Each round then makes ``g_steps`` policy-gradie
 generator G — the reward of token t is D's mean P(real) over ``rollout_num`` completions of the
 prefix by the rollout policy (a slowly following copy of G), the last token's is D's score of the
 sequence itself — and refits D ``d_steps`` times on fresh samples. ``baseline=mean`` subtracts each
-position's mean reward over the batch (an unbiased variance reduction); ``reward=rank`` replaces
+position's mean reward over the batch (an unbiased variance reduction); ``baseline=learned`` subtracts a
+critic's estimate instead, a linear value head on the generator's (detached) LSTM state of each prefix
+fitted to the rewards by least squares (actor-critic's state-dependent baseline); ``reward=rank`` replaces
 rewards by LeakGAN's rescaled ranks (``rank_rewards``); ``reward=logit`` scores with D's logit,
 log D / (1 - D), which for a well-fitted D estimates log p_data(x) / p_G(x), so the expected update
 follows -KL(G || data) (the reverse KL: NLL-oracle minus G's entropy) instead of E_G[D], whose
@@ -55,6 +57,12 @@ class AdversarialPhase:
         self.mle_optimizer = torch.optim.Adam(model.generator_parameters(), lr=c.g_lr)
         self.rollout = model.rollout_copy()
         self.reference = model.rollout_copy() if c.kl_coef > 0 else None  # the MLE generator, for kl_coef
+        self.critic: torch.nn.Linear | None = None
+        if c.baseline == "learned":  # V(prefix) from the generator's LSTM state, for baseline=learned
+            self.critic = torch.nn.Linear(model.net.n_hidden, 1).to(device)
+            torch.nn.init.zeros_(self.critic.weight)
+            torch.nn.init.zeros_(self.critic.bias)
+            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
         self.cooperative = c.objective == "cooperative"
         if self.cooperative:  # CoT's mediator: G's network, fitted to the mixture of real and generated sentences
             self.mediator = copy.deepcopy(model.net).train()
@@ -69,6 +77,8 @@ class AdversarialPhase:
             if self.cooperative else {}
         if self.reference is not None:
             extra["reference"] = self.reference.state_dict()
+        if self.critic is not None:
+            extra.update(critic=self.critic.state_dict(), critic_optimizer=self.critic_optimizer.state_dict())
         return {**extra, "g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
                 "mle_optimizer": self.mle_optimizer.state_dict(), "rollout": self.rollout.state_dict(),
                 "generator": self.generator.get_state(), "d_pretrained": self.d_pretrained}
@@ -84,6 +94,9 @@ class AdversarialPhase:
         elif self.cooperative:  # a SeqGAN phase resumed as CoT: the mediator starts from the (loaded) generator
             self.mediator.load_state_dict(self.model.net.state_dict())
         self.rollout.load_state_dict(state["rollout"])
+        if self.critic is not None and "critic" in state:  # else the critic starts afresh (predicting 0)
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         if self.reference is not None:  # a phase saved without kl_coef keeps the generator it resumes from
             self.reference.load_state_dict(state.get("reference", self.model.net.state_dict()))
         self.generator.set_state(state["generator"])
@@ -172,11 +185,13 @@ class AdversarialPhase:
             rewards = rank_rewards(rewards, mask, c.reward_delta)
         if c.baseline == "mean":
             rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
+        stats: dict[str, float] = {"reward": mean_reward}
+        if self.critic is not None:
+            rewards, stats["critic_loss"] = self._critic_step(x, rewards, mask)
         log_ref = None
         if self.reference is not None:
             with torch.no_grad():
                 log_ref = F.log_softmax(self.reference.decode(x).float(), dim=-1)
-        stats: dict[str, float] = {"reward": mean_reward}
         for epoch in range(c.g_epochs):
             logits = model(x)
             logp = -token_nll(logits, targets)
@@ -196,6 +211,19 @@ class AdversarialPhase:
                     stats["kl"] = float(kl.detach())  # per sequence, before this batch's updates
             _update(self.g_optimizer, loss, model.generator_parameters())
         return {"g_loss": float(loss.detach()), **stats}
+
+    def _critic_step(self, x: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """baseline=learned: the advantages (rewards minus the critic's V of each token's prefix, as it
+        stood before this batch) and one least-squares update of the critic on this batch's rewards."""
+        with torch.no_grad():
+            states, _ = self.model.net.features(x)  # (B, L, H): the state token t was drawn from
+        values = self.critic(states.float()).squeeze(-1)
+        advantages = (rewards - values.detach()) * mask
+        loss = ((values - rewards) ** 2 * mask).sum() / mask.sum().clamp_min(1)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_optimizer.step()
+        return advantages, float(loss.detach())
 
     def mle_step(self) -> dict[str, float]:
         """One teacher-forced MLE update of G on ``adv_batch`` real sentences (interleaved training)."""

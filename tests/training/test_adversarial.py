@@ -183,7 +183,7 @@ def test_fit_discriminator_learns_an_easy_task():
 
 @pytest.mark.parametrize("baseline, reward, epochs", [("none", "probability", 1), ("mean", "probability", 1),
                                                       ("none", "rank", 1), ("mean", "logit", 1),
-                                                      ("mean", "probability", 4)])
+                                                      ("mean", "probability", 4), ("learned", "probability", 1)])
 def test_policy_gradient_raises_the_probability_of_a_rewarded_token(baseline, reward, epochs):
     phase = make_phase(g_lr=0.05, adv_batch=32, baseline=baseline, reward=reward, g_epochs=epochs)
     phase.model.discriminator = LovesToken(7)
@@ -257,6 +257,35 @@ def test_the_kl_penalty_is_silent_at_the_reference_and_holds_g_near_it(monkeypat
     other = make_phase(kl_coef=5.0)
     other.load_state_dict(saved)
     assert all(torch.equal(reference[k], v) for k, v in other.reference.state_dict().items())
+
+
+def test_the_learned_baseline_fits_the_rewards_and_subtracts_its_estimate(monkeypatch):
+    """baseline=learned: the critic starts at 0 (the first update is SeqGAN's own), learns to predict the
+    rewards of its prefixes (its loss falls), and what the policy gradient sees is reward - V, with V
+    as it stood before the batch."""
+    phase = make_phase(g_lr=0.0, adv_batch=32, baseline="learned", critic_lr=0.05)
+    rewards = torch.full((32, WORDS + 1), 0.7)
+    monkeypatch.setattr(phase, "rewards", lambda samples: rewards * sequence_mask(samples))
+    seen = []
+    original = phase._critic_step
+
+    def recording(x, r, mask):
+        advantages, loss = original(x, r, mask)
+        seen.append((advantages, mask, loss))
+        return advantages, loss
+
+    monkeypatch.setattr(phase, "_critic_step", recording)
+    for _ in range(60):
+        phase.generator_step()
+    first_advantages, first_mask, first_loss = seen[0]
+    assert torch.allclose(first_advantages, 0.7 * first_mask.float())  # V = 0 before any fit
+    last_advantages, last_mask, last_loss = seen[-1]
+    assert last_loss < first_loss / 10
+    assert float(last_advantages.abs().sum() / last_mask.sum()) < 0.1  # V ~ 0.7 now: little left to reinforce
+    saved = phase.state_dict()
+    other = make_phase(baseline="learned")
+    other.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(other.critic.parameters(), phase.critic.parameters(), strict=True))
 
 
 def test_rank_rewards_rescale_ranks_among_live_sequences():
