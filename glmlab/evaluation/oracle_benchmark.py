@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -28,7 +29,7 @@ from glmlab.data.sentences import find_sentences, sentence_batches
 from glmlab.errors import GlmlabError
 from glmlab.evaluation.oracle import Oracle
 from glmlab.models.lstm import token_nll
-from glmlab.runs import load_run
+from glmlab.runs import load_run, weights_path
 from glmlab.training.trainer import config_changes, train
 
 SEQUENCE_LENGTH = 20
@@ -143,7 +144,7 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
         run_dir = out / name
         if not (run_dir / "done.json").is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
-            shutil.copytree(mle_dir, run_dir, ignore=shutil.ignore_patterns("done.json", ".lock"))
+            shutil.copytree(mle_dir, run_dir, ignore=shutil.ignore_patterns("done.json", ".lock", "temperature-*.json"))
             config = resolve_config({}, [*base, f"model.adv_rounds={adv_rounds}", *overrides])
             started = time.perf_counter()
             train(config, data, run_dir, resume=True, show_progress=False)
@@ -183,6 +184,12 @@ def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | 
     return stages
 
 
+def weights_fingerprint(run_dir: Path) -> str:
+    """A digest of the weights :func:`score` reads (the run's last), which a cached score must match: a
+    run copied from another (each variant starts as a copy of the MLE run) must not inherit its scores."""
+    return hashlib.sha256(weights_path(run_dir, "last").read_bytes()).hexdigest()[:16]
+
+
 def temperature_stages(oracle_path: Path, out: Path, temperatures: list[float], samples: int = 10000,
                        log=print, runs: list[str] | None = None) -> list[Stage]:
     """Each finished run in ``out`` (``mle`` and the variants) sampled, and scored on held-out data, at each
@@ -192,12 +199,14 @@ def temperature_stages(oracle_path: Path, out: Path, temperatures: list[float], 
     oracle, stages = Oracle(oracle_path), []
     for run in runs or ["mle"]:
         name = "MLE" if run == "mle" else run
+        weights = weights_fingerprint(out / run)
         for t in temperatures:
             cached = out / run / f"temperature-{t:g}.json"
-            if not cached.is_file():
+            done = json.loads(cached.read_text()) if cached.is_file() else {}
+            if done.get("weights") != weights:  # none yet, or scored for other weights (a copied run's)
                 nll_oracle, nll_test = score(out / run, out / "data", oracle, samples, temperature=t)
-                cached.write_text(json.dumps({"nll_oracle": nll_oracle, "nll_test": nll_test}))
-            done = json.loads(cached.read_text())
+                done = {"nll_oracle": nll_oracle, "nll_test": nll_test, "weights": weights}
+                cached.write_text(json.dumps(done))
             stages.append(Stage(f"{name} at temperature {t:g}", done["nll_oracle"], done["nll_test"], 0.0,
                                 {"temperature": t}))
             log(f"{name} at temperature {t:g}: NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}")

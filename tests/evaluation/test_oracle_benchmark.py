@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def test_bench_oracle_runs_mle_then_variants_and_reuses_finished_stages(tmp_path
     names = [r["name"] for r in json.loads((tmp_path / "b" / "results.json").read_text())]
     assert names[3:] == ["MLE at temperature 0.8", "seqgan at temperature 0.8", "seqgan-baseline at temperature 0.8"]
     assert (tmp_path / "b" / "seqgan" / "temperature-0.8.json").is_file()
+    curve = {r["name"]: r for r in json.loads((tmp_path / "b" / "results.json").read_text())}
+    own = curve["seqgan-baseline at temperature 0.8"]
+    assert own["nll_oracle"] != curve["MLE at temperature 0.8"]["nll_oracle"]
+    # a cache scored for other weights (here the MLE run's, as a copied run would carry) is not trusted
+    shutil.copy(tmp_path / "b" / "mle" / "temperature-0.8.json", tmp_path / "b" / "seqgan-baseline")
+    assert main([*args, "--temperatures", "0.8"]) == 0
+    again = {r["name"]: r for r in json.loads((tmp_path / "b" / "results.json").read_text())}
+    assert again["seqgan-baseline at temperature 0.8"]["nll_oracle"] == own["nll_oracle"]
 
 
 def test_bench_oracle_errors(tmp_path: Path, capsys) -> None:
