@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="process", choices=("process", "thread"),
                    help="process (default): the model decodes in a process of its own, so its Python and the "
                         "HTTP server's never wait for each other's interpreter lock (the server keeps a second "
-                        "copy of the model for echo log-probabilities and the vae tools); thread: one process")
+                        "copy of the model, on the CPU, for echo log-probabilities and the vae tools); thread: "
+                        "one process")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (default 0: PyTorch's choice)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default warning)")
