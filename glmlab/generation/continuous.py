@@ -126,8 +126,9 @@ class ContinuousBatch:
         Returns one event per row that produced something (text, a token or its end).
 
         ``publish``, when given, receives the events as soon as they are made, before the model computes
-        the next step's logits: a server's other threads then handle them while that computation runs
-        (it releases Python's GIL) instead of competing with this thread's Python work afterwards."""
+        the next step's logits, so they reach clients one decode earlier. (Whether another thread's work on
+        them overlaps that computation depends on Python's GIL: in one process it mostly does not, which is
+        why ``glmlab serve`` runs the model in a process of its own; see benchmarks/README.md.)"""
         self._prefill()
         if not self._active:
             return []

@@ -96,9 +96,8 @@ class SeqGANConfig(LSTMConfig):
 
     # keys a resumed run may change: the adversarial schedule continues from an MLE-trained generator
     RESUMABLE = ("d_lr", "g_lr", "adv_rounds", "adv_batch", "g_steps", "g_epochs", "g_clip", "mle_steps", "kl_coef",
-                 "d_steps",
-                 "d_epochs", "d_samples", "d_pretrain_steps", "rollout_num", "rollout_update", "baseline", "critic_lr",
-                 "adv_eval_interval", "reward", "reward_delta", "objective", "m_steps", "m_lr")
+                 "d_steps", "d_epochs", "d_samples", "d_pretrain_steps", "rollout_num", "rollout_update", "baseline",
+                 "critic_lr", "adv_eval_interval", "reward", "reward_delta", "objective", "m_steps", "m_lr")
 
     def validate(self) -> None:
         for key in ("d_filter_sizes", "d_num_filters"):

@@ -10,12 +10,13 @@ runs the very same thread :class:`Scheduler` over its own copy of the run, and t
 parses requests and writes responses: the two never wait for each other's lock. (vLLM's V1 engine-core
 split does the same.)
 
-The wire is one duplex pipe of pickled messages. Server → engine: ``("submit", id, rows)``,
-``("cancel", id)``, ``("stop",)``. Engine → server: ``("ready",)`` or ``("failed", message)`` once, then
-per step ``("events", [(id, payload), ...], stats)`` where a payload is a list of (row, delta, token ids,
-logprobs, completion) or an error message, and ``stats`` the engine's queue depth, active rows, step
-times and cancelled rows since the previous message. Requests' time to first token, inter-token gaps
-and token counts are measured here, in the server's process, when their events arrive.
+The wire is one duplex ``multiprocessing`` pipe (its connections pickle what they carry). Server →
+engine: ``("submit", id, rows)``, ``("cancel", id)``, ``("stop",)``. Engine → server: ``("ready",)`` or
+``("failed", message)`` once, then per step ``("events", [(id, payload), ...], stats)`` where a payload
+is a list of (row, delta, token ids, logprobs, completion) or an error message, and ``stats`` the
+engine's queue depth, active rows, step times and cancelled rows since the previous message.
+Requests' time to first token, inter-token gaps and token counts are measured here, in the server's
+process, when their events arrive.
 
 Work that is not decoding (a prompt's log-probabilities for ``echo``, a VAE's latent tools) runs in the
 server's process on its own copy of the model, one call at a time (:meth:`ProcessScheduler.call`).
@@ -27,7 +28,6 @@ import concurrent.futures
 import contextlib
 import itertools
 import multiprocessing
-import pickle
 import signal
 import threading
 import time
@@ -92,47 +92,40 @@ def _engine_main(conn: Any, spec: EngineSpec, slots: int) -> None:
         run = load_run(spec.run_dir, checkpoint=spec.checkpoint, device=spec.device)
         run.use_decode_weights(spec.decode_weights)
     except Exception as exc:  # noqa: BLE001 — reported to the server, which says it
-        conn.send_bytes(pickle.dumps(("failed", f"{type(exc).__name__}: {exc}")))
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    send_lock = threading.Lock()
+    send_lock = threading.Lock()  # the model thread sends events, this one a refused submission's
     stats = _StepStats()
     jobs: dict[int, Job] = {}
-    scheduler: Scheduler | None = None
-
-    def send(message: tuple) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        with send_lock:
-            conn.send_bytes(data)
 
     def deliver(pairs: list[tuple[Job, Any]]) -> None:
         out = []
         for job, items in pairs:
             if isinstance(items, BaseException):
-                out.append((job.sink, str(items)))
+                out.append((job.sink, str(items) or type(items).__name__))
                 jobs.pop(job.sink, None)
                 continue
             out.append((job.sink, [(row, e.delta, e.token_ids, e.logprobs, e.completion) for row, e in items]))
             if job.finished == len(job.rows):
                 jobs.pop(job.sink, None)
-        depth, active = (scheduler.queue_depth, scheduler.active) if scheduler is not None else (0, 0)
-        send(("events", out, (depth, active, *stats.drain())))
+        message = ("events", out, (scheduler.queue_depth, scheduler.active, *stats.drain()))
+        with send_lock:
+            conn.send(message)
 
     scheduler = Scheduler(run.model, run.tokenizer, slots, 1 << 30, deliver, metrics=stats)  # type: ignore[arg-type]
     scheduler.start()
-    send(("ready",))
+    conn.send(("ready",))
     try:
         while True:
-            message = pickle.loads(conn.recv_bytes())
+            message = conn.recv()
             if message[0] == "submit":
                 _, key, rows = message
                 job = Job(rows, key)
                 jobs[key] = job
                 try:
                     scheduler.submit(job)
-                except (QueueFull, SchedulerStopped) as exc:
-                    jobs.pop(key, None)
-                    send(("events", [(key, str(exc) or "the model thread is not running")],
-                          (scheduler.queue_depth, scheduler.active, [], 0)))
+                except (QueueFull, SchedulerStopped) as exc:  # its model thread died: say so to the request
+                    deliver([(job, exc)])
             elif message[0] == "cancel":
                 job = jobs.get(message[1])
                 if job is not None:
@@ -155,7 +148,6 @@ class ProcessScheduler:
         self.spec, self.slots, self.max_queue, self.deliver = spec, slots, max_queue, deliver
         self.metrics = metrics
         self.failure: str | None = None
-        self.batch = None  # the batch lives in the engine process
         self._jobs: dict[int, Job] = {}  # requests in the engine, by the key they travel under
         self._keys: dict[Job, int] = {}
         self._unstarted: set[int] = set()  # keys of requests whose first event has not arrived
@@ -204,7 +196,7 @@ class ProcessScheduler:
                 self._process.kill()
                 raise SchedulerStopped(f"the engine process did not load {self.spec.run_dir} in "
                                        f"{STARTUP_TIMEOUT:.0f} s")
-        first = pickle.loads(ours.recv_bytes())
+        first = ours.recv()
         if first[0] != "ready":
             self._process.join(timeout=10)
             raise SchedulerStopped(f"the engine process could not load the run: {first[1]}")
@@ -214,11 +206,8 @@ class ProcessScheduler:
     def stop(self) -> None:
         self._stopping = True
         if self._conn is not None:
-            try:
-                with self._lock:
-                    self._conn.send_bytes(pickle.dumps(("stop",)))
-            except OSError:
-                pass
+            with self._lock, contextlib.suppress(SchedulerStopped):  # an engine that is gone is stopped
+                self._send(("stop",))
         if self._process is not None:
             self._process.join(timeout=30)
             if self._process.is_alive():
@@ -285,7 +274,7 @@ class ProcessScheduler:
 
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            self._conn.send(message)  # pickled by the connection
         except OSError as exc:  # the engine is gone; the reader reports it to every request
             raise SchedulerStopped(self.failure or f"the engine process is gone: {exc}") from None
 
@@ -293,7 +282,7 @@ class ProcessScheduler:
         """Turn the engine's messages into deliveries, until it stops."""
         try:
             while True:
-                message = pickle.loads(self._conn.recv_bytes())
+                message = self._conn.recv()
                 if message[0] == "events":
                     self._arrived(message[1], message[2])
         except (EOFError, OSError):

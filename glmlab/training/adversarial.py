@@ -188,10 +188,7 @@ class AdversarialPhase:
         stats: dict[str, float] = {"reward": mean_reward}
         if self.critic is not None:
             rewards, stats["critic_loss"] = self._critic_step(x, rewards, mask)
-        log_ref = None
-        if self.reference is not None:
-            with torch.no_grad():
-                log_ref = F.log_softmax(self.reference.decode(x).float(), dim=-1)
+        log_ref = _frozen_log_probs(self.reference, x) if self.reference is not None else None
         for epoch in range(c.g_epochs):
             logits = model(x)
             logp = -token_nll(logits, targets)
@@ -204,8 +201,7 @@ class AdversarialPhase:
                 clipped = ratio.clamp(1 - c.g_clip, 1 + c.g_clip)
                 loss = -torch.minimum(ratio * rewards, clipped * rewards).sum() / c.adv_batch
             if log_ref is not None:
-                log_g = F.log_softmax(logits.float(), dim=-1)
-                kl = ((log_g.exp() * (log_g - log_ref)).sum(-1) * mask).sum() / c.adv_batch
+                kl = exact_kl(logits, log_ref, mask) / c.adv_batch
                 loss = loss + c.kl_coef * kl
                 if epoch == 0:
                     stats["kl"] = float(kl.detach())  # per sequence, before this batch's updates
@@ -245,13 +241,8 @@ class AdversarialPhase:
         c, model = self.config, self.model
         samples = model.sample(c.adv_batch, self.length, self.bos_id, generator=self.generator)
         x, targets = self._teacher_forced(samples)
-        live = targets != -100
-        log_g = F.log_softmax(model(x).float(), dim=-1)
-        with torch.no_grad():
-            self.mediator.eval()
-            log_m = F.log_softmax(self.mediator.decode(x).float(), dim=-1)
-        kl = (log_g.exp() * (log_g - log_m)).sum(-1)  # (B, L)
-        loss = (kl * live).sum() / c.adv_batch
+        self.mediator.eval()
+        loss = exact_kl(model(x), _frozen_log_probs(self.mediator, x), targets != -100) / c.adv_batch
         _update(self.g_optimizer, loss, model.generator_parameters())
         return {"g_loss": float(loss.detach())}
 
@@ -292,6 +283,19 @@ class AdversarialPhase:
         for _ in range(self.config.d_steps):
             stats.update(self.fit_discriminator())
         return stats
+
+
+def exact_kl(logits: torch.Tensor, log_other: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Sum over the live positions of KL(softmax(logits) || exp(log_other)), each computed exactly over
+    the vocabulary (CoT's generator loss; the kl_coef penalty)."""
+    log_g = F.log_softmax(logits.float(), dim=-1)
+    return ((log_g.exp() * (log_g - log_other)).sum(-1) * live).sum()
+
+
+@torch.no_grad()
+def _frozen_log_probs(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A network's next-token log-probabilities, no gradient: the reference or mediator side of a KL."""
+    return F.log_softmax(net.decode(x).float(), dim=-1)
 
 
 def mean_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

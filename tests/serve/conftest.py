@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 
+import httpx2 as httpx
 import pytest
 import torch
 import uvicorn
@@ -54,6 +56,34 @@ class LiveServer:
     @property
     def metrics(self):
         return self.app.state.metrics
+
+
+def wait_for(condition, seconds: float = 30.0) -> None:
+    """Poll ``condition`` (a liveness bound, not a speed requirement)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the server did not get there"
+        time.sleep(0.05)
+
+
+def metric(server: LiveServer, name: str) -> float:
+    """A sample's value in the server's /metrics text (the first series of that name)."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def parallel_and_sequential(client, n: int) -> tuple[list[str], list[str]]:
+    """``n`` seeded completions (``client``: an openai client) asked at once and one at a time."""
+
+    def ask(seed: int) -> str:
+        return client.completions.create(model="tiny", prompt=["First", "Citizen", "O"][seed % 3],
+                                          max_tokens=10 + 3 * seed, seed=seed, temperature=0.9).choices[0].text
+
+    sequential = [ask(seed) for seed in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(ask, range(n))), sequential
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
-import time
 
 import httpx2 as httpx  # the HTTP client the openai package ships with
 import pytest
 
 from glmlab.serve.protocol import Limits
+from tests.serve.conftest import metric, parallel_and_sequential, wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -168,30 +168,9 @@ def test_openai_client_raises_the_right_errors(client):
 
 
 def test_twenty_parallel_requests_equal_their_sequential_results(live, client):
-    def ask(seed: int) -> str:
-        return client.completions.create(model="tiny", prompt=["First", "Citizen", "O"][seed % 3],
-                                          max_tokens=10 + 3 * seed, seed=seed, temperature=0.9).choices[0].text
-
-    sequential = [ask(seed) for seed in range(20)]
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        parallel = list(pool.map(ask, range(20)))
+    parallel, sequential = parallel_and_sequential(client, 20)
     assert parallel == sequential
     assert len(set(sequential)) > 10
-
-
-def _metric(live, name: str) -> float:
-    for line in httpx.get(live.url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def _wait_for(condition, seconds: float = 20.0) -> None:
-    """Poll ``condition`` (a liveness bound, not a speed requirement)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the server did not get there"
-        time.sleep(0.05)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(make_server):
@@ -201,7 +180,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(make_server):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert server.scheduler.active == 1
-    _wait_for(lambda: server.scheduler.active == 0)
+    wait_for(lambda: server.scheduler.active == 0)
     assert server.metrics.value("cancelled_sequences_total") == 1
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 2}).status_code == 200
 
@@ -214,7 +193,7 @@ def test_overload_is_answered_429_with_retry_after(make_server):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             queued = pool.submit(httpx.post, server.url + "/v1/completions",
                                  json={"prompt": "First", "max_tokens": 2}, timeout=60)
-            _wait_for(lambda: server.scheduler.queue_depth == 1)
+            wait_for(lambda: server.scheduler.queue_depth == 1)
             refused = httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 2})
             assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
             assert refused.json()["error"]["code"] == "queue_full" and "--max-queue" in refused.text
@@ -265,4 +244,4 @@ def test_metrics_are_prometheus_text(live, client):
                  "glmlab_inter_token_latency_seconds_sum"):
         assert name in text
     assert "# TYPE glmlab_time_to_first_token_seconds histogram" in text
-    assert _metric(live, "glmlab_generated_tokens_total") >= 3
+    assert metric(live, "glmlab_generated_tokens_total") >= 3

@@ -4,7 +4,6 @@ the one-process server, and its failures are clear."""
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from dataclasses import replace
 
 import httpx2 as httpx
@@ -16,7 +15,7 @@ from glmlab.serve.app import create_app
 from glmlab.serve.engine_process import EngineSpec, ProcessScheduler
 from glmlab.serve.protocol import Limits
 from glmlab.serve.scheduler import SchedulerStopped
-from tests.serve.conftest import OPTIONS, LiveServer
+from tests.serve.conftest import OPTIONS, LiveServer, metric, parallel_and_sequential, wait_for
 
 REQUESTS = [
     {"prompt": "First", "max_tokens": 12, "seed": 1, "temperature": 0.9},
@@ -31,14 +30,6 @@ def _answer(url: str, body: dict) -> dict:
     assert r.status_code == 200, r.text
     data = r.json()
     return {"choices": data["choices"], "usage": data["usage"]}
-
-
-def _wait_for(condition, seconds: float = 30.0) -> None:
-    """Poll ``condition`` (a liveness bound, not a speed requirement)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the server did not get there"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +55,7 @@ def test_streamed_chunks_join_to_the_whole_text(engine_server):
 
 def test_parallel_requests_equal_their_sequential_results(engine_server):
     client = openai.OpenAI(base_url=engine_server.url + "/v1", api_key="x", max_retries=0)
-
-    def ask(seed: int) -> str:
-        return client.completions.create(model="tiny", prompt=["First", "Citizen", "O"][seed % 3],
-                                          max_tokens=10 + 3 * seed, seed=seed, temperature=0.9).choices[0].text
-
-    sequential = [ask(seed) for seed in range(12)]
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        parallel = list(pool.map(ask, range(12)))
+    parallel, sequential = parallel_and_sequential(client, 12)
     assert parallel == sequential and len(set(sequential)) > 6
 
 
@@ -82,20 +66,17 @@ def test_a_client_that_disconnects_frees_its_slot_in_the_engine(engine_server):
     with httpx.stream("POST", engine_server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        _wait_for(lambda: engine_server.scheduler.active == 1)
-    _wait_for(lambda: engine_server.scheduler.active == 0)  # the engine reports the dropped row
-    _wait_for(lambda: metrics.value("cancelled_sequences_total") == cancelled + 1)
+        wait_for(lambda: engine_server.scheduler.active == 1)
+    wait_for(lambda: engine_server.scheduler.active == 0)  # the engine reports the dropped row
+    wait_for(lambda: metrics.value("cancelled_sequences_total") == cancelled + 1)
     assert _answer(engine_server.url, {"prompt": "First", "max_tokens": 2})["usage"]["completion_tokens"] == 2
 
 
 def test_the_engines_measurements_reach_metrics(engine_server):
     _answer(engine_server.url, {"prompt": "First", "max_tokens": 5})
-    text = httpx.get(engine_server.url + "/metrics").text
-    counts = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.endswith(tuple("0123456789")) and not line.startswith("#")}
-    assert counts["glmlab_decode_step_seconds_count"] >= 5
-    assert counts["glmlab_time_to_first_token_seconds_count"] >= 1
-    assert counts["glmlab_generated_tokens_total"] >= 5
+    assert metric(engine_server, "glmlab_decode_step_seconds_count") >= 5
+    assert metric(engine_server, "glmlab_time_to_first_token_seconds_count") >= 1
+    assert metric(engine_server, "glmlab_generated_tokens_total") >= 5
 
 
 def test_an_engine_that_cannot_load_the_run_is_a_clear_error(tmp_path):
@@ -109,7 +90,7 @@ def test_a_dead_engine_is_a_503_with_the_reason(trained_run, make_server):
     server = make_server(engine="process")
     assert httpx.get(server.url + "/health").status_code == 200
     server.scheduler._process.kill()
-    _wait_for(lambda: not server.scheduler.alive)
+    wait_for(lambda: not server.scheduler.alive)
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 2}, timeout=30)
     assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"]
     health = httpx.get(server.url + "/health")
@@ -122,11 +103,11 @@ def test_overload_is_answered_429_by_the_server_process(make_server):
     with httpx.stream("POST", server.url + "/v1/completions", json=long, timeout=60) as r:
         lines = r.iter_lines()  # kept: a dropped line iterator closes the response
         assert next(lines).startswith("data: ")  # the only slot is taken
-        _wait_for(lambda: server.scheduler.active == 1)
+        wait_for(lambda: server.scheduler.active == 1)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             queued = pool.submit(httpx.post, server.url + "/v1/completions",
                                  json={"prompt": "First", "max_tokens": 2}, timeout=60)
-            _wait_for(lambda: len(server.scheduler._unstarted) == 1)
+            wait_for(lambda: len(server.scheduler._unstarted) == 1)
             refused = httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 2})
             assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
             assert refused.json()["error"]["code"] == "queue_full"
