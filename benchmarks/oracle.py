@@ -6,6 +6,7 @@ the published anchors: the SeqGAN authors' log shows MLE ~9.07 and SeqGAN ~8.68 
 
     python benchmarks/oracle.py                       # the CPU preset
     python benchmarks/oracle.py --mle-steps 500 --rounds 5 --out /tmp/oracle-smoke
+    python benchmarks/oracle.py --mle-steps best --variants seqgan --out benchmarks/work/oracle27  # early-stopped MLE
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seqgan-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/work/oracle")
-    parser.add_argument("--mle-steps", type=int, default=None)
+    parser.add_argument("--mle-steps", type=lambda t: t if t == "best" else int(t), default=None,
+                        help="MLE steps, or best: early stopping on the validation samples")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--variants", default="seqgan,seqgan-baseline,seqgan-fast")
     parser.add_argument("--threads", type=int, default=0)

@@ -156,7 +156,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--oracle", default="../shared/data/seqgan-oracle/oracle_params.npz", metavar="NPZ")
     o.add_argument("--real", default="../shared/data/seqgan-oracle/real_data.txt", metavar="TXT",
                    help="the oracle's training samples")
-    o.add_argument("--mle-steps", type=int, default=None, help="MLE steps of 64 sequences (default: the CPU preset)")
+    o.add_argument("--mle-steps", type=_mle_steps, default=None, metavar="N|best",
+                   help="MLE steps of 64 sequences (default: the CPU preset, 3,000), or best: early stopping, "
+                        "the step count with the lowest validation NLL, found by a first run evaluated every "
+                        "100 steps")
     o.add_argument("--rounds", type=int, default=None, help="adversarial rounds (default: the CPU preset)")
     o.add_argument("--variants", default="seqgan,seqgan-baseline,seqgan-fast",
                    help="comma-separated: seqgan (as published), seqgan-baseline (mean reward baseline), "
@@ -506,6 +509,19 @@ def _temperatures(text: str | None) -> list[float]:
     if any(t <= 0 for t in values):
         raise GlmlabError(f"--temperatures {text!r}: temperatures must be above 0", "e.g. --temperatures 0.9,0.8")
     return values
+
+
+def _mle_steps(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number of steps nor 'best' "
+                                         "(e.g. --mle-steps 1000, or --mle-steps best for early stopping)")
+    return steps
 
 
 def cmd_bench_oracle(args: argparse.Namespace) -> int:

@@ -3,7 +3,10 @@
 1. Data: the oracle's ``real_data.txt`` (9,984 sequences of 20 ids) is the training set; 1,000 and
    2,000 fresh oracle samples (seeded) are the validation and test sets. Token ids become words of
    a word-level vocabulary (so the standard pipeline trains on them).
-2. MLE: a `seqgan` run with no adversarial rounds (the generator alone, trained like an `lstm`).
+2. MLE: a `seqgan` run with no adversarial rounds (the generator alone, trained like an `lstm`), for the
+   CPU preset's 3,000 steps (which reproduce the SeqGAN authors' MLE figure and overfit the 9,984
+   sequences) or, with ``mle_steps="best"``, for the number of steps at which the validation NLL is
+   lowest: early stopping, found by a first run evaluated every 100 steps (``mle-search``).
 3. Adversarial: the same run resumed with ``model.adv_rounds`` > 0 — once per variant (SeqGAN as
    published, and any improvement), each from a copy of the MLE run.
 4. Scores after each stage: **NLL-oracle** (the oracle's mean per-token NLL of 10,000 generated
@@ -45,6 +48,11 @@ MLE = ["model.family=seqgan", f"model.block_size={SEQUENCE_LENGTH + 2}", "train.
 # NLL-oracle 8.78; 500 + 500 is unstable; 1,000 + 1,000 keeps rewards informative and descends steadily.
 # 3,000 MLE steps (19 epochs) reach NLL-oracle ~9.02; longer overfits the 10,000 sequences (NLL-test rises).
 CPU_MLE_STEPS = 3000
+# mle_steps="best": a first MLE run scored on the validation samples every SEARCH_INTERVAL steps, stopped
+# after SEARCH_PATIENCE evaluations without a new best; the MLE stage then trains for the best step count.
+SEARCH_INTERVAL = 100
+SEARCH_PATIENCE = 5
+SEARCH_MAX_STEPS = 20000
 CPU_ROUNDS = 30
 CPU_DISCRIMINATOR = ["model.d_num_filters=25,50,50,50,50,25,25,25,25,25,40,40"]
 CPU_ADVERSARIAL = ["model.d_samples=1000", "model.d_steps=1", "model.d_epochs=1", "model.d_pretrain_steps=5",
@@ -115,14 +123,39 @@ def score(run_dir: Path, data_dir: Path, oracle: Oracle, samples: int = 10000, s
     return nll_oracle, total / count
 
 
-def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_steps: int, adv_rounds: int,
+def best_mle_steps(data: Path, out: Path, overrides: list[str], log=print) -> int:
+    """Early stopping: the MLE step count with the lowest validation NLL (the 1,000 fresh oracle samples of
+    ``val.txt``, never the test samples), from a run in ``out/mle-search`` evaluated every
+    ``SEARCH_INTERVAL`` steps until ``SEARCH_PATIENCE`` evaluations bring no new best. Cached there."""
+    search = out / "mle-search"
+    if not (search / "done.json").is_file():
+        shutil.rmtree(search, ignore_errors=True)
+        config = resolve_config({}, [*overrides, f"train.max_steps={SEARCH_MAX_STEPS}",
+                                     f"train.eval_interval={SEARCH_INTERVAL}", f"train.patience={SEARCH_PATIENCE}"])
+        train(config, data, search, show_progress=False)
+        evals = [json.loads(line) for line in (search / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if e.get("split") == "val"]
+        best = min(evals, key=lambda e: e["loss"])
+        (search / "done.json").write_text(json.dumps({"best_step": best["step"], "best_val_loss": best["loss"],
+                                                      "val_curve": [[e["step"], e["loss"]] for e in evals]}))
+    done = json.loads((search / "done.json").read_text())
+    log(f"MLE early stopping: validation NLL lowest at step {done['best_step']} ({done['best_val_loss']:.3f}; "
+        f"evaluated every {SEARCH_INTERVAL} steps, {len(done['val_curve'])} evaluations)")
+    return int(done["best_step"])
+
+
+def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_steps: int | str, adv_rounds: int,
                          variants: dict[str, list[str]], mle_overrides: list[str] | None = None,
                          threads: int = 0, oracle_samples: int = 10000, log=print) -> list[Stage]:
-    """MLE once, then each adversarial variant from a copy of it; returns the scored stages."""
+    """MLE once (``mle_steps`` steps, or "best": early stopping on the validation samples), then each
+    adversarial variant from a copy of it; returns the scored stages."""
     oracle = Oracle(oracle_path)
     data = prepare_oracle_data(oracle, real_data, out)
     mle_dir = out / "mle"
-    base = [*MLE, *(mle_overrides or []), f"train.max_steps={mle_steps}", f"train.threads={threads}"]
+    common = [*MLE, *(mle_overrides or []), f"train.threads={threads}"]
+    if mle_steps == "best":
+        mle_steps = best_mle_steps(data, out, common, log)
+    base = [*common, f"train.max_steps={mle_steps}"]
     for overrides in variants.values():  # before any training: a variant must continue the MLE model as is
         changed = config_changes(resolve_config({}, base), resolve_config({}, [*base, *overrides]))
         if changed:
@@ -135,8 +168,12 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
         result = train(resolve_config({}, base), data, mle_dir, show_progress=False)
         nll_oracle, nll_test = score(mle_dir, data, oracle, oracle_samples)
         (mle_dir / "done.json").write_text(json.dumps(
-            {"nll_oracle": nll_oracle, "nll_test": nll_test, "seconds": result.elapsed}))
+            {"nll_oracle": nll_oracle, "nll_test": nll_test, "seconds": result.elapsed, "steps": mle_steps}))
     done = json.loads((mle_dir / "done.json").read_text())
+    trained = done.get("steps", json.loads((mle_dir / "config.json").read_text())["train"]["max_steps"])
+    if trained != mle_steps:  # a finished MLE stage is reused only for the run it is
+        raise GlmlabError(f"{mle_dir} holds an MLE run of {trained} steps, not the {mle_steps} asked for",
+                          f"use another --out, or --mle-steps {trained} to reuse it")
     stages.append(Stage("MLE", done["nll_oracle"], done["nll_test"], done["seconds"]))
     log(f"MLE ({mle_steps} steps): NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}, "
         f"{done['seconds']:.0f}s")
@@ -159,7 +196,8 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
     return stages
 
 
-def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | Path, mle_steps: int | None = None,
+def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | Path,
+                     mle_steps: int | str | None = None,
                      rounds: int | None = None, variants: list[str] | None = None, overrides: list[str] | None = None,
                      threads: int = 0, oracle_samples: int = 10000, temperatures: list[float] | None = None,
                      log=print) -> list[Stage]:

@@ -60,3 +60,37 @@ def test_bench_oracle_refuses_overrides_that_change_the_mle_model(tmp_path: Path
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "model.n_hidden would change the model trained by MLE" in err and "fix:" in err
+
+
+@pytest.mark.slow
+def test_mle_steps_best_trains_mle_for_the_step_count_with_the_lowest_validation_nll(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    from glmlab.evaluation import oracle_benchmark
+
+    monkeypatch.setattr(oracle_benchmark, "SEARCH_INTERVAL", 4)
+    monkeypatch.setattr(oracle_benchmark, "SEARCH_PATIENCE", 2)
+    monkeypatch.setattr(oracle_benchmark, "SEARCH_MAX_STEPS", 24)
+    out = tmp_path / "b"
+    args = ["bench", "oracle", "--out", str(out), "--oracle", str(ORACLE / "oracle_params.npz"),
+            "--real", str(ORACLE / "real_data.txt"), "--mle-steps", "best", "--rounds", "1", "--oracle-samples", "100",
+            "--variants", "seqgan", "model.d_samples=32", "model.d_pretrain_steps=1", "model.rollout_num=2"]
+    assert main(args) == 0
+    search = json.loads((out / "mle-search" / "done.json").read_text())
+    curve = search["val_curve"]
+    assert [step for step, _ in curve] == list(range(4, 4 * len(curve) + 1, 4))  # every SEARCH_INTERVAL steps
+    assert search["best_step"] == min(curve, key=lambda c: c[1])[0]
+    mle = json.loads((out / "mle" / "config.json").read_text())["train"]
+    assert mle["max_steps"] == search["best_step"] and mle["patience"] == 0  # retrained to the best step, plainly
+    assert f"validation NLL lowest at step {search['best_step']}" in capsys.readouterr().out
+    # the finished MLE stage is not silently reused for another step count
+    other = 100 + search["best_step"]
+    assert main([*args[:9], str(other), *args[10:]]) == 1
+    err = capsys.readouterr().err
+    assert f"holds an MLE run of {search['best_step']} steps, not the {other} asked for" in err
+    assert f"--mle-steps {search['best_step']}" in err
+
+
+def test_mle_steps_must_be_a_positive_count_or_best(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "oracle", "--out", str(tmp_path), "--mle-steps", "early"])
+    assert "'early' is neither a positive number of steps nor 'best'" in capsys.readouterr().err
