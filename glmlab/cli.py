@@ -171,6 +171,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "mediator LM and the exact KL to it, no discriminator or rollouts)")
     o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     o.add_argument("--oracle-samples", type=int, default=10000, help="generated sequences scored by the oracle")
+    o.add_argument("--seed", type=int, default=None,
+                   help="training seed of the MLE stage and the variants continuing it (default: train.seed's); "
+                        "the data, held-out samples and scoring stay seeded as they are")
     o.add_argument("--temperatures", default=None, metavar="T,T,...",
                    help="also score the MLE generator and each variant sampled at these temperatures "
                         "(quality-diversity curves: MLE's is the sharpening-only frontier an adversarial variant "
@@ -529,7 +532,7 @@ def cmd_bench_oracle(args: argparse.Namespace) -> int:
 
     stages = oracle_benchmark(args.oracle, args.real, args.out, mle_steps=args.mle_steps, rounds=args.rounds,
                               variants=[v for v in args.variants.split(",") if v], overrides=args.overrides,
-                              threads=args.threads, oracle_samples=args.oracle_samples,
+                              threads=args.threads, oracle_samples=args.oracle_samples, seed=args.seed,
                               temperatures=_temperatures(args.temperatures))
     print(format_stages(stages))
     return 0

@@ -128,10 +128,10 @@ def best_mle_steps(data: Path, out: Path, overrides: list[str], log=print) -> in
     ``val.txt``, never the test samples), from a run in ``out/mle-search`` evaluated every
     ``SEARCH_INTERVAL`` steps until ``SEARCH_PATIENCE`` evaluations bring no new best. Cached there."""
     search = out / "mle-search"
+    config = resolve_config({}, [*overrides, f"train.max_steps={SEARCH_MAX_STEPS}",
+                                 f"train.eval_interval={SEARCH_INTERVAL}", f"train.patience={SEARCH_PATIENCE}"])
     if not (search / "done.json").is_file():
         shutil.rmtree(search, ignore_errors=True)
-        config = resolve_config({}, [*overrides, f"train.max_steps={SEARCH_MAX_STEPS}",
-                                     f"train.eval_interval={SEARCH_INTERVAL}", f"train.patience={SEARCH_PATIENCE}"])
         train(config, data, search, show_progress=False)
         evals = [json.loads(line) for line in (search / "metrics.jsonl").read_text().splitlines()]
         evals = [e for e in evals if e.get("split") == "val"]
@@ -139,6 +139,10 @@ def best_mle_steps(data: Path, out: Path, overrides: list[str], log=print) -> in
         (search / "done.json").write_text(json.dumps({"best_step": best["step"], "best_val_loss": best["loss"],
                                                       "val_curve": [[e["step"], e["loss"]] for e in evals]}))
     done = json.loads((search / "done.json").read_text())
+    searched = json.loads((search / "config.json").read_text())["train"]["seed"]
+    if searched != config.train.seed:
+        raise GlmlabError(f"{search} searched the MLE length with seed {searched}, not the {config.train.seed} "
+                          "asked for", f"use another --out, or --seed {searched} to reuse it")
     log(f"MLE early stopping: validation NLL lowest at step {done['best_step']} ({done['best_val_loss']:.3f}; "
         f"evaluated every {SEARCH_INTERVAL} steps, {len(done['val_curve'])} evaluations)")
     return int(done["best_step"])
@@ -168,12 +172,16 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
         result = train(resolve_config({}, base), data, mle_dir, show_progress=False)
         nll_oracle, nll_test = score(mle_dir, data, oracle, oracle_samples)
         (mle_dir / "done.json").write_text(json.dumps(
-            {"nll_oracle": nll_oracle, "nll_test": nll_test, "seconds": result.elapsed, "steps": mle_steps}))
+            {"nll_oracle": nll_oracle, "nll_test": nll_test, "seconds": result.elapsed}))
     done = json.loads((mle_dir / "done.json").read_text())
-    trained = done.get("steps", json.loads((mle_dir / "config.json").read_text())["train"]["max_steps"])
-    if trained != mle_steps:  # a finished MLE stage is reused only for the run it is
-        raise GlmlabError(f"{mle_dir} holds an MLE run of {trained} steps, not the {mle_steps} asked for",
-                          f"use another --out, or --mle-steps {trained} to reuse it")
+    trained = json.loads((mle_dir / "config.json").read_text())["train"]
+    asked = resolve_config({}, base).train
+    if trained["max_steps"] != asked.max_steps:  # a finished MLE stage is reused only for the run it is
+        raise GlmlabError(f"{mle_dir} holds an MLE run of {trained['max_steps']} steps, not the {asked.max_steps} "
+                          "asked for", f"use another --out, or --mle-steps {trained['max_steps']} to reuse it")
+    if trained["seed"] != asked.seed:
+        raise GlmlabError(f"{mle_dir} holds an MLE run of seed {trained['seed']}, not the {asked.seed} asked for",
+                          f"use another --out, or --seed {trained['seed']} to reuse it")
     stages.append(Stage("MLE", done["nll_oracle"], done["nll_test"], done["seconds"]))
     log(f"MLE ({mle_steps} steps): NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}, "
         f"{done['seconds']:.0f}s")
@@ -200,9 +208,9 @@ def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | 
                      mle_steps: int | str | None = None,
                      rounds: int | None = None, variants: list[str] | None = None, overrides: list[str] | None = None,
                      threads: int = 0, oracle_samples: int = 10000, temperatures: list[float] | None = None,
-                     log=print) -> list[Stage]:
-    """`glmlab bench oracle` with the CPU preset, ``overrides`` applied to the adversarial stages; writes
-    ``results.json`` in ``out``."""
+                     seed: int | None = None, log=print) -> list[Stage]:
+    """`glmlab bench oracle` with the CPU preset, ``overrides`` applied to the adversarial stages, ``seed`` (if
+    given) the training seed of every stage; writes ``results.json`` in ``out``."""
     oracle_path, real_data, out = Path(oracle_path), Path(real_data), Path(out)
     for path, what in ((oracle_path, "--oracle"), (real_data, "--real")):
         if not path.is_file():
@@ -213,8 +221,9 @@ def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | 
     if out.exists() and not out.is_dir():
         raise GlmlabError(f"--out {out} is a file", "choose a directory")
     chosen = {v: [*CPU_ADVERSARIAL, *VARIANTS[v], *(overrides or [])] for v in (variants or list(VARIANTS))}
+    seeded = [f"train.seed={seed}"] if seed is not None else []
     stages = run_oracle_benchmark(oracle_path, real_data, out, mle_steps or CPU_MLE_STEPS, rounds or CPU_ROUNDS,
-                                  chosen, mle_overrides=CPU_DISCRIMINATOR, threads=threads,
+                                  chosen, mle_overrides=[*CPU_DISCRIMINATOR, *seeded], threads=threads,
                                   oracle_samples=oracle_samples, log=log)
     if temperatures:
         stages += temperature_stages(oracle_path, out, temperatures, oracle_samples, log, runs=["mle", *chosen])

@@ -73,9 +73,12 @@ def test_mle_steps_best_trains_mle_for_the_step_count_with_the_lowest_validation
     out = tmp_path / "b"
     args = ["bench", "oracle", "--out", str(out), "--oracle", str(ORACLE / "oracle_params.npz"),
             "--real", str(ORACLE / "real_data.txt"), "--mle-steps", "best", "--rounds", "1", "--oracle-samples", "100",
-            "--variants", "seqgan", "model.d_samples=32", "model.d_pretrain_steps=1", "model.rollout_num=2"]
+            "--variants", "seqgan", "model.d_samples=32", "model.d_pretrain_steps=1", "model.rollout_num=2",
+            "--seed", "5"]
     assert main(args) == 0
     search = json.loads((out / "mle-search" / "done.json").read_text())
+    for run in ("mle-search", "mle", "seqgan"):  # --seed seeds every stage's training
+        assert json.loads((out / run / "config.json").read_text())["train"]["seed"] == 5
     curve = search["val_curve"]
     assert [step for step, _ in curve] == list(range(4, 4 * len(curve) + 1, 4))  # every SEARCH_INTERVAL steps
     assert search["best_step"] == min(curve, key=lambda c: c[1])[0]
@@ -88,6 +91,10 @@ def test_mle_steps_best_trains_mle_for_the_step_count_with_the_lowest_validation
     err = capsys.readouterr().err
     assert f"holds an MLE run of {search['best_step']} steps, not the {other} asked for" in err
     assert f"--mle-steps {search['best_step']}" in err
+    assert main([*args[:-1], "6"]) == 1  # nor for another seed
+    assert "searched the MLE length with seed 5, not the 6 asked for" in capsys.readouterr().err
+    assert main([*args[:9], str(search["best_step"]), *args[10:-1], "6"]) == 1
+    assert "holds an MLE run of seed 5, not the 6 asked for" in capsys.readouterr().err
 
 
 def test_mle_steps_must_be_a_positive_count_or_best(tmp_path: Path, capsys) -> None:
