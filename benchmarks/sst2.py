@@ -12,8 +12,8 @@ SST-2's training sentences without labels (ULMFiT's second stage: 2,000 steps, a
 with empty prompts), also with the auxiliary loss; on request (--only), full + auxiliary loss for up to
 12,000 steps (full-lm-long) and from scratch for as long (scratch-long), and both validated on 700
 held-out whole sentences instead of phrases, up to 8,000 steps (full-lm-sent, scratch-sent); scratch and
-full-lm with another seed (scratch-seed2, full-lm-seed2). Finished stages in --work
-are reused, so a second call only prints the table.
+full-lm with another seed (scratch-seed2, full-lm-seed2); full fine-tuning with mean pooling
+(full-mean) and at lr 3e-5 (full-lr3e-5). Finished stages in --work are reused, so a second call only prints the table.
 
     python benchmarks/sst2.py --threads 2                  # 30 min pre-training + ~50 min fine-tuning
     python benchmarks/sst2.py --only full,probe --steps 500
@@ -56,6 +56,7 @@ class Run:
     steps: int | None = None  # at most this many steps instead of --steps
     by_sentence: bool = False  # validated on held-out sentences (split_by_sentence), not random phrases
     seed: int | None = None  # train.seed, if not the default
+    pooling: str = "last"  # the classification head's input: the last token's state, or the mean over tokens
 
     def overrides(self, steps: int, threads: int) -> list[str]:
         seed = [f"train.seed={self.seed}"] if self.seed is not None else []
@@ -77,6 +78,8 @@ RUNS = {
     "full-lm-seed2": Run("full", True, "1e-4", lm_loss=True, seed=2),
     "scratch-sent": Run("full", False, "5e-4", steps=8000, by_sentence=True),
     "full-lm-sent": Run("full", True, "1e-4", lm_loss=True, steps=8000, by_sentence=True),
+    "full-mean": Run("full", True, "1e-4", pooling="mean"),
+    "full-lr3e-5": Run("full", True, "3e-5"),
 }
 DEFAULT_RUNS = ("scratch", "probe", "full", "full-lm", "lora", "adapted", "adapted-lm")
 ADAPT = ["train.batch_size=32", "train.max_steps=2000", "train.lr=3e-4", "train.eval_interval=500",
@@ -207,7 +210,7 @@ def main() -> None:
             options = FinetuneOptions(task="classify", init=str(init) if run.pretrained else None,
                                       arch=None if run.pretrained else str(pretrained), train=str(train_file),
                                       val=str(val_file), test=str(SHARED / "sst2" / "dev.tsv"), mode=run.mode,
-                                      lm_weight=0.5 if run.lm_loss else 0.0)
+                                      lm_weight=0.5 if run.lm_loss else 0.0, pooling=run.pooling)
             finetune(options, out, overrides=run.overrides(args.steps, args.threads), show_progress=True)
         results = json.loads((out / "results.json").read_text())
         print(f"{name}: SST-2 dev accuracy {results['test']['accuracy']:.2%}", flush=True)
