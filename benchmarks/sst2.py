@@ -3,6 +3,7 @@
 Pre-training: WikiText-2 (train / valid / test files), lower-cased (SST-2 is lower-case), byte-level BPE
 with 8,192 tokens; a gpt of 4 layers x 4 heads x 256 (5.3M parameters), context 128, batches of 32
 windows, AdamW lr 1e-3 with cosine decay over a wall-clock budget (--pretrain-time, default 30 minutes).
+`--tokenizer word` (with its own --work) pre-trains on whole words instead (--vocab-size most frequent).
 
 Fine-tuning: SST-2 train.tsv minus 2,000 phrases held out for validation (early stopping, checkpoint
 selection); SST-2 dev.tsv (872 sentences) is the test set, touched once per run at the end. Seven runs
@@ -171,6 +172,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="benchmarks/work/sst2", help="where data and runs go")
     parser.add_argument("--pretrain-time", default="30m", help="pre-training wall-clock budget (default 30m)")
+    parser.add_argument("--tokenizer", default="bpe", choices=("bpe", "word"),
+                        help="the pre-training tokenizer, trained on WikiText-2's train split (default bpe)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="its vocabulary size (default 8192)")
     parser.add_argument("--steps", type=int, default=4000, help="fine-tuning steps (batches of 32) at most")
     parser.add_argument("--only", default=",".join(DEFAULT_RUNS),
                         help=f"fine-tuning runs, comma-separated, of: {', '.join(RUNS)}")
@@ -187,7 +191,15 @@ def main() -> None:
     if not (data / "meta.json").is_file():
         lower = [lowercase_copy(SHARED / "wikitext-2" / f"{s}.txt", work / "wikitext-lower" / f"{s}.txt")
                  for s in ("train", "valid", "test")]
-        prepare([lower[0]], data, tokenizer="bpe", vocab_size=8192, val_file=lower[1], test_file=lower[2])
+        prepare([lower[0]], data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_file=lower[1],
+                test_file=lower[2])
+        (data / "asked.json").write_text(json.dumps({"tokenizer": args.tokenizer, "vocab_size": args.vocab_size}))
+    asked = data / "asked.json"  # what the data was prepared for (a word vocabulary may come out a token short)
+    made = json.loads(asked.read_text()) if asked.is_file() else \
+        {"tokenizer": json.loads((data / "meta.json").read_text())["tokenizer"], "vocab_size": 8192}
+    if (made["tokenizer"], made["vocab_size"]) != (args.tokenizer, args.vocab_size):
+        parser.error(f"{data} was prepared with a {made['tokenizer']} tokenizer of {made['vocab_size']} tokens, "
+                     f"not {args.tokenizer} / {args.vocab_size}: use another --work")
     pretrained = work / "pretrain"
     if not (pretrained / "best" / "model.safetensors").is_file():
         shutil.rmtree(pretrained, ignore_errors=True)
