@@ -139,6 +139,8 @@ def create_app(run: LoadedRun, options: ServeOptions | None = None) -> FastAPI:
 
     def deliver(pairs: list[tuple[Job, Any]]) -> None:
         """From the model thread: one wake-up of the event loop per step, for every request at once."""
+        if not pairs:  # a step that only dropped cancelled requests: nothing to hand over
+            return
         with contextlib.suppress(RuntimeError, IndexError):  # no loop (any more): nobody is listening
             loops[0].call_soon_threadsafe(put_all, pairs)
 

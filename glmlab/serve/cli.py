@@ -106,6 +106,7 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     from glmlab.runtime import select_device
     from glmlab.serve.app import ServeOptions, create_app
     from glmlab.serve.protocol import Limits
+    from glmlab.serve.scheduler import SchedulerStopped
 
     api_key = args.api_key if args.api_key is not None else (os.environ.get("GLMLAB_API_KEY") or None)
     if args.threads:
@@ -123,6 +124,13 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
                            checkpoint=args.checkpoint, engine=args.engine, decode_weights=args.decode_weights,
                            engine_device=str(device))
     app = create_app(run, options)
+    if args.engine == "process":  # load the engine's copy now: a failure is an error here, not in uvicorn's startup
+        try:
+            app.state.scheduler.start()
+        except SchedulerStopped as exc:  # the engine's own error may carry its fix already
+            raise GlmlabError(str(exc), None if "\n  fix:" in str(exc) else
+                              "check --device and --decode-weights (int8 runs on a CPU), or serve in one "
+                              "process with --engine thread") from None
     _warn_if_exposed(args.host, api_key)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

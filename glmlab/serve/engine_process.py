@@ -126,8 +126,8 @@ def _engine_main(conn: Any, spec: EngineSpec, slots: int) -> None:
                     scheduler.submit(job)
                 except (QueueFull, SchedulerStopped) as exc:  # its model thread died: say so to the request
                     deliver([(job, exc)])
-            elif message[0] == "cancel":
-                job = jobs.get(message[1])
+            elif message[0] == "cancel":  # the scheduler's cancellation delivers nothing for the job: forget it here
+                job = jobs.pop(message[1], None)
                 if job is not None:
                     scheduler.cancel(job)
             else:  # "stop"
@@ -179,7 +179,10 @@ class ProcessScheduler:
 
     def start(self) -> None:
         """Start the engine and wait until it has loaded the run (a failure raises
-        :class:`SchedulerStopped` with the engine's message)."""
+        :class:`SchedulerStopped` with the engine's message). Once started, a second call does nothing:
+        ``glmlab serve`` starts it before the server, the app's lifespan again."""
+        if self._process is not None:
+            return
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks inherited
         ours, theirs = context.Pipe(duplex=True)
         self._process = context.Process(target=_engine_main, args=(theirs, self.spec, self.slots),
@@ -307,7 +310,7 @@ class ProcessScheduler:
             m.observe_many("decode_step_seconds", steps)
             if cancelled:
                 m.inc("cancelled_sequences_total", cancelled)
-        triples, failed = [], []
+        events, failed = [], []
         with self._lock:
             for key, payload in items:
                 job = self._jobs.get(key)
@@ -320,8 +323,8 @@ class ProcessScheduler:
                     self._forget(job)
                     continue
                 for row, delta, token_ids, logprobs, completion in payload:
-                    triples.append((job, row, RowEvent((job, row), delta, token_ids, logprobs, completion)))
-        per_job = account(triples, m)
+                    events.append(RowEvent((job, row), delta, token_ids, logprobs, completion))
+        per_job = account(events, m)
         with self._lock:
             for job in per_job:
                 if job.finished == len(job.rows):

@@ -52,15 +52,15 @@ class Job:
     last_token: dict[int, float] = field(default_factory=dict)
 
 
-def account(events: Iterable[tuple[Job, int, RowEvent]], metrics: Metrics | None = None,
-            now: float | None = None) -> dict[Job, list[tuple[int, RowEvent]]]:
-    """Group a step's (job, row, event) triples by job, in order, and do the bookkeeping every
+def account(events: Iterable[RowEvent], metrics: Metrics | None = None) -> dict[Job, list[tuple[int, RowEvent]]]:
+    """Group a step's events (keyed (job, row)) by job, in order, and do the bookkeeping every
     scheduler does when they reach their requests: rows finished, each request's time to first token,
     the rows' inter-token gaps and the generated-token count (into ``metrics`` when given)."""
-    now = time.perf_counter() if now is None else now
+    now = time.perf_counter()
     per_job: dict[Job, list[tuple[int, RowEvent]]] = {}
     tokens, gaps = 0, []
-    for job, row, event in events:
+    for event in events:
+        job, row = event.key
         per_job.setdefault(job, []).append((row, event))
         if event.token_ids:
             tokens += len(event.token_ids)
@@ -248,7 +248,7 @@ class Scheduler:
 
     def _publish(self, events: list[RowEvent]) -> None:
         """Hand a step's events to their requests (one delivery for all) and update the metrics."""
-        per_job = account(((event.key[0], event.key[1], event) for event in events), self.metrics)
+        per_job = account(events, self.metrics)
         for job in per_job:
             if job.finished == len(job.rows):
                 self._running.remove(job)

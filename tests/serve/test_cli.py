@@ -59,6 +59,26 @@ def test_a_missing_run_is_a_clear_error(tmp_path):
         args.handler(args)
 
 
+@pytest.mark.parametrize("reason, fix", [
+    ("could not load the run: ConfigError: int8 decode weights run on a CPU\n  fix: use native", "use native"),
+    ("the engine process exited (code -9) while loading runs/x", "--engine thread"),
+])
+def test_an_engine_that_cannot_start_is_a_clear_error_before_serving(trained_run, monkeypatch, capsys, reason, fix):
+    from glmlab.serve.engine_process import ProcessScheduler
+    from glmlab.serve.scheduler import SchedulerStopped
+
+    def fail(self):
+        raise SchedulerStopped(reason)
+
+    monkeypatch.setattr(ProcessScheduler, "start", fail)
+    args = parse(str(trained_run), "--port", "0")
+    with pytest.raises(GlmlabError) as error:
+        args.handler(args)
+    assert str(error.value).startswith(reason.split("\n")[0]) and str(error.value).count("fix:") == 1
+    assert fix in error.value.fix if error.value.fix else fix in str(error.value)
+    assert "on http://" not in capsys.readouterr().err  # refused before the server announced itself
+
+
 @pytest.mark.slow
 def test_the_command_serves_until_interrupted(trained_run):
     env = {**os.environ, "GLMLAB_API_KEY": "k", "OMP_NUM_THREADS": "1"}
