@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from glmlab.cli import parse_mle_steps
+from glmlab.errors import GlmlabError
 from glmlab.evaluation.oracle_benchmark import format_stages, oracle_benchmark
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seqgan-oracle"
@@ -22,15 +24,18 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seqgan-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/work/oracle")
-    parser.add_argument("--mle-steps", type=lambda t: t if t == "best" else int(t), default=None,
+    parser.add_argument("--mle-steps", type=parse_mle_steps, default=None,
                         help="MLE steps, or best: early stopping on the validation samples")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--variants", default="seqgan,seqgan-baseline,seqgan-fast")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="adversarial config overrides, e.g. model.rollout_num=8")
     args = parser.parse_args()
-    stages = oracle_benchmark(DATA / "oracle_params.npz", DATA / "real_data.txt", args.out, args.mle_steps,
-                              args.rounds, args.variants.split(","), args.overrides, args.threads)
+    try:
+        stages = oracle_benchmark(DATA / "oracle_params.npz", DATA / "real_data.txt", args.out, args.mle_steps,
+                                  args.rounds, args.variants.split(","), args.overrides, args.threads)
+    except GlmlabError as exc:  # a user mistake: its message and fix, not a traceback
+        parser.exit(1, f"oracle.py: {exc}\n")
     print(format_stages(stages))
     total = sum(s.seconds for s in stages)
     print(f"\nanchors: MLE 9.07, SeqGAN 8.68 (SeqGAN authors' log), LeakGAN 7.0; total training {total / 60:.1f} min")

@@ -33,9 +33,13 @@ from pathlib import Path
 import torch
 
 from glmlab.config import resolve_config
+from glmlab.data.dataset import open_data_dir
 from glmlab.data.prepare import prepare
+from glmlab.errors import GlmlabError
 from glmlab.finetune.report import write_report
 from glmlab.finetune.run import FinetuneOptions, finetune
+from glmlab.runs import METRICS
+from glmlab.training.metrics import read_metrics
 from glmlab.training.trainer import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -188,26 +192,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
     data = work / "wikitext-data"
-    if not (data / "meta.json").is_file():
+    if (data / "meta.json").is_file():  # what the data was prepared with (asked for: a word vocabulary may be short)
+        meta = open_data_dir(data).meta
+        made = (meta["tokenizer"], meta["options"]["vocab_size"])
+        if made != (args.tokenizer, args.vocab_size):
+            parser.error(f"{data} was prepared with a {made[0]} tokenizer of {made[1]} tokens, not "
+                         f"{args.tokenizer} / {args.vocab_size}: use another --work")
+    else:
         lower = [lowercase_copy(SHARED / "wikitext-2" / f"{s}.txt", work / "wikitext-lower" / f"{s}.txt")
                  for s in ("train", "valid", "test")]
-        prepare([lower[0]], data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_file=lower[1],
-                test_file=lower[2])
-        (data / "asked.json").write_text(json.dumps({"tokenizer": args.tokenizer, "vocab_size": args.vocab_size}))
-    asked = data / "asked.json"  # what the data was prepared for (a word vocabulary may come out a token short)
-    made = json.loads(asked.read_text()) if asked.is_file() else \
-        {"tokenizer": json.loads((data / "meta.json").read_text())["tokenizer"], "vocab_size": 8192}
-    if (made["tokenizer"], made["vocab_size"]) != (args.tokenizer, args.vocab_size):
-        parser.error(f"{data} was prepared with a {made['tokenizer']} tokenizer of {made['vocab_size']} tokens, "
-                     f"not {args.tokenizer} / {args.vocab_size}: use another --work")
+        try:
+            prepare([lower[0]], data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_file=lower[1],
+                    test_file=lower[2])
+        except GlmlabError as exc:  # e.g. a --vocab-size the tokenizer cannot have
+            parser.error(str(exc))
     pretrained = work / "pretrain"
     if not (pretrained / "best" / "model.safetensors").is_file():
         shutil.rmtree(pretrained, ignore_errors=True)
         budget = [f"train.max_time={args.pretrain_time}", f"train.threads={args.threads}"]
         config = resolve_config({}, [*PRETRAIN, *budget])
         train(config, data, pretrained, show_progress=True)
-    val = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in val if r["split"] == "val"]
+    val = [r for r in read_metrics(pretrained / METRICS) if r.get("split") == "val"]
     print(f"pre-trained: {val[-1]['step']} steps in {val[-1]['elapsed'] / 60:.1f} min, WikiText-2 val loss "
           f"{min(r['loss'] for r in val):.3f} nats/token", flush=True)
     runs = []

@@ -156,7 +156,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--oracle", default="../shared/data/seqgan-oracle/oracle_params.npz", metavar="NPZ")
     o.add_argument("--real", default="../shared/data/seqgan-oracle/real_data.txt", metavar="TXT",
                    help="the oracle's training samples")
-    o.add_argument("--mle-steps", type=_mle_steps, default=None, metavar="N|best",
+    o.add_argument("--mle-steps", type=parse_mle_steps, default=None, metavar="N|best",
                    help="MLE steps of 64 sequences (default: the CPU preset, 3,000), or best: early stopping, "
                         "the step count with the lowest validation NLL, found by a first run evaluated every "
                         "100 steps")
@@ -514,7 +514,8 @@ def _temperatures(text: str | None) -> list[float]:
     return values
 
 
-def _mle_steps(text: str) -> int | str:
+def parse_mle_steps(text: str) -> int | str:
+    """``--mle-steps``: a positive step count, or ``best`` (early stopping); argparse's ``type``."""
     if text == "best":
         return text
     try:

@@ -49,6 +49,7 @@ from glmlab.generation.engine import row_seed
 from glmlab.generation.generate import GenerationSettings, generate_batch
 from glmlab.runs import METRICS, TOKENIZER, LoadedRun, load_run, read_run_config
 from glmlab.runtime import select_device
+from glmlab.training.metrics import read_metrics
 
 SAMPLES = 500
 IW_SAMPLES = 50  # compare's default k for a vae's importance-weighted NLL (glmlab eval uses 500)
@@ -341,14 +342,7 @@ def generate_samples(run: LoadedRun, n: int, seed: int) -> list[str]:
 
 def _curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], float | None, int | None]:
     """Training and validation loss against step, the training time and the last step, from metrics.jsonl."""
-    path = run_dir / METRICS
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+    records = read_metrics(run_dir / METRICS)
 
     def curve(split: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["loss"])) for r in records if r.get("split") == split

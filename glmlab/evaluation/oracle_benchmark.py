@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from glmlab.config import resolve_config
+from glmlab.config import RunConfig, resolve_config
 from glmlab.data.dataset import IGNORE_INDEX, open_data_dir
 from glmlab.data.prepare import prepare
 from glmlab.data.sentences import find_sentences, sentence_batches
 from glmlab.errors import GlmlabError
 from glmlab.evaluation.oracle import Oracle
 from glmlab.models.lstm import token_nll
-from glmlab.runs import load_run, weights_path
+from glmlab.runs import METRICS, file_sha256, load_run, read_run_config, weights_path
+from glmlab.training.metrics import read_metrics
 from glmlab.training.trainer import config_changes, train
 
 SEQUENCE_LENGTH = 20
@@ -130,22 +130,28 @@ def best_mle_steps(data: Path, out: Path, overrides: list[str], log=print) -> in
     search = out / "mle-search"
     config = resolve_config({}, [*overrides, f"train.max_steps={SEARCH_MAX_STEPS}",
                                  f"train.eval_interval={SEARCH_INTERVAL}", f"train.patience={SEARCH_PATIENCE}"])
-    if not (search / "done.json").is_file():
+    if (search / "done.json").is_file():
+        refuse_another_run(search, config, ["seed"])
+    else:
         shutil.rmtree(search, ignore_errors=True)
         train(config, data, search, show_progress=False)
-        evals = [json.loads(line) for line in (search / "metrics.jsonl").read_text().splitlines()]
-        evals = [e for e in evals if e.get("split") == "val"]
-        best = min(evals, key=lambda e: e["loss"])
-        (search / "done.json").write_text(json.dumps({"best_step": best["step"], "best_val_loss": best["loss"],
-                                                      "val_curve": [[e["step"], e["loss"]] for e in evals]}))
+        best = min((r for r in read_metrics(search / METRICS) if r.get("split") == "val"), key=lambda r: r["loss"])
+        (search / "done.json").write_text(json.dumps({"best_step": best["step"], "best_val_loss": best["loss"]}))
     done = json.loads((search / "done.json").read_text())
-    searched = json.loads((search / "config.json").read_text())["train"]["seed"]
-    if searched != config.train.seed:
-        raise GlmlabError(f"{search} searched the MLE length with seed {searched}, not the {config.train.seed} "
-                          "asked for", f"use another --out, or --seed {searched} to reuse it")
     log(f"MLE early stopping: validation NLL lowest at step {done['best_step']} ({done['best_val_loss']:.3f}; "
-        f"evaluated every {SEARCH_INTERVAL} steps, {len(done['val_curve'])} evaluations)")
+        f"evaluated every {SEARCH_INTERVAL} steps)")
     return int(done["best_step"])
+
+
+def refuse_another_run(run_dir: Path, asked: RunConfig, keys: list[str]) -> None:
+    """A finished stage in --out is reused only for the run asked for: its ``train`` ``keys`` must match."""
+    trained = read_run_config(run_dir)[0].train
+    for key in keys:
+        have, want = getattr(trained, key), getattr(asked.train, key)
+        if have != want:
+            flag = {"max_steps": "--mle-steps", "seed": "--seed"}[key]
+            raise GlmlabError(f"{run_dir} was trained with train.{key}={have}, not the {want} asked for",
+                              f"use another --out, or {flag} {have} to reuse it")
 
 
 def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_steps: int | str, adv_rounds: int,
@@ -160,28 +166,23 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
     if mle_steps == "best":
         mle_steps = best_mle_steps(data, out, common, log)
     base = [*common, f"train.max_steps={mle_steps}"]
+    mle_config = resolve_config({}, base)
     for overrides in variants.values():  # before any training: a variant must continue the MLE model as is
-        changed = config_changes(resolve_config({}, base), resolve_config({}, [*base, *overrides]))
+        changed = config_changes(mle_config, resolve_config({}, [*base, *overrides]))
         if changed:
             raise GlmlabError(f"{', '.join(changed)} would change the model trained by MLE in {mle_dir}",
                               "override only adversarial keys (model.adv_*, d_steps, d_epochs, d_samples, "
                               "rollout_*, g_steps, g_lr, d_lr, baseline), or use another --out")
     stages = []
-    if not (mle_dir / "done.json").is_file():
+    if (mle_dir / "done.json").is_file():
+        refuse_another_run(mle_dir, mle_config, ["max_steps", "seed"])
+    else:
         shutil.rmtree(mle_dir, ignore_errors=True)
-        result = train(resolve_config({}, base), data, mle_dir, show_progress=False)
+        result = train(mle_config, data, mle_dir, show_progress=False)
         nll_oracle, nll_test = score(mle_dir, data, oracle, oracle_samples)
         (mle_dir / "done.json").write_text(json.dumps(
             {"nll_oracle": nll_oracle, "nll_test": nll_test, "seconds": result.elapsed}))
     done = json.loads((mle_dir / "done.json").read_text())
-    trained = json.loads((mle_dir / "config.json").read_text())["train"]
-    asked = resolve_config({}, base).train
-    if trained["max_steps"] != asked.max_steps:  # a finished MLE stage is reused only for the run it is
-        raise GlmlabError(f"{mle_dir} holds an MLE run of {trained['max_steps']} steps, not the {asked.max_steps} "
-                          "asked for", f"use another --out, or --mle-steps {trained['max_steps']} to reuse it")
-    if trained["seed"] != asked.seed:
-        raise GlmlabError(f"{mle_dir} holds an MLE run of seed {trained['seed']}, not the {asked.seed} asked for",
-                          f"use another --out, or --seed {trained['seed']} to reuse it")
     stages.append(Stage("MLE", done["nll_oracle"], done["nll_test"], done["seconds"]))
     log(f"MLE ({mle_steps} steps): NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}, "
         f"{done['seconds']:.0f}s")
@@ -234,7 +235,7 @@ def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | 
 def weights_fingerprint(run_dir: Path) -> str:
     """A digest of the weights :func:`score` reads (the run's last), which a cached score must match: a
     run copied from another (each variant starts as a copy of the MLE run) must not inherit its scores."""
-    return hashlib.sha256(weights_path(run_dir, "last").read_bytes()).hexdigest()[:16]
+    return file_sha256(weights_path(run_dir, "last"))[:16]
 
 
 def temperature_stages(oracle_path: Path, out: Path, temperatures: list[float], samples: int = 10000,

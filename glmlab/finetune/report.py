@@ -10,6 +10,7 @@ from typing import Any
 from glmlab import atomic
 from glmlab.errors import GlmlabError, RunDirError
 from glmlab.runs import CONFIG, METRICS
+from glmlab.training.metrics import read_metrics
 
 RESULTS = "results.json"
 COLUMNS = {  # task: (key, heading, format) of each metric column
@@ -46,11 +47,7 @@ def _label(r: dict[str, Any]) -> str:
 
 
 def _val_curves(run_dir: Path, key: str) -> list[tuple[int, float]]:
-    path = run_dir / METRICS
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r[key]) for r in records if r.get("split") == "val" and key in r]
+    return [(r["step"], r[key]) for r in read_metrics(run_dir / METRICS) if r.get("split") == "val" and key in r]
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, split: str = "val", title: str | None = None) -> Path:

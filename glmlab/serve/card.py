@@ -8,20 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from glmlab.runs import METRICS, LoadedRun
+from glmlab.training.metrics import read_metrics
 
 
 def _metrics(run_dir: Path) -> dict[str, Any]:
     """The last training line and the last evaluation of ``metrics.jsonl`` (what is readable of it)."""
     out: dict[str, Any] = {}
-    path = run_dir / METRICS
-    if not path.is_file():
-        return out
     last_train = last_val = None
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in read_metrics(run_dir / METRICS):
         if record.get("split") == "train":
             last_train = record
         elif record.get("split") == "val":

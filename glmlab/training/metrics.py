@@ -10,6 +10,22 @@ from typing import Any
 from glmlab import atomic
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order: what is readable of it (none if it is missing; a line cut
+    short by a kill, or otherwise not JSON, is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl; on resume, drops records from steps after the checkpoint."""
 
@@ -20,14 +36,8 @@ class MetricsLog:
         self._file = None
         if not enabled:  # a non-zero rank of a distributed run: writes nothing
             return
-        if resume_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                if record.get("step", 0) <= resume_step:
-                    self.records.append(record)
+        if resume_step is not None:
+            self.records = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the run
 

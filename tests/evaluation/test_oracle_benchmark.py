@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from glmlab.cli import main
+from glmlab.training.metrics import read_metrics
 
 ORACLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "seqgan-oracle"
 pytestmark = [pytest.mark.skipif(not (ORACLE / "oracle_params.npz").is_file(), reason="../shared/data not present"),
@@ -77,9 +78,9 @@ def test_mle_steps_best_trains_mle_for_the_step_count_with_the_lowest_validation
             "--seed", "5"]
     assert main(args) == 0
     search = json.loads((out / "mle-search" / "done.json").read_text())
+    curve = [(r["step"], r["loss"]) for r in read_metrics(out / "mle-search" / "metrics.jsonl") if r["split"] == "val"]
     for run in ("mle-search", "mle", "seqgan"):  # --seed seeds every stage's training
         assert json.loads((out / run / "config.json").read_text())["train"]["seed"] == 5
-    curve = search["val_curve"]
     assert [step for step, _ in curve] == list(range(4, 4 * len(curve) + 1, 4))  # every SEARCH_INTERVAL steps
     assert search["best_step"] == min(curve, key=lambda c: c[1])[0]
     mle = json.loads((out / "mle" / "config.json").read_text())["train"]
@@ -89,12 +90,13 @@ def test_mle_steps_best_trains_mle_for_the_step_count_with_the_lowest_validation
     other = 100 + search["best_step"]
     assert main([*args[:9], str(other), *args[10:]]) == 1
     err = capsys.readouterr().err
-    assert f"holds an MLE run of {search['best_step']} steps, not the {other} asked for" in err
+    assert f"was trained with train.max_steps={search['best_step']}, not the {other} asked for" in err
     assert f"--mle-steps {search['best_step']}" in err
     assert main([*args[:-1], "6"]) == 1  # nor for another seed
-    assert "searched the MLE length with seed 5, not the 6 asked for" in capsys.readouterr().err
+    assert "mle-search was trained with train.seed=5, not the 6 asked for" in capsys.readouterr().err
     assert main([*args[:9], str(search["best_step"]), *args[10:-1], "6"]) == 1
-    assert "holds an MLE run of seed 5, not the 6 asked for" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mle was trained with train.seed=5, not the 6 asked for" in err and "--seed 5 to reuse it" in err
 
 
 def test_mle_steps_must_be_a_positive_count_or_best(tmp_path: Path, capsys) -> None:
