@@ -44,7 +44,12 @@ class GPTConfig:
 class Int8Linear:
     """An (out, in) matrix and its bias as int8 for PyTorch's quantized CPU kernels (fbgemm / oneDNN):
     per-row int8 weights, activations quantized on the fly, int8 dot products (VNNI), fp32 out.
-    A quarter of fp32's bytes per token, which is what bounds decoding a large model on a CPU."""
+    A quarter of fp32's bytes per token, which is what bounds decoding a large model on a CPU.
+
+    Activations are quantized to 7 bits (``reduce_range``), as PyTorch's own dynamic ``Linear`` does: on
+    x86 CPUs without VNNI (AVX2 only) fbgemm sums pairs of int8 x uint8 products in 16 bits, which
+    saturates with 8-bit activations (measured on an AVX2 EPYC: 23% error on a 64 x 64 product, 1.3%
+    with 7 bits)."""
 
     __slots__ = ("packed",)
 
@@ -57,7 +62,7 @@ class Int8Linear:
         self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)  # reduce_range
 
 
 def _affine(x: torch.Tensor, weight: torch.Tensor | Int8Linear, bias: torch.Tensor | None) -> torch.Tensor:
