@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from glmlab.bench.oracle import CPU_ADVERSARIAL, CPU_DISCRIMINATOR
 from glmlab.config import resolve_config
 from glmlab.data.prepare import prepare
-from glmlab.evaluation.oracle_benchmark import CPU_ADVERSARIAL, CPU_DISCRIMINATOR
 from glmlab.evaluation.sample_metrics import sample_report
 from glmlab.runs import load_run
 from glmlab.training.trainer import train

@@ -1,6 +1,6 @@
 """SeqGAN's synthetic-oracle experiment on a CPU: MLE, SeqGAN, and SeqGAN with a mean reward baseline.
 
-The same procedure as ``glmlab bench oracle`` (glmlab/evaluation/oracle_benchmark.py), printed next to
+The same procedure as ``glmlab bench oracle`` (glmlab/bench/oracle.py), printed next to
 the published anchors: the SeqGAN authors' log shows MLE ~9.07 and SeqGAN ~8.68 NLL-oracle, LeakGAN's
 ~7.0. Targets here: MLE within 9.07 +- 0.15, SeqGAN <= 8.75, all in <= 30 minutes.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from glmlab.bench.oracle import format_stages, oracle_benchmark
 from glmlab.cli import parse_mle_steps
 from glmlab.errors import GlmlabError
-from glmlab.evaluation.oracle_benchmark import format_stages, oracle_benchmark
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seqgan-oracle"
 

@@ -38,8 +38,7 @@ from glmlab.data.prepare import prepare
 from glmlab.errors import GlmlabError
 from glmlab.finetune.report import write_report
 from glmlab.finetune.run import FinetuneOptions, finetune
-from glmlab.runs import METRICS
-from glmlab.training.metrics import read_metrics
+from glmlab.runs import METRICS, read_metrics
 from glmlab.training.trainer import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -14,11 +14,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from glmlab import __version__
 from glmlab.atomic import WRITE_ERRNOS, write_error
 from glmlab.errors import GlmlabError
 from glmlab.finetune.cli import add_parsers as add_finetune_parsers
 from glmlab.serve.cli import add_parser as add_serve_parser
+from glmlab.version import __version__
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmlab", description="Generative language models: prepare -> train -> "
                                      "generate / eval.")
     parser.add_argument("--version", action="version", version=f"glmlab {__version__}")
+    parser.set_defaults(overrides=None)  # commands that take KEY=VALUE overrides set a list
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_train(sub)
@@ -299,8 +300,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from glmlab.config import describe_keys, read_yaml, resolve_config
-    from glmlab.runs import read_run_config
-    from glmlab.training.trainer import config_changes, train
+    from glmlab.training.trainer import resume_config, train
 
     if args.list_keys:
         print(describe_keys())
@@ -311,15 +311,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config:
             raise GlmlabError("--config cannot be combined with --resume (the run keeps its own config.json)",
                               "give changes as key=value overrides, e.g. train.max_steps=4000")
-        saved, raw = read_run_config(Path(args.out))
-        config = resolve_config({"model": raw["model"], "train": raw["train"]}, args.overrides)
-        changed = config_changes(saved, config)
-        if changed:
-            raise GlmlabError(f"a resumed run cannot change its model ({', '.join(changed)})",
-                              "start a new run with --out NEW_DIR to train a different model")
-        data_dir = args.data or raw.get("data", {}).get("dir")
-        if not data_dir:
-            raise GlmlabError(f"{args.out} does not say which data it was trained on", "pass --data DATA_DIR")
+        config, data_dir = resume_config(args.out, args.overrides, args.data)
     else:
         if not args.data:
             raise GlmlabError("no data directory given", "add --data DATA_DIR (made by glmlab prepare)")
@@ -529,7 +521,7 @@ def parse_mle_steps(text: str) -> int | str:
 
 
 def cmd_bench_oracle(args: argparse.Namespace) -> int:
-    from glmlab.evaluation.oracle_benchmark import format_stages, oracle_benchmark
+    from glmlab.bench.oracle import format_stages, oracle_benchmark
 
     stages = oracle_benchmark(args.oracle, args.real, args.out, mle_steps=args.mle_steps, rounds=args.rounds,
                               variants=[v for v in args.variants.split(",") if v], overrides=args.overrides,
@@ -543,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options too (glmlab train --quiet train.lr=3e-4 ...).
-    if getattr(args, "overrides", None) is not None and all(not e.startswith("-") for e in extra):
+    if args.overrides is not None and all(not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

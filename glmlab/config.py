@@ -1,17 +1,15 @@
-"""Configs as dataclasses: YAML files plus dotted `key=value` overrides, validated with clear errors.
+"""A run's config: YAML files plus dotted `key=value` overrides, validated with clear errors.
 
 A run's config has two sections. ``model`` is the config dataclass of the chosen family (looked up in
 the model registry by ``model.family``); ``train`` is :class:`TrainConfig`. Each field carries its
-help text, and optionally ``min``/``max``/``choices``, in its metadata, so validation and
-``glmlab train --list-keys`` need no extra tables.
+help text, and optionally ``min``/``max``/``choices``, in its metadata (:mod:`glmlab.schema`), so
+validation and ``glmlab train --list-keys`` need no extra tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -19,27 +17,8 @@ from typing import Any
 import yaml
 
 from glmlab.errors import ConfigError
-
-
-def field(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with help text and optional ``min``, ``max``, ``choices`` checks."""
-    return dataclasses.field(default=default, metadata={"help": help, **checks})
-
-
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*$")
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as ``"90s"``, ``"3m"`` or ``"1.5h"``."""
-    if isinstance(value, bool):
-        raise ValueError("a duration, not a boolean")
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration (use seconds, or e.g. 90s, 3m, 1.5h)")
-    scale = {"s": 1, "sec": 1, None: 1, "m": 60, "min": 60, "h": 3600}[match.group(2)]
-    return float(match.group(1)) * scale
+from glmlab.models import FAMILIES, family_config_class
+from glmlab.schema import build_section, field, parse_duration, suggest
 
 
 @dataclasses.dataclass
@@ -100,91 +79,6 @@ class RunConfig:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert ``value`` to the field's declared type, or raise a ConfigError naming the key."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in options:
-            return None
-        inner = [a for a in options if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    wanted = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return value.lower() in ("true", "yes", "on", "1")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            if isinstance(value, str):
-                return int(value.replace("_", ""))
-            if isinstance(value, (int, float)):
-                return int(value)
-            raise ValueError
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if annotation is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (ValueError, TypeError):
-        raise ConfigError(f"{key}={value!r} is not a valid {wanted}",
-                          f"give {key} a {wanted} value") from None
-    return value
-
-
-def suggest(name: str, known: typing.Iterable[str]) -> str:
-    """'did you mean ...' text for an unknown name, or a list of the valid ones."""
-    known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean '{close[0]}'?"
-    return "valid keys: " + ", ".join(known)
-
-
-def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``values`` with type coercion and range checks."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        key = f"{section}.{name}"
-        if name not in fields:
-            raise ConfigError(f"unknown config key '{key}'",
-                              suggest(f"{section}.{name}", (f"{section}.{f}" for f in fields)))
-        meta = fields[name].metadata
-        if "parse" in meta and value is not None and str(value).lower() not in ("none", "null"):
-            try:
-                value = meta["parse"](value)
-            except ValueError as exc:
-                raise ConfigError(f"{key}: {exc}", f"write e.g. {key}=180") from None
-        value = _coerce(value, hints[name], key)
-        if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
-            if "min" in meta and value < meta["min"]:
-                raise ConfigError(f"{key}={value} is out of range", f"use a value >= {meta['min']}")
-            if "max" in meta and value > meta["max"]:
-                raise ConfigError(f"{key}={value} is out of range", f"use a value <= {meta['max']}")
-        if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, meta['choices']))}",
-                              f"set {key} to one of: {', '.join(map(str, meta['choices']))}")
-        kwargs[name] = value
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate()
-    return obj
-
-
 def parse_overrides(items: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["model.n_layer=6", "train.lr=3e-4"]`` -> ``{"model": {"n_layer": "6"}, "train": {...}}``.
 
@@ -233,8 +127,6 @@ SECTIONS = ("model", "train")
 
 def resolve_config(base: dict[str, Any] | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Merge a config dict (e.g. from YAML) with overrides and validate it into a RunConfig."""
-    from glmlab.models import family_config_class
-
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for layer in (base or {}, parse_overrides(overrides)):
         for section, values in layer.items():
@@ -257,8 +149,6 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def describe_keys() -> str:
     """Every config key with its default and help text, for ``glmlab train --list-keys``."""
-    from glmlab.models import FAMILIES
-
     lines = []
     sections: list[tuple[str, type]] = [(f"model ({name})", entry.config) for name, entry in FAMILIES.items()]
     sections.append(("train", TrainConfig))

@@ -11,14 +11,19 @@ Layout (every file written atomically)::
     RUN_DIR/metrics.jsonl       one JSON record per log line / evaluation
     RUN_DIR/loss.png            training and validation loss curves
     RUN_DIR/samples.txt         text sampled at the latest evaluation
+
+``config.json``'s ``load`` section says how to load the model it describes (:class:`LoadSpec`): whether it
+reads sentences, which adapters to merge, which head it has. Runs written before that section existed are
+read from the fields their writers left (``train.batching``, ``finetune``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +32,15 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+import glmlab.generation.generate as generation
 from glmlab import atomic
 from glmlab.config import RunConfig, config_from_dict
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError, RunDirError
-from glmlab.models import build_model
+from glmlab.generation import latent
+from glmlab.generation.settings import GenerationSettings
+from glmlab.models import FamilyModel, build_model
+from glmlab.models.lora import add_lora, merge_lora
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -68,6 +77,64 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise RunDirError(f"{path} does not match the model in config.json "
                           f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})",
                           "check that config.json and the weights come from the same run")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order: what is readable of it (none if it is missing; a line cut
+    short by a kill, or otherwise not JSON, is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How to load the model a run holds: ``config.json["load"]``, written by whatever wrote the run."""
+
+    sentence_level: bool = False  # it read <bos>-started sentences: prompt it the same way
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # [{"kind": "lora", "rank", "alpha"}]: merged
+    head: str = "lm"  # "lm", or "classifier" (a fine-tuned classifier: glmlab.finetune.load_classifier)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> LoadSpec:
+        """The spec of a run's config.json, including runs written before the ``load`` section."""
+        if isinstance(raw.get("load"), dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in raw["load"].items() if k in known})
+        tuned = raw.get("finetune") or {}
+        lora = [{"kind": "lora", "rank": int(tuned["lora_rank"]), "alpha": float(tuned["lora_alpha"])}] \
+            if tuned.get("mode") == "lora" else []
+        return cls(sentence_level=(raw.get("train") or {}).get("batching") == "sentences" or bool(tuned.get("bos")),
+                   adapters=lora, head="classifier" if tuned.get("task") == "classify" else "lm")
+
+
+def add_adapters(model: nn.Module, spec: LoadSpec) -> None:
+    """Attach the spec's adapters to ``model`` (built from the run's config), as they were when it trained."""
+    for adapter in spec.adapters:
+        if adapter.get("kind") != "lora":
+            raise RunDirError(f"an adapter of kind {adapter.get('kind')!r} is not one glmlab knows",
+                              "load the run with the glmlab version that wrote it")
+        add_lora(model, int(adapter["rank"]), float(adapter["alpha"]))
+
+
+def load_weights_as_written(model: nn.Module, spec: LoadSpec, path: Path) -> None:
+    """Weights saved with the spec's adapters into ``model``, the adapters merged into plain weights."""
+    add_adapters(model, spec)
+    load_weights(model, path)
+    if spec.adapters:
+        merge_lora(model)
+        model.requires_grad_(True)
 
 
 def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
@@ -109,7 +176,7 @@ class LoadedRun:
     Unpacks as ``model, tokenizer = glmlab.load(run_dir)``.
     """
 
-    model: nn.Module
+    model: FamilyModel
     tokenizer: Tokenizer
     config: RunConfig
     run_dir: Path
@@ -125,29 +192,23 @@ class LoadedRun:
     def generate(self, prompt: str = "", **settings: Any) -> list[str]:
         """Continuations of ``prompt`` (``num_return_sequences`` of them); settings as in
         :class:`glmlab.generation.settings.GenerationSettings` (``num_samples`` is accepted as an alias)."""
-        from glmlab.generation.generate import generate
-
-        return generate(self.model, self.tokenizer, prompt, _settings(settings))
+        return generation.generate(self.model, self.tokenizer, prompt, _settings(settings))
 
     def complete(self, prompts: str | list[str], **settings: Any) -> list[list[Any]]:
         """Completions (text, token ids, finish reason, logprobs, ...) for one prompt or a batch of them."""
-        from glmlab.generation.generate import generate_batch
-
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        return generate_batch(self.model, self.tokenizer, prompts, _settings(settings))
+        return generation.generate_batch(self.model, self.tokenizer, prompts, _settings(settings))
 
     def stream(self, prompt: str = "", **settings: Any) -> Iterator[str]:
         """Text deltas of one continuation as they are generated (never half a character)."""
-        from glmlab.generation.generate import stream
-
-        return stream(self.model, self.tokenizer, prompt, _settings(settings))
+        return generation.stream(self.model, self.tokenizer, prompt, _settings(settings))
 
     def use_decode_weights(self, fmt: str) -> None:
         """Decode with ``native`` or ``int8`` weights (gpt runs; ``--decode-weights``)."""
         if fmt == "native":
             return
-        if not hasattr(self.model, "set_decode_weights"):
-            raise GlmlabError(f"--decode-weights {fmt} is for gpt runs; this run's family is "
+        if fmt not in self.model.traits.decode_weights:
+            raise GlmlabError(f"--decode-weights {fmt} is not available for this run's family, "
                               f"{self.config.model.family}", "drop --decode-weights")
         self.model.set_decode_weights(fmt)
 
@@ -157,40 +218,31 @@ class LoadedRun:
         """``n`` sentences decoded from z ~ p(z), the model's prior. Words are sampled (temperature 1.0)
         unless settings say otherwise (``temperature=0``: greedy; ``num_beams``); ``seed`` draws z and the
         words (None = random)."""
-        from glmlab.generation.latent import sample_prior
-
-        return sample_prior(self.model, self.tokenizer, n, seed=seed, settings=_settings({"seed": seed, **settings}))
+        return latent.sample_prior(self.model, self.tokenizer, n, seed=seed,
+                                   settings=_settings({"seed": seed, **settings}))
 
     def reconstruct(self, sentences: str | list[str], sample: bool = False, seed: int | None = None,
                     **settings: Any) -> list[str]:
         """Each sentence encoded and decoded again, greedily unless settings say otherwise: from the mean of
         q(z|x), or from a z ~ q(z|x) with ``sample`` (drawn from ``seed``; None = random)."""
-        from glmlab.generation.latent import reconstruct
-
         sentences = [sentences] if isinstance(sentences, str) else sentences
-        return reconstruct(self.model, self.tokenizer, sentences, sample=sample, seed=seed,
-                           settings=_settings({"temperature": 0.0, "seed": seed, **settings}))
+        return latent.reconstruct(self.model, self.tokenizer, sentences, sample=sample, seed=seed,
+                                  settings=_settings({"temperature": 0.0, "seed": seed, **settings}))
 
     def interpolate(self, start: str, end: str, steps: int = 5, **settings: Any) -> list[str]:
         """``steps`` sentences decoded (greedily unless settings say otherwise) along the line from the
         latent mean of ``start`` to that of ``end``, both ends included."""
-        from glmlab.generation.latent import interpolate
-
-        return interpolate(self.model, self.tokenizer, start, end, steps=steps,
-                           settings=_settings({"temperature": 0.0, **settings}))
+        return latent.interpolate(self.model, self.tokenizer, start, end, steps=steps,
+                                  settings=_settings({"temperature": 0.0, **settings}))
 
 
-def _settings(values: dict[str, Any]) -> Any:
-    from glmlab.generation.settings import GenerationSettings
-
+def _settings(values: dict[str, Any]) -> GenerationSettings:
     values = dict(values)
     if "num_samples" in values:
         values["num_return_sequences"] = values.pop("num_samples")
     try:
         return GenerationSettings(**values)
     except TypeError as exc:
-        import dataclasses
-
         known = [f.name for f in dataclasses.fields(GenerationSettings)]
         raise GlmlabError(f"unknown generation setting: {exc}", "use one of: " + ", ".join(known)) from None
 
@@ -200,19 +252,12 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     run_dir = Path(run_dir)
     config, raw = read_run_config(run_dir)
     tokenizer = Tokenizer.from_file(run_dir / TOKENIZER, raw.get("special_tokens"))
-    finetuned = raw.get("finetune") or {}
-    if finetuned.get("task") == "classify":
+    spec = LoadSpec.of(raw)
+    if spec.head == "classifier":
         raise RunDirError(f"{run_dir} is a classifier (glmlab finetune classify), not a language model",
                           f"predict with: glmlab predict {run_dir} --text '...' "
                           "(Python: glmlab.finetune.load_classifier)")
-    model = build_model(config.model)
-    if config.train.batching == "sentences" or finetuned.get("bos"):  # trained on <bos>-started sentences
-        model.sentence_level = True  # prompt it the same way
-    if finetuned.get("mode") == "lora":  # LoRA updates merged into plain weights
-        from glmlab.finetune.run import load_backbone
-
-        load_backbone(model, run_dir, raw, checkpoint)
-    else:
-        load_weights(model, weights_path(run_dir, checkpoint))
+    model = build_model(config.model, sentences=spec.sentence_level)
+    load_weights_as_written(model, spec, weights_path(run_dir, checkpoint))
     model.to(device).eval()
     return LoadedRun(model, tokenizer, config, run_dir, raw)

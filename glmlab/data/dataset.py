@@ -83,6 +83,7 @@ class RandomWindows:
         self.generator = torch.Generator().manual_seed(seed)
         self._span = np.arange(block_size + 1)
         self.rank, self.world_size = rank, world_size
+        self.last_tokens = batch_size * block_size  # targets per batch, this process's share
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size * self.world_size,),

@@ -20,9 +20,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from glmlab import atomic
 from glmlab.errors import DataError, EncodingError, RunDirError
 
-# Declared once: every tokenizer glmlab builds has exactly these, at these ids.
+# Declared once: every tokenizer glmlab builds has exactly these, at these ids (models that need them
+# declare so in their traits, and the trainer checks the data's tokenizer before training).
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
+ROLES = ("pad", "unk", "bos", "eos")  # the role of each, as Tokenizer.special_tokens names them
 KINDS = ("char", "word", "bpe")
 DEFAULT_VOCAB_SIZE = {"word": 20000, "bpe": 4096}
 
@@ -41,12 +44,18 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, special_tokens: dict[str, str] | None = None) -> None:
         self.hf = hf
         self.kind = _infer_kind(hf)
-        roles = special_tokens or dict(zip(("pad", "unk", "bos", "eos"), SPECIAL_TOKENS, strict=True))
+        roles = special_tokens or dict(zip(ROLES, SPECIAL_TOKENS, strict=True))
         self.special_tokens = {role: token for role, token in roles.items() if hf.token_to_id(token) is not None}
         self.pad_id = hf.token_to_id(roles["pad"]) if "pad" in roles else None
         self.unk_id = hf.token_to_id(roles["unk"]) if "unk" in roles else None
         self.bos_id = hf.token_to_id(roles["bos"]) if "bos" in roles else None
         self.eos_id = hf.token_to_id(roles["eos"]) if "eos" in roles else None
+
+    def has_role(self, role: str, at_glmlab_id: bool = False) -> bool:
+        """Whether a token plays ``role`` (pad, unk, bos, eos), at the id glmlab's own tokenizers give it when
+        ``at_glmlab_id`` (what a model whose code uses that id needs)."""
+        token_id = {"pad": self.pad_id, "unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id}[role]
+        return token_id is not None and (not at_glmlab_id or token_id == ROLES.index(role))
 
     @functools.cached_property
     def vocab_size(self) -> int:

@@ -47,9 +47,8 @@ from glmlab.evaluation.report import evaluate_sentences, is_sentence_run
 from glmlab.evaluation.sample_metrics import TEXYGEN_SAMPLE_SIZE, SampleReport, sample_report
 from glmlab.generation.engine import row_seed
 from glmlab.generation.generate import GenerationSettings, generate_batch
-from glmlab.runs import METRICS, TOKENIZER, LoadedRun, load_run, read_run_config
+from glmlab.runs import METRICS, TOKENIZER, LoadedRun, load_run, read_metrics, read_run_config
 from glmlab.runtime import select_device
-from glmlab.training.metrics import read_metrics
 
 SAMPLES = 500
 IW_SAMPLES = 50  # compare's default k for a vae's importance-weighted NLL (glmlab eval uses 500)
@@ -321,12 +320,9 @@ def generate_samples(run: LoadedRun, n: int, seed: int) -> list[str]:
     :func:`~glmlab.generation.latent.sample_prior` draws it; a sentence-level model runs from ``<bos>`` to
     ``<eos>``; a model of running text starts from an empty prompt and is cut at its first line break."""
     model, tokenizer = run.model, run.tokenizer
-    latent_dim = getattr(model, "latent_dim", None)
-    window = latent_dim is None and not getattr(model, "sentence_level", False)
+    window = not model.traits.sentence_level
     z = None
-    if latent_dim is not None:
-        from glmlab.models.vae import LatentDecoder
-
+    if model.traits.latent_dim:
         z = model.sample_prior(n, torch.Generator().manual_seed(seed)).to(run.device)
     out: list[str] = []
     for begin in range(0, n, DECODE_ROWS):
@@ -334,7 +330,7 @@ def generate_samples(run: LoadedRun, n: int, seed: int) -> list[str]:
         settings = [GenerationSettings(temperature=1.0, max_new_tokens=max(1, model.block_size - 1),
                                        seed=row_seed(seed, begin + i), stop=["\n"] if window else [])
                     for i in range(count)]
-        decoder = model if z is None else LatentDecoder(model, z[begin:begin + count])
+        decoder = model if z is None else model.given(z[begin:begin + count])
         rows = generate_batch(decoder, tokenizer, [""] * count, settings)
         out.extend(_sentence_words(tokenizer, r[0].token_ids, cut_line=window) for r in rows)
     return out
@@ -408,12 +404,11 @@ def compare_runs(run_dirs: Sequence[str | Path], data_dir: str | Path | None = N
         run = load_run(run_info.path, checkpoint=checkpoint, device=dev)
         model = run.model
         family = run.config.model.family
-        discriminator = getattr(model, "discriminator", None)
-        other = sum(p.numel() for p in discriminator.parameters()) if discriminator is not None else 0
+        other = sum(p.numel() for name in model.traits.auxiliary for p in model.get_submodule(name).parameters())
         parameters = sum(p.numel() for p in model.parameters()) - other
         if is_sentence_run(run):
             say(f"{name}: scoring {scored:,} sentences" + (f" (importance-weighted, k={iw_samples})"
-                                                             if hasattr(model, "latent_dim") else ""))
+                                                             if model.traits.latent_dim else ""))
             if tokenizer.bos_id is None or tokenizer.pad_id is None:
                 raise GlmlabError(f"the tokenizer of {run_info.path} has no <bos> or <pad> token, which sentence "
                                   "scoring needs", "compare runs trained on data from glmlab prepare")

@@ -104,10 +104,9 @@ class SentenceReport:
 
 
 def is_sentence_run(run: LoadedRun) -> bool:
-    """Whether a run is scored sentence by sentence: its family is sentence-level (vae), or it was
-    trained with ``train.batching=sentences``."""
-    batching = run.raw_config.get("train", {}).get("batching", "auto")
-    return bool(getattr(run.model, "sentence_level", False)) or batching == "sentences"
+    """Whether a run is scored sentence by sentence: its model reads sentences (a family that trains on nothing
+    else, such as vae, or a run trained with ``train.batching=sentences``)."""
+    return run.model.traits.sentence_level
 
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path | None = None,
@@ -174,7 +173,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path
 def evaluate_sentences(model: nn.Module, tokenizer: Tokenizer, sentences: Sentences, target: str = "sentences",
                        batch_size: int = 16, samples: int = IW_SAMPLES, bleu_sentences: int = BLEU_SENTENCES,
                        seed: int = 0, device: torch.device | str = "cpu") -> SentenceReport:
-    """Score every sentence once. A model with a latent variable (``latent_dim``, ``encode``) gets the
+    """Score every sentence once. A model with a latent variable (``traits.latent_dim``) gets the
     importance-weighted NLL with ``samples`` z's per sentence, the ELBO, KL, mutual information, active
     units and reconstruction BLEU on the first ``bleu_sentences`` sentences (0 = skip); any other
     model its exact NLL. Deterministic for a given ``seed`` and ``batch_size``."""
@@ -182,9 +181,9 @@ def evaluate_sentences(model: nn.Module, tokenizer: Tokenizer, sentences: Senten
         raise GlmlabError(f"{target} holds no sentences", "score a split or file with text in it")
     if samples < 1:
         raise GlmlabError(f"{samples} importance samples", "use at least 1")
-    family = getattr(getattr(model, "config", None), "family", type(model).__name__)
+    family = model.traits.family
     batches = sentence_batches(sentences, batch_size, tokenizer.bos_id, tokenizer.pad_id)
-    if not hasattr(model, "latent_dim"):
+    if not model.traits.latent_dim:
         total, count = sum_nll_batches(model, batches, device=device)
         return _with_nll(dict(target=target, family=family, sentences=len(sentences), truncated=sentences.truncated,
                               seed=seed), "exact", total, count)
@@ -250,7 +249,6 @@ def reconstruction_bleu(model: nn.Module, tokenizer: Tokenizer, sentences: Sente
     from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
     from glmlab.generation.generate import GenerationSettings, generate_batch
-    from glmlab.models.vae import LatentDecoder
 
     references, mus = [], []
     for _, y in sentence_batches(sentences, batch_size, tokenizer.bos_id, tokenizer.pad_id, limit=limit):
@@ -262,7 +260,7 @@ def reconstruction_bleu(model: nn.Module, tokenizer: Tokenizer, sentences: Sente
     hypotheses: list[list[str]] = []
     for begin in range(0, mu.size(0), DECODE_ROWS):
         z = mu[begin:begin + DECODE_ROWS]
-        rows = generate_batch(LatentDecoder(model, z), tokenizer, [""] * z.size(0), settings)
+        rows = generate_batch(model.given(z), tokenizer, [""] * z.size(0), settings)
         hypotheses.extend(sentence_words(tokenizer, r[0].token_ids) for r in rows)
     if not any(hypotheses):
         return 0.0, len(hypotheses)

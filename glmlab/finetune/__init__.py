@@ -10,5 +10,5 @@ def __getattr__(name: str) -> Any:  # lazy: the CLI imports this package without
     if name in __all__:
         from glmlab.finetune import predict
 
-        return getattr(predict, name)
+        return vars(predict)[name]
     raise AttributeError(name)

@@ -10,35 +10,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glmlab.errors import GlmlabError
+from glmlab.models.contract import LanguageModel, TrainingHook
 
 POOLINGS = ("last", "mean")
 MODES = ("full", "probe", "lora")
 
 
-def check_backbone(model: nn.Module, family: str) -> None:
-    """Refuse a model that has no per-token features to classify from (e.g. a VAE, whose decoder needs z)."""
-    if not callable(getattr(model, "features", None)) or getattr(model, "latent_dim", None):
-        raise GlmlabError(f"a {family} run cannot be fine-tuned as a classifier: only models of running text "
-                          "with per-token features can (gpt, lstm)",
+def check_backbone(model: LanguageModel) -> None:
+    """Refuse a model that has no per-token features to classify from (``traits.feature_width`` 0: e.g. a VAE,
+    whose decoder needs z)."""
+    if not model.traits.feature_width:
+        raise GlmlabError(f"a {model.traits.family} run cannot be fine-tuned as a classifier: only models of running "
+                          "text with per-token features can (gpt, lstm)",
                           "pass --init a gpt or lstm run, or --init none to train from scratch")
 
 
 class SequenceClassifier(nn.Module):
-    """``backbone`` (a family model with ``features(idx) -> (B, T, C)``) + pooling + linear head.
+    """``backbone`` (a family model with features: ``features(idx) -> (B, T, traits.feature_width)``) + pooling +
+    linear head.
 
     Inputs are right-padded with ``pad_id``; the protocol is the trainer's: ``loss(x, y)`` with class ids
     ``y`` (weighted by ``class_weights`` if given), ``nll(x, y)`` summed and unweighted.
     """
 
-    def __init__(self, backbone: nn.Module, n_classes: int, pooling: str, pad_id: int, width: int,
-                 dropout: float = 0.1, frozen: bool = False, lm_weight: float = 0.0) -> None:
+    def __init__(self, backbone: LanguageModel, n_classes: int, pooling: str, pad_id: int, dropout: float = 0.1,
+                 frozen: bool = False, lm_weight: float = 0.0) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise GlmlabError(f"unknown pooling {pooling!r}", f"use one of: {', '.join(POOLINGS)}")
+        check_backbone(backbone)
         self.backbone, self.pooling, self.pad_id, self.frozen = backbone, pooling, pad_id, frozen
         self.lm_weight = lm_weight
+        self.stats: dict[str, torch.Tensor] = {}
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(width, n_classes)
+        self.head = nn.Linear(backbone.traits.feature_width, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("class_weights", torch.ones(n_classes), persistent=False)
@@ -48,6 +53,12 @@ class SequenceClassifier(nn.Module):
     @property
     def block_size(self) -> int:
         return self.backbone.block_size
+
+    def set_step(self, step: int) -> None:
+        self.backbone.set_step(step)
+
+    def training_hooks(self) -> list[TrainingHook]:
+        return []
 
     def train(self, mode: bool = True) -> SequenceClassifier:
         super().train(mode)
@@ -79,8 +90,7 @@ class SequenceClassifier(nn.Module):
         h = self.hidden(x)
         loss = F.cross_entropy(self.head(self.drop(self.pooled(x, h))).float(), y, weight=self.class_weights)
         if self.lm_weight > 0:
-            b = self.backbone
-            logits = b.lm_head(h) if hasattr(b, "lm_head") else b.net.logits(h)
+            logits = self.backbone.features_to_logits(h)
             targets = x[:, 1:].masked_fill(x[:, 1:] == self.pad_id, -100)
             loss = loss + self.lm_weight * F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                                                            targets.reshape(-1), ignore_index=-100)
@@ -88,9 +98,3 @@ class SequenceClassifier(nn.Module):
 
     def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(x).float(), y, reduction="sum")
-
-
-def feature_width(backbone: nn.Module) -> int:
-    """The size of the backbone's feature vectors (n_embd for gpt, n_hidden for lstm)."""
-    config = backbone.config
-    return int(getattr(config, "n_hidden", None) or config.n_embd)

@@ -55,7 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "of the texts (GPT-1's auxiliary objective; it used 0.5); full and lora modes (default 0)")
     c.add_argument("--text-column", default=None, help="text column (default: text, else sentence)")
     c.add_argument("--label-column", default="label", help="label column (default: label)")
-    c.set_defaults(handler=cmd_finetune)
+    c.set_defaults(handler=cmd_finetune, eval_samples=200, max_new_tokens=None)  # sft's options: not for classify
     s = tasks.add_parser("sft", help="supervised fine-tuning on prompt/completion pairs",
                          description="JSONL pairs {\"prompt\": ..., \"completion\": ...}; the loss counts completion "
                                      "tokens (and the <eos> after them) only. Measured by completion NLL and by "
@@ -69,7 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "0: completion NLL only)")
     s.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generated completion (default: the longest reference + 16)")
-    s.set_defaults(handler=cmd_finetune)
+    s.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0,  # classify's options
+                   text_column=None, label_column="label")
     r = tasks.add_parser("report", help="before/after table of fine-tunes of one task (report.md, metrics.png)")
     r.add_argument("run_dirs", nargs="+", metavar="RUN")
     r.add_argument("--out", required=True, metavar="REPORT_DIR")
@@ -107,12 +108,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     init = None if args.init in (None, "none") else args.init
     options = FinetuneOptions(
         task=task, init=init, train=train_file or "", val=args.val, test=args.test, mode=args.mode,
-        pooling=getattr(args, "pooling", "last"), class_weights=getattr(args, "class_weights", "none"),
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lm_weight=getattr(args, "lm_weight", 0.0),
-        text_column=getattr(args, "text_column", None),
-        label_column=getattr(args, "label_column", "label"), arch=args.arch, tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, eval_samples=getattr(args, "eval_samples", 200),
-        max_new_tokens=getattr(args, "max_new_tokens", None))
+        pooling=args.pooling, class_weights=args.class_weights, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lm_weight=args.lm_weight, text_column=args.text_column, label_column=args.label_column, arch=args.arch,
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, eval_samples=args.eval_samples,
+        max_new_tokens=args.max_new_tokens)
     result, results = finetune(options, args.out, read_yaml(args.config) if args.config else None, args.overrides,
                                resume=args.resume, show_progress=not args.quiet)
     if not result.main_process:

@@ -12,12 +12,12 @@ import torch
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, RunDirError
-from glmlab.finetune.classifier import SequenceClassifier, feature_width
+from glmlab.finetune.classifier import SequenceClassifier
 from glmlab.finetune.examples import Examples, encode_texts, read_labelled, sort_labels
-from glmlab.finetune.lora import add_lora, merge_lora
 from glmlab.finetune.metrics import classification_metrics
 from glmlab.models import build_model
-from glmlab.runs import TOKENIZER, load_weights, read_run_config, weights_path
+from glmlab.models.lora import merge_lora
+from glmlab.runs import TOKENIZER, LoadSpec, add_adapters, load_weights, read_run_config, weights_path
 
 
 @dataclass
@@ -65,16 +65,16 @@ def load_classifier(run_dir: str | Path, checkpoint: str = "best", device: str |
     """Load a run written by ``glmlab finetune classify`` (LoRA updates merged into the weights)."""
     run_dir = Path(run_dir)
     config, raw = read_run_config(run_dir)
-    task: dict[str, Any] = raw.get("finetune") or {}
-    if task.get("task") != "classify":
+    spec = LoadSpec.of(raw)
+    if spec.head != "classifier":
         raise RunDirError(f"{run_dir} is not a classifier (it was not written by glmlab finetune classify)",
                           "fine-tune one with: glmlab finetune classify --init RUN_DIR --train F --val F --out DIR")
+    task: dict[str, Any] = raw["finetune"]
     tokenizer = Tokenizer.from_file(run_dir / TOKENIZER, raw.get("special_tokens"))
-    backbone = build_model(config.model)
-    if task.get("mode") == "lora":
-        add_lora(backbone, int(task["lora_rank"]), float(task["lora_alpha"]))
+    backbone = build_model(config.model, sentences=spec.sentence_level)
+    add_adapters(backbone, spec)
     model = SequenceClassifier(backbone, len(task["labels"]), task["pooling"], tokenizer.pad_id,
-                               feature_width(backbone), frozen=task.get("mode") == "probe")
+                               frozen=task.get("mode") == "probe")
     load_weights(model, weights_path(run_dir, checkpoint))
     merge_lora(model)
     model.to(device).eval()

@@ -9,8 +9,7 @@ from typing import Any
 
 from glmlab import atomic
 from glmlab.errors import GlmlabError, RunDirError
-from glmlab.runs import CONFIG, METRICS
-from glmlab.training.metrics import read_metrics
+from glmlab.runs import CONFIG, METRICS, read_metrics
 
 RESULTS = "results.json"
 COLUMNS = {  # task: (key, heading, format) of each metric column

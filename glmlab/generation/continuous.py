@@ -175,9 +175,9 @@ class ContinuousBatch:
         """Keep the rows in the lowest slots (0..n-1): a row that sits above them moves down into a slot a
         finished row freed (one copy of its cache), so decoding reads the cache in place instead of
         gathering scattered slots. Families whose cache cannot move rows keep their slots."""
-        move = getattr(self.cache, "move_row", None)
+        move = self.cache.move_row
         holders = len(self._by_key)  # active rows and rows waiting for their prefill
-        if move is None or all(e.slot < holders for e in self._by_key.values()):
+        if all(e.slot < holders for e in self._by_key.values()):
             return
         low = sorted(s for s in self._free if s < holders)
         for entry in sorted(self._by_key.values(), key=lambda e: e.slot, reverse=True):
@@ -214,8 +214,8 @@ class ContinuousBatch:
         for i, e in enumerate(new):
             idx[i, : lengths[i]] = torch.tensor(e.row.prompt_ids)
         idx, slots = idx.to(self.device), [e.slot for e in new]
-        fast = getattr(self.model, "prefill_rows", None)  # optional fast path of a family
-        logits = fast(idx, self.cache, slots, lengths) if fast is not None else None
+        fast = "prefill_rows" in self.model.traits.fast_paths
+        logits = self.model.prefill_rows(idx, self.cache, slots, lengths) if fast else None
         if logits is None:
             logits = self.model(idx, self.cache, rows=slots, valid=lengths, last_only=True)[:, -1]
         logits = logits.float()
@@ -237,8 +237,8 @@ class ContinuousBatch:
                           last_only=True)
         newest = torch.tensor([e.row.context[-1] for e in entries], device=self.device)
         slots = [e.slot for e in entries]
-        fast = getattr(model, "decode_rows", None)  # optional fast path of a family
-        logits = fast(newest, cache, slots) if fast is not None else None
+        fast = "decode_rows" in model.traits.fast_paths
+        logits = model.decode_rows(newest, cache, slots) if fast else None
         if logits is None:
             logits = model(newest[:, None], cache, rows=slots, last_only=True)[:, -1]
         return logits.float()

@@ -60,7 +60,7 @@ def row_seed(seed: int | None, index: int) -> int:
 def start_id(model: nn.Module, tokenizer: Tokenizer) -> int | None:
     """The token every prompt starts with: ``<bos>`` for a model trained on sentences (it read ``<bos>``
     before each one); None for a model of running text."""
-    return tokenizer.bos_id if getattr(model, "sentence_level", False) else None
+    return tokenizer.bos_id if model.traits.sentence_level else None
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
@@ -242,7 +242,7 @@ class Decoder:
         model, rows = self.model, self.rows
         block = model.block_size
         timed = any(r.deadline is not None for r in rows)
-        fast_step = getattr(model, "decode_step", None)  # optional fast path of a family
+        fast_step = model.decode_step if "decode_step" in model.traits.fast_paths else None
         cache = model.new_cache(len(rows), self.device)
         lengths = [len(r.prompt_ids) for r in rows]
         width = max(lengths)

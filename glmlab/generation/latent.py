@@ -1,7 +1,7 @@
 """Latent tools of a sentence VAE: sample from the prior, reconstruct sentences, interpolate between two.
 
 Every decode goes through the shared generation engine (greedy, sampling or beam search, with all
-of its controls) on a :class:`~glmlab.models.vae.LatentDecoder`, so row i decodes from z[i].
+of its controls) on the model's decoder given z (``given(z)``, a language model whose row i decodes from z[i]).
 """
 
 from __future__ import annotations
@@ -17,22 +17,21 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.engine import row_seed
 from glmlab.generation.generate import GenerationSettings, generate_batch
-from glmlab.models.vae import LatentDecoder, SentenceVAE
+from glmlab.models.contract import LanguageModel, LatentModel
 
 
-def _require_vae(model: object) -> SentenceVAE:
-    if not isinstance(model, SentenceVAE):
-        family = getattr(getattr(model, "config", None), "family", type(model).__name__)
-        raise GlmlabError(f"latent tools need a vae run, and this run's family is {family}",
+def _require_vae(model: LanguageModel) -> LatentModel:
+    if not model.traits.latent_dim:
+        raise GlmlabError(f"latent tools need a vae run, and this run's family is {model.traits.family}",
                           "train one with model.family=vae")
     return model
 
 
-def _device(model: SentenceVAE) -> torch.device:
+def _device(model: LatentModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def decode_latents(model: SentenceVAE, tokenizer: Tokenizer, z: torch.Tensor,
+def decode_latents(model: LatentModel, tokenizer: Tokenizer, z: torch.Tensor,
                    settings: GenerationSettings | None = None) -> list[str]:
     """One sentence decoded from each row of ``z`` (N, latent_dim); greedy unless settings say otherwise."""
     model = _require_vae(model)
@@ -40,14 +39,14 @@ def decode_latents(model: SentenceVAE, tokenizer: Tokenizer, z: torch.Tensor,
     if settings.max_new_tokens > model.block_size - 1:
         settings = replace(settings, max_new_tokens=model.block_size - 1)
     if settings.num_beams > 1:  # beam search decodes one prompt at a time: one z at a time
-        return [generate_batch(LatentDecoder(model, z[i:i + 1]), tokenizer, [""], replace(
+        return [generate_batch(model.given(z[i:i + 1]), tokenizer, [""], replace(
             settings, num_return_sequences=1))[0][0].text for i in range(z.size(0))]
     settings = replace(settings, num_return_sequences=1)
     # one settings per row, each with its own seed: rows sharing one seed would draw the same random
     # numbers at every step (each row here is its own prompt, so its sample index is 0)
     per_row = [settings if settings.seed is None else replace(settings, seed=row_seed(settings.seed, i))
                for i in range(z.size(0))]
-    rows = generate_batch(LatentDecoder(model, z), tokenizer, [""] * z.size(0), per_row)
+    rows = generate_batch(model.given(z), tokenizer, [""] * z.size(0), per_row)
     return [completions[0].text for completions in rows]
 
 
@@ -61,7 +60,7 @@ def _generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample_prior(model: SentenceVAE, tokenizer: Tokenizer, n: int, seed: int | None = 0,
+def sample_prior(model: LatentModel, tokenizer: Tokenizer, n: int, seed: int | None = 0,
                  settings: GenerationSettings | None = None) -> list[str]:
     """``n`` sentences decoded from z ~ p(z), the model's prior (drawn from ``seed``; None = a random seed)."""
     model = _require_vae(model)
@@ -71,7 +70,7 @@ def sample_prior(model: SentenceVAE, tokenizer: Tokenizer, n: int, seed: int | N
     return decode_latents(model, tokenizer, z, settings)
 
 
-def encode_sentences(model: SentenceVAE, tokenizer: Tokenizer, sentences: Sequence[str]) -> tuple[torch.Tensor,
+def encode_sentences(model: LatentModel, tokenizer: Tokenizer, sentences: Sequence[str]) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
     """(mu, logvar) of q(z|x) for each sentence (words, then ``<eos>``; cut to the model's length).
 
@@ -110,7 +109,7 @@ def encode_sentences(model: SentenceVAE, tokenizer: Tokenizer, sentences: Sequen
         model.train(was_training)
 
 
-def reconstruct(model: SentenceVAE, tokenizer: Tokenizer, sentences: Sequence[str], sample: bool = False,
+def reconstruct(model: LatentModel, tokenizer: Tokenizer, sentences: Sequence[str], sample: bool = False,
                 seed: int | None = 0, settings: GenerationSettings | None = None) -> list[str]:
     """Each sentence encoded and decoded again: from the posterior mean, or from a z ~ q(z|x) with ``sample``
     (drawn from ``seed``; None = a random seed)."""
@@ -121,7 +120,7 @@ def reconstruct(model: SentenceVAE, tokenizer: Tokenizer, sentences: Sequence[st
     return decode_latents(model, tokenizer, z, settings)
 
 
-def interpolate(model: SentenceVAE, tokenizer: Tokenizer, start: str, end: str, steps: int = 5,
+def interpolate(model: LatentModel, tokenizer: Tokenizer, start: str, end: str, steps: int = 5,
                 settings: GenerationSettings | None = None) -> list[str]:
     """Homotopy (Bowman et al.): sentences decoded from z = (1 - t) mu(start) + t mu(end) for ``steps``
     evenly spaced t from 0 to 1, both ends included."""

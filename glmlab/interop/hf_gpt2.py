@@ -9,7 +9,6 @@ export loads offline with ``GPT2LMHeadModel.from_pretrained`` and ``AutoTokenize
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,15 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from glmlab import __version__, atomic
+from glmlab import atomic
 from glmlab.config import resolve_config
 from glmlab.errors import GlmlabError
 from glmlab.models import build_model
 from glmlab.models.gpt import Conv1D
-from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, load_run, save_weights
+from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, LoadSpec, load_run, save_weights
+from glmlab.version import __version__
 
+ARCHITECTURE = "GPT2LMHeadModel"
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -136,7 +137,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / TOKENIZER, hf_tok.to_str(pretty=True))
     save_weights(model, out / WEIGHTS)
-    atomic.write_json(out / CONFIG, {**run_config.to_dict(), "special_tokens": roles,
+    atomic.write_json(out / CONFIG, {**run_config.to_dict(), "special_tokens": roles, "load": LoadSpec().to_dict(),
                                      "imported_from": str(hf_dir.resolve()), "glmlab_version": __version__})
     return out
 
@@ -145,7 +146,7 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
     """Write a run as a Hugging Face GPT-2 directory (config, safetensors weights, tokenizer files)."""
     run = load_run(run_dir, checkpoint=checkpoint)
     cfg = run.config.model
-    if cfg.family != "gpt":
+    if run.model.traits.hf_architecture != ARCHITECTURE:
         raise GlmlabError(f"family {cfg.family!r} has no GPT-2 equivalent", "export-hf takes gpt runs")
     hf_dir = Path(hf_dir)
     if hf_dir.resolve() == Path(run_dir).resolve() or (hf_dir / CONFIG).exists():
@@ -156,17 +157,17 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
     for name, module in run.model.named_modules():  # GPT-2 always has biases: zeros compute the same function
         if isinstance(module, (Conv1D, torch.nn.LayerNorm)) and module.bias is None:
             state[f"{name}.bias"] = torch.zeros(module.weight.shape[-1])
-    save_file(state, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    atomic.write_with(hf_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     eos, bos = tok.eos_id, tok.bos_id if tok.bos_id is not None else tok.eos_id
     atomic.write_json(hf_dir / "config.json", {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "architectures": [ARCHITECTURE], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
         "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.layer_norm_epsilon,
         "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_id,
         "torch_dtype": "float32", "glmlab_version": __version__})
-    shutil.copyfile(Path(run_dir) / TOKENIZER, hf_dir / "tokenizer.json")
+    atomic.write_bytes(hf_dir / "tokenizer.json", (Path(run_dir) / TOKENIZER).read_bytes())
     names = tok.special_tokens
     atomic.write_json(hf_dir / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,

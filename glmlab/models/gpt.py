@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glmlab.config import field
 from glmlab.errors import ConfigError
+from glmlab.models.contract import FAST_PATHS, FamilyModel, Traits
 from glmlab.models.gpt_decode import scripted_decode_layers, scripted_decode_rows, scripted_prefill_rows
+from glmlab.schema import field
 
 
 @dataclass
@@ -202,14 +203,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+# The projections LoRA adapts: attention (c_attn, c_proj) and MLP (c_fc, c_proj).
+ADAPTER_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class GPT(FamilyModel):
     """The `gpt` family. ``forward(idx)`` gives next-token logits; ``loss``/``nll`` serve the trainer/evaluator."""
 
     def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
         if config.vocab_size <= 0:
             raise ConfigError("model.vocab_size is not set", "build the model from a data directory's tokenizer")
-        self.config = config
+        super().__init__(config)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -231,9 +235,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
+    @classmethod
+    def declare(cls, config: GPTConfig) -> Traits:
+        return Traits(family="gpt", feature_width=config.n_embd, adapter_targets=ADAPTER_TARGETS,
+                      fast_paths=frozenset(FAST_PATHS), decode_weights=("native", "int8"),
+                      hf_architecture="GPT2LMHeadModel")
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -255,15 +261,11 @@ class GPT(nn.Module):
                 return logits[:, None]
         step = None
         if cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-            positions = torch.arange(T, dtype=torch.long, device=idx.device)[None]
+            positions = self._positions(T, idx.device)
         else:
             step = self._cache_step(cache, rows, B, T, idx.device)
             positions = step.positions
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, step)
+        x = self._blocks(idx, positions, step)  # (B, T, C)
         if cache is not None:
             slots = rows if rows is not None else range(B)
             for i, slot in enumerate(slots):
@@ -279,14 +281,24 @@ class GPT(nn.Module):
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, n_embd) after the last layer norm: what the LM head reads, and what a
         fine-tuned classifier pools."""
-        T = idx.size(1)
+        return self.transformer.ln_f(self._blocks(idx, self._positions(idx.size(1), idx.device), None))
+
+    def _positions(self, T: int, device: torch.device) -> torch.Tensor:
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        positions = torch.arange(T, dtype=torch.long, device=idx.device)[None]
+        return torch.arange(T, dtype=torch.long, device=device)[None]
+
+    def _blocks(self, idx: torch.Tensor, positions: torch.Tensor, step: _CacheStep | None) -> torch.Tensor:
+        """The Transformer (B, T, C) before the final layer norm: the one definition of the forward pass that
+        ``forward`` and ``features`` share and the compiled steps of :mod:`glmlab.models.gpt_decode` are tested
+        against (``tests/models/test_gpt_fast_paths.py``)."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for block in self.transformer.h:
-            x = block(x)
-        return self.transformer.ln_f(x)
+            x = block(x, step)
+        return x
+
+    def features_to_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """Logits (B, vocab) for one new token per row when every row is at the same position (the common

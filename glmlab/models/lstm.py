@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from glmlab.config import field
 from glmlab.data.dataset import IGNORE_INDEX
 from glmlab.errors import ConfigError
+from glmlab.models.contract import FamilyModel, Traits
+from glmlab.schema import field
 
 
 @dataclass
@@ -150,25 +151,20 @@ def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return flat.view(y.shape)
 
 
-class LSTMLM(nn.Module):
-    """An LSTM language model with the families' protocol (``loss``, ``nll``, ``forward`` with a cache)."""
-
-    sentence_level = False  # trains on random windows unless train.batching=sentences
+class LSTMLM(FamilyModel):
+    """An LSTM language model with the families' protocol (``loss``, ``nll``, ``forward`` with a cache); it trains
+    on random windows unless ``train.batching=sentences``."""
 
     def __init__(self, config: LSTMConfig) -> None:
-        super().__init__()
         if config.vocab_size < 1:
             raise ConfigError("model.vocab_size is 0", "train on a data directory, which sets it from its tokenizer")
-        self.config = config
+        super().__init__(config)
         self.net = LSTMNet(config.vocab_size, config.n_embd, config.n_hidden, config.n_layer, config.dropout,
                            config.tie_weights)
 
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters())
+    @classmethod
+    def declare(cls, config: LSTMConfig) -> Traits:
+        return Traits(family="lstm", feature_width=config.n_hidden)
 
     def forward(self, idx: torch.Tensor, cache: LSTMState | None = None, rows: list[int] | None = None,
                 valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
@@ -181,6 +177,9 @@ class LSTMLM(nn.Module):
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         """LSTM outputs (B, T, n_hidden) from a zero state: what a fine-tuned classifier pools."""
         return self.net.features(idx)[0]
+
+    def features_to_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net.logits(h)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over targets ``y`` (IGNORE_INDEX positions are skipped)."""

@@ -16,12 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glmlab.config import field
+from glmlab.data.tokenizer import EOS_ID, PAD_ID
 from glmlab.errors import ConfigError
-from glmlab.generation.sampling import sample_rows
+from glmlab.models.contract import Traits
 from glmlab.models.lstm import LSTMLM, LSTMConfig, LSTMNet
-
-PAD_ID, EOS_ID = 0, 3
+from glmlab.schema import field
 
 
 def _ints(text: str) -> list[int]:
@@ -152,42 +151,18 @@ class Discriminator(nn.Module):
 class SeqGAN(LSTMLM):
     """The generator (an LSTM LM, with every protocol method of `lstm`) plus the discriminator."""
 
-    sentence_level = True
-
     def __init__(self, config: SeqGANConfig) -> None:
         super().__init__(config)
         self.discriminator = Discriminator(config)
 
+    @classmethod
+    def declare(cls, config: SeqGANConfig) -> Traits:
+        return Traits(family="seqgan", sentence_level=True, windows=False, feature_width=config.n_hidden,
+                      special_tokens=("pad", "eos"), auxiliary=("discriminator",),
+                      phases=("adversarial",) if config.adv_rounds else ())
+
     def generator_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
-
-    @torch.no_grad()
-    def sample(self, n: int, length: int, bos_id: int, net: LSTMNet | None = None,
-               prefix: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               banned: list[int] | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """``n`` sequences (n, length) sampled at ``temperature`` from ``net`` (default: the generator),
-        continuing ``prefix`` (n, t) when given; after ``<eos>`` every position is ``<pad>``. ``banned``
-        token ids get probability 0 (the rest renormalised)."""
-        net = net or self.net
-        device = next(net.parameters()).device
-        start = torch.full((n, 1), bos_id, dtype=torch.long, device=device)
-        given = start if prefix is None else torch.cat([start, prefix], dim=1)
-        out, state = net.features(given)
-        logits = net.logits(out[:, -1]) / temperature
-        tokens = [] if prefix is None else list(prefix.unbind(1))
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        for t in tokens:
-            done |= t == EOS_ID
-        for _ in range(length - len(tokens)):
-            if banned:
-                logits[:, banned] = float("-inf")
-            token = sample_rows(logits, generator)
-            token = token.masked_fill(done, PAD_ID)
-            tokens.append(token)
-            done |= token == EOS_ID
-            out, state = net.features(token[:, None], state)
-            logits = net.logits(out[:, -1]) / temperature
-        return torch.stack(tokens, dim=1)
 
     def rollout_copy(self) -> LSTMNet:
         """A frozen copy of the generator: the rollout policy."""

@@ -15,20 +15,21 @@ negative ELBO with beta = 1 and none of the defences: an upper bound on the NLL.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from glmlab.config import field
 from glmlab.data.dataset import IGNORE_INDEX
+from glmlab.data.tokenizer import PAD_ID, UNK_ID
 from glmlab.errors import ConfigError
+from glmlab.models.contract import FamilyModel, StepContext, TrainingHook, Traits, exempt_from_weight_decay
 from glmlab.models.lstm import LSTMNet, LSTMState, token_nll
-
-UNK_ID = 1  # glmlab's tokenizers put <unk> at 1 (SPECIAL_TOKENS)
-PAD_ID = 0
+from glmlab.schema import field
 
 
 @dataclass
@@ -93,16 +94,13 @@ def beta_at(config: VAEConfig, step: int) -> float:
     return config.beta * (1.0 if rise == 0 or position >= rise else position / rise)
 
 
-class SentenceVAE(nn.Module):
+class SentenceVAE(FamilyModel):
     """Encoder q(z|x), decoder p(x|z), and the families' protocol (``loss``, ``nll``, ``forward``)."""
 
-    sentence_level = True
-
     def __init__(self, config: VAEConfig) -> None:
-        super().__init__()
         if config.vocab_size < 1:
             raise ConfigError("model.vocab_size is 0", "train on a data directory, which sets it from its tokenizer")
-        self.config = config
+        super().__init__(config)
         c = config
         self.decoder = LSTMNet(c.vocab_size, c.n_embd, c.n_hidden, c.n_layer, c.dropout, c.tie_weights,
                                cond_dim=c.latent_dim)
@@ -122,21 +120,25 @@ class SentenceVAE(nn.Module):
             self.prior_logvars = nn.Parameter(torch.full((c.prior_components, c.latent_dim), math.log(0.75)))
             self.prior_logits = nn.Parameter(torch.zeros(c.prior_components))
             for p in (self.prior_means, self.prior_logvars):
-                p.no_weight_decay = True  # a density's parameters: decay would pull it towards a point
+                exempt_from_weight_decay(p)  # a density's parameters: decay would pull it towards a point
         self.beta = c.beta if c.beta_schedule == "constant" else 0.0
         self.free_bits_on = c.free_bits > 0
-        self.stats: dict[str, torch.Tensor] = {}
 
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
+    @classmethod
+    def declare(cls, config: VAEConfig) -> Traits:
+        return Traits(family="vae", sentence_level=True, windows=False, latent_dim=config.latent_dim,
+                      special_tokens=("pad", "unk"))
 
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
-    def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def training_hooks(self) -> list[TrainingHook]:
+        return [AggressiveEncoderTraining(self)] if self.config.aggressive else []
+
+    def given(self, z: torch.Tensor) -> LatentDecoder:
+        """p(x|z) for the latent vectors ``z`` (N, latent_dim): row i of every batch decodes from z[i]."""
+        return LatentDecoder(self, z)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of q(z|x) only (the embedding is shared, so it belongs to the decoder side here)."""
@@ -283,10 +285,11 @@ class SentenceVAE(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: LSTMState | None = None, rows: list[int] | None = None,
                 valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
-        """Decoder logits (B, T, vocab) continuing each row's state; the cache (from :meth:`new_cache`
-        with z) holds each row's z."""
-        if cache is None or cache.cond is None:
-            raise ValueError("a vae decodes given z: make the cache with new_cache(batch, device, z=...)")
+        """Decoder logits (B, T, vocab) continuing each row's state; the cache (from :meth:`new_cache`, or
+        :meth:`given`'s) holds each row's z. Without a cache every row decodes from the prior's centre, as a
+        cache made without z does (what a prompt is scored and continued from when no z is given)."""
+        if cache is None:
+            cache = self.new_cache(idx.size(0), idx.device)
         return self.decoder.decode(idx, cache, rows, valid, last_only)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
@@ -302,30 +305,97 @@ class SentenceVAE(nn.Module):
         return LSTMState(h, c, cond=z)
 
 
-class LatentDecoder(nn.Module):
-    """p(x|z) for fixed latent vectors, with the model protocol the generation engine drives: row i of
-    every batch decodes from ``z[i]``."""
-
-    sentence_level = True
+class LatentDecoder(FamilyModel):
+    """p(x|z) for fixed latent vectors, a language model of its own (``SentenceVAE.given``): row i of every
+    batch, and cache slot i, decodes from ``z[i]``; a batch without a cache takes z[:B]."""
 
     def __init__(self, vae: SentenceVAE, z: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__(vae.config)
         self.vae, self.z = vae, z
-        self.config = vae.config
         # a new Module is in training mode; take the VAE's instead, or the generator's train(was_training)
         # afterwards would leave the VAE in training mode (dropout on)
         self.train(vae.training)
 
-    @property
-    def block_size(self) -> int:
-        return self.vae.block_size
+    @classmethod
+    def declare(cls, config: VAEConfig) -> Traits:
+        return dataclasses.replace(SentenceVAE.declare(config), latent_dim=0)  # z is given: no latent left
 
     def forward(self, idx: torch.Tensor, cache: LSTMState | None = None, rows: list[int] | None = None,
                 valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
+        if cache is None:
+            cache = self.new_cache(idx.size(0), idx.device)
         return self.vae(idx, cache, rows=rows, valid=valid, last_only=last_only)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> LSTMState:
-        return self.vae.new_cache(batch_size, device, z=self.z)
+        return self.vae.new_cache(batch_size, device, z=self.z[:batch_size])
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean -log p(x|z) per target token."""
+        return self.nll(x, y) / (y != IGNORE_INDEX).sum().clamp_min(1)
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """-log p(x|z) summed over the batch (row i given z[i])."""
+        return self.vae.reconstruction_nll(x, y, self.z[: x.size(0)]).sum()
+
+
+class AggressiveEncoderTraining:
+    """He et al. (2019)'s aggressive encoder training, the hook a `vae` with ``model.aggressive`` gives the
+    trainer: before each optimiser step, encoder-only updates on fresh batches until the encoder's loss stops
+    falling (compared every 10 updates, at most ``model.aggressive_inner_steps``), through the run's own
+    optimiser (AdamW skips parameters whose gradient is None, so the decoder side stays as it is); the outer
+    step then updates the decoder only. It ends for good at the first evaluation whose mutual information
+    I(x; z) is no higher than the previous one's."""
+
+    name = "aggressive"
+
+    def __init__(self, model: SentenceVAE) -> None:
+        self.model = model
+        self.active = True
+        self.last_mutual_info = -math.inf
+
+    def before_step(self, context: StepContext) -> None:
+        if not self.active:
+            return
+        model = self.model
+        encoder = {id(p) for p in model.encoder_parameters()}
+        others = [p for p in model.parameters() if id(p) not in encoder]
+        previous, window = math.inf, []
+        for _ in range(model.config.aggressive_inner_steps):
+            x, y = context.next_batch()
+            loss = context.loss(x, y)
+            loss.backward()
+            for p in others:
+                p.grad = None
+            if context.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), context.grad_clip)
+            context.optimizer.step()
+            context.optimizer.zero_grad(set_to_none=True)
+            window.append(float(loss.detach()))
+            if len(window) == 10:
+                current = sum(window) / len(window)
+                if current >= previous:
+                    break
+                previous, window = current, []
+
+    def frozen(self) -> list[nn.Parameter]:
+        return self.model.encoder_parameters() if self.active else []
+
+    def after_evaluation(self, figures: dict[str, float]) -> dict[str, Any]:
+        if not self.active or "mutual_info" not in figures:
+            return {}
+        ended = figures["mutual_info"] <= self.last_mutual_info
+        self.last_mutual_info = figures["mutual_info"]
+        if ended:
+            self.active = False
+            return {"aggressive_ended": True}
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"aggressive": self.active, "last_mutual_info": self.last_mutual_info}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active = bool(state.get("aggressive", self.active))
+        self.last_mutual_info = float(state.get("last_mutual_info", self.last_mutual_info))
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -159,7 +159,7 @@ def create_app(run: LoadedRun, options: ServeOptions | None = None) -> FastAPI:
     card = model_card(run, options.model_name, options.checkpoint)
     start = start_id(model, tokenizer)
     vocab = model.config.vocab_size
-    is_vae = run.config.model.family == "vae"
+    is_vae = model.traits.latent_dim > 0
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glmlab.runs import METRICS, LoadedRun
-from glmlab.training.metrics import read_metrics
+from glmlab.runs import METRICS, LoadedRun, read_metrics
 
 
 def _metrics(run_dir: Path) -> dict[str, Any]:
@@ -46,11 +45,10 @@ def _data(raw: dict[str, Any]) -> dict[str, Any]:
 
 def model_card(run: LoadedRun, name: str, checkpoint: str) -> dict[str, Any]:
     model = run.model
-    count = getattr(model, "num_parameters", None)
     return {
         "id": name,
         "family": run.config.model.family,
-        "parameters": count() if count else sum(p.numel() for p in model.parameters()),
+        "parameters": model.num_parameters(),
         "context": model.block_size,
         "architecture": run.raw_config.get("model", {}),
         "tokenizer": {"kind": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size},
@@ -58,6 +56,6 @@ def model_card(run: LoadedRun, name: str, checkpoint: str) -> dict[str, Any]:
         "metrics": _metrics(run.run_dir),
         "checkpoint": checkpoint,
         "run_dir": str(run.run_dir),
-        "sentence_level": bool(getattr(model, "sentence_level", False)),
-        "latent": run.config.model.family == "vae",
+        "sentence_level": model.traits.sentence_level,
+        "latent": model.traits.latent_dim > 0,
     }

@@ -25,32 +25,74 @@ that starts from the MLE generator, is fitted by MLE to the balanced mixture of 
 samples, so it estimates (p_data + p_G) / 2; G takes gradient steps on the exact per-position
 KL(G || mediator) over the whole vocabulary along its own samples, which estimates the Jensen-Shannon
 divergence's gradient. No rollouts, no rewards, no discriminator: each update costs a few forward passes.
-Every round counts as one trainer step (for checkpoints and metrics), so resume continues mid-phase exactly.
+Every round counts as one trainer step (a :class:`~glmlab.training.phases.Phase` of the trainer's loop:
+checkpoints, metrics and the stop decision are the trainer's), so resume continues mid-phase exactly. The
+phase runs on one process: under torchrun it is refused (pre-train there, then resume on one process).
 """
 
 from __future__ import annotations
 
 import copy
-import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from glmlab.data.sentences import Sentences, collate
-from glmlab.models.lstm import token_nll
-from glmlab.models.seqgan import PAD_ID, SeqGAN, sequence_mask
-from glmlab.runs import BEST_DIR, WEIGHTS, save_weights
+from glmlab.data.tokenizer import EOS_ID, PAD_ID
+from glmlab.generation.sampling import sample_rows
+from glmlab.models.lstm import LSTMNet, token_nll
+from glmlab.models.seqgan import SeqGAN, sequence_mask
+from glmlab.training.phases import RunLog
+
+
+@torch.no_grad()
+def sample_sequences(net: LSTMNet, n: int, length: int, bos_id: int, prefix: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, banned: list[int] | None = None,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """``n`` sequences (n, length) sampled at ``temperature`` from an LSTM network (a SeqGAN generator or its
+    rollout policy), continuing ``prefix`` (n, t) when given; after ``<eos>`` every position is ``<pad>``.
+    ``banned`` token ids get probability 0 (the rest renormalised)."""
+    device = next(net.parameters()).device
+    start = torch.full((n, 1), bos_id, dtype=torch.long, device=device)
+    given = start if prefix is None else torch.cat([start, prefix], dim=1)
+    out, state = net.features(given)
+    logits = net.logits(out[:, -1]) / temperature
+    tokens = [] if prefix is None else list(prefix.unbind(1))
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for t in tokens:
+        done |= t == EOS_ID
+    for _ in range(length - len(tokens)):
+        if banned:
+            logits[:, banned] = float("-inf")
+        token = sample_rows(logits, generator)
+        token = token.masked_fill(done, PAD_ID)
+        tokens.append(token)
+        done |= token == EOS_ID
+        out, state = net.features(token[:, None], state)
+        logits = net.logits(out[:, -1]) / temperature
+    return torch.stack(tokens, dim=1)
 
 
 class AdversarialPhase:
-    """The adversarial state of a run (D's optimiser, G's adversarial optimiser, the rollout policy) and
-    its steps; the trainer owns the loop, checkpoints and logging."""
+    """The adversarial state of a run (D's optimiser, G's adversarial optimiser, the rollout policy), its
+    steps (:meth:`round`), and its place in the trainer's loop: trainer steps ``start`` to ``start +
+    adv_rounds``, one round each, evaluated every ``adv_eval_interval`` rounds; the weights after the last
+    round become the run's best (the adversarial phase is what the run is for)."""
 
-    def __init__(self, model: SeqGAN, real: Sentences, bos_id: int, device: torch.device, seed: int) -> None:
+    name = "adversarial"
+    selects_best = False
+    one_process = ("pre-train with torchrun and model.adv_rounds=0, then resume on one process with "
+                   "model.adv_rounds=N (glmlab train --resume)")
+
+    def __init__(self, model: SeqGAN, real: Sentences, bos_id: int, device: torch.device, seed: int,
+                 start: int = 0) -> None:
         self.model, self.real, self.bos_id, self.device = model, real, bos_id, device
         c = model.config
         self.config = c
+        self.start, self.end = start, start + c.adv_rounds
+        self._stats: dict[str, float] = {}
         self.length = c.block_size - 1  # tokens per sequence, <eos> included
         self.g_optimizer = torch.optim.Adam(model.generator_parameters(), lr=c.g_lr)
         self.d_optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=c.d_lr)
@@ -111,7 +153,7 @@ class AdversarialPhase:
         return F.pad(y, (0, max(0, self.length - y.size(1))), value=PAD_ID)[:, : self.length].to(self.device)
 
     def _fake_batch(self, n: int) -> torch.Tensor:
-        return self.model.sample(n, self.length, self.bos_id, generator=self.generator)
+        return sample_sequences(self.model.net, n, self.length, self.bos_id, generator=self.generator)
 
     def fit_discriminator(self) -> dict[str, float]:
         """One refit: ``d_samples`` real and as many generated sequences, ``d_epochs`` epochs of mini-batches."""
@@ -168,15 +210,15 @@ class AdversarialPhase:
         for t in range(1, L):
             if not bool(live[:, t].any()):  # every sequence ended by token t - 1: the rest is D's score
                 break
-            completed = self.model.sample(repeated.size(0), L, self.bos_id, net=self.rollout,
-                                          prefix=repeated[:, :t], generator=self.generator)
+            completed = sample_sequences(self.rollout, repeated.size(0), L, self.bos_id, prefix=repeated[:, :t],
+                                         generator=self.generator)
             out[:, t - 1] = score(d(completed)).view(c.rollout_num, B).mean(0)
         return out * live
 
     def generator_step(self) -> dict[str, float]:
         """One policy-gradient update of G on ``adv_batch`` of its own samples."""
         c, model = self.config, self.model
-        samples = model.sample(c.adv_batch, self.length, self.bos_id, generator=self.generator)
+        samples = sample_sequences(model.net, c.adv_batch, self.length, self.bos_id, generator=self.generator)
         rewards = self.rewards(samples)
         x, targets = self._teacher_forced(samples)
         mask = targets != -100
@@ -239,7 +281,7 @@ class AdversarialPhase:
         """CoT's generator update: the exact KL(G || mediator) of the next-token distributions at each position
         of ``adv_batch`` of G's samples, summed over positions and averaged over sequences."""
         c, model = self.config, self.model
-        samples = model.sample(c.adv_batch, self.length, self.bos_id, generator=self.generator)
+        samples = sample_sequences(model.net, c.adv_batch, self.length, self.bos_id, generator=self.generator)
         x, targets = self._teacher_forced(samples)
         self.mediator.eval()
         loss = exact_kl(model(x), _frozen_log_probs(self.mediator, x), targets != -100) / c.adv_batch
@@ -262,6 +304,49 @@ class AdversarialPhase:
         with torch.no_grad():
             for mine, theirs in zip(self.rollout.parameters(), self.model.net.parameters(), strict=True):
                 mine.mul_(rate).add_(theirs.detach(), alpha=1 - rate)
+
+    # --- the phase in the trainer's loop ----------------------------------------------------------------------
+
+    def begin(self, state: dict[str, Any], log: RunLog) -> None:
+        if not self.d_pretrained:
+            log.progress.message(f"pre-training the discriminator ({self.config.d_pretrain_steps} refits)")
+            stats = self.pretrain_discriminator()
+            log.metrics.write({"step": state["step"], "split": "discriminator", **stats})
+
+    def step(self, state: dict[str, Any]) -> None:
+        self._stats = self.round()
+
+    def record(self, state: dict[str, Any], log: RunLog) -> None:
+        log.metrics.write({"step": state["step"], "split": "adversarial", "round": state["step"] - self.start,
+                           "elapsed": state["elapsed"], **self._stats})
+
+    def decision_due(self, step: int) -> bool:
+        return True  # a round is long: look at the stop signal after each
+
+    def evaluation_due(self, step: int) -> bool:
+        return (step - self.start) % self.config.adv_eval_interval == 0 or step == self.end
+
+    def checkpoint_due(self, step: int) -> bool:
+        return self.evaluation_due(step)
+
+    def settle(self, state: dict[str, Any]) -> None:
+        pass
+
+    def evaluation_record(self, state: dict[str, Any], val: float, figures: dict[str, Any],
+                          improved: bool) -> tuple[dict[str, Any], str]:
+        done, stats = state["step"] - self.start, self._stats
+        record = {"step": state["step"], "split": "val", "loss": val, "round": done, "elapsed": state["elapsed"],
+                  **figures}
+        return record, (f"round {done}/{self.config.adv_rounds}: val loss {val:.4f}, reward "
+                        f"{stats.get('reward', 0):.3f}, D accuracy {stats.get('d_accuracy', 0):.3f}")
+
+    def evaluated(self) -> None:
+        pass
+
+    def finish(self, save_best: Callable[[], None]) -> None:
+        save_best()
+
+    # --- a round --------------------------------------------------------------------------------------------------
 
     def round(self) -> dict[str, float]:
         """One adversarial round: G updates (policy gradient, then any interleaved MLE), rollout update, D refits."""
@@ -330,36 +415,3 @@ def rank_rewards(rewards: torch.Tensor, mask: torch.Tensor, delta: float) -> tor
         ranks[order] = torch.arange(1, n + 1, device=rewards.device, dtype=ranks.dtype)
         out[live, t] = torch.sigmoid(delta * (0.5 - ranks / n)).to(out.dtype)
     return out
-
-
-def adversarial_rounds(trainer: Any, stop: Any, metrics: Any, progress: Any) -> str:
-    """The trainer's loop over SeqGAN's rounds after MLE pre-training; each round is one step (logged,
-    evaluated every ``adv_eval_interval`` rounds and checkpointed then). The weights after the last
-    round become the run's ``best``: the adversarial phase is what the run is for. Returns how it ended."""
-    state, phase, cfg, mcfg = trainer.state, trainer.adversarial, trainer.cfg, trainer.mcfg
-    last_round = cfg.max_steps + mcfg.adv_rounds
-    start, elapsed_at_start = time.perf_counter(), state["elapsed"]
-    if not phase.d_pretrained:
-        progress.message(f"pre-training the discriminator ({mcfg.d_pretrain_steps} refits)")
-        stats = phase.pretrain_discriminator()
-        metrics.write({"step": state["step"], "split": "discriminator", **stats})
-    while state["step"] < last_round:
-        stats = phase.round()
-        state["step"] += 1
-        state["elapsed"] = elapsed_at_start + time.perf_counter() - start
-        done = state["step"] - cfg.max_steps
-        metrics.write({"step": state["step"], "split": "adversarial", "round": done, "elapsed": state["elapsed"],
-                       **stats})
-        if stop.set:
-            return "interrupted"
-        if done % mcfg.adv_eval_interval == 0 or state["step"] == last_round:
-            val = trainer._evaluate()
-            state["last_val_loss"] = val
-            metrics.write({"step": state["step"], "split": "val", "loss": val, "round": done,
-                           "elapsed": state["elapsed"]})
-            progress.message(f"round {done}/{mcfg.adv_rounds}: val loss {val:.4f}, reward "
-                             f"{stats.get('reward', 0):.3f}, D accuracy {stats.get('d_accuracy', 0):.3f}")
-            trainer.evaluated_at = state["step"]
-            trainer._checkpoint()
-    trainer.on_main(lambda: save_weights(trainer.model, trainer.out / BEST_DIR / WEIGHTS))
-    return "max_steps"

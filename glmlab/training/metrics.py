@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON record per line) and the loss.png plot drawn from it."""
+"""Writing metrics.jsonl (one JSON record per line; :func:`glmlab.runs.read_metrics` reads it) and the loss.png
+plot drawn from it."""
 
 from __future__ import annotations
 
@@ -8,22 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from glmlab import atomic
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl, in order: what is readable of it (none if it is missing; a line cut
-    short by a kill, or otherwise not JSON, is skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+from glmlab.runs import read_metrics
 
 
 class MetricsLog:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from glmlab.config import TrainConfig
+from glmlab.models.contract import decays
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -16,7 +17,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():  # .parameters() de-duplicates tied weights
         if p.requires_grad:
-            (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
+            (decay if decays(p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -47,3 +48,10 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
     if cfg.lr_schedule == "linear":
         return cfg.lr + (min_lr - cfg.lr) * progress
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def budget_used(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """The fraction of the budget used, which drives the decay: the larger of steps (after warm-up) and time."""
+    by_steps = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    by_time = elapsed / cfg.max_time if cfg.max_time else 0.0
+    return max(by_steps, by_time)

@@ -19,7 +19,7 @@ def write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig,
     A model of sentences writes three sentences started from ``<bos>`` (a VAE's from the centre of its prior)."""
     if cfg.sample_tokens == 0:
         return
-    if getattr(model, "sentence_level", False):
+    if model.traits.sentence_level:
         settings = GenerationSettings(max_new_tokens=min(cfg.sample_tokens, model.block_size - 1), temperature=0.8,
                                       seed=cfg.seed, num_return_sequences=3)
         texts = generate(model, tokenizer, "", settings)

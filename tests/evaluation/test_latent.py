@@ -4,6 +4,7 @@ known answers, padding that never counts, and `glmlab eval` on tiny sentence run
 import json
 import math
 import random
+import types
 
 import pytest
 import torch
@@ -274,6 +275,9 @@ class _IdentityEncoder(torch.nn.Module):
     def encode(self, y):
         mu = torch.nn.functional.pad(y.clamp_min(0), (0, self.block_size - y.size(1))).float()
         return mu, torch.zeros(mu.shape)
+
+    def given(self, z):
+        return types.SimpleNamespace(z=z)
 
 
 def test_reconstruction_bleu_pairs_each_reconstruction_with_its_own_sentence(sentence_data, monkeypatch):

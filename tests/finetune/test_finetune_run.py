@@ -130,10 +130,11 @@ def test_single_class_and_long_texts(pretrained, tmp_path):
     long = write_task(tmp_path / "long.tsv", 40, 3)
     long.write_text(long.read_text() + "the king " * 20 + "good\t1\n")
     options = FinetuneOptions(task="classify", init=str(pretrained), train=str(long), val=str(long))
-    from glmlab.finetune.run import Task, resolve_finetune_config
+    from glmlab.finetune.run import resolve_finetune_config
+    from glmlab.finetune.tasks import FinetuneTask
 
     config, raw = resolve_finetune_config(options, {}, [])
-    task = Task(options, config, raw)
+    task = FinetuneTask(options, config, raw)
     assert any("1 of 41 train texts are longer than the context" in n for n in task.notes)
 
 

@@ -1,9 +1,13 @@
-"""Batched inverse-CDF sampling and the per-row uniform streams the engine samples with."""
+"""Batched inverse-CDF sampling and the per-row uniform streams the engine samples with; exact categorical
+sampling of whole batches (sample_rows)."""
 
+import math
+
+import pytest
 import torch
 
 from glmlab.generation.engine import _choose, _Controls, _Row
-from glmlab.generation.sampling import UniformStream, inverse_cdf
+from glmlab.generation.sampling import UniformStream, inverse_cdf, sample_rows
 from glmlab.generation.settings import GenerationSettings
 
 
@@ -45,3 +49,32 @@ def test_a_rows_tokens_do_not_depend_on_the_rest_of_the_batch():
     mixed = rows([3]) + rows([0], temperature=0.0)  # a greedy row next to a sampling one takes the argmax
     assert [_choose(logits.expand(2, 50), mixed, _Controls.of(mixed))[1] for _ in range(5)] == \
         [int(logits.argmax())] * 5
+
+
+def test_sample_rows_draws_from_the_softmax():
+    probs = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.2, 0.3])
+    n = 20_000
+    logits = (probs.log() + 1.7).expand(n, -1)  # a shift must not matter
+    counts = torch.bincount(sample_rows(logits, torch.Generator().manual_seed(0)), minlength=6).double()
+    expected = n * probs.double()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert counts.sum() == n and chi2 < 20.5  # 5 degrees of freedom: p = 0.001
+
+
+def test_sample_rows_is_reproducible_with_a_generator_and_per_row():
+    logits = torch.randn(300, 9)
+    a = sample_rows(logits, torch.Generator().manual_seed(5))
+    b = sample_rows(logits, torch.Generator().manual_seed(5))
+    c = sample_rows(logits, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    one_hot = torch.full((4, 5), -1e4)
+    one_hot[torch.arange(4), torch.tensor([4, 0, 2, 3])] = 0.0  # each row its own (certain) token
+    assert sample_rows(one_hot).tolist() == [4, 0, 2, 3]
+
+
+@pytest.mark.parametrize("uniform", [0.0, 1.0 - 2.0 ** -24])  # the extremes torch.rand can return
+def test_sample_rows_never_draws_a_zero_probability_token(monkeypatch, uniform):
+    logits = torch.tensor([[-math.inf, 0.3, 0.1, -math.inf, -math.inf], [-math.inf, -math.inf, 2.0, 0.0, -math.inf]])
+    monkeypatch.setattr(torch, "rand", lambda size, **kw: torch.full(size, uniform))
+    drawn = sample_rows(logits).tolist()
+    assert drawn[0] in (1, 2) and drawn[1] in (2, 3)

@@ -1,9 +1,7 @@
-"""Family `seqgan`: exact categorical sampling, sequences that end at <eos>, the CNN discriminator, the
-lstm protocol, and which config changes a resumed run may make."""
+"""Family `seqgan`: sequences that end at <eos>, the CNN discriminator, the lstm protocol, and which config
+changes a resumed run may make."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 from glmlab.config import resolve_config
 from glmlab.errors import ConfigError
 from glmlab.models import build_model
-from glmlab.models.seqgan import EOS_ID, PAD_ID, Discriminator, SeqGAN, SeqGANConfig, sample_rows, sequence_mask
+from glmlab.models.seqgan import EOS_ID, PAD_ID, Discriminator, SeqGAN, SeqGANConfig, sequence_mask
 from glmlab.training.trainer import config_changes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,86 +26,7 @@ def tiny(**changes) -> SeqGAN:
     return build_model(SeqGANConfig(**{**TINY, **changes})).eval()
 
 
-# --- sample_rows ------------------------------------------------------------------------------------------
-
-def test_sample_rows_draws_from_the_softmax():
-    probs = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.2, 0.3])
-    n = 20_000
-    logits = (probs.log() + 1.7).expand(n, -1)  # a shift must not matter
-    counts = torch.bincount(sample_rows(logits, torch.Generator().manual_seed(0)), minlength=6).double()
-    expected = n * probs.double()
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert counts.sum() == n and chi2 < 20.5  # 5 degrees of freedom: p = 0.001
-
-
-def test_sample_rows_is_reproducible_with_a_generator_and_per_row():
-    logits = torch.randn(300, 9)
-    a = sample_rows(logits, torch.Generator().manual_seed(5))
-    b = sample_rows(logits, torch.Generator().manual_seed(5))
-    c = sample_rows(logits, torch.Generator().manual_seed(6))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    one_hot = torch.full((4, 5), -1e4)
-    one_hot[torch.arange(4), torch.tensor([4, 0, 2, 3])] = 0.0  # each row its own (certain) token
-    assert sample_rows(one_hot).tolist() == [4, 0, 2, 3]
-
-
-@pytest.mark.parametrize("uniform", [0.0, 1.0 - 2.0 ** -24])  # the extremes torch.rand can return
-def test_sample_rows_never_draws_a_zero_probability_token(monkeypatch, uniform):
-    logits = torch.tensor([[-math.inf, 0.3, 0.1, -math.inf, -math.inf], [-math.inf, -math.inf, 2.0, 0.0, -math.inf]])
-    monkeypatch.setattr(torch, "rand", lambda size, **kw: torch.full(size, uniform))
-    drawn = sample_rows(logits).tolist()
-    assert drawn[0] in (1, 2) and drawn[1] in (2, 3)
-
-
-# --- sample and sequence_mask -----------------------------------------------------------------------------
-
-def test_sample_pads_after_the_first_eos():
-    model = tiny()
-    with torch.no_grad():
-        model.net.head.bias[EOS_ID] = 2.5  # sequences end early and often
-    out = model.sample(200, 9, BOS, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (200, 9)
-    ended = out == EOS_ID
-    first = torch.where(ended.any(1), ended.float().argmax(1), torch.full((200,), 9))
-    positions = torch.arange(9)[None]
-    assert bool(ended.any(1).float().mean() > 0.9) and bool((first < 8).any())
-    after = positions > first[:, None]
-    assert bool((out[after] == PAD_ID).all())
-    assert torch.equal(sequence_mask(out), ~after & (out != PAD_ID))
-
-
-@torch.no_grad()
-def test_sample_at_a_temperature_sharpens_towards_greedy():
-    model = tiny()
-    cold = model.sample(50, 6, BOS, generator=torch.Generator().manual_seed(0), temperature=1e-4)
-    assert bool((cold == cold[0]).all())  # every row the greedy sequence
-    warm = model.sample(400, 6, BOS, generator=torch.Generator().manual_seed(0), temperature=1.0)
-    hot = model.sample(400, 6, BOS, generator=torch.Generator().manual_seed(0), temperature=3.0)
-    assert len(set(map(tuple, hot.tolist()))) > len(set(map(tuple, warm.tolist()))) > 1
-
-
-def test_sample_keeps_the_prefix_and_never_draws_banned_tokens():
-    model = tiny()
-    prefix = torch.tensor([[5, 6, 7]] * 40 + [[5, EOS_ID, PAD_ID]] * 10)
-    out = model.sample(50, 8, BOS, prefix=prefix, generator=torch.Generator().manual_seed(1))
-    assert out.shape == (50, 8) and torch.equal(out[:, :3], prefix)
-    assert bool((out[40:, 2:] == PAD_ID).all())  # an ended prefix is only padded
-    assert bool((out[:40, 3:] != PAD_ID).any())
-    banned = [0, 1, 2, 3, 9]
-    free = model.sample(300, 8, BOS, generator=torch.Generator().manual_seed(2), banned=banned)
-    assert not bool(torch.isin(free, torch.tensor(banned)).any())
-    again = model.sample(300, 8, BOS, generator=torch.Generator().manual_seed(2), banned=banned)
-    assert torch.equal(free, again)
-
-
-def test_sample_from_a_prefix_continues_the_prefix_state():
-    """The tokens after a prefix are drawn from p(. | <bos> prefix): with a certain next token, it is that token."""
-    model = tiny()
-    with torch.no_grad():
-        model.net.head.bias[8] = 50.0
-    out = model.sample(4, 5, BOS, prefix=torch.tensor([[4, 5]] * 4), generator=torch.Generator().manual_seed(0))
-    assert out[:, 2:].eq(8).all()
-
+# --- sequence_mask ---------------------------------------------------------------------------------------
 
 def test_sequence_mask_by_hand():
     tokens = torch.tensor([[5, 6, 3, 0, 0], [3, 0, 0, 0, 0], [5, 6, 7, 8, 9], [5, 3, 7, 3, 0]])
@@ -149,7 +68,7 @@ def test_the_generator_speaks_the_lstm_protocol():
                                                    reduction="sum")
         assert nll == pytest.approx(float(direct), rel=1e-5)
         assert float(model.loss(x, y)) == pytest.approx(nll / int((y != -100).sum()), rel=1e-5)
-    assert model.sentence_level and model.block_size == 10
+    assert model.traits.sentence_level and model.block_size == 10
     generator = {id(p) for p in model.generator_parameters()}
     assert generator == {id(p) for p in model.net.parameters()}
     assert not generator & {id(p) for p in model.discriminator.parameters()}

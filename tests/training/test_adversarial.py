@@ -71,8 +71,8 @@ def test_rewards_are_zero_at_padding_in_range_and_d_score_at_the_last_token():
     phase = make_phase()
     with torch.no_grad():
         phase.model.net.head.bias[EOS_ID] = 2.0  # some sequences end early
-    samples = phase.model.sample(24, phase.length, BOS, generator=torch.Generator().manual_seed(0),
-                                 banned=[PAD_ID, 1, BOS])
+    samples = adversarial.sample_sequences(phase.model.net, 24, phase.length, BOS,
+                                           generator=torch.Generator().manual_seed(0), banned=[PAD_ID, 1, BOS])
     rewards = phase.rewards(samples)
     mask = sequence_mask(samples)
     assert rewards.shape == samples.shape == (24, WORDS + 1)

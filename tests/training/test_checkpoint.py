@@ -9,6 +9,7 @@ import torch
 
 from glmlab.errors import GlmlabError, RunDirError
 from glmlab.training.checkpoint import MANIFEST, checkpoint_dirs, save_checkpoint, verify
+from glmlab.training.tasks import LanguageModelingTask
 from glmlab.training.trainer import Trainer, train
 from tests.conftest import tiny_config
 
@@ -47,7 +48,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(char_
         (newest / MANIFEST).unlink()
     assert verify(newest) is not None
     trainer = Trainer(tiny_config("train.checkpoint_interval=5", "train.eval_interval=10", "train.max_steps=12"),
-                      char_data, out, resume=True, show_progress=False)
+                      LanguageModelingTask(char_data), out, resume=True, show_progress=False)
     assert trainer.state["step"] == 5
     assert any("step-00000010" in note and "damaged" in note for note in trainer.notes)
 
@@ -57,7 +58,8 @@ def test_no_intact_checkpoint_is_an_error(char_data, tmp_path):
     _run(char_data, out, "train.max_steps=5")
     (checkpoint_dirs(out)[0] / MANIFEST).write_text("{not json")
     with pytest.raises(RunDirError, match="no intact checkpoint"):
-        Trainer(tiny_config("train.max_steps=10"), char_data, out, resume=True, show_progress=False)
+        Trainer(tiny_config("train.max_steps=10"), LanguageModelingTask(char_data), out, resume=True,
+                show_progress=False)
 
 
 def test_a_failed_write_leaves_no_partial_files(char_data, tmp_path, monkeypatch):
@@ -139,12 +141,20 @@ def test_after_resuming_past_a_damaged_checkpoint_the_new_one_is_kept(char_data,
 def test_one_trainer_per_run_directory(char_data, tmp_path):
     out = tmp_path / "run"
     _run(char_data, out, "train.max_steps=5")
-    first = Trainer(tiny_config("train.max_steps=10"), char_data, out, resume=True, show_progress=False)
-    try:
+    with Trainer(tiny_config("train.max_steps=10"), LanguageModelingTask(char_data), out, resume=True,
+                 show_progress=False) as first:
         with pytest.raises(RunDirError, match="another glmlab train"):
-            Trainer(tiny_config("train.max_steps=10"), char_data, out, resume=True, show_progress=False)
-    finally:
+            Trainer(tiny_config("train.max_steps=10"), LanguageModelingTask(char_data), out, resume=True,
+                    show_progress=False)
         first.run()
+    with Trainer(tiny_config("train.max_steps=11"), LanguageModelingTask(char_data), out, resume=True,
+                 show_progress=False):  # leaving the first released the lock
+        pass
+    with pytest.raises(GlmlabError, match="already reached"):  # set-up fails after taking the lock...
+        Trainer(tiny_config("train.max_steps=10"), LanguageModelingTask(char_data), out, resume=True,
+                show_progress=False)
+    Trainer(tiny_config("train.max_steps=12"), LanguageModelingTask(char_data), out, resume=True,
+            show_progress=False).close()  # ... and releases it
     assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == 10
 
 
@@ -155,4 +165,5 @@ def test_resume_refuses_data_with_another_tokenizer(char_data, shakespeare_excer
     _run(char_data, out, "train.max_steps=5")
     prepare([shakespeare_excerpt], tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
     with pytest.raises(GlmlabError, match="tokenized differently"):
-        Trainer(tiny_config("train.max_steps=10"), tmp_path / "bpe", out, resume=True, show_progress=False)
+        Trainer(tiny_config("train.max_steps=10"), LanguageModelingTask(tmp_path / "bpe"), out, resume=True,
+                show_progress=False)

@@ -1,7 +1,8 @@
 import pytest
 
-from glmlab.config import TrainConfig, build_section, describe_keys, parse_duration, read_yaml, resolve_config
+from glmlab.config import TrainConfig, describe_keys, read_yaml, resolve_config
 from glmlab.errors import ConfigError
+from glmlab.schema import build_section, parse_duration
 
 
 def test_overrides_are_typed():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glmlab.training.metrics import MetricsLog, read_metrics
+from glmlab.runs import read_metrics
+from glmlab.training.metrics import MetricsLog
 
 
 def test_read_metrics_keeps_the_readable_records_in_order(tmp_path: Path) -> None:

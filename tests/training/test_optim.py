@@ -3,8 +3,7 @@ import math
 import pytest
 
 from glmlab.config import TrainConfig
-from glmlab.training.optim import learning_rate
-from glmlab.training.trainer import _progress_fraction
+from glmlab.training.optim import budget_used, learning_rate
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -25,10 +24,10 @@ def test_linear_and_constant_and_default_min_lr():
 
 def test_time_budget_drives_the_schedule_when_it_binds_first():
     cfg = TrainConfig(max_steps=100_000, warmup_steps=0, max_time=100.0)
-    assert _progress_fraction(cfg, 10, 50.0) == pytest.approx(0.5)
+    assert budget_used(cfg, 10, 50.0) == pytest.approx(0.5)
     cfg = TrainConfig(max_steps=100, warmup_steps=0)
-    assert _progress_fraction(cfg, 50, 1e6) == pytest.approx(0.5)
-    assert math.isclose(_progress_fraction(TrainConfig(max_steps=100, warmup_steps=0, max_time=1e6), 25, 1), 0.25)
+    assert budget_used(cfg, 50, 1e6) == pytest.approx(0.5)
+    assert math.isclose(budget_used(TrainConfig(max_steps=100, warmup_steps=0, max_time=1e6), 25, 1), 0.25)
 
 
 def test_weight_decay_skips_vectors_and_parameters_marked_no_weight_decay():

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from glmlab.errors import DataError, GlmlabError, RunDirError
 from glmlab.runs import load_run
+from glmlab.training.tasks import LanguageModelingTask
 from glmlab.training.trainer import LossModule, Trainer, train
 from tests.conftest import metrics_records, tiny_config
 
@@ -95,8 +96,9 @@ def test_gradient_accumulation_matches_one_large_batch(char_data, tmp_path):
 
 
 def test_compile_auto_stays_eager_on_a_cpu(char_data, tmp_path):
-    trainer = Trainer(tiny_config("train.max_steps=1"), char_data, tmp_path / "run", show_progress=False)
-    assert trainer.device.type == "cpu" and isinstance(trainer.step_module, LossModule)
+    with Trainer(tiny_config("train.max_steps=1"), LanguageModelingTask(char_data), tmp_path / "run",
+                 show_progress=False) as trainer:
+        assert trainer.device.type == "cpu" and isinstance(trainer.step_module, LossModule)
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def test_lstm_trains_on_windows_or_sentences_and_vae_refuses_windows(topic_data:
                       show_progress=False)
     assert windows.last_val_loss < 3.2 and sentences.last_val_loss < 3.2  # log(vocab ~40) = 3.7 at random
     run = load_run(tmp_path / "s")  # trained on <bos>-started sentences, so prompted from <bos>
-    assert run.model.sentence_level and not load_run(tmp_path / "w").model.sentence_level
+    assert run.model.traits.sentence_level and not load_run(tmp_path / "w").model.traits.sentence_level
     completion = run.complete("", max_new_tokens=3, temperature=0)[0][0]
     assert completion.prompt_tokens == 1
     from glmlab.errors import GlmlabError
@@ -96,35 +96,35 @@ def test_lstm_trains_on_windows_or_sentences_and_vae_refuses_windows(topic_data:
         train(resolve_config({}, [*VAE, "train.batching=windows"]), topic_data, tmp_path / "v", show_progress=False)
 
 
-def test_aggressive_training_updates_encoder_then_decoder_only(topic_data: Path, tmp_path: Path) -> None:
+def test_aggressive_training_updates_encoder_then_decoder_only(topic_data: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
     """He et al.: inner steps move only q(z|x); the step after them moves only the decoder side."""
+    from glmlab.training.tasks import LanguageModelingTask
     from glmlab.training.trainer import Trainer
 
-    trainer = Trainer(resolve_config({}, [*VAE, "model.aggressive=true", "model.aggressive_inner_steps=12",
-                                          "train.max_steps=5"]), topic_data, tmp_path / "run", show_progress=False)
-    model = trainer.model
-    encoder = {id(p) for p in model.encoder_parameters()}
+    config = resolve_config({}, [*VAE, "model.aggressive=true", "model.aggressive_inner_steps=12", "train.max_steps=5"])
+    with Trainer(config, LanguageModelingTask(topic_data), tmp_path / "run", show_progress=False) as trainer:
+        model, (hook,), mle = trainer.model, trainer.hooks, trainer.phases[0]
+        encoder = {id(p) for p in model.encoder_parameters()}
 
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
+        def snapshot() -> dict[str, torch.Tensor]:
+            return {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    def moved(before: dict[str, torch.Tensor]) -> tuple[set[bool], set[bool]]:
-        changes = {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
-        enc = {changes[n] for n, p in model.named_parameters() if id(p) in encoder}
-        dec = {changes[n] for n, p in model.named_parameters() if id(p) not in encoder}
-        return enc, dec
+        def moved(before: dict[str, torch.Tensor]) -> tuple[set[bool], set[bool]]:
+            changes = {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
+            enc = {changes[n] for n, p in model.named_parameters() if id(p) in encoder}
+            dec = {changes[n] for n, p in model.named_parameters() if id(p) not in encoder}
+            return enc, dec
 
-    before = snapshot()
-    trainer.step_tokens = 0
-    trainer._aggressive_encoder_updates()
-    assert moved(before) == ({True}, {False})
-    assert trainer.step_tokens > 0  # the inner steps read fresh batches
-    before = snapshot()
-    original = trainer._aggressive_encoder_updates
-    trainer._aggressive_encoder_updates = lambda: None  # isolate the outer step of an aggressive step
-    trainer._train_step(1e-2)
-    trainer._aggressive_encoder_updates = original
-    enc, dec = moved(before)
-    assert enc == {False} and True in dec
-    result = trainer.run()
+        before = snapshot()
+        hook.before_step(mle)  # the trainer's step is the hook's context: its batches, loss and optimiser
+        assert moved(before) == ({True}, {False})
+        assert mle.step_tokens > 0  # the inner steps read fresh batches, counted in the step's tokens
+        before = snapshot()
+        with monkeypatch.context() as patch:
+            patch.setattr(hook, "before_step", lambda context: None)  # isolate the outer step of an aggressive step
+            mle.step(trainer.state)
+        enc, dec = moved(before)
+        assert enc == {False} and True in dec
+        result = trainer.run()
     assert result.step == 5

@@ -16,9 +16,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from glmlab.errors import GlmlabError
-
-# The gpt family's projections: attention (c_attn, c_proj) and MLP (c_fc, c_proj).
-GPT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+from glmlab.models.contract import LanguageModel
 
 
 class LoRA(nn.Module):
@@ -35,18 +33,18 @@ class LoRA(nn.Module):
         return weight + (self.b @ self.a).to(weight.dtype) * self.scale
 
 
-def lora_targets(model: nn.Module) -> list[nn.Module]:
-    """The modules whose ``weight`` LoRA adapts: the gpt family's attention and MLP projections."""
-    modules = [m for name, m in model.named_modules() if name.endswith(GPT_TARGETS) and hasattr(m, "weight")]
-    if not modules:
-        family = getattr(getattr(model, "config", None), "family", type(model).__name__)
-        raise GlmlabError(f"--mode lora adapts a Transformer's projection matrices, and this {family} model has "
-                          "none (an LSTM's gate weights live inside nn.LSTM, which a low-rank update would "
-                          "have to bypass)", "use --mode full or --mode probe for this run")
-    return modules
+def lora_targets(model: LanguageModel) -> list[nn.Module]:
+    """The modules whose ``weight`` LoRA adapts: those named by the family's ``traits.adapter_targets`` (a
+    Transformer's attention and MLP projections)."""
+    targets = model.traits.adapter_targets
+    if not targets:
+        raise GlmlabError(f"--mode lora adapts a Transformer's projection matrices, and this {model.traits.family} "
+                          "model has none (an LSTM's gate weights live inside nn.LSTM, which a low-rank update "
+                          "would have to bypass)", "use --mode full or --mode probe for this run")
+    return [m for name, m in model.named_modules() if name.endswith(targets)]
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float) -> int:
+def add_lora(model: LanguageModel, rank: int, alpha: float) -> int:
     """Freeze ``model`` and add trainable LoRA updates to its projections; returns the LoRA parameter count."""
     for p in model.parameters():
         p.requires_grad_(False)

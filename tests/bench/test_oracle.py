@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from glmlab.cli import main
-from glmlab.training.metrics import read_metrics
+from glmlab.runs import read_metrics
 
 ORACLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "seqgan-oracle"
 pytestmark = [pytest.mark.skipif(not (ORACLE / "oracle_params.npz").is_file(), reason="../shared/data not present"),
@@ -66,7 +66,7 @@ def test_bench_oracle_refuses_overrides_that_change_the_mle_model(tmp_path: Path
 @pytest.mark.slow
 def test_mle_steps_best_trains_mle_for_the_step_count_with_the_lowest_validation_nll(
         tmp_path: Path, capsys, monkeypatch) -> None:
-    from glmlab.evaluation import oracle_benchmark
+    from glmlab.bench import oracle as oracle_benchmark
 
     monkeypatch.setattr(oracle_benchmark, "SEARCH_INTERVAL", 4)
     monkeypatch.setattr(oracle_benchmark, "SEARCH_PATIENCE", 2)

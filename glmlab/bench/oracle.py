@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -31,8 +32,8 @@ from glmlab.data.sentences import find_sentences, sentence_batches
 from glmlab.errors import GlmlabError
 from glmlab.evaluation.oracle import Oracle
 from glmlab.models.lstm import token_nll
-from glmlab.runs import METRICS, file_sha256, load_run, read_run_config, weights_path
-from glmlab.training.metrics import read_metrics
+from glmlab.runs import METRICS, file_sha256, load_run, read_metrics, read_run_config, weights_path
+from glmlab.training.adversarial import sample_sequences
 from glmlab.training.trainer import config_changes, train
 
 SEQUENCE_LENGTH = 20
@@ -109,8 +110,9 @@ def score(run_dir: Path, data_dir: Path, oracle: Oracle, samples: int = 10000, s
     run = load_run(run_dir, checkpoint="last")
     model, tok = run.model, run.tokenizer
     specials = [i for i in (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) if i is not None]
-    generated = model.sample(samples, SEQUENCE_LENGTH, tok.bos_id, generator=torch.Generator().manual_seed(seed),
-                             banned=specials, temperature=temperature)
+    generated = sample_sequences(model.net, samples, SEQUENCE_LENGTH, tok.bos_id,
+                                 generator=torch.Generator().manual_seed(seed), banned=specials,
+                                 temperature=temperature)
     words = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
     ids = torch.tensor([[int(words[t]) for t in row] for row in generated.tolist()])
     nll_oracle = oracle.nll(ids)
@@ -145,9 +147,9 @@ def best_mle_steps(data: Path, out: Path, overrides: list[str], log=print) -> in
 
 def refuse_another_run(run_dir: Path, asked: RunConfig, keys: list[str]) -> None:
     """A finished stage in --out is reused only for the run asked for: its ``train`` ``keys`` must match."""
-    trained = read_run_config(run_dir)[0].train
+    trained, wanted = dataclasses.asdict(read_run_config(run_dir)[0].train), dataclasses.asdict(asked.train)
     for key in keys:
-        have, want = getattr(trained, key), getattr(asked.train, key)
+        have, want = trained[key], wanted[key]
         if have != want:
             flag = {"max_steps": "--mle-steps", "seed": "--seed"}[key]
             raise GlmlabError(f"{run_dir} was trained with train.{key}={have}, not the {want} asked for",

@@ -1,0 +1,296 @@
+"""Fine-tuning tasks: a labelled classification file or prompt/completion pairs, read, encoded and given to the
+trainer as a :class:`~glmlab.training.tasks.Task` (its batches, its model — the init run's weights as a
+classifier or a language model, LoRA where asked — and its validation), so fine-tuning runs in the
+pre-training loop: progress bar, metrics.jsonl, checkpoints, Ctrl-C, resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from glmlab.config import RunConfig, TrainConfig
+from glmlab.data.tokenizer import Tokenizer, train_tokenizer
+from glmlab.errors import ConfigError, DataError
+from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier
+from glmlab.finetune.examples import (
+    ExampleBatches,
+    Examples,
+    encode_pairs,
+    encode_texts,
+    read_labelled,
+    read_pairs,
+    sort_labels,
+)
+from glmlab.finetune.metrics import classification_metrics
+from glmlab.models import build_model, family_traits
+from glmlab.models.lora import add_lora
+from glmlab.runs import TOKENIZER, LoadSpec, file_sha256, load_weights_as_written, weights_path
+from glmlab.training.distributed import Distributed
+from glmlab.training.phases import Phase
+from glmlab.training.tasks import Sampler, Validation
+
+TASKS = ("classify", "sft")
+
+
+@dataclass
+class FinetuneOptions:
+    """What to fine-tune on what; saved in config.json["finetune"] so ``--resume`` needs only ``--out``."""
+
+    task: str  # classify | sft
+    init: str | None  # a run directory, or None: fresh weights
+    train: str
+    val: str | None = None
+    test: str | None = None
+    mode: str = "full"  # full | probe | lora
+    pooling: str = "last"
+    class_weights: str = "none"  # none | balanced
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lm_weight: float = 0.0  # classify: weight of the auxiliary language-modelling loss (GPT-1: 0.5)
+    text_column: str | None = None
+    label_column: str = "label"
+    arch: str | None = None  # with init None: the architecture and tokenizer of this run
+    tokenizer: str = "word"  # with init None and no arch: a tokenizer trained on the training texts
+    vocab_size: int | None = None
+    val_fraction: float = 0.1  # sft without --val: pairs held out for validation
+    eval_samples: int = 200  # sft: held-out pairs whose completions are generated and scored
+    max_new_tokens: int | None = None  # sft: generation cap (default: longest reference + 16)
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown fine-tuning task {self.task!r}", f"use one of: {', '.join(TASKS)}")
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown --mode {self.mode!r}", f"use one of: {', '.join(MODES)}")
+        if self.task == "sft" and self.mode == "probe":
+            raise ConfigError("--mode probe trains a classification head on frozen features; sft has no head",
+                              "use --mode full or --mode lora")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"unknown --pooling {self.pooling!r}", f"use one of: {', '.join(POOLINGS)}")
+        if self.class_weights not in ("none", "balanced"):
+            raise ConfigError(f"unknown --class-weights {self.class_weights!r}", "use none or balanced")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ConfigError("--lora-rank must be >= 1 and --lora-alpha > 0", "e.g. --lora-rank 8 --lora-alpha 16")
+        if self.lm_weight < 0 or (self.lm_weight > 0 and (self.task != "classify" or self.mode == "probe")):
+            raise ConfigError(f"--lm-weight {self.lm_weight}: the auxiliary LM loss is for classify with --mode "
+                              "full or lora, and cannot be negative", "drop --lm-weight")
+        if self.init is None and self.mode != "full":
+            raise ConfigError(f"--mode {self.mode} freezes pre-trained weights, and --init none has none",
+                              "use --mode full with --init none")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val fraction {self.val_fraction} is not between 0 and 1", "e.g. 0.1")
+
+
+def _source(path: str | None) -> dict[str, str] | None:
+    return None if path is None else {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
+
+
+class FinetuneTask:
+    """A fine-tuning task, read and encoded (tokenizer, examples per split, label set, notes for the user), and
+    the trainer's :class:`~glmlab.training.tasks.Task` for it."""
+
+    def __init__(self, options: FinetuneOptions, config: RunConfig, init_raw: dict[str, Any] | None,
+                 tokenizer: Tokenizer | None = None, bos: bool | None = None) -> None:
+        self.options, self.config = options, config
+        self.path = Path(options.train)
+        self.notes: list[str] = []
+        self.init_raw = init_raw
+        self.given_tokenizer = tokenizer  # a resumed run's own
+        # as the init run read its text: <bos>-started sentences (its load section, or its family's only way)
+        sentences = LoadSpec.of(init_raw or {}).sentence_level
+        self.bos = bos if bos is not None else family_traits(config.model, sentences).sentence_level
+        if options.task == "classify":
+            self._read_classification()
+        else:
+            self._read_pairs()
+
+    # --- reading -----------------------------------------------------------------------------------------
+
+    def _tokenizer(self, texts: list[str]) -> Tokenizer:
+        if self.given_tokenizer is not None:
+            return self.given_tokenizer
+        source = self.options.init or self.options.arch
+        if source:
+            return Tokenizer.from_file(Path(source) / TOKENIZER, (self.init_raw or {}).get("special_tokens"))
+        return train_tokenizer(self.options.tokenizer, texts, self.options.vocab_size)
+
+    def _note_cut(self, cut: int, total: int, split: str) -> None:
+        if cut:
+            self.notes.append(f"{cut:,} of {total:,} {split} texts are longer than the context "
+                              f"(model.block_size={self.config.model.block_size}) and were truncated")
+
+    def _read_classification(self) -> None:
+        o = self.options
+        if o.val is None:
+            raise DataError("no validation file", "add --val FILE (used for early stopping and model selection)")
+        train = read_labelled(o.train, o.text_column, o.label_column)
+        self.labels = sort_labels(train.labels)
+        if len(self.labels) < 2:
+            raise DataError(f"{train.path} has a single class ({self.labels[0]!r}); a classifier needs two or more",
+                            f"check --label-column ({o.label_column!r}) and the file")
+        splits = {"train": train, "val": read_labelled(o.val, o.text_column, o.label_column)}
+        if o.test is not None:
+            splits["test"] = read_labelled(o.test, o.text_column, o.label_column)
+        for data in splits.values():
+            unseen = ", ".join(map(repr, sort_labels(set(data.labels) - set(self.labels))[:5]))
+            if unseen:
+                raise DataError(f"{data.path} has labels that {train.path} never has: {unseen}",
+                                "every label must appear in the training file")
+            if data.skipped:
+                self.notes.append(f"{data.skipped:,} rows of {data.path.name} have an empty text and were skipped")
+        self.tokenizer = self._tokenizer(train.texts)
+        index = {label: i for i, label in enumerate(self.labels)}
+        self.splits: dict[str, Examples] = {}
+        for name, data in splits.items():
+            ids, cut = encode_texts(self.tokenizer, data.texts, self.config.model.block_size, self.bos)
+            self._note_cut(cut, len(ids), name)
+            self.splits[name] = Examples(ids, labels=[index[label] for label in data.labels], truncated=cut)
+        counts = np.bincount(self.splits["train"].labels, minlength=len(self.labels))
+        self.class_counts = counts.tolist()
+
+    def _read_pairs(self) -> None:
+        o = self.options
+        pairs = read_pairs(o.train)
+        if o.val is not None:
+            val = read_pairs(o.val)
+        else:
+            if len(pairs) < 2:
+                raise DataError(f"{o.train} holds a single pair: nothing to hold out for validation",
+                                "give more pairs, or a validation file with --val")
+            order = np.random.default_rng(0).permutation(len(pairs))
+            held = max(1, round(len(pairs) * o.val_fraction))
+            val = [pairs[i] for i in sorted(order[:held])]
+            pairs = [pairs[i] for i in sorted(order[held:])]
+            self.notes.append(f"held out {held:,} of {held + len(pairs):,} pairs for validation (no --val given)")
+        splits = {"train": pairs, "val": val}
+        if o.test is not None:
+            splits["test"] = read_pairs(o.test)
+        self.pairs = splits
+        self.tokenizer = self._tokenizer([p.prompt + " " + p.completion for p in pairs])
+        self.splits = {}
+        for name, data in splits.items():
+            examples = encode_pairs(self.tokenizer, data, self.config.model.block_size, self.bos)
+            self._note_cut(examples.truncated, len(examples), name)
+            self.splits[name] = examples
+
+    # --- the trainer's task --------------------------------------------------------------------------------
+
+    def check(self, config: RunConfig) -> None:
+        if config.model.vocab_size == 0:
+            config.model.vocab_size = self.tokenizer.vocab_size
+        self.batch_size = config.train.batch_size
+
+    def build_model(self, config: RunConfig, fresh: bool) -> nn.Module:
+        """The model to train: the init run's weights (or fresh ones; a resume loads its checkpoint), as a
+        classifier or an LM, with LoRA."""
+        o = self.options
+        backbone = build_model(config.model, sentences=self.bos)
+        if o.init is not None and fresh:
+            spec = LoadSpec.of(self.init_raw or {})
+            load_weights_as_written(backbone, spec, weights_path(Path(o.init), "best"))
+        self.lora_parameters = add_lora(backbone, o.lora_rank, o.lora_alpha) if o.mode == "lora" else 0
+        model: nn.Module = backbone
+        if o.task == "classify":
+            model = SequenceClassifier(backbone, len(self.labels), o.pooling, self.tokenizer.pad_id,
+                                       dropout=config.model.dropout, frozen=o.mode == "probe", lm_weight=o.lm_weight)
+            if o.class_weights == "balanced":
+                counts = torch.tensor(self.class_counts, dtype=torch.float32)
+                model.class_weights.copy_(counts.sum() / (len(counts) * counts.clamp(min=1)))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        self.parameter_counts = {"trainable_parameters": trainable, "total_parameters": total}
+        start = f"from {o.init}" if o.init else "from scratch"
+        self.notes.append(f"finetune {o.task} ({o.mode}, {start}): {trainable:,} of {total:,} parameters trainable")
+        return model
+
+    def sampler(self, train: TrainConfig, rank: int, world_size: int) -> Sampler:
+        return ExampleBatches(self.splits["train"], train.batch_size, train.seed, self.tokenizer.pad_id, rank=rank,
+                              world_size=world_size)
+
+    def some_parameters_unused(self, model: nn.Module) -> bool:
+        return self.options.task == "classify"  # e.g. the language model's output bias
+
+    def later_phases(self, model: nn.Module, sampler: Sampler, device: torch.device,
+                     train: TrainConfig) -> list[Phase]:
+        return []
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device, autocast: Any, dist: Distributed) -> Validation:
+        """The loss on the validation split (every process scores all of it), and accuracy / macro-F1."""
+        figures = evaluate_split(model, self, "val", self.batch_size, device, autocast)
+        return Validation(figures["loss"], {k: figures[k] for k in ("accuracy", "macro_f1") if k in figures})
+
+    def write_samples(self, out: Path, model: nn.Module, train: TrainConfig, step: int, val: float) -> None:
+        pass  # completions are scored once, with the best weights (results.json)
+
+    def run_files(self) -> dict[str, Any]:
+        init_raw = self.init_raw or {}
+        o = self.options
+        adapters = [{"kind": "lora", "rank": o.lora_rank, "alpha": o.lora_alpha}] if o.mode == "lora" else []
+        return {
+            # dir: the pre-training data, so glmlab eval / compare score what fine-tuning kept of it
+            "data": {"dir": (init_raw.get("data") or {}).get("dir"), "tokenizer": self.tokenizer.kind,
+                     "vocab_size": self.tokenizer.vocab_size, "init_data": init_raw.get("data")},
+            **({"special_tokens": init_raw["special_tokens"]} if "special_tokens" in init_raw else {}),
+            "finetune": {**self.describe(), **self.parameter_counts},
+            "load": LoadSpec(sentence_level=self.bos, adapters=adapters,
+                             head="classifier" if o.task == "classify" else "lm").to_dict()}
+
+    def describe_step(self, train: TrainConfig, block_size: int, world_size: int) -> str:
+        return f"{train.batch_size * train.grad_accum * world_size} examples/step"
+
+    def resume_command(self, out: Path) -> str:
+        return f"glmlab finetune {self.options.task} --resume --out {out}"
+
+    def describe(self) -> dict[str, Any]:
+        """The finetune section of config.json."""
+        sources = dataclasses.asdict(self.options)
+        out: dict[str, Any] = {**sources, "bos": self.bos,
+                               "sources": {k: _source(sources[k]) for k in ("train", "val", "test")}}
+        if self.options.init:
+            out["init"] = str(Path(self.options.init).resolve())
+        if self.options.task == "classify":
+            out.update(labels=self.labels, class_counts=self.class_counts)
+        return out
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, task: FinetuneTask, split: str, batch_size: int, device: torch.device,
+                   amp: Any = None) -> dict[str, Any]:
+    """Loss on a split (mean cross-entropy per example for classify, per completion token for sft), plus
+    accuracy / macro-F1 / confusion matrix for classify."""
+    examples = task.splits[split]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    predicted = np.zeros(len(examples), dtype=np.int64)
+    try:
+        for rows, x, y in examples.batches(batch_size, task.tokenizer.pad_id):
+            x, y = x.to(device), y.to(device)
+            with amp or nullcontext():
+                if task.options.task == "classify":
+                    logits = model(x).float()
+                    total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                    predicted[rows] = logits.argmax(-1).cpu().numpy()
+                    count += len(rows)
+                else:
+                    total += float(model.nll(x, y))
+                    count += int((y != -100).sum())
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"loss": total / max(count, 1)}
+    if task.options.task == "classify":
+        out.update(classification_metrics(np.array(examples.labels), predicted, len(task.labels)))
+    else:
+        out.update(completion_nll=total / len(examples), tokens=count, ppl=math.exp(min(out["loss"], 50)))
+    return out
+
+
