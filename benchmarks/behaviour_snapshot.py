@@ -287,21 +287,30 @@ def build(work: Path, corpus: Path) -> dict[str, Any]:
     return shot
 
 
-def differences(a: Any, b: Any, path: str = "") -> list[str]:
+def differences(a: Any, b: Any, path: str = "", tolerance: float = 0.0, close: list[float] | None = None,
+                ) -> list[str]:
+    """Every difference between two fingerprints; floats within ``tolerance`` go to ``close`` instead."""
+    close = [] if close is None else close
     if isinstance(a, dict) and isinstance(b, dict):
         out = [f"{path}.{k}: only before" for k in a if k not in b]
         out += [f"{path}.{k}: only after" for k in b if k not in a]
         for k in a:
             if k in b:
-                out += differences(a[k], b[k], f"{path}.{k}")
+                out += differences(a[k], b[k], f"{path}.{k}", tolerance, close)
         return out
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} items before, {len(b)} after"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float) and not (math.isnan(a) and math.isnan(b)) and a != b:
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in differences(x, y, f"{path}[{i}]", tolerance, close)]
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) and math.isnan(b) or a == b:
+            return []
+        if abs(a - b) <= tolerance:
+            close.append(abs(a - b))
+            return []
         return [f"{path}: {a!r} -> {b!r} (diff {abs(a - b):.3g})"]
-    if a != b and not (isinstance(a, float) and isinstance(b, float)):
+    if a != b:
         shown = lambda v: repr(v)[:120]  # noqa: E731
         return [f"{path}: {shown(a)} -> {shown(b)}"]
     return []
@@ -313,6 +322,9 @@ def main() -> None:
     what.add_argument("--write", metavar="FILE.json", help="write the fingerprint")
     what.add_argument("--check", metavar="FILE.json", help="compare with a fingerprint written before")
     parser.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temporary directory)")
+    parser.add_argument("--tolerance", type=float, default=0.0, metavar="X",
+                        help="--check: count floats that differ by at most X apart (e.g. 1e-6 for log-probabilities "
+                             "computed by another kernel), and list only the rest (default 0: every bit)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from glmlab.data.corpus import default_corpus_path
@@ -335,9 +347,12 @@ def main() -> None:
         print(f"wrote {args.write}: {len(shot)} sections")
         return
     before = json.loads(Path(args.check).read_text())
-    found = differences(before, shot)
+    close: list[float] = []
+    found = differences(before, shot, tolerance=args.tolerance, close=close)
     for line in found:
         print(line)
+    if close:
+        print(f"{len(close)} floats differ by at most {max(close):.3g} (within --tolerance {args.tolerance:g})")
     print(f"{len(found)} differences in {len(shot)} sections")
     sys.exit(1 if found else 0)
 

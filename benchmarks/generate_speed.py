@@ -8,6 +8,7 @@ prints the bandwidth bound: weight bytes read per decoding step / bandwidth.
 
     python benchmarks/generate_speed.py
     python benchmarks/generate_speed.py --rounds 2 --shapes a
+    python benchmarks/generate_speed.py --shapes b --weights fp32,int8
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", default="a,b")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--weights", default="fp32,bf16,int8",
+                        help="which weights to time (bf16 is slow on a CPU without native bf16: AVX2 emulates it)")
     args = parser.parse_args()
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory read bandwidth "
@@ -87,7 +90,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen)
-            for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8 (glmlab)", None)):
+            kinds = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16), "int8": ("int8 (glmlab)", None)}
+            for label, dtype in (kinds[w] for w in args.weights.split(",")):
                 ours = ours32 if dtype != torch.bfloat16 else GPT(ours32.config).to(dtype).eval()
                 hf = hf32 if dtype != torch.bfloat16 else copy.deepcopy(hf32).to(dtype)
                 if dtype == torch.bfloat16:

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from glmlab.bench.oracle import format_stages, oracle_benchmark
+from glmlab.bench.preset import DEFAULT_VARIANTS
 from glmlab.cli import parse_mle_steps
 from glmlab.errors import GlmlabError
 
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--mle-steps", type=parse_mle_steps, default=None,
                         help="MLE steps, or best: early stopping on the validation samples")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--variants", default="seqgan,seqgan-baseline,seqgan-fast")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="adversarial config overrides, e.g. model.rollout_num=8")
     args = parser.parse_args()

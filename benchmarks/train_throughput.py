@@ -27,7 +27,6 @@ SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size)
     "6x384, block 256, batch 8": (6, 6, 384, 256, 8),
 }
 VOCAB = 65  # Tiny Shakespeare's characters
-NANOGPT_CPU_TOKENS_PER_SEC = 22_400  # nanoGPT's CPU recipe, measured on this machine (issue 2)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 30) -> float:
@@ -105,7 +104,7 @@ def main() -> None:
           f"glmlab default precision on this CPU: {'bf16' if default else 'fp32'}")
     print(f"peak (1024² matmul): fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
     print("| shape | precision | glmlab tokens/s | glmlab compiled tokens/s | HF GPT-2 tokens/s | glmlab / HF | "
-          "best / HF | MFU (best) | best / nanoGPT 22.4k |\n|---|---|---|---|---|---|---|---|---|")
+          "best / HF | MFU (best) |\n|---|---|---|---|---|---|---|---|")
     for name, (n_layer, n_head, n_embd, block, batch) in SHAPES.items():
         gen = torch.Generator().manual_seed(0)
         batches = [(torch.randint(0, VOCAB, (batch, block), generator=gen),
@@ -129,9 +128,8 @@ def main() -> None:
             mfu = best * flops_per_token(n_layer, n_embd, block) / peaks[precision]
             mark = " (default)" if (dtype is None) == (default is None) else ""
             compiled_text = f"{rate['compiled']:,.0f}" if "compiled" in rate else "-"
-            vs_nanogpt = f"{best / NANOGPT_CPU_TOKENS_PER_SEC:.2f}" if block == 64 else "-"
             print(f"| {name} | {precision}{mark} | {rate['glmlab']:,.0f} | {compiled_text} | {rate['hf']:,.0f} | "
-                  f"{rate['glmlab'] / rate['hf']:.2f} | {best / rate['hf']:.2f} | {mfu:.0%} | {vs_nanogpt} |",
+                  f"{rate['glmlab'] / rate['hf']:.2f} | {best / rate['hf']:.2f} | {mfu:.0%} |",
                   flush=True)
 
 

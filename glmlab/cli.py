@@ -1,4 +1,5 @@
-"""Command-line interface: parse arguments, call the library, print. No logic of its own.
+"""Command-line interface: parse arguments, call the library, print. Policies live in the library (what a
+resumed run may change: ``training.trainer.resume_config``); the CLI keeps only argument checks and output.
 
 Every user mistake surfaces as a GlmlabError, printed as one message with its fix, exit status 1.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import warnings
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from glmlab.atomic import WRITE_ERRNOS, write_error
+from glmlab.bench.preset import CPU_MLE_STEPS, CPU_ROUNDS, DEFAULT_VARIANTS, variants_help
 from glmlab.errors import GlmlabError
 from glmlab.finetune.cli import add_parsers as add_finetune_parsers
 from glmlab.serve.cli import add_parser as add_serve_parser
@@ -146,8 +149,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="built-in benchmarks (oracle: SeqGAN's synthetic-data experiment)")
     bench = p.add_subparsers(dest="bench_command", required=True, metavar="{oracle}")
     o = bench.add_parser("oracle", help="MLE then SeqGAN on the synthetic oracle; NLL-oracle and NLL-test",
-                         description="Train a seqgan generator by MLE on the oracle's samples, then adversarially "
-                                     "(SeqGAN, and SeqGAN with a mean reward baseline), each from the same MLE "
+                         description="Train a seqgan generator by MLE on the oracle's samples, then each "
+                                     "adversarial variant chosen with --variants, each from the same MLE "
                                      "run; score 10,000 generated sequences by the oracle (NLL-oracle) and "
                                      "held-out oracle samples by the generator (NLL-test). Finished stages in "
                                      "--out are reused. KEY=VALUE overrides apply to the adversarial stages.")
@@ -157,18 +160,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--real", default="../shared/data/seqgan-oracle/real_data.txt", metavar="TXT",
                    help="the oracle's training samples")
     o.add_argument("--mle-steps", type=parse_mle_steps, default=None, metavar="N|best",
-                   help="MLE steps of 64 sequences (default: the CPU preset, 3,000), or best: early stopping, "
-                        "the step count with the lowest validation NLL, found by a first run evaluated every "
-                        "100 steps")
-    o.add_argument("--rounds", type=int, default=None, help="adversarial rounds (default: the CPU preset)")
-    o.add_argument("--variants", default="seqgan,seqgan-baseline,seqgan-fast",
-                   help="comma-separated: seqgan (as published), seqgan-baseline (mean reward baseline), "
-                        "seqgan-fast (4 rollouts, 3 generator updates per round), seqgan-rank (LeakGAN's "
-                        "rescaled rank rewards), seqgan-ratio (D's log-odds as the reward, mean baseline: a "
-                        "reverse-KL policy gradient), seqgan-drift (reward 1 everywhere, no discriminator: an "
-                        "ablation), seqgan-ppo (4 PPO steps per batch of rollout rewards), seqgan-mle (an interleaved "
-                        "MLE update on real sentences per round, LeakGAN's interleaved training), cot (CoT: a "
-                        "mediator LM and the exact KL to it, no discriminator or rollouts)")
+                   help=f"MLE steps of 64 sequences (default: the CPU preset, {CPU_MLE_STEPS:,}), or best: early "
+                        "stopping, the step count with the lowest validation NLL, found by a first run evaluated "
+                        "every 100 steps")
+    o.add_argument("--rounds", type=int, default=None,
+                   help=f"adversarial rounds (default: the CPU preset, {CPU_ROUNDS})")
+    o.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=variants_help())
     o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
     o.add_argument("--oracle-samples", type=int, default=10000, help="generated sequences scored by the oracle")
     o.add_argument("--seed", type=int, default=None,
@@ -275,7 +272,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from glmlab.evaluation.compare import check_out_dir, compare_runs, write_report
+    from glmlab.evaluation.compare import compare_runs
+    from glmlab.evaluation.compare_report import check_out_dir, summary_markdown, write_report
 
     check_out_dir(args.out)
     result = compare_runs(args.run_dirs, data_dir=args.data, split=args.split, references=args.references,
@@ -283,7 +281,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           max_sentences=args.max_sentences, batch_size=args.batch_size, checkpoint=args.checkpoint,
                           device=args.device, progress=lambda message: print(message, file=sys.stderr))
     paths = write_report(result, args.out)
-    print(result.summary_markdown())
+    print(summary_markdown(result))
     print(f"\nwrote {paths['markdown']}, {paths['html']} and {paths['curves']}")
     return 0
 
@@ -547,10 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"glmlab {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output went away (glmlab generate ... | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 0
     except OSError as exc:  # any command writing to a full, read-only or forbidden place
         if exc.errno not in WRITE_ERRNOS:
             raise
         print(f"glmlab {args.command}: error: {write_error(exc.filename or 'the output', exc)}", file=sys.stderr)
         return EXIT_ERROR
-    except BrokenPipeError:
-        return 0

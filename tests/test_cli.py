@@ -208,3 +208,13 @@ def test_output_that_cannot_be_written(capsys, shakespeare_excerpt, tmp_path, mo
     monkeypatch.setattr("glmlab.data.prepare.write_tokens", disk_full)
     code, _, err = run_cli(capsys, "prepare", shakespeare_excerpt, "--out", tmp_path / "d")
     assert code == 1 and "the disk is full" in err and "train.bin" in err
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_output_cut_short_by_its_reader_ends_quietly(trained_run, stream):
+    """``glmlab generate ... | head -c 20``: the reader stops; no traceback, exit status 0."""
+    flags = "--stream --max-new-tokens 4000" if stream else "--num-samples 400 --max-new-tokens 200"
+    shell = (f"set -o pipefail; {sys.executable} -m glmlab generate {trained_run} --prompt First --seed 1 {flags} "
+             "| head -c 20 > /dev/null")
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from glmlab import atomic
+from glmlab.bench.preset import CPU_MLE_STEPS, CPU_ROUNDS, DEFAULT_VARIANTS, VARIANTS
 from glmlab.config import RunConfig, resolve_config
 from glmlab.data.dataset import IGNORE_INDEX, open_data_dir
 from glmlab.data.prepare import prepare
@@ -47,34 +49,14 @@ MLE = ["model.family=seqgan", f"model.block_size={SEQUENCE_LENGTH + 2}", "train.
 # where SeqGAN refits 5 times x 3 epochs on 10,000 + 10,000 (the cost that does not fit a CPU). Measured:
 # 2,000 + 2,000 makes the discriminator win outright (accuracy ~1, rewards ~0.005) and SeqGAN stalls at
 # NLL-oracle 8.78; 500 + 500 is unstable; 1,000 + 1,000 keeps rewards informative and descends steadily.
-# 3,000 MLE steps (19 epochs) reach NLL-oracle ~9.02; longer overfits the 10,000 sequences (NLL-test rises).
-CPU_MLE_STEPS = 3000
 # mle_steps="best": a first MLE run scored on the validation samples every SEARCH_INTERVAL steps, stopped
 # after SEARCH_PATIENCE evaluations without a new best; the MLE stage then trains for the best step count.
 SEARCH_INTERVAL = 100
 SEARCH_PATIENCE = 5
 SEARCH_MAX_STEPS = 20000
-CPU_ROUNDS = 30
 CPU_DISCRIMINATOR = ["model.d_num_filters=25,50,50,50,50,25,25,25,25,25,40,40"]
 CPU_ADVERSARIAL = ["model.d_samples=1000", "model.d_steps=1", "model.d_epochs=1", "model.d_pretrain_steps=5",
                    "model.rollout_num=16", "model.adv_eval_interval=20"]
-VARIANTS = {  # name: overrides of the CPU preset
-    "seqgan": [],  # as published (16 rollouts, no baseline, one generator update per round)
-    "seqgan-baseline": ["model.baseline=mean"],  # variance reduction: each position's mean reward subtracted
-    "seqgan-critic": ["model.baseline=learned"],  # actor-critic's learned, state-dependent baseline
-    "seqgan-fast": ["model.rollout_num=4", "model.g_steps=3"],  # cheaper rollouts, three updates per round
-    "seqgan-rank": ["model.reward=rank"],  # LeakGAN's bootstrapped rescaled activation of the rewards
-    "seqgan-ratio": ["model.reward=logit", "model.baseline=mean"],  # D's log density ratio: reverse KL
-    "seqgan-drift": ["model.reward=constant"],  # the ablation: reward 1 everywhere, no discriminator
-    "seqgan-ppo": ["model.g_epochs=4"],  # four clipped-surrogate steps per batch of rollout rewards
-    "seqgan-mle": ["model.mle_steps=1"],  # LeakGAN's interleaved training: an MLE update on real data per round
-    # RLHF's objective: PPO's four steps per batch, held near the MLE generator by an exact-KL penalty
-    "seqgan-ppo-kl": ["model.g_epochs=4", "model.kl_coef=0.05"],
-    # CoT: a mediator fitted to the mixture, G down the exact KL to it; no rollouts, so many cheap rounds
-    "cot": ["model.objective=cooperative", "model.g_lr=1e-3", "model.m_lr=1e-3", "model.adv_eval_interval=500"],
-}
-
-
 @dataclass
 class Stage:
     name: str
@@ -85,7 +67,7 @@ class Stage:
 
 
 def write_ids(path: Path, sequences: torch.Tensor) -> None:
-    path.write_text("\n".join(" ".join(map(str, row.tolist())) for row in sequences) + "\n", encoding="utf-8")
+    atomic.write_text(path, "\n".join(" ".join(map(str, row.tolist())) for row in sequences) + "\n")
 
 
 def prepare_oracle_data(oracle: Oracle, real_data: Path, out: Path, seed: int = 0) -> Path:
@@ -138,7 +120,7 @@ def best_mle_steps(data: Path, out: Path, overrides: list[str], log=print) -> in
         shutil.rmtree(search, ignore_errors=True)
         train(config, data, search, show_progress=False)
         best = min((r for r in read_metrics(search / METRICS) if r.get("split") == "val"), key=lambda r: r["loss"])
-        (search / "done.json").write_text(json.dumps({"best_step": best["step"], "best_val_loss": best["loss"]}))
+        atomic.write_json(search / "done.json", {"best_step": best["step"], "best_val_loss": best["loss"]})
     done = json.loads((search / "done.json").read_text())
     log(f"MLE early stopping: validation NLL lowest at step {done['best_step']} ({done['best_val_loss']:.3f}; "
         f"evaluated every {SEARCH_INTERVAL} steps)")
@@ -182,8 +164,8 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
         shutil.rmtree(mle_dir, ignore_errors=True)
         result = train(mle_config, data, mle_dir, show_progress=False)
         nll_oracle, nll_test = score(mle_dir, data, oracle, oracle_samples)
-        (mle_dir / "done.json").write_text(json.dumps(
-            {"nll_oracle": nll_oracle, "nll_test": nll_test, "seconds": result.elapsed}))
+        atomic.write_json(mle_dir / "done.json", {"nll_oracle": nll_oracle, "nll_test": nll_test,
+                                                  "seconds": result.elapsed})
     done = json.loads((mle_dir / "done.json").read_text())
     stages.append(Stage("MLE", done["nll_oracle"], done["nll_test"], done["seconds"]))
     log(f"MLE ({mle_steps} steps): NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}, "
@@ -198,8 +180,8 @@ def run_oracle_benchmark(oracle_path: Path, real_data: Path, out: Path, mle_step
             train(config, data, run_dir, resume=True, show_progress=False)
             seconds = time.perf_counter() - started
             nll_oracle, nll_test = score(run_dir, data, oracle, oracle_samples)
-            (run_dir / "done.json").write_text(json.dumps(
-                {"nll_oracle": nll_oracle, "nll_test": nll_test, "seconds": seconds}))
+            atomic.write_json(run_dir / "done.json", {"nll_oracle": nll_oracle, "nll_test": nll_test,
+                                                      "seconds": seconds})
         done = json.loads((run_dir / "done.json").read_text())
         stages.append(Stage(name, done["nll_oracle"], done["nll_test"], done["seconds"]))
         log(f"{name} ({adv_rounds} rounds): NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}, "
@@ -218,19 +200,20 @@ def oracle_benchmark(oracle_path: str | Path, real_data: str | Path, out: str | 
     for path, what in ((oracle_path, "--oracle"), (real_data, "--real")):
         if not path.is_file():
             raise GlmlabError(f"{path} does not exist", f"pass {what} (the files are in ../shared/data/seqgan-oracle)")
-    unknown = [v for v in (variants or list(VARIANTS)) if v not in VARIANTS]
+    variants = list(variants or DEFAULT_VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise GlmlabError(f"unknown variant(s) {', '.join(unknown)}", f"use: {', '.join(VARIANTS)}")
     if out.exists() and not out.is_dir():
         raise GlmlabError(f"--out {out} is a file", "choose a directory")
-    chosen = {v: [*CPU_ADVERSARIAL, *VARIANTS[v], *(overrides or [])] for v in (variants or list(VARIANTS))}
+    chosen = {v: [*CPU_ADVERSARIAL, *VARIANTS[v].overrides, *(overrides or [])] for v in variants}
     seeded = [f"train.seed={seed}"] if seed is not None else []
     stages = run_oracle_benchmark(oracle_path, real_data, out, mle_steps or CPU_MLE_STEPS, rounds or CPU_ROUNDS,
                                   chosen, mle_overrides=[*CPU_DISCRIMINATOR, *seeded], threads=threads,
                                   oracle_samples=oracle_samples, log=log)
     if temperatures:
         stages += temperature_stages(oracle_path, out, temperatures, oracle_samples, log, runs=["mle", *chosen])
-    (out / "results.json").write_text(json.dumps([s.__dict__ for s in stages], indent=1))
+    atomic.write_json(out / "results.json", [s.__dict__ for s in stages])
     return stages
 
 
@@ -256,7 +239,7 @@ def temperature_stages(oracle_path: Path, out: Path, temperatures: list[float], 
             if done.get("weights") != weights:  # none yet, or scored for other weights (a copied run's)
                 nll_oracle, nll_test = score(out / run, out / "data", oracle, samples, temperature=t)
                 done = {"nll_oracle": nll_oracle, "nll_test": nll_test, "weights": weights}
-                cached.write_text(json.dumps(done))
+                atomic.write_json(cached, done)
             stages.append(Stage(f"{name} at temperature {t:g}", done["nll_oracle"], done["nll_test"], 0.0,
                                 {"temperature": t}))
             log(f"{name} at temperature {t:g}: NLL-oracle {done['nll_oracle']:.3f}, NLL-test {done['nll_test']:.3f}")

@@ -130,6 +130,8 @@ def _plot(runs: list[Path], results: list[dict[str, Any]], task: str, split: str
     right.set_ylabel(f"val {curve_key}")
     right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path

@@ -1,5 +1,9 @@
 """Beam search, following Hugging Face ``transformers`` (v4.5x / v5) step for step.
 
+Its loop is its own (beams are reordered, not rows admitted), and it shares the engine's pieces: the
+constraints (:mod:`glmlab.generation.processors`), banned words, the completion record and the rule for
+re-encoding a context that fills up (:func:`~glmlab.generation.engine.context_tail`).
+
 Each step scores ``2 * num_beams`` candidate continuations; those that end (EOS, or the length limit)
 among the top ``num_beams`` become finished hypotheses scored ``sum_logprobs / length ** length_penalty``
 (length = generated tokens, EOS included); the best ``num_beams`` unfinished ones run on. Stopping
@@ -15,7 +19,7 @@ import torch.nn as nn
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation import processors as P
-from glmlab.generation.engine import Completion, bad_word_ids
+from glmlab.generation.engine import Completion, bad_word_ids, context_tail
 from glmlab.generation.settings import GenerationSettings
 
 NEG = -1.0e9
@@ -77,11 +81,10 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
         if not improvable or (all_finished and s.early_stopping is True) or bool(ends.all()):
             break
         cache.select(source)
-        if cache.lengths[0] >= block:  # context full: re-encode every beam's last half
-            keep_len = max(1, block // 2)
-            contexts = [(prompt_ids + r)[-keep_len:] for r in running]
+        if cache.lengths[0] >= block:  # context full: re-encode every beam's last half, as the engine's rows do
+            contexts = [context_tail(prompt_ids + r, block) for r in running]
             cache = model.new_cache(nb, device)
-            if keep_len > 1:
+            if len(contexts[0]) > 1:
                 model(torch.tensor([c[:-1] for c in contexts], device=device), cache, last_only=True)
         newest = torch.tensor([[r[-1]] for r in running], device=device)
         logits = model(newest, cache, last_only=True)[:, -1].float()

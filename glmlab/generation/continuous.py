@@ -1,11 +1,12 @@
-"""Continuous batching: rows join a running batch between decode steps and leave it when they finish.
+"""The decoding loop: rows join a running batch between steps and leave it when they finish.
 
-The server's decoding loop, built from the engine's parts (:mod:`glmlab.generation.engine`). A fixed
-number of cache slots is allocated once; a new row is prefilled into a free slot, every active row
-advances one token per :meth:`ContinuousBatch.step`, and a finished or cancelled row frees its slot
-(``reset_row``: nothing is copied, unlike ``KVCache.select``). Rows keep the engine's per-row
-settings, generators and incremental text, so a row's tokens are the ones ``generate_batch`` gives for
-the same prompt, settings and sample index, whatever else is in the batch.
+Every generation path runs it: ``generate_batch`` and ``stream`` admit all their rows at once and step until
+they are done; the server's scheduler admits requests as slots free up. A fixed number of cache slots is
+allocated once; a new row is prefilled into a free slot, every active row advances one token per
+:meth:`ContinuousBatch.step`, and a finished or cancelled row frees its slot (``reset_row``: nothing is
+copied). Rows keep the engine's per-row settings, generators and incremental text
+(:class:`~glmlab.generation.engine.Row`), so a row's tokens are the same whatever else is in the batch, and
+whenever it joined.
 """
 
 from __future__ import annotations
@@ -19,21 +20,11 @@ import torch.nn as nn
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
-from glmlab.generation.engine import (
-    Completion,
-    TokenLogprob,
-    _advance_text,
-    _choose,
-    _Controls,
-    _process,
-    _record_logprobs,
-    _Row,
-)
+from glmlab.generation.engine import Completion, Controls, Row, TokenLogprob, context_tail, next_tokens
 from glmlab.generation.settings import GenerationSettings
-from glmlab.generation.text import IncrementalText
 
 
-@dataclass
+@dataclass(slots=True)
 class RowEvent:
     """What one row did in one step: new text, new tokens (and their log-probabilities), and, on its
     last step, the finished :class:`Completion`."""
@@ -50,7 +41,7 @@ class _Slot:
 
     __slots__ = ("key", "row", "slot", "started", "logged")
 
-    def __init__(self, key: Hashable, row: _Row, slot: int) -> None:
+    def __init__(self, key: Hashable, row: Row, slot: int) -> None:
         self.key, self.row, self.slot = key, row, slot
         self.started = False  # prefilled
         self.logged = 0  # logprob entries already reported
@@ -60,19 +51,24 @@ class ContinuousBatch:
     """A running batch of at most ``slots`` rows over one preallocated cache.
 
     :meth:`add` reserves a slot (the row is prefilled at the next step), :meth:`cancel` frees one,
-    :meth:`step` advances every row by one token. Not thread-safe: one thread owns it (and the model).
+    :meth:`step` advances every row by one token. ``deltas``: every row keeps its text for streaming (rows with
+    stop strings always do). Not thread-safe: one thread owns it (and the model).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, slots: int) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, slots: int, deltas: bool = True) -> None:
         if slots < 1:
             raise GlmlabError(f"a batch of {slots} slots holds nothing", "use at least 1 slot")
-        self.model, self.tokenizer, self.capacity = model, tokenizer, slots
+        self.model, self.tokenizer, self.capacity, self.deltas = model, tokenizer, slots, deltas
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(slots, self.device)
+        self._fast_prefill = "prefill_rows" in model.traits.fast_paths
+        self._fast_decode = "decode_rows" in model.traits.fast_paths
         self._free = list(range(slots - 1, -1, -1))  # a stack: the lowest slot is reused first
         self._active: list[_Slot] = []  # in the order of self._logits' rows
+        self._waiting: list[_Slot] = []  # added, not yet prefilled
         self._logits: torch.Tensor | None = None
         self._by_key: dict[Hashable, _Slot] = {}
+        self._roster: tuple[list[Row], Controls] | None = None  # the active rows and their controls
 
     @property
     def free_slots(self) -> int:
@@ -81,6 +77,16 @@ class ContinuousBatch:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any row is in the batch (active, or waiting for its prefill)."""
+        return bool(self._by_key)
+
+    @property
+    def slots_in_use(self) -> list[int]:
+        """The cache slots the rows in the batch hold, in order (0..n-1 once finished rows' slots are reused)."""
+        return sorted(e.slot for e in self._by_key.values())
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._by_key
@@ -97,10 +103,10 @@ class ContinuousBatch:
         if len(prompt_ids) >= self.model.block_size and self.model.block_size > 1:
             raise GlmlabError(f"a prompt of {len(prompt_ids)} tokens does not fit the context of "
                               f"{self.model.block_size}", "cut it with encode_prompt")
-        row = _Row(prompt_ids, settings, index, self.tokenizer, self.device)
-        row.text = IncrementalText(self.tokenizer)  # deltas for every row: the server streams
-        entry = _Slot(key, row, self._free.pop())
+        entry = _Slot(key, Row(prompt_ids, settings, index, self.tokenizer, self.device, self.deltas),
+                      self._free.pop())
         self._by_key[key] = entry
+        self._waiting.append(entry)
 
     def cancel(self, key: Hashable) -> bool:
         """Drop a row now and free its slot; False if it is not in the batch."""
@@ -112,6 +118,9 @@ class ContinuousBatch:
             self._active = [self._active[i] for i in keep]
             if self._logits is not None:
                 self._logits = self._logits[keep] if keep else None
+            self._roster = None
+        else:
+            self._waiting.remove(entry)
         self._release(entry)
         return True
 
@@ -120,7 +129,6 @@ class ContinuousBatch:
         self._free.append(entry.slot)
         self._free.sort(reverse=True)  # the lowest free slot is taken first
 
-    @torch.inference_mode()
     def step(self, publish: Callable[[list[RowEvent]], None] | None = None) -> list[RowEvent]:
         """Prefill the rows added since the last step, then give every active row its next token.
         Returns one event per row that produced something (text, a token or its end).
@@ -129,53 +137,50 @@ class ContinuousBatch:
         the next step's logits, so they reach clients one decode earlier. (Whether another thread's work on
         them overlaps that computation depends on Python's GIL: in one process it mostly does not, which is
         why ``glmlab serve`` runs the model in a process of its own; see benchmarks/README.md.)"""
-        self._prefill()
+        if torch.is_inference_mode_enabled():  # a caller stepping in a loop enters it once (generate_batch)
+            return self._step(publish)
+        with torch.inference_mode():
+            return self._step(publish)
+
+    def _step(self, publish: Callable[[list[RowEvent]], None] | None) -> list[RowEvent]:
+        if self._waiting:
+            self._prefill()
         if not self._active:
             return []
-        entries, logits = self._active, self._logits
-        live = [e.row for e in entries]
-        on = _Controls.of(live)
+        entries = self._active
+        if self._roster is None:  # worked out again only when rows join or leave
+            rows = [e.row for e in entries]
+            self._roster = rows, Controls.of(rows)
+        rows, controls = self._roster
+        chosen, tokens = next_tokens(self._logits, rows, self.tokenizer, controls)
+        events, now, finished = [], time.perf_counter(), False
         eos = self.tokenizer.eos_id
-        chosen = _choose(_process(logits, live, eos, on), live, on)
-        if on.logprobs:
-            _record_logprobs(logits, live, chosen, self.tokenizer)
-        events, now = [], time.perf_counter()
-        for entry, token in zip(entries, chosen, strict=True):
-            row = entry.row
-            event = RowEvent(entry.key)
-            if token == eos and row.settings.stop_at_eos:
-                row.done, row.finish_reason = True, "stop"
-                if row.logprobs:  # the EOS token is not part of the output, nor is its log-probability
-                    row.logprobs.pop()
-            else:
-                row.generated.append(token)
-                row.context.append(token)
-                event.token_ids.append(token)
-                event.delta = _advance_text(row, token)
-                if not row.done and len(row.generated) >= row.settings.max_new_tokens:
-                    row.done, row.finish_reason = True, "length"
-                if not row.done and row.deadline is not None and now >= row.deadline:
-                    row.done, row.finish_reason = True, "time"
+        for entry, row, token in zip(entries, rows, tokens, strict=True):
+            ended = token == eos and row.settings.stop_at_eos  # an end of text is not a token of the output
+            event = RowEvent(entry.key, row.accept(token, eos, now), [] if ended else [token], [])
             if row.logprobs is not None and len(row.logprobs) > entry.logged:
                 event.logprobs = row.logprobs[entry.logged:]
                 entry.logged = len(row.logprobs)
             if row.done:
                 event.completion, tail = self._finish(entry)
                 event.delta += tail  # text held back (a possible stop string) that no delta has shown yet
+                finished = True
             events.append(event)
-        # in slot order: when the slots in use are 0..n-1, a family's fast path reads the cache in place
-        self._active = sorted((e for e in entries if not e.row.done), key=lambda e: e.slot)
-        self._compact()
+        if finished:  # in slot order: when the slots in use are 0..n-1, a fast path reads the cache in place
+            self._active = sorted((e for e in entries if not e.row.done), key=lambda e: e.slot)
+            self._roster = None
+            self._compact()
+            where = {id(e): i for i, e in enumerate(entries)}  # the surviving rows' tokens, in their new order
+            chosen = chosen[torch.tensor([where[id(e)] for e in self._active], dtype=torch.long, device=chosen.device)]
         if publish is not None and events:
             publish(events)
-        self._logits = self._decode(self._active) if self._active else None
+        self._logits = self._decode(self._active, chosen) if self._active else None
         return events
 
     def _compact(self) -> None:
         """Keep the rows in the lowest slots (0..n-1): a row that sits above them moves down into a slot a
         finished row freed (one copy of its cache), so decoding reads the cache in place instead of
-        gathering scattered slots. Families whose cache cannot move rows keep their slots."""
-        move = self.cache.move_row
+        gathering scattered slots."""
         holders = len(self._by_key)  # active rows and rows waiting for their prefill
         if all(e.slot < holders for e in self._by_key.values()):
             return
@@ -185,7 +190,7 @@ class ContinuousBatch:
                 break
             target = low.pop(0)
             if entry.started:
-                move(entry.slot, target)
+                self.cache.move_row(entry.slot, target)
             else:
                 self.cache.reset_row(entry.slot)
             self._free.remove(target)
@@ -196,26 +201,19 @@ class ContinuousBatch:
 
     def _finish(self, entry: _Slot) -> tuple[Completion, str]:
         """Free the row's slot; its completion, and the text the deltas have not shown yet."""
-        row = entry.row
-        text = row.final_text if row.final_text is not None else self.tokenizer.decode(row.generated)
-        tail = text[len(row.emitted):] if text.startswith(row.emitted) else ""
-        row.emitted = text
         self._by_key.pop(entry.key, None)
         self._release(entry)
-        return Completion(text, row.generated, row.finish_reason, len(row.prompt_ids), row.logprobs), tail
+        return entry.row.finish(self.tokenizer)
 
     def _prefill(self) -> None:
         """Encode the prompts of newly added rows into their slots, in one forward pass."""
-        new = [e for e in self._by_key.values() if not e.started]
-        if not new:
-            return
+        new, self._waiting = self._waiting, []
         lengths = [len(e.row.prompt_ids) for e in new]
         idx = torch.full((len(new), max(lengths)), self.tokenizer.eos_id, dtype=torch.long)
         for i, e in enumerate(new):
             idx[i, : lengths[i]] = torch.tensor(e.row.prompt_ids)
         idx, slots = idx.to(self.device), [e.slot for e in new]
-        fast = "prefill_rows" in self.model.traits.fast_paths
-        logits = self.model.prefill_rows(idx, self.cache, slots, lengths) if fast else None
+        logits = self.model.prefill_rows(idx, self.cache, slots, lengths) if self._fast_prefill else None
         if logits is None:
             logits = self.model(idx, self.cache, rows=slots, valid=lengths, last_only=True)[:, -1]
         logits = logits.float()
@@ -223,22 +221,21 @@ class ContinuousBatch:
             e.started = True
         self._active = self._active + new
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        self._roster = None
 
-    def _decode(self, entries: list[_Slot]) -> torch.Tensor:
-        """Logits of the next token of every row, after feeding each its newest token."""
+    def _decode(self, entries: list[_Slot], newest: torch.Tensor) -> torch.Tensor:
+        """Logits of the next token of every row, after feeding each its newest token (``newest``, (B,))."""
         model, cache, block = self.model, self.cache, self.model.block_size
         for e in entries:
             if cache.lengths[e.slot] >= block:  # context full: re-encode the row's last half, then go on
                 row = e.row
-                row.context = row.context[-max(1, block // 2):]
+                row.context = context_tail(row.context, block)
                 cache.reset_row(e.slot)
                 if len(row.context) > 1:
                     model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[e.slot],
                           last_only=True)
-        newest = torch.tensor([e.row.context[-1] for e in entries], device=self.device)
         slots = [e.slot for e in entries]
-        fast = "decode_rows" in model.traits.fast_paths
-        logits = model.decode_rows(newest, cache, slots) if fast else None
+        logits = model.decode_rows(newest, cache, slots) if self._fast_decode else None
         if logits is None:
             logits = model(newest[:, None], cache, rows=slots, last_only=True)[:, -1]
         return logits.float()

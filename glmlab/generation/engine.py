@@ -1,12 +1,13 @@
-"""The generation engine: batched decoding over a preallocated KV cache, used by the CLI, the Python API
-and (later) the HTTP server.
+"""The generation engine's rows: one sequence being generated, and what one decoding step does to it.
 
-A batch holds rows of any prompt length. Each row keeps its own positions in the cache (prompts are
-right-padded once for the prefill; no left padding, no re-encoding of the prefix), its own settings
-and its own random generator, seeded from the request's seed and the row's sample index, so a
-request's text does not depend on what else is in the batch. Finished rows leave the batch. When a
-row fills the model's context, its last half is re-encoded and decoding goes on. Text comes out as
-deltas that never split a character or a stop string.
+Every path that decodes — ``generate``, ``generate_batch``, ``stream`` (:mod:`glmlab.generation.generate`) and
+the server's continuous batching — runs the one loop of :mod:`glmlab.generation.continuous`, and that loop
+takes each step's tokens and bookkeeping from here: a :class:`Row` keeps its own settings, its own random
+generator (seeded from the request's seed and the row's sample index, so its text does not depend on what
+else is in the batch), its tokens, its incremental text and its limits; :func:`next_tokens` applies every
+control and picks each row's next token; :meth:`Row.accept` takes it (end of text, stop strings, length,
+deadline); :meth:`Row.finish` gives the completion. Beam search (:mod:`glmlab.generation.beam`) shares the
+constraints, the banned words and the context re-encoding rule.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,20 +98,27 @@ def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
     return [seq for seq in ids if seq]
 
 
-class _Row:
-    """One sequence being generated: its settings, generator, tokens, text and state."""
+def context_tail(tokens: list[int], block_size: int) -> list[int]:
+    """What a row keeps when it fills the context: its last half, re-encoded before decoding goes on."""
+    return tokens[-max(1, block_size // 2):]
+
+
+class Row:
+    """One sequence being generated: its settings, generator, tokens, text and state. ``deltas``: keep its text
+    incrementally for streaming (a row with stop strings always does)."""
 
     def __init__(self, prompt_ids: list[int], settings: GenerationSettings, index: int, tokenizer: Tokenizer,
-                 device: torch.device) -> None:
+                 device: torch.device, deltas: bool = False) -> None:
         self.prompt_ids = prompt_ids
         self.settings = settings
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(row_seed(settings.seed, index))
         self.uniforms = UniformStream(self.generator)  # what sampling draws tokens with
         self.generated: list[int] = []
+        self.max_new_tokens = settings.max_new_tokens
         self.done = False
         self.finish_reason = "length"
-        self.text = IncrementalText(tokenizer) if settings.stop else None
+        self.text = IncrementalText(tokenizer) if settings.stop or deltas else None
         self.emitted = ""  # text already handed out as deltas
         self.final_text: str | None = None  # text cut at a stop string
         self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
@@ -122,9 +130,53 @@ class _Row:
     def history(self) -> list[int]:
         return self.prompt_ids + self.generated
 
+    def accept(self, token: int, eos_id: int, now: float) -> str:
+        """Take the step's token for this row: the end of its text (``<eos>``, unless ignored), or one more
+        token, after which its stop strings, ``max_new_tokens`` and deadline may end it. Returns the text delta
+        the token makes safe to show ('' if none)."""
+        if token == eos_id and self.settings.stop_at_eos:
+            self.done, self.finish_reason = True, "stop"
+            if self.logprobs:  # the EOS token is not part of the output, nor is its log-probability
+                self.logprobs.pop()
+            return ""
+        self.generated.append(token)
+        self.context.append(token)
+        delta = self._advance_text(token) if self.text is not None else ""
+        if not self.done and len(self.generated) >= self.max_new_tokens:
+            self.done, self.finish_reason = True, "length"
+        if not self.done and self.deadline is not None and now >= self.deadline:
+            self.done, self.finish_reason = True, "time"
+        return delta
+
+    def _advance_text(self, token: int) -> str:
+        """Feed ``token`` to the text and return the new, safe-to-show delta ('' if none): never half a
+        character, never what may be the start of a stop string."""
+        self.text.push(token)
+        text, stops = self.text.text, self.settings.stop
+        cut = find_stop(text, stops)
+        if cut >= 0:
+            self.final_text = text[:cut]
+            self.done, self.finish_reason = True, "stop"
+            delta = text[len(self.emitted):cut] if cut > len(self.emitted) else ""
+            self.emitted = text[:cut]
+            return delta
+        safe = len(text) - held_back(text, stops)
+        if safe > len(self.emitted):
+            delta = text[len(self.emitted):safe]
+            self.emitted = text[:safe]
+            return delta
+        return ""
+
+    def finish(self, tokenizer: Tokenizer) -> tuple[Completion, str]:
+        """The row's completion, and the text no delta has shown yet (what the stop-string hold-back kept)."""
+        text = self.final_text if self.final_text is not None else tokenizer.decode(self.generated)
+        tail = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return Completion(text, self.generated, self.finish_reason, len(self.prompt_ids), self.logprobs), tail
+
 
 @dataclass(frozen=True)
-class _Controls:
+class Controls:
     """Which controls any row of a batch uses, worked out once so a plain greedy or sampling step
     pays for nothing it does not use."""
 
@@ -138,7 +190,7 @@ class _Controls:
     logprobs: bool
 
     @classmethod
-    def of(cls, rows: list[_Row]) -> _Controls:
+    def of(cls, rows: list[Row]) -> Controls:
         s = [r.settings for r in rows]
         constraints = any(x.repetition_penalty != 1.0 or x.presence_penalty or x.frequency_penalty
                           or x.no_repeat_ngram_size or x.min_new_tokens for x in s) or any(r.bad_words for r in rows)
@@ -148,7 +200,7 @@ class _Controls:
                    sampling=any(x.temperature > 0 for x in s), logprobs=any(x.logprobs is not None for x in s))
 
 
-def _process(logits: torch.Tensor, rows: list[_Row], eos_id: int, on: _Controls) -> torch.Tensor:
+def _process(logits: torch.Tensor, rows: list[Row], eos_id: int, on: Controls) -> torch.Tensor:
     """Apply every control in use, in Hugging Face's order, to the next-token logits (B, V) of ``rows``."""
     if not (on.constraints or on.temperature or on.top_k or on.top_p or on.min_p or on.typical):
         return logits  # plain greedy or sampling: the common case costs nothing here
@@ -169,22 +221,21 @@ def _process(logits: torch.Tensor, rows: list[_Row], eos_id: int, on: _Controls)
     return logits
 
 
-def _choose(logits: torch.Tensor, rows: list[_Row], on: _Controls) -> list[int]:
+def _choose(logits: torch.Tensor, rows: list[Row], on: Controls) -> torch.Tensor:
     """Greedy rows take the argmax; sampling rows draw, all in one batched inverse-CDF search, with a
-    uniform number from their own generator."""
+    uniform number from their own generator. Token ids (B,), where the logits are."""
     if not on.sampling:
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     sampling = [row.settings.temperature != 0 for row in rows]
     u = torch.tensor([row.uniforms.next() if s else 0.0 for row, s in zip(rows, sampling, strict=True)],
                      dtype=torch.float64)
-    sampled = inverse_cdf(logits, u).tolist()
+    sampled = inverse_cdf(logits, u)
     if all(sampling):
         return sampled
-    greedy = logits.argmax(dim=-1).tolist()
-    return [t if s else g for t, g, s in zip(sampled, greedy, sampling, strict=True)]
+    return torch.where(torch.tensor(sampling, device=logits.device), sampled, logits.argmax(dim=-1))
 
 
-def _record_logprobs(raw: torch.Tensor, rows: list[_Row], chosen: list[int], tokenizer: Tokenizer) -> None:
+def _record_logprobs(raw: torch.Tensor, rows: list[Row], chosen: list[int], tokenizer: Tokenizer) -> None:
     wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
     if not wanted:
         return
@@ -201,113 +252,13 @@ def _record_logprobs(raw: torch.Tensor, rows: list[_Row], chosen: list[int], tok
                                              float(logp[j, token]), top))
 
 
-def _advance_text(row: _Row, token: int) -> str:
-    """Feed ``token`` to the row's text and return the new, safe-to-show delta ('' if none)."""
-    if row.text is None:
-        return ""
-    row.text.push(token)
-    text = row.text.text
-    cut = find_stop(text, row.settings.stop)
-    if cut >= 0:
-        row.final_text = text[:cut]
-        row.done, row.finish_reason = True, "stop"
-        delta = text[len(row.emitted):cut] if cut > len(row.emitted) else ""
-        row.emitted = text[:cut]
-        return delta
-    safe = len(text) - held_back(text, row.settings.stop)
-    if safe > len(row.emitted):
-        delta = text[len(row.emitted):safe]
-        row.emitted = text[:safe]
-        return delta
-    return ""
-
-
-class Decoder:
-    """Decodes a batch of rows step by step. Iterate over :meth:`steps` for text deltas, then read :meth:`results`."""
-
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]],
-                 settings: list[GenerationSettings], sample_indices: list[int] | None = None) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
-        indices = sample_indices or [0] * len(prompts)
-        self.rows = [_Row(p, s, i, tokenizer, self.device) for p, s, i in zip(prompts, settings, indices, strict=True)]
-
-    @torch.inference_mode()
-    def steps(self, stream: bool = False) -> Iterator[tuple[int, str]]:
-        """Run to completion; yields (row index, text delta) as text becomes safe to show when ``stream``."""
-        if stream:
-            for row in self.rows:
-                if row.text is None:
-                    row.text = IncrementalText(self.tokenizer)
-        model, rows = self.model, self.rows
-        block = model.block_size
-        timed = any(r.deadline is not None for r in rows)
-        fast_step = model.decode_step if "decode_step" in model.traits.fast_paths else None
-        cache = model.new_cache(len(rows), self.device)
-        lengths = [len(r.prompt_ids) for r in rows]
-        width = max(lengths)
-        idx = torch.full((len(rows), width), self.tokenizer.eos_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            idx[i, : lengths[i]] = torch.tensor(r.prompt_ids)
-        logits = model(idx.to(self.device), cache, valid=lengths, last_only=True)[:, -1].float()
-        active = list(range(len(rows)))  # indices of the rows still generating; cache slot j holds active[j]
-        on = _Controls.of(rows)
-        while active:
-            live = [rows[i] for i in active]
-            chosen = _choose(_process(logits, live, self.tokenizer.eos_id, on), live, on)
-            if on.logprobs:
-                _record_logprobs(logits, live, chosen, self.tokenizer)
-            for index, row, token in zip(active, live, chosen, strict=True):
-                if token == self.tokenizer.eos_id and row.settings.stop_at_eos:
-                    row.done, row.finish_reason = True, "stop"
-                    if row.logprobs:  # the EOS token is not part of the output, nor is its log-probability
-                        row.logprobs.pop()
-                    continue
-                row.generated.append(token)
-                row.context.append(token)
-                delta = _advance_text(row, token)
-                if delta and stream:
-                    yield index, delta
-                if not row.done and len(row.generated) >= row.settings.max_new_tokens:
-                    row.done, row.finish_reason = True, "length"
-            if timed:
-                now = time.perf_counter()
-                for row in live:
-                    if not row.done and row.deadline is not None and now >= row.deadline:
-                        row.done, row.finish_reason = True, "time"
-            still = [index for index in active if not rows[index].done]
-            if not still:
-                break
-            if len(still) < len(active):
-                cache.select([active.index(index) for index in still])
-                active = still
-            for j, index in enumerate(active):
-                if cache.lengths[j] >= block:  # context full: re-encode the row's last half, then go on
-                    row = rows[index]
-                    row.context = row.context[-max(1, block // 2):]
-                    cache.reset_row(j)
-                    if len(row.context) > 1:
-                        model(torch.tensor([row.context[:-1]], device=self.device), cache, rows=[j],
-                              last_only=True)
-            newest = torch.tensor([rows[index].context[-1] for index in active], device=self.device)
-            logits = fast_step(newest, cache) if fast_step is not None else None
-            if logits is None:
-                logits = model(newest[:, None], cache, last_only=True)[:, -1]
-            logits = logits.float()
-        if stream:
-            for i, row in enumerate(rows):
-                tail = self._tail(row)
-                if tail:
-                    yield i, tail
-
-    def _tail(self, row: _Row) -> str:
-        """Text not yet handed out when the row ended (what the stop-string hold-back kept)."""
-        text = self.final_text(row)
-        return text[len(row.emitted):] if text.startswith(row.emitted) and len(text) > len(row.emitted) else ""
-
-    def final_text(self, row: _Row) -> str:
-        return row.final_text if row.final_text is not None else self.tokenizer.decode(row.generated)
-
-    def results(self) -> list[Completion]:
-        return [Completion(self.final_text(r), r.generated, r.finish_reason, len(r.prompt_ids), r.logprobs)
-                for r in self.rows]
+def next_tokens(logits: torch.Tensor, rows: list[Row], tokenizer: Tokenizer,
+                on: Controls) -> tuple[torch.Tensor, list[int]]:
+    """Each row's next token from the step's logits (B, V): every control in use applied, greedy or drawn
+    with the row's own generator, its log-probabilities recorded when asked for. The token ids as a tensor
+    where the logits are (what the next decoding step reads) and as a list."""
+    chosen = _choose(_process(logits, rows, tokenizer.eos_id, on), rows, on)
+    tokens = chosen.tolist()
+    if on.logprobs:
+        _record_logprobs(logits, rows, tokens, tokenizer)
+    return chosen, tokens

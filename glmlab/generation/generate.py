@@ -1,7 +1,8 @@
 """Generation for the library and the CLI: texts, completions with details, or a stream of text deltas.
 
-All paths run through the one engine (:mod:`glmlab.generation.engine`, beam search in
-:mod:`glmlab.generation.beam`); see :class:`GenerationSettings` for every control.
+All paths run the one decoding loop (:class:`~glmlab.generation.continuous.ContinuousBatch`, with every row
+admitted at once) or beam search (:mod:`glmlab.generation.beam`); see :class:`GenerationSettings` for every
+control.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch.nn as nn
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.beam import beam_search
-from glmlab.generation.engine import Completion, Decoder, encode_prompt, start_id
+from glmlab.generation.continuous import ContinuousBatch
+from glmlab.generation.engine import Completion, encode_prompt, start_id
 from glmlab.generation.settings import GenerationSettings
 from glmlab.generation.text import find_stop
 
@@ -30,8 +32,11 @@ def _cut_at_stop(completion: Completion, stops: list[str]) -> Completion:
 
 
 @contextmanager
-def _memory_errors(rows: int) -> Iterator[None]:
-    """Out of memory (the KV cache grows with rows x context) becomes a clear error, not a traceback."""
+def _decoding(model: nn.Module, rows: int) -> Iterator[None]:
+    """Decode in evaluation mode (restored after); running out of memory (the cache grows with rows x context)
+    becomes a clear error, not a traceback."""
+    was_training = model.training
+    model.eval()
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -39,6 +44,17 @@ def _memory_errors(rows: int) -> Iterator[None]:
             raise GlmlabError(f"not enough memory to decode {rows} sequence(s) together",
                               "ask for fewer num_return_sequences / num_beams or fewer prompts at once") from None
         raise
+    finally:
+        model.train(was_training)
+
+
+def _all_at_once(model: nn.Module, tokenizer: Tokenizer, rows: list[tuple[list[int], GenerationSettings, int]],
+                 deltas: bool) -> ContinuousBatch:
+    """A continuous batch holding every row (prompt ids, settings, sample index), keyed by its position."""
+    batch = ContinuousBatch(model, tokenizer, len(rows), deltas=deltas)
+    for key, (ids, settings, index) in enumerate(rows):
+        batch.add(key, ids, settings, index)
+    return batch
 
 
 def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
@@ -49,39 +65,26 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
         raise GlmlabError(f"{len(prompts)} prompts but {len(per_prompt)} settings", "give one settings per prompt")
     for s in per_prompt:
         s.validate()
-    was_training = model.training
-    model.eval()
     rows_total = sum(max(s.num_return_sequences, s.num_beams) for s in per_prompt)
-    try:
-        with _memory_errors(rows_total):
-            return _generate_batch(model, tokenizer, prompts, per_prompt)
-    finally:
-        model.train(was_training)
-
-
-def _generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
-                    per_prompt: list[GenerationSettings]) -> list[list[Completion]]:
-    vocab = model.config.vocab_size
-    start = start_id(model, tokenizer)
-    encoded = [encode_prompt(tokenizer, p, model.block_size, vocab, start) for p in prompts]
-    out: list[list[Completion]] = [[] for _ in prompts]
-    rows, row_settings, indices, owners = [], [], [], []
-    for i, (ids, s) in enumerate(zip(encoded, per_prompt, strict=True)):
-        if s.num_beams > 1:
-            out[i] = [_cut_at_stop(c, s.stop) for c in beam_search(model, tokenizer, ids, s)]
-            continue
-        for j in range(s.num_return_sequences):
-            rows.append(ids)
-            row_settings.append(s)
-            indices.append(j)
-            owners.append(i)
-    if rows:
-        decoder = Decoder(model, tokenizer, rows, row_settings, indices)
-        for _ in decoder.steps():
-            pass
-        for owner, completion in zip(owners, decoder.results(), strict=True):
-            out[owner].append(completion)
-    return out
+    with _decoding(model, rows_total), torch.inference_mode():  # entered once, not at every step
+        start = start_id(model, tokenizer)
+        encoded = [encode_prompt(tokenizer, p, model.block_size, model.vocab_size, start) for p in prompts]
+        out: list[list[Completion]] = [[] for _ in prompts]
+        rows, owners = [], []
+        for i, (ids, s) in enumerate(zip(encoded, per_prompt, strict=True)):
+            if s.num_beams > 1:
+                out[i] = [_cut_at_stop(c, s.stop) for c in beam_search(model, tokenizer, ids, s)]
+                continue
+            rows += [(ids, s, j) for j in range(s.num_return_sequences)]
+            owners += [i] * s.num_return_sequences
+        if rows:
+            done: dict[int, Completion] = {}
+            batch = _all_at_once(model, tokenizer, rows, deltas=False)
+            while batch.busy:
+                done.update((e.key, e.completion) for e in batch.step() if e.completion is not None)
+            for key, owner in enumerate(owners):
+                out[owner].append(done[key])
+        return out
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], settings: GenerationSettings,
@@ -96,12 +99,10 @@ def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], sett
     settings.validate()
     if settings.num_return_sequences != 1 or settings.num_beams != 1:
         raise GlmlabError("streaming produces one sampled sequence", "use num_return_sequences=1 and num_beams=1")
-    was_training = model.training
-    model.eval()
-    try:
-        ids = encode_prompt(tokenizer, prompt, model.block_size, model.config.vocab_size, start_id(model, tokenizer))
-        decoder = Decoder(model, tokenizer, [ids], [settings])
-        for _, delta in decoder.steps(stream=True):
-            yield delta
-    finally:
-        model.train(was_training)
+    with _decoding(model, 1):
+        ids = encode_prompt(tokenizer, prompt, model.block_size, model.vocab_size, start_id(model, tokenizer))
+        batch = _all_at_once(model, tokenizer, [(ids, settings, 0)], deltas=True)
+        while batch.busy:
+            for event in batch.step():
+                if event.delta:
+                    yield event.delta

@@ -28,7 +28,7 @@ import torch.nn as nn
 from glmlab.data.tokenizer import ROLES
 from glmlab.errors import GlmlabError
 
-FAST_PATHS = ("decode_step", "decode_rows", "prefill_rows")
+FAST_PATHS = ("decode_rows", "prefill_rows")
 PHASES = ("adversarial",)
 
 
@@ -124,9 +124,6 @@ class LanguageModel(Protocol):
 
 class FastDecoding(Protocol):
     """Compiled decoding steps (``traits.fast_paths``); each answers None when the general ``forward`` is needed."""
-
-    def decode_step(self, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor | None:
-        """Logits (B, vocab) for one new token per slot 0..B-1, every row at the same position."""
 
     def decode_rows(self, tokens: torch.Tensor, cache: DecodeCache, rows: list[int]) -> torch.Tensor | None:
         """Logits (B, vocab) for one new token in each of the slots ``rows``, at any positions."""

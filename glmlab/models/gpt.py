@@ -9,7 +9,6 @@ Parameter names and layouts are GPT-2's (``transformer.h.0.attn.c_attn.weight`` 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,17 @@ import torch.nn.functional as F
 
 from glmlab.errors import ConfigError
 from glmlab.models.contract import FAST_PATHS, FamilyModel, Traits
-from glmlab.models.gpt_decode import scripted_decode_layers, scripted_decode_rows, scripted_prefill_rows
+from glmlab.models.gpt_decode import (
+    DecodeWeights,
+    Int8Linear,
+    LayerWeights,
+    decode_rows_int8,
+    int8_weights,
+    scripted_decode_layers,
+    scripted_decode_rows,
+    scripted_prefill_rows,
+    unoptimised_graphs,
+)
 from glmlab.schema import field
 
 
@@ -40,37 +49,6 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
                               "choose n_embd a multiple of n_head, e.g. n_embd=384 with n_head=6")
-
-
-class Int8Linear:
-    """An (out, in) matrix and its bias as int8 for PyTorch's quantized CPU kernels (fbgemm / oneDNN):
-    per-row int8 weights, activations quantized on the fly, int8 dot products (VNNI), fp32 out.
-    A quarter of fp32's bytes per token, which is what bounds decoding a large model on a CPU.
-
-    Activations are quantized to 7 bits (``reduce_range``), as PyTorch's own dynamic ``Linear`` does: on
-    x86 CPUs without VNNI (AVX2 only) fbgemm sums pairs of int8 x uint8 products in 16 bits, which
-    saturates with 8-bit activations (measured on an AVX2 EPYC: 23% error on a 64 x 64 product, 1.3%
-    with 7 bits)."""
-
-    __slots__ = ("packed",)
-
-    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> None:
-        w = weight_out_in.detach().float().contiguous()
-        scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-        with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; their kernels still ship
-            warnings.simplefilter("ignore", UserWarning)
-            q = torch.quantize_per_channel(w, scales, torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)  # reduce_range
-
-
-def _affine(x: torch.Tensor, weight: torch.Tensor | Int8Linear, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W + b for 2-D x and a GPT-2-layout (in, out) weight, in one kernel (an Int8Linear holds its bias)."""
-    if isinstance(weight, Int8Linear):
-        return weight(x)
-    return torch.addmm(bias, x, weight) if bias is not None else x @ weight
 
 
 class Conv1D(nn.Module):
@@ -100,12 +78,20 @@ class KVCache:
         self.kv = torch.zeros((n_layer, batch_size, 2, n_head, max_len, head_dim), device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = [0] * batch_size
-        self.weights: tuple | None = None  # the model's weights, gathered once for fast decoding
+        self.weights: DecodeWeights | None = None  # the model's weights, gathered once for fast decoding
         self._split_layers()
 
     def _split_layers(self) -> None:
         self.k, self.v = self.kv[:, :, 0], self.kv[:, :, 1]
         self.layers = list(self.kv.unbind(0))  # per layer: (B, 2, n_head, max_len, head_dim)
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {(0, len(self.lengths)): self.layers}
+
+    def slot_views(self, first: int, count: int) -> list[torch.Tensor]:
+        """Per layer, a view of slots ``first`` to ``first + count`` (made once, reused every step)."""
+        views = self._views.get((first, count))
+        if views is None:
+            views = self._views[first, count] = [layer.narrow(0, first, count) for layer in self.layers]
+        return views
 
     def select(self, rows: list[int]) -> None:
         """Keep (or repeat, for beams) the given rows, in that order."""
@@ -205,6 +191,7 @@ class Block(nn.Module):
 
 # The projections LoRA adapts: attention (c_attn, c_proj) and MLP (c_fc, c_proj).
 ADAPTER_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+DECODE_WEIGHTS = ("native", "int8")
 
 
 class GPT(FamilyModel):
@@ -238,7 +225,7 @@ class GPT(FamilyModel):
     @classmethod
     def declare(cls, config: GPTConfig) -> Traits:
         return Traits(family="gpt", feature_width=config.n_embd, adapter_targets=ADAPTER_TARGETS,
-                      fast_paths=frozenset(FAST_PATHS), decode_weights=("native", "int8"),
+                      fast_paths=frozenset(FAST_PATHS), decode_weights=DECODE_WEIGHTS,
                       hf_architecture="GPT2LMHeadModel")
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
@@ -256,7 +243,7 @@ class GPT(FamilyModel):
         """
         B, T = idx.size()
         if cache is not None and T == 1 and rows is None:
-            logits = self.decode_step(idx[:, 0], cache)
+            logits = self.decode_rows(idx[:, 0], cache, list(range(B)))
             if logits is not None:
                 return logits[:, None]
         step = None
@@ -300,47 +287,31 @@ class GPT(FamilyModel):
     def features_to_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
-        """Logits (B, vocab) for one new token per row when every row is at the same position (the common
-        case, taken by a fast path); None when the general ``forward`` is needed."""
-        lengths = cache.lengths
-        same_position = lengths.count(lengths[0]) == len(lengths)
-        if self.training or cache.weights is None or not same_position or lengths[0] >= cache.max_len:
-            return None
-        return self._decode_one(tokens, cache)
-
-    def _compiled_weights(self, cache: KVCache) -> tuple | None:
-        """The cache's gathered weights when the compiled steps of :mod:`glmlab.models.gpt_decode` can take
-        them (evaluation mode, native weights); None otherwise."""
-        if self.training or cache.weights is None or isinstance(cache.weights[4], Int8Linear):
-            return None
-        return cache.weights
-
     def decode_rows(self, tokens: torch.Tensor, cache: KVCache, rows: list[int]) -> torch.Tensor | None:
         """Logits (B, vocab) for one new token in each of the cache slots ``rows``, which may sit at
-        different positions (a server's continuous batch); None when the general ``forward`` is needed."""
-        weights = self._compiled_weights(cache)
+        different positions (a server's continuous batch), through the compiled steps of
+        :mod:`glmlab.models.gpt_decode` (or the int8 one); None when the general ``forward`` is needed
+        (training, a slot that is full)."""
+        weights = cache.weights
         starts = [cache.lengths[r] for r in rows]
         span = max(starts) + 1
-        if weights is None or span > cache.max_len:
+        if self.training or weights is None or span > cache.max_len:
             return None
         c = self.config
-        wte, wpe, ln_f_w, ln_f_b, head, layers = weights
-        device = tokens.device
-        first = rows[0]
-        if starts.count(starts[0]) == len(starts) and rows == list(range(first, first + len(rows))):
+        first, count = rows[0], len(rows)
+        if isinstance(weights.head, Int8Linear):
+            logits = decode_rows_int8(tokens, rows, starts, cache.layers, weights, c.n_head, c.layer_norm_epsilon)
+        elif starts.count(starts[0]) == count and (count == 1 or rows == list(range(first, first + count))):
             # one position, consecutive slots: the plain step on a view of those slots (no mask, no gather)
-            kv = [layer.narrow(0, first, len(rows)) for layer in cache.layers]
-            with torch.jit.optimized_execution(False):
-                logits = scripted_decode_layers()(tokens, starts[0], kv, wte, wpe, ln_f_w, ln_f_b, head, layers,
+            with unoptimised_graphs():
+                logits = scripted_decode_layers()(tokens, starts[0], cache.slot_views(first, count), weights,
                                                   c.n_head, c.layer_norm_epsilon)
-            for r in rows:
-                cache.lengths[r] += 1
-            return logits
-        with torch.jit.optimized_execution(False):
-            logits = scripted_decode_rows()(tokens, torch.tensor(rows, device=device),
-                                            torch.tensor(starts, device=device), span, cache.layers, wte, wpe,
-                                            ln_f_w, ln_f_b, head, layers, c.n_head, c.layer_norm_epsilon)
+        else:
+            device = tokens.device
+            with unoptimised_graphs():
+                logits = scripted_decode_rows()(tokens, torch.tensor(rows, device=device),
+                                                torch.tensor(starts, device=device), span, cache.layers, weights,
+                                                c.n_head, c.layer_norm_epsilon)
         for r in rows:
             cache.lengths[r] += 1
         return logits
@@ -348,93 +319,52 @@ class GPT(FamilyModel):
     def prefill_rows(self, idx: torch.Tensor, cache: KVCache, rows: list[int], valid: list[int]) -> torch.Tensor | None:
         """Logits (B, vocab) at the last real token of each right-padded prompt in idx (B, T) (``valid``:
         the real lengths), encoded into the empty cache slots ``rows``; None when the general
-        ``forward`` is needed (training, int8 weights, a slot that is not empty, a prompt too long)."""
-        weights = self._compiled_weights(cache)
-        if weights is None or idx.size(1) > cache.max_len or any(cache.lengths[r] for r in rows):
+        ``forward`` is needed (training, int8 decode weights — a prompt is encoded at full precision —, a
+        slot that is not empty, a prompt too long)."""
+        weights = cache.weights
+        if self.training or weights is None or isinstance(weights.head, Int8Linear) or \
+                idx.size(1) > cache.max_len or any(cache.lengths[r] for r in rows):
             return None
         c = self.config
-        wte, wpe, ln_f_w, ln_f_b, head, layers = weights
         device = idx.device
-        with torch.jit.optimized_execution(False):
-            logits = scripted_prefill_rows()(idx, torch.tensor(rows, device=device),
-                                             torch.tensor(valid, device=device), cache.layers, wte, wpe, ln_f_w,
-                                             ln_f_b, head, layers, c.n_head, c.layer_norm_epsilon)
+        with unoptimised_graphs():
+            logits = scripted_prefill_rows()(idx, torch.tensor(rows, device=device), torch.tensor(valid, device=device),
+                                             cache.layers, weights, c.n_head, c.layer_norm_epsilon)
         for r, n in zip(rows, valid, strict=True):
             cache.lengths[r] = n
         return logits
 
-    def _decode_one(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decoding step for rows at the same position: the same maths as ``forward`` with a fraction
-        of its per-operation overhead (no module calls, 2-D activations, fused bias adds, per-layer cache
-        views), which is what decoding a small model one token at a time costs on a CPU. Native weights
-        go through the TorchScript step of :mod:`glmlab.models.gpt_decode`. Logits (B, vocab)."""
-        pos = cache.lengths[0]
-        c = self.config
-        wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
-        if isinstance(head, Int8Linear):
-            logits = self._decode_int8(tokens, pos, cache)
-        else:
-            with torch.jit.optimized_execution(False):
-                logits = scripted_decode_layers()(tokens, pos, cache.layers, wte, wpe, ln_f_w, ln_f_b, head, layers,
-                                                  c.n_head, c.layer_norm_epsilon)
-        for i in range(tokens.size(0)):
-            cache.lengths[i] += 1
-        return logits
-
-    def _decode_int8(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        """:func:`~glmlab.models.gpt_decode.decode_layers` with :class:`Int8Linear` matrices (which
-        TorchScript cannot take); a large model's decoding is bound by arithmetic, not by this loop."""
-        B, end = tokens.size(0), pos + 1
-        c = self.config
-        C, H, eps, shape = c.n_embd, c.n_head, c.layer_norm_epsilon, (c.n_embd,)
-        wte, wpe, ln_f_w, ln_f_b, head, layers = cache.weights
-        layer_norm = torch.layer_norm
-        x = (wte[tokens] + wpe[pos]).to(ln_f_w.dtype)  # (B, C)
-        for kv, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) in \
-                zip(cache.layers, layers, strict=True):
-            qkv = _affine(layer_norm(x, shape, ln1_w, ln1_b, eps), attn_w, attn_b).view(B, 3, H, 1, C // H)
-            kv[:, :, :, pos:end] = qkv[:, 1:]  # q, k, v: (B, nh, 1, hs) each; k and v stored together
-            y = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0, :, :end], kv[:, 1, :, :end])
-            x = _affine(y.view(B, C), proj_w, proj_b).add_(x)
-            h = torch._C._nn.gelu(_affine(layer_norm(x, shape, ln2_w, ln2_b, eps), fc_w, fc_b), approximate="tanh")
-            x = _affine(h, out_w, out_b).add_(x)
-        return head(layer_norm(x, shape, ln_f_w, ln_f_b, eps))
-
-    def decode_weights(self) -> tuple:
-        """Every weight the decoding step needs, looked up once per generation rather than per step.
+    def decode_weights(self) -> DecodeWeights:
+        """Every weight the decoding steps need, looked up once per generation rather than per step.
 
         With :meth:`set_decode_weights` ("int8"), the matrices come as :class:`Int8Linear`, quantized
         once and kept until the weights change.
         """
-        t = self.transformer
-        int8 = self.decode_weight_format == "int8"
-        if int8:
+        if self.decode_weight_format == "int8":
             key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-            if self._int8_cache is not None and self._int8_cache[0] == key:
-                return self._int8_cache[1]
+            if self._int8_cache is None or self._int8_cache[0] != key:
+                self._int8_cache = (key, int8_weights(self._native_weights()))
+            return self._int8_cache[1]
+        return self._native_weights()
 
-        def matrix(layer: Conv1D) -> torch.Tensor | Int8Linear:
-            return Int8Linear(layer.weight.t(), layer.bias) if int8 else layer.weight  # Conv1D weights: (in, out)
+    def _native_weights(self) -> DecodeWeights:
+        t = self.transformer
 
         def bias(module: nn.Module) -> torch.Tensor:  # zeros for a bias-free model: the step's maths stay one
             b = module.bias
             return b if b is not None else torch.zeros_like(module.weight[-1] if module.weight.dim() == 2
                                                             else module.weight)
 
-        layers = [[b.ln_1.weight, bias(b.ln_1), matrix(b.attn.c_attn), bias(b.attn.c_attn),
-                   matrix(b.attn.c_proj), bias(b.attn.c_proj), b.ln_2.weight, bias(b.ln_2),
-                   matrix(b.mlp.c_fc), bias(b.mlp.c_fc), matrix(b.mlp.c_proj), bias(b.mlp.c_proj)]
+        layers = [LayerWeights(b.ln_1.weight, bias(b.ln_1), b.attn.c_attn.weight, bias(b.attn.c_attn),
+                               b.attn.c_proj.weight, bias(b.attn.c_proj), b.ln_2.weight, bias(b.ln_2),
+                               b.mlp.c_fc.weight, bias(b.mlp.c_fc), b.mlp.c_proj.weight, bias(b.mlp.c_proj))
                   for b in t.h]
-        head = Int8Linear(self.lm_head.weight, None) if int8 else self.lm_head.weight
-        weights = (t.wte.weight, t.wpe.weight, t.ln_f.weight, bias(t.ln_f), head, layers)
-        if int8:
-            self._int8_cache = (key, weights)
-        return weights
+        return DecodeWeights(t.wte.weight, t.wpe.weight, t.ln_f.weight, bias(t.ln_f), self.lm_head.weight, layers)
 
     def set_decode_weights(self, fmt: str) -> None:
         """``"native"`` (the model's own dtype) or ``"int8"`` (int8 matrices for token-by-token decoding on a
         CPU; the prompt is still encoded at full precision)."""
-        if fmt not in ("native", "int8"):
+        if fmt not in DECODE_WEIGHTS:
             raise ConfigError(f"decode weights {fmt!r} are not supported", "use native or int8")
         if fmt == "int8" and self.transformer.wte.weight.device.type != "cpu":
             raise ConfigError("int8 decode weights run on a CPU (PyTorch's quantized kernels)",

@@ -233,7 +233,7 @@ class SentenceVAE(FamilyModel):
         c = self.config
         self.free_bits_on = c.free_bits > 0 and (c.free_bits_until == 0 or step < c.free_bits_until)
 
-    def _kl_term(self, kl: torch.Tensor) -> torch.Tensor:
+    def kl_term(self, kl: torch.Tensor) -> torch.Tensor:
         """The KL penalty of a batch (summed over sentences), with free bits applied to batch means."""
         c, batch = self.config, kl.size(0)
         if not self.free_bits_on:
@@ -256,7 +256,7 @@ class SentenceVAE(FamilyModel):
         recon = self.reconstruction_nll(inputs, y, z)
         kl = gaussian_kl(mu, logvar)
         tokens = (y != IGNORE_INDEX).sum().clamp_min(1)
-        objective = recon.sum() + self.beta * self._kl_term(kl)
+        objective = recon.sum() + self.beta * self.kl_term(kl)
         if c.prior == "mixture":
             # the ELBO's gradient for the prior's parameters, E_q[log p(z)], on this batch's z's; the loss's
             # value is unchanged, and the encoder's penalty stays the KL to N(0, I) above (with its

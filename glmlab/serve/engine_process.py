@@ -174,6 +174,16 @@ class ProcessScheduler:
         return self._depth
 
     @property
+    def pid(self) -> int | None:
+        """The engine process's id (None before it starts)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def unstarted(self) -> int:
+        """Requests sent to the engine whose first event has not arrived (what the 429 bound counts)."""
+        return len(self._unstarted)
+
+    @property
     def active(self) -> int:
         return self._active
 

@@ -237,7 +237,8 @@ class Scheduler:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        try:  # the events go out before the next step's model computation, which the event loop then overlaps
+        try:  # the events go out before the next step's model computation (in one process the event loop's
+            # writing of them hardly overlaps it: the two threads' Python serialises on the GIL; measured)
             self.batch.step(publish=self._publish)
         except Exception as exc:  # noqa: BLE001 — fail the batch's requests, keep serving the next ones
             self._fail_all(exc)

@@ -146,7 +146,9 @@ class AdversarialPhase:
 
     # --- the discriminator --------------------------------------------------------------------------------
 
-    def _real_batch(self, n: int) -> torch.Tensor:
+    def real_batch(self, n: int) -> torch.Tensor:
+        """``n`` training sentences drawn with the phase's generator, as D reads them: words and ``<eos>``, then
+        ``<pad>`` up to the phase's length (n, length)."""
         index = torch.randint(len(self.real), (n,), generator=self.generator, device=self.device).cpu().numpy()
         _, y = collate(self.real, index, self.bos_id, PAD_ID)
         y = y.masked_fill(y < 0, PAD_ID)
@@ -159,7 +161,7 @@ class AdversarialPhase:
         """One refit: ``d_samples`` real and as many generated sequences, ``d_epochs`` epochs of mini-batches."""
         c, d = self.config, self.model.discriminator
         n = c.d_samples
-        data = torch.cat([self._real_batch(n), self._fake_batch(n)])
+        data = torch.cat([self.real_batch(n), self._fake_batch(n)])
         labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(self.device)
         d.train()
         losses, correct = [], 0
@@ -220,7 +222,7 @@ class AdversarialPhase:
         c, model = self.config, self.model
         samples = sample_sequences(model.net, c.adv_batch, self.length, self.bos_id, generator=self.generator)
         rewards = self.rewards(samples)
-        x, targets = self._teacher_forced(samples)
+        x, targets = self.teacher_forced(samples)
         mask = targets != -100
         mean_reward = float(rewards.sum() / mask.sum())
         if c.reward == "rank":
@@ -229,7 +231,7 @@ class AdversarialPhase:
             rewards = (rewards - rewards.sum(0) / mask.sum(0).clamp_min(1)) * mask
         stats: dict[str, float] = {"reward": mean_reward}
         if self.critic is not None:
-            rewards, stats["critic_loss"] = self._critic_step(x, rewards, mask)
+            rewards, stats["critic_loss"] = self.critic_step(x, rewards, mask)
         log_ref = _frozen_log_probs(self.reference, x) if self.reference is not None else None
         for epoch in range(c.g_epochs):
             logits = model(x)
@@ -250,7 +252,7 @@ class AdversarialPhase:
             _update(self.g_optimizer, loss, model.generator_parameters())
         return {"g_loss": float(loss.detach()), **stats}
 
-    def _critic_step(self, x: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def critic_step(self, x: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         """baseline=learned: the advantages (rewards minus the critic's V of each token's prefix, as it
         stood before this batch) and one least-squares update of the critic on this batch's rewards."""
         with torch.no_grad():
@@ -266,12 +268,12 @@ class AdversarialPhase:
     def mle_step(self) -> dict[str, float]:
         """One teacher-forced MLE update of G on ``adv_batch`` real sentences (interleaved training)."""
         model = self.model
-        x, targets = self._teacher_forced(self._real_batch(self.config.adv_batch))
+        x, targets = self.teacher_forced(self.real_batch(self.config.adv_batch))
         loss = mean_nll(model(x), targets)
         _update(self.mle_optimizer, loss, model.generator_parameters())
         return {"mle_loss": float(loss.detach())}
 
-    def _teacher_forced(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_forced(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) for teacher forcing on sequences (B, L): <bos> + the sequence shifted right, and
         the sequence with everything after its <eos> ignored."""
         x = torch.cat([torch.full_like(samples[:, :1], self.bos_id), samples[:, :-1]], dim=1)
@@ -282,7 +284,7 @@ class AdversarialPhase:
         of ``adv_batch`` of G's samples, summed over positions and averaged over sequences."""
         c, model = self.config, self.model
         samples = sample_sequences(model.net, c.adv_batch, self.length, self.bos_id, generator=self.generator)
-        x, targets = self._teacher_forced(samples)
+        x, targets = self.teacher_forced(samples)
         self.mediator.eval()
         loss = exact_kl(model(x), _frozen_log_probs(self.mediator, x), targets != -100) / c.adv_batch
         _update(self.g_optimizer, loss, model.generator_parameters())
@@ -292,7 +294,7 @@ class AdversarialPhase:
         """CoT's mediator update: MLE on ``adv_batch / 2`` real sentences and as many of G's samples."""
         c, m = self.config, self.mediator
         half = max(1, c.adv_batch // 2)
-        x, targets = self._teacher_forced(torch.cat([self._real_batch(half), self._fake_batch(half)]))
+        x, targets = self.teacher_forced(torch.cat([self.real_batch(half), self._fake_batch(half)]))
         m.train()
         loss = mean_nll(m.decode(x), targets)
         _update(self.m_optimizer, loss, list(m.parameters()))

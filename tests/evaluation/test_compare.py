@@ -17,7 +17,8 @@ from glmlab.config import resolve_config
 from glmlab.data.prepare import prepare
 from glmlab.errors import GlmlabError
 from glmlab.evaluation import compare
-from glmlab.evaluation.compare import compare_runs, generate_samples, write_report
+from glmlab.evaluation.compare import compare_runs, generate_samples
+from glmlab.evaluation.compare_report import markdown, write_report
 from glmlab.evaluation.report import evaluate_run
 from glmlab.generation.latent import sample_prior
 from glmlab.generation.settings import GenerationSettings
@@ -168,7 +169,7 @@ def test_mixed_accountings_are_marked_not_comparable(data: Path, lstm_run: Path,
     assert by_name["windowed"].accounting == "window" and not by_name["windowed"].comparable
     assert by_name["lstm"].accounting == "sentence" and by_name["lstm"].comparable
     assert any("windowed" in w and "not comparable" in w for w in result.warnings)
-    assert "†" in _table_row(result.markdown(), "windowed") and "†" not in _table_row(result.markdown(), "lstm")
+    assert "†" in _table_row(markdown(result), "windowed") and "†" not in _table_row(markdown(result), "lstm")
     assert all("\n" not in s for s in by_name["windowed"].examples)  # cut at the first line break
 
 
@@ -182,7 +183,7 @@ def test_same_tokenizer_in_another_data_dir_is_flagged(data: Path, lstm_run: Pat
     result = compare_runs([lstm_run, moved], samples=3, max_sentences=3, device="cpu")
     assert len(result.runs) == 2
     assert any("different data directories" in w and "data-copy" in w for w in result.warnings)
-    assert "> warning: the runs were trained on different data directories" in result.markdown()
+    assert "> warning: the runs were trained on different data directories" in markdown(result)
 
 
 def test_runs_on_differently_tokenized_data_are_refused(lstm_run: Path, root: Path) -> None:

@@ -43,7 +43,7 @@ def run_staggered(model, tokenizer, slots, cancel=None):
             batch.add(key, ids, settings, index)
         events = batch.step()
         # rows that outlive others move down into the freed slots: the slots in use stay 0..n-1
-        assert sorted(e.slot for e in batch._by_key.values()) == list(range(len(batch._by_key)))
+        assert batch.slots_in_use == list(range(len(batch.slots_in_use)))
         for event in events:
             texts[event.key] = texts.get(event.key, "") + event.delta
             if event.completion is not None:
@@ -118,66 +118,6 @@ def test_adding_to_a_full_batch_or_twice_is_refused(lm):
     assert not batch.cancel("missing") and batch.cancel("a") and batch.free_slots == 1
 
 
-@pytest.mark.parametrize("slots", [[0, 1, 2], [4, 1, 6], [2, 3]])
-def test_decode_rows_matches_the_general_forward(lm, slots):
-    model = lm.model
-    cache = model.new_cache(8, torch.device("cpu"))
-    reference = model.new_cache(8, torch.device("cpu"))
-    prompts = [[5, 6, 7, 8, 9][: 2 + i] for i in range(len(slots))]
-    if len(slots) == 2:
-        prompts = [[5, 6, 7], [8, 9, 10]]  # one position, consecutive slots: the plain step on a view
-    with torch.no_grad():
-        for c in (cache, reference):
-            for slot, ids in zip(slots, prompts, strict=True):
-                model(torch.tensor([ids]), c, rows=[slot])
-        tokens = torch.tensor([11, 12, 13][: len(slots)])
-        fast = model.decode_rows(tokens, cache, slots)
-        slow = model(tokens[:, None], reference, rows=slots, last_only=True)[:, -1]
-    assert torch.allclose(fast, slow, atol=1e-5)
-    assert [cache.lengths[s] for s in slots] == [reference.lengths[s] for s in slots]
-
-
-@pytest.mark.parametrize("scripted", [True, False])
-@pytest.mark.parametrize("lengths", [[5, 2, 4], [5, 5, 5], [1, 5, 1]])
-def test_prefill_rows_matches_the_general_forward(lm, scripted, lengths, monkeypatch):
-    """Right-padded prompts of different (or equal: nothing to pack) lengths into scattered empty slots:
-    the same logits at each prompt's last token, the same keys and values, the same fill levels; the
-    eager function equals the compiled one."""
-    from glmlab.models import gpt_decode
-
-    if not scripted:
-        monkeypatch.setattr("glmlab.models.gpt.scripted_prefill_rows", lambda: gpt_decode.prefill_rows)
-    model = lm.model
-    cache, reference = model.new_cache(8, torch.device("cpu")), model.new_cache(8, torch.device("cpu"))
-    slots = [6, 1, 3]
-    idx = torch.tensor([[5 + 3 * r + t if t < n else 0 for t in range(5)] for r, n in enumerate(lengths)])
-    with torch.no_grad():
-        fast = model.prefill_rows(idx, cache, slots, lengths)
-        slow = model(idx, reference, rows=slots, valid=lengths, last_only=True)[:, -1]
-    assert fast is not None and torch.allclose(fast, slow, atol=1e-5)
-    assert [cache.lengths[s] for s in slots] == lengths == [reference.lengths[s] for s in slots]
-    for s, n in zip(slots, lengths, strict=True):
-        assert torch.allclose(cache.kv[:, s, :, :, :n], reference.kv[:, s, :, :, :n], atol=1e-6)
-    with torch.no_grad():  # then a decode step reads what the prefill wrote exactly as the forward's
-        tokens = torch.tensor([1, 2, 3])
-        assert torch.allclose(model.decode_rows(tokens, cache, slots),
-                              model(tokens[:, None], reference, rows=slots, last_only=True)[:, -1], atol=1e-5)
-
-
-def test_prefill_rows_leaves_a_slot_that_holds_tokens_to_the_forward(lm):
-    model = lm.model
-    cache = model.new_cache(4, torch.device("cpu"))
-    with torch.no_grad():
-        model(torch.tensor([[5, 6]]), cache, rows=[2])
-        assert model.prefill_rows(torch.tensor([[7, 8]]), cache, [2], [2]) is None
-        model.train()
-        try:
-            assert model.prefill_rows(torch.tensor([[7, 8]]), cache, [0], [2]) is None
-        finally:
-            model.eval()
-    assert cache.lengths == [0, 0, 2, 0]
-
-
 def test_move_row_carries_a_rows_whole_state_to_a_free_slot(lm):
     from glmlab.models.vae import SentenceVAE, VAEConfig
 
@@ -199,3 +139,30 @@ def test_move_row_carries_a_rows_whole_state_to_a_free_slot(lm):
             stayed = model(torch.tensor([[8]]), reference, rows=[3], last_only=True)
         assert torch.allclose(moved, stayed, atol=1e-6)
         assert cache.lengths[1] == 4 and cache.lengths[3] == 0
+
+
+def test_int8_decode_weights_are_what_a_batch_decodes_with(lm, one_thread, monkeypatch):
+    """``--decode-weights int8`` reaches every decoding step of the loop the server and generate_batch run (it
+    used to fall back to the native forward there); the prompt is still read at full precision."""
+    import copy
+
+    import glmlab.models.gpt as gpt
+
+    model = copy.deepcopy(lm.model)
+    settings = GenerationSettings(max_new_tokens=12, temperature=0, logprobs=0, stop_at_eos=False)
+    native = generate_batch(model, lm.tokenizer, ["First", "You are"], settings)
+    model.set_decode_weights("int8")
+    calls = []
+    real = gpt.decode_rows_int8
+    monkeypatch.setattr(gpt, "decode_rows_int8", lambda *args: calls.append(1) or real(*args))
+    quantized = generate_batch(model, lm.tokenizer, ["First", "You are"], settings)
+    assert len(calls) == 11  # every step after the prompt's
+    for a, b in zip(native, quantized, strict=True):
+        first_a, first_b = a[0].logprobs[0].logprob, b[0].logprobs[0].logprob
+        assert first_a == first_b  # the first token's log-probability comes from the full-precision prefill
+        diffs = []
+        for x, y in zip(a[0].logprobs[1:], b[0].logprobs[1:], strict=True):
+            if x.token_id != y.token_id:  # greedy paths may part; compare while they agree
+                break
+            diffs.append(abs(x.logprob - y.logprob))
+        assert diffs and 0 < max(diffs) < 0.5

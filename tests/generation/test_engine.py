@@ -7,7 +7,6 @@ import torch
 
 from glmlab.data.tokenizer import train_tokenizer
 from glmlab.generation.beam import beam_search
-from glmlab.generation.engine import Decoder
 from glmlab.generation.generate import GenerationSettings, generate_batch
 from glmlab.generation.text import IncrementalText
 from glmlab.models.gpt import GPT, GPTConfig
@@ -59,10 +58,8 @@ def test_finish_reasons_and_min_new_tokens(lm):
                                                                                  max_time=0.2, seed=0,
                                                                                  stop_at_eos=False))[0][0]
     assert timed.finish_reason == "time" and len(timed.token_ids) < 100_000
-    decoder = Decoder(lm.model, lm.tokenizer, [[eos]], [GenerationSettings(max_new_tokens=5, min_new_tokens=5,
-                                                                            bad_words=["e"], seed=3)])
-    list(decoder.steps())
-    result = decoder.results()[0]
+    result = generate_batch(lm.model, lm.tokenizer, [[eos]], GenerationSettings(max_new_tokens=5, min_new_tokens=5,
+                                                                                bad_words=["e"], seed=3))[0][0]
     assert len(result.token_ids) == 5 and eos not in result.token_ids
     assert lm.tokenizer.encode("e")[0] not in result.token_ids
 

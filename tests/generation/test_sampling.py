@@ -2,11 +2,12 @@
 sampling of whole batches (sample_rows)."""
 
 import math
+import types
 
 import pytest
 import torch
 
-from glmlab.generation.engine import _choose, _Controls, _Row
+from glmlab.generation.engine import Controls, Row, next_tokens
 from glmlab.generation.sampling import UniformStream, inverse_cdf, sample_rows
 from glmlab.generation.settings import GenerationSettings
 
@@ -36,19 +37,23 @@ def test_uniform_stream_depends_only_on_the_seed_not_on_the_block_size():
 
 
 def test_a_rows_tokens_do_not_depend_on_the_rest_of_the_batch():
+    tokenizer = types.SimpleNamespace(eos_id=0)
+
     def rows(seeds, temperature=1.0):
-        return [_Row([1], GenerationSettings(temperature=temperature, seed=s), 0, None, torch.device("cpu"))
+        return [Row([1], GenerationSettings(temperature=temperature, seed=s), 0, tokenizer, torch.device("cpu"))
                 for s in seeds]
+
+    def pick(logits, batch, row):
+        return next_tokens(logits.expand(len(batch), 50), batch, tokenizer, Controls.of(batch))[1][row]
 
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
     alone = rows([3])
     together = rows([3, 4, 5])
-    picks_alone = [_choose(logits, alone, _Controls.of(alone))[0] for _ in range(20)]
-    picks_together = [_choose(logits.expand(3, 50), together, _Controls.of(together))[0] for _ in range(20)]
+    picks_alone = [pick(logits, alone, 0) for _ in range(20)]
+    picks_together = [pick(logits, together, 0) for _ in range(20)]
     assert picks_alone == picks_together and len(set(picks_alone)) > 3
     mixed = rows([3]) + rows([0], temperature=0.0)  # a greedy row next to a sampling one takes the argmax
-    assert [_choose(logits.expand(2, 50), mixed, _Controls.of(mixed))[1] for _ in range(5)] == \
-        [int(logits.argmax())] * 5
+    assert [pick(logits, mixed, 1) for _ in range(5)] == [int(logits.argmax())] * 5
 
 
 def test_sample_rows_draws_from_the_softmax():

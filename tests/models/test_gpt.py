@@ -1,19 +1,10 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glmlab.config import resolve_config
 from glmlab.errors import ConfigError
 from glmlab.models import build_model
 from glmlab.models.gpt import GPT, GPTConfig
-from glmlab.models.gpt_decode import (
-    _script,
-    decode_layers,
-    gelu_rows,
-    scripted_decode_layers,
-    scripted_decode_rows,
-    scripted_prefill_rows,
-)
 from glmlab.training.optim import parameter_groups
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -118,69 +109,3 @@ def test_config_validation_and_registry():
         resolve_config({}, ["model.family=transformerxl"])
     cfg = resolve_config({}, ["model.vocab_size=30", "model.n_layer=1", "model.n_embd=16", "model.n_head=2"])
     assert isinstance(build_model(cfg.model), GPT)
-
-
-def test_int8_decode_weights_stay_close_and_follow_weight_changes():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0)).eval()
-    idx = torch.randint(0, 300, (2, 12))
-
-    def last_step():
-        with torch.no_grad():
-            cache = model.new_cache(2, torch.device("cpu"))
-            model(idx[:, :-1], cache)
-            return model(idx[:, -1:], cache)[:, -1]
-
-    exact = last_step()
-    model.set_decode_weights("int8")
-    quantized = last_step()
-    assert 0 < (quantized - exact).abs().max() < 0.02 * exact.abs().max()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(2)  # tied to wte: the quantized copy must be rebuilt
-    assert not torch.allclose(last_step(), quantized, atol=1e-3)
-    with pytest.raises(ConfigError, match="int4"):
-        model.set_decode_weights("int4")
-
-
-def test_every_fast_step_compiles():
-    """The fast steps fall back to running eagerly when TorchScript refuses them (same numbers, slower):
-    the ones shipped here must all compile."""
-    for step in (scripted_decode_layers, scripted_decode_rows, scripted_prefill_rows):
-        assert isinstance(step(), torch.jit.ScriptFunction), step.__name__
-
-
-@pytest.mark.parametrize("rows", [1, 7, 8, 64])
-def test_gelu_rows_is_the_tanh_gelu(rows):
-    """From 8 rows on it is written as h * sigmoid(2u); below, it is PyTorch's own kernel."""
-    torch.manual_seed(rows)
-    h = torch.randn(rows, 96) * 4
-    expected = F.gelu(h, approximate="tanh")
-    assert torch.allclose(gelu_rows(h.clone()), expected, atol=2e-6, rtol=1e-6)
-    scripted = _script(gelu_rows)
-    assert isinstance(scripted, torch.jit.ScriptFunction)
-    assert torch.allclose(scripted(h.clone()), expected, atol=2e-6, rtol=1e-6)
-    assert not torch.allclose(gelu_rows(h.clone()), F.gelu(h), atol=1e-4)  # not the erf GELU
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_fast_decode_step_is_scripted_and_matches_the_full_forward(bias):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=bias)).eval()
-    if not bias:
-        with torch.no_grad():  # LayerNorms without bias must still see weights other than one
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-    assert isinstance(scripted_decode_layers(), torch.jit.ScriptFunction)
-    idx = torch.randint(0, 40, (3, 10))
-    with torch.no_grad():
-        cache = model.new_cache(3, torch.device("cpu"))
-        model(idx[:, :-1], cache)
-        eager_kv = cache.kv.clone()
-        fast = model.decode_step(idx[:, -1], cache)
-        assert cache.lengths == [10, 10, 10]
-        full = model(idx)[:, -1]
-        eager = decode_layers(idx[:, -1], 9, list(eager_kv.unbind(0)), *cache.weights[:5], cache.weights[5],
-                              2, model.config.layer_norm_epsilon)
-    assert torch.allclose(fast, full, atol=1e-5)
-    assert torch.equal(fast, eager)
-    assert torch.equal(cache.kv, eager_kv)  # the key and value of the new token went to the same place

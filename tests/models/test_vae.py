@@ -47,7 +47,7 @@ def _kl_gradient(model: SentenceVAE) -> tuple[float, float]:
     model.zero_grad()
     mu, logvar = model.encode(y)
     kl = gaussian_kl(mu, logvar)
-    model._kl_term(kl).backward()
+    model.kl_term(kl).backward()
     grad = max(float(p.grad.abs().max()) for p in model.encoder_parameters() if p.grad is not None)
     return float(kl.detach().sum(1).mean()), grad
 
@@ -63,12 +63,12 @@ def test_free_bits_above_the_kl_stop_its_gradient(mode):
 def test_free_bits_per_dimension_release_only_the_dimensions_below_the_floor():
     kl = torch.tensor([[0.1, 2.0, 0.3], [0.2, 3.0, 0.1]], requires_grad=True)
     model = tiny(free_bits=1.0, free_bits_mode="dimension")
-    term = model._kl_term(kl)
+    term = model.kl_term(kl)
     term.backward()
     assert term.item() == pytest.approx(2 * (1.0 + 2.5 + 1.0))  # batch means floored, times the batch
     assert kl.grad.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
     kl.grad = None
-    total = tiny(free_bits=1.0, free_bits_mode="total")._kl_term(kl)  # mean total 2.85 > 1: no floor
+    total = tiny(free_bits=1.0, free_bits_mode="total").kl_term(kl)  # mean total 2.85 > 1: no floor
     total.backward()
     assert total.item() == pytest.approx(5.7) and kl.grad.eq(1.0).all()
 
@@ -77,12 +77,12 @@ def test_free_bits_switch_off_at_free_bits_until():
     kl = torch.tensor([[0.1, 2.0, 0.3], [0.2, 3.0, 0.1]])
     model = tiny(free_bits=1.0, free_bits_until=100)
     model.set_step(99)
-    assert model._kl_term(kl).item() == pytest.approx(2 * (1.0 + 2.5 + 1.0))  # floored
+    assert model.kl_term(kl).item() == pytest.approx(2 * (1.0 + 2.5 + 1.0))  # floored
     model.set_step(100)
-    assert model._kl_term(kl).item() == pytest.approx(float(kl.sum()))  # the plain KL from then on
+    assert model.kl_term(kl).item() == pytest.approx(float(kl.sum()))  # the plain KL from then on
     never = tiny(free_bits=1.0)
     never.set_step(10**6)
-    assert never._kl_term(kl).item() == pytest.approx(2 * (1.0 + 2.5 + 1.0))
+    assert never.kl_term(kl).item() == pytest.approx(2 * (1.0 + 2.5 + 1.0))
 
 
 def test_bn_vae_fixes_the_spread_of_the_posterior_means_and_so_a_kl_floor():

@@ -41,9 +41,13 @@ def test_completion_usage_and_finish_reasons(client):
                                       extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1,
                                                   "ignore_eos": True})
     assert again.choices[0].text == choice.text  # same seed, same text
-    stopped = client.completions.create(model="tiny", prompt="First", max_tokens=100, temperature=0,
-                                        stop=[choice.text[:1] or "e", "\n"])
-    assert stopped.choices[0].finish_reason in ("stop", "length")
+    greedy = client.completions.create(model="tiny", prompt="First", max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0]
+    stop = greedy.text[10:12]  # a stop string the greedy text holds: the stopped text ends before its first
+    stopped = client.completions.create(model="tiny", prompt="First", max_tokens=40, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True}).choices[0]
+    assert len(greedy.text) == 40 and (stopped.finish_reason, stopped.text) == ("stop",
+                                                                               greedy.text[:greedy.text.find(stop)])
 
 
 def test_list_prompts_and_n(client):

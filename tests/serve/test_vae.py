@@ -44,3 +44,20 @@ def test_latent_mistakes_are_400(server, path, body, words):
     r = httpx.post(server.url + "/v1/vae" + path, json=body)
     assert r.status_code == 400 and words in r.json()["error"]["message"]
     assert httpx.post(server.url + "/v1/vae/sample", json={"n": 1}).status_code == 200
+
+
+def test_echoed_prompt_logprobs_of_a_vae_are_given_the_prior_centre_its_completions_start_from(server, vae_run):
+    """The echo path scores the prompt with the model itself; a vae without a z used to answer 500 here."""
+    import torch
+
+    lm = load_run(vae_run)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "I am", "max_tokens": 1, "echo": True,
+                                                         "logprobs": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    ids = [lm.tokenizer.bos_id, *lm.tokenizer.encode("I am")]
+    with torch.no_grad():  # the decoder from the prior's centre, as the server's completions are decoded
+        logp = lm.model(torch.tensor([ids]), lm.model.new_cache(1, torch.device("cpu"))).log_softmax(-1)[0]
+    expected = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert choice["logprobs"]["token_logprobs"][:len(expected)] == pytest.approx(expected, abs=1e-5)
+    assert choice["text"].startswith("I am")

@@ -175,7 +175,7 @@ def test_fit_discriminator_learns_an_easy_task():
     phase = make_phase(real=[[4, 5, 6, 7, 8, 9]] * 20, d_lr=1e-2, d_samples=64)
     fits = [phase.fit_discriminator() for _ in range(4)]
     assert fits[-1]["d_loss"] < fits[0]["d_loss"] and fits[-1]["d_accuracy"] > 0.95
-    real = phase._real_batch(3)
+    real = phase.real_batch(3)
     assert real.tolist() == [[4, 5, 6, 7, 8, 9, EOS_ID]] * 3
 
 
@@ -267,14 +267,14 @@ def test_the_learned_baseline_fits_the_rewards_and_subtracts_its_estimate(monkey
     rewards = torch.full((32, WORDS + 1), 0.7)
     monkeypatch.setattr(phase, "rewards", lambda samples: rewards * sequence_mask(samples))
     seen = []
-    original = phase._critic_step
+    original = phase.critic_step
 
     def recording(x, r, mask):
         advantages, loss = original(x, r, mask)
         seen.append((advantages, mask, loss))
         return advantages, loss
 
-    monkeypatch.setattr(phase, "_critic_step", recording)
+    monkeypatch.setattr(phase, "critic_step", recording)
     for _ in range(60):
         phase.generator_step()
     first_advantages, first_mask, first_loss = seen[0]
@@ -334,7 +334,7 @@ def test_interleaved_mle_steps_fit_the_real_sentences_and_resume(monkeypatch):
     phase.pretrain_discriminator()
     stats = phase.round()
     assert len(calls) == 3 and "mle_loss" in stats and "g_loss" in stats
-    x, targets = phase._teacher_forced(phase._real_batch(50))
+    x, targets = phase.teacher_forced(phase.real_batch(50))
 
     def nll() -> float:
         with torch.no_grad():
@@ -362,8 +362,8 @@ def test_cooperative_training_moves_g_toward_the_mediator_and_the_mediator_towar
     assert phase.pretrain_discriminator() == {} and phase.d_pretrained
     assert phase.cooperative_step()["g_loss"] == pytest.approx(0.0, abs=1e-6)
     assert max(float(p.grad.abs().max()) for p in phase.model.generator_parameters()) < 1e-5
-    real = phase._real_batch(64)
-    x, targets = phase._teacher_forced(real)
+    real = phase.real_batch(64)
+    x, targets = phase.teacher_forced(real)
 
     def mediator_nll() -> float:
         with torch.no_grad():

@@ -1,0 +1,173 @@
+"""What every endpoint of the server shares, handed to the routers as a FastAPI dependency (:func:`served`).
+
+A :class:`Served` holds the run, the server's options, the scheduler that owns the model (a thread, or an
+engine process) and the metrics, and the request helpers every route needs: reading a body within the size
+limit, checking the model name, submitting rows to the scheduler, running other model work on its thread, and
+turning the scheduler's refusals into OpenAI-shaped errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Request
+
+from glmlab.data.tokenizer import Tokenizer
+from glmlab.errors import GlmlabError
+from glmlab.generation.engine import start_id
+from glmlab.models.contract import LanguageModel
+from glmlab.runs import LoadedRun
+from glmlab.serve import protocol as P
+from glmlab.serve.card import model_card
+from glmlab.serve.engine_process import EngineSpec, ProcessScheduler
+from glmlab.serve.metrics import Metrics, server_metrics
+from glmlab.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """``glmlab serve`` settings (see its --help)."""
+
+    model_name: str = "glmlab"
+    api_key: str | None = None
+    max_batch: int = 32  # sequences decoded together (cache slots)
+    max_queue: int = 256  # requests waiting for a slot before 429
+    limits: P.Limits = P.Limits()
+    checkpoint: str = "best"
+    retry_after: int = 1  # seconds, in a 429's Retry-After
+    engine: str = "thread"  # "process": the model decodes in a process of its own (glmlab serve's default)
+    decode_weights: str = "native"  # what the engine process decodes with (glmlab serve --decode-weights)
+    engine_device: str | None = None  # where the engine process decodes; None: the served model's device
+
+
+@dataclass
+class Served:
+    """The server's shared state and request helpers (see the module docstring)."""
+
+    run: LoadedRun
+    options: ServeOptions
+    scheduler: Scheduler | ProcessScheduler = field(init=False)
+    metrics: Metrics = field(init=False)
+    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once it runs
+
+    def __post_init__(self) -> None:
+        run, options = self.run, self.options
+        run.model.eval()
+        if options.engine == "process":
+            spec = EngineSpec(str(run.run_dir), options.checkpoint, options.engine_device or str(run.device),
+                              options.decode_weights, torch.get_num_threads())
+            self.scheduler = ProcessScheduler(spec, options.max_batch, options.max_queue, self.deliver)
+        elif options.engine == "thread":
+            self.scheduler = Scheduler(run.model, run.tokenizer, options.max_batch, options.max_queue, self.deliver)
+        else:
+            raise GlmlabError(f"unknown engine {options.engine!r}", "use 'process' or 'thread'")
+        self.metrics = server_metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.active,
+                                      options.max_batch)
+        self.scheduler.metrics = self.metrics
+        self.card = model_card(run, options.model_name, options.checkpoint)
+        self.start = start_id(run.model, run.tokenizer)  # what every prompt starts with (<bos>, or nothing)
+
+    @property
+    def model(self) -> LanguageModel:
+        return self.run.model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.run.tokenizer
+
+    @property
+    def limits(self) -> P.Limits:
+        return self.options.limits
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """The model's scheduler runs while the app does."""
+        self.loop = asyncio.get_running_loop()
+        self.scheduler.start()
+        try:
+            yield
+        finally:
+            self.scheduler.stop()
+
+    # --- from the model thread ----------------------------------------------------------------------------
+
+    def deliver(self, pairs: list[tuple[Job, Any]]) -> None:
+        """One wake-up of the event loop per step, for every request at once (each job's sink is its queue)."""
+        if not pairs or self.loop is None:  # a step that only dropped cancelled requests; or no loop yet
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            self.loop.call_soon_threadsafe(_put_all, pairs)
+
+    # --- for the endpoints --------------------------------------------------------------------------------
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object, read within the body-size limit."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                raise P.too_large(self.limits)
+            chunks.append(chunk)
+        return P.parse_json(b"".join(chunks), self.limits)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.options.model_name:
+            raise P.APIError(404, f"the model {name!r} does not exist here; this server serves "
+                                  f"{self.options.model_name!r} (GET /v1/models)", param="model",
+                             code="model_not_found")
+
+    def model_object(self) -> dict[str, Any]:
+        return {"id": self.options.model_name, "object": "model", "created": int(self.run.run_dir.stat().st_mtime),
+                "owned_by": "glmlab", "max_model_len": self.model.block_size}
+
+    def submit(self, rows: list[tuple[list[int], Any, int]]) -> tuple[Job, asyncio.Queue]:
+        """Queue a request's rows (prompt ids, settings, sample index); its events arrive on the queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(rows, queue)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull:
+            raise self.busy(f"{self.options.max_queue} requests are waiting already (glmlab serve --max-queue)") \
+                from None
+        except SchedulerStopped as exc:
+            raise self.unavailable(exc) from None
+        return job, queue
+
+    async def on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run other model work (echo log-probabilities, a VAE's tools) where the model lives, between steps."""
+        try:
+            return await asyncio.wrap_future(self.scheduler.call(fn))
+        except QueueFull:
+            raise self.busy("too much model work is waiting") from None
+        except SchedulerStopped as exc:
+            raise self.unavailable(exc) from None
+        except GlmlabError as exc:
+            raise P.bad_request(exc.problem) from None
+
+    def busy(self, why: str) -> P.APIError:
+        return P.APIError(429, f"the server is busy: {why}; retry after {self.options.retry_after} s",
+                          "rate_limit_error", code="queue_full",
+                          headers={"Retry-After": str(self.options.retry_after)})
+
+    def unavailable(self, exc: BaseException) -> P.APIError:
+        return P.APIError(503, f"the model is not available: {exc}", "server_error", code="unavailable",
+                          headers={"Retry-After": str(self.options.retry_after)})
+
+
+def _put_all(pairs: list[tuple[Job, Any]]) -> None:
+    for job, items in pairs:
+        job.sink.put_nowait(items)
+
+
+async def served(request: Request) -> Served:
+    """The FastAPI dependency every router's endpoints take their shared state from (``async``: FastAPI would
+    run a plain function in its thread pool, a hop per request)."""
+    return request.app.state.served
+
+
+ServedDep = Annotated[Served, Depends(served)]
