@@ -241,8 +241,8 @@ class Scheduler:
             # writing of them hardly overlaps it: the two threads' Python serialises on the GIL; measured)
             self.batch.step(publish=self._publish)
         except Exception as exc:  # noqa: BLE001 — fail the batch's requests, keep serving the next ones
+            self.batch = ContinuousBatch(self.model, self.tokenizer, self.slots)  # before anyone hears of the failure
             self._fail_all(exc)
-            self.batch = ContinuousBatch(self.model, self.tokenizer, self.slots)
             return
         if self.metrics is not None:
             self.metrics.observe("decode_step_seconds", time.perf_counter() - started)
