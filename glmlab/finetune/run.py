@@ -129,8 +129,6 @@ def finetune(options: FinetuneOptions, out: str | Path, config_file: dict[str, A
         options.check()
         config, init_raw = resolve_finetune_config(options, config_file or {}, list(overrides or []))
         task = FinetuneTask(options, config, init_raw)
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = task.tokenizer.vocab_size
     before = None
     with Trainer(config, task, out, resume=resume, show_progress=show_progress) as trainer:
         model, device = trainer.model, trainer.device

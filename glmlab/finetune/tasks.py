@@ -36,7 +36,7 @@ from glmlab.models.lora import add_lora
 from glmlab.runs import TOKENIZER, LoadSpec, file_sha256, load_weights_as_written, weights_path
 from glmlab.training.distributed import Distributed
 from glmlab.training.phases import Phase
-from glmlab.training.tasks import Sampler, Validation
+from glmlab.training.tasks import Sampler, Validation, fit_vocabulary
 
 TASKS = ("classify", "sft")
 
@@ -184,8 +184,7 @@ class FinetuneTask:
     # --- the trainer's task --------------------------------------------------------------------------------
 
     def check(self, config: RunConfig) -> None:
-        if config.model.vocab_size == 0:
-            config.model.vocab_size = self.tokenizer.vocab_size
+        fit_vocabulary(config, self.tokenizer)
         self.batch_size = config.train.batch_size
 
     def build_model(self, config: RunConfig, fresh: bool) -> nn.Module:

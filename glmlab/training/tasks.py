@@ -86,6 +86,16 @@ class Task(Protocol):
     def resume_command(self, out: Path) -> str: ...
 
 
+def fit_vocabulary(config: RunConfig, tokenizer: Tokenizer) -> None:
+    """``model.vocab_size`` from the tokenizer when it is 0; an error when it is too small for the tokenizer."""
+    mcfg = config.model
+    if mcfg.vocab_size == 0:
+        mcfg.vocab_size = tokenizer.vocab_size
+    elif mcfg.vocab_size < tokenizer.vocab_size:
+        raise GlmlabError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens", "set model.vocab_size=0 to take it from the data")
+
+
 class LanguageModelingTask:
     """Maximum likelihood on a data directory made by ``glmlab prepare``: random windows of the token stream,
     or whole ``<bos>``-started sentences (``train.batching``; sentences for families that train on nothing
@@ -106,11 +116,7 @@ class LanguageModelingTask:
                               "drop train.batching=windows (or set train.batching=sentences)")
         self.sentences = batching == "sentences" or (batching == "auto" and not traits.windows)
         self._check_tokens(traits.special_tokens)
-        if mcfg.vocab_size == 0:
-            mcfg.vocab_size = self.tokenizer.vocab_size
-        elif mcfg.vocab_size < self.tokenizer.vocab_size:
-            raise GlmlabError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
-                              f"{self.tokenizer.vocab_size} tokens", "set model.vocab_size=0 to take it from the data")
+        fit_vocabulary(config, self.tokenizer)
         self.train_tokens = self.data.tokens("train")
         self.val_tokens = self.data.tokens("val")
         if len(self.val_tokens) == 0:
