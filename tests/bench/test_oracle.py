@@ -103,14 +103,3 @@ def test_mle_steps_must_be_a_positive_count_or_best(tmp_path: Path, capsys) -> N
     with pytest.raises(SystemExit):
         main(["bench", "oracle", "--out", str(tmp_path), "--mle-steps", "early"])
     assert "'early' is neither a positive number of steps nor 'best'" in capsys.readouterr().err
-
-
-def test_the_help_names_every_variant_and_the_default(capsys) -> None:
-    from glmlab.bench.preset import CPU_MLE_STEPS, CPU_ROUNDS, DEFAULT_VARIANTS, VARIANTS
-
-    with pytest.raises(SystemExit):
-        main(["bench", "oracle", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert [name for name in VARIANTS if f"{name} (" not in text] == []
-    assert f"default:{','.join(DEFAULT_VARIANTS)}" in text.replace(" ", "")  # argparse may wrap at a hyphen
-    assert f"the CPU preset, {CPU_MLE_STEPS:,})" in text and f"the CPU preset, {CPU_ROUNDS})" in text
