@@ -24,6 +24,8 @@ from glmlab.serve.cli import add_parser as add_serve_parser
 from glmlab.version import __version__
 
 EXIT_ERROR = 1
+CHECKPOINT_HELP = ("which weights: best (lowest validation loss), last (newest checkpoint) or a checkpoint's name "
+                   "(step-N, in RUN_DIR/checkpoints); each is checked against its checksum before it is loaded")
 EXIT_INTERRUPTED = 130
 
 
@@ -99,7 +101,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="int8: int8 matrices for token-by-token decoding on a CPU (faster for large models; "
                         "logits move by a few percent)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_generate)
 
@@ -118,7 +120,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DATA_DIR", help="data directory (default: the one the run was trained on)")
     p.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: block size)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--samples", type=int, default=None, metavar="K",
@@ -141,7 +143,7 @@ def _add_interop(sub: argparse._SubParsersAction) -> None:
                                    "and AutoTokenizer.from_pretrained.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("hf_dir", metavar="HF_DIR")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
     p.set_defaults(handler=cmd_export_hf)
 
 
@@ -188,7 +190,7 @@ def _add_vae_decoding(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest sentence decoded, in tokens (default and cap: the model's block_size - 1)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -266,7 +268,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sentences", type=int, default=None, metavar="N",
                    help="score only the first N sentences of the split (default: all)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=cmd_compare)
 
@@ -538,7 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():  # a warning is a one-line note (weights without a checksum, ...)
+            warnings.showwarning = lambda message, *_, **__: print(f"glmlab {args.command}: note: {message}",
+                                                                   file=sys.stderr)
+            return args.handler(args)
     except GlmlabError as exc:
         print(f"glmlab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

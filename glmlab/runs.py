@@ -8,6 +8,7 @@ Layout (every file written atomically)::
     RUN_DIR/model.safetensors   weights of the newest checkpoint (a hard link into checkpoints/)
     RUN_DIR/trainer_state.pt    optimiser, schedule, step, data position, RNG states (weights_only)
     RUN_DIR/best/model.safetensors  weights with the best validation loss so far
+    RUN_DIR/**/model.safetensors.sha256  the checksum written with each weights file (``sha256sum -c`` reads it)
     RUN_DIR/metrics.jsonl       one JSON record per log line / evaluation
     RUN_DIR/loss.png            training and validation loss curves
     RUN_DIR/samples.txt         text sampled at the latest evaluation
@@ -15,6 +16,10 @@ Layout (every file written atomically)::
 ``config.json``'s ``load`` section says how to load the model it describes (:class:`LoadSpec`): whether it
 reads sentences, which adapters to merge, which head it has. Runs written before that section existed are
 read from the fields their writers left (``train.batching``, ``finetune``).
+
+Every weights file is checked before it is loaded (:func:`load_weights`) against the checksum written with it
+(its ``.sha256`` file, or a checkpoint's manifest): a changed or damaged file is refused with the other copies
+to load instead; weights written before checksums existed load with a note (:class:`UncheckedWeights`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +56,42 @@ BEST_DIR = "best"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 SAMPLES = "samples.txt"
-CHECKPOINT_CHOICES = ("best", "last")
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+MANIFEST = "manifest.json"
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class UncheckedWeights(UserWarning):
+    """Weights loaded without a check: no checksum was written with them (an older glmlab wrote the run)."""
 
 
 def save_weights(model: nn.Module, path: Path) -> str:
-    """Write weights as safetensors (tied weights stored once); returns the file's sha256."""
+    """Write weights as safetensors (tied weights stored once) and their checksum; returns the sha256."""
+    checksum_path(path).unlink(missing_ok=True)  # a checksum never vouches for weights written after it
     atomic.write_with(path, lambda tmp: save_model(model, str(tmp)))
-    return file_sha256(path)
+    digest = file_sha256(path)
+    write_checksum(path, digest)
+    return digest
+
+
+def checksum_path(weights: Path) -> Path:
+    return weights.with_name(weights.name + CHECKSUM_SUFFIX)
+
+
+def write_checksum(weights: Path, digest: str) -> None:
+    """``weights``'s checksum beside it, in ``sha256sum``'s format."""
+    atomic.write_text(checksum_path(weights), f"{digest}  {weights.name}\n")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Committed-looking checkpoint directories (``checkpoints/step-N``), newest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    n = len(CHECKPOINT_PREFIX)
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[n:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[n:]), reverse=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -67,7 +102,56 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
+def expected_sha256(path: Path) -> str | None:
+    """The checksum written with a weights file: its ``.sha256`` file, or its checkpoint's manifest; None when
+    there is neither (weights an older glmlab wrote)."""
+    sidecar = checksum_path(path)
+    if sidecar.is_file():
+        digest = sidecar.read_text(encoding="utf-8", errors="replace").split(maxsplit=1)[:1]
+        if not digest or len(digest[0]) != 64:
+            raise RunDirError(f"{sidecar} is damaged (it holds no sha256)", _other_copies(path))
+        return digest[0].lower()
+    manifest = path.parent / MANIFEST
+    if manifest.is_file():
+        try:
+            return json.loads(manifest.read_text(encoding="utf-8"))["files"][path.name]["sha256"]
+        except (ValueError, KeyError, TypeError):
+            raise RunDirError(f"{manifest} is damaged", _other_copies(path)) from None
+    return None
+
+
+def verify_weights(path: Path) -> None:
+    """Refuse a weights file that differs from the checksum written with it; note one that has none."""
+    expected = expected_sha256(path)
+    if expected is None:
+        warnings.warn(f"{path} has no checksum (an older glmlab wrote it): loaded without a check",
+                      UncheckedWeights, stacklevel=3)
+        return
+    if file_sha256(path) != expected:
+        raise RunDirError(f"{path} does not match the checksum written with it: the file was damaged or "
+                          "overwritten after it was saved, so it is not loaded", _other_copies(path))
+
+
+def _other_copies(path: Path) -> str:
+    """The fix for a damaged weights file: the run's other copies, as --checkpoint values."""
+    parent = path.parent
+    run_dir = parent.parent.parent if parent.parent.name == CHECKPOINTS else \
+        parent.parent if parent.name == BEST_DIR else parent
+    options = []
+    if (run_dir / WEIGHTS).is_file() and path != run_dir / WEIGHTS:
+        options.append("--checkpoint last")
+    if (run_dir / BEST_DIR / WEIGHTS).is_file() and path != run_dir / BEST_DIR / WEIGHTS:
+        options.append("--checkpoint best")
+    options += [f"--checkpoint {d.name}" for d in checkpoint_dirs(run_dir) if d != parent][:3]
+    if not options:
+        return "restore the file from a copy, or retrain"
+    return f"load another copy of the weights ({', '.join(options)}), or restore the file from a copy"
+
+
+def load_weights(model: nn.Module, path: Path, verify: bool = True) -> None:
+    """Weights into ``model``, checked first against their checksum (``verify=False``: the caller checked)."""
+    if verify:
+        verify_weights(path)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -157,9 +241,12 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
 
 
 def weights_path(run_dir: Path, checkpoint: str) -> Path:
-    """The weights file of ``checkpoint`` (best falls back to last when no evaluation has run yet)."""
-    if checkpoint not in CHECKPOINT_CHOICES:
-        raise RunDirError(f"unknown checkpoint {checkpoint!r}", "use best or last")
+    """The weights file of ``checkpoint``: ``best`` (falls back to last when no evaluation has run yet),
+    ``last``, or a checkpoint's name (``step-250`` or ``step-00000250``, in ``RUN_DIR/checkpoints``)."""
+    if checkpoint.startswith(CHECKPOINT_PREFIX):
+        return _named_checkpoint(run_dir, checkpoint)
+    if checkpoint not in ("best", "last"):
+        raise RunDirError(f"unknown checkpoint {checkpoint!r}", "use best, last or a checkpoint's name (step-N)")
     best = run_dir / BEST_DIR / WEIGHTS
     last = run_dir / WEIGHTS
     path = best if checkpoint == "best" and best.is_file() else last
@@ -167,6 +254,16 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
         raise RunDirError(f"{run_dir} has no model weights ({WEIGHTS}); training has not saved a checkpoint yet",
                           "train longer, or resume with: glmlab train --resume --out " + str(run_dir))
     return path
+
+
+def _named_checkpoint(run_dir: Path, name: str) -> Path:
+    step, n = name[len(CHECKPOINT_PREFIX):], len(CHECKPOINT_PREFIX)
+    found = [d for d in checkpoint_dirs(run_dir) if step.isdigit() and int(d.name[n:]) == int(step)]
+    if not found or not (found[0] / WEIGHTS).is_file():
+        names = ", ".join(d.name for d in checkpoint_dirs(run_dir)) or "none"
+        raise RunDirError(f"{run_dir} has no checkpoint {name!r} (its checkpoints: {names})",
+                          "use best, last or one of its checkpoints' names")
+    return found[0] / WEIGHTS
 
 
 @dataclass

@@ -45,6 +45,25 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, char_data: Path) -> Pa
     return out
 
 
+def excerpt_lines(limit: int = 40_000) -> list[str]:
+    """The non-empty lines of the bundled corpus's first ``limit`` characters, stripped."""
+    text = default_corpus_path().read_text(encoding="utf-8")[:limit]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def short_docs_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny gpt trained for 200 steps on many short documents (each line of the excerpt its own JSONL
+    document), so that after a whole line its likely next token is ``<eos>``."""
+    base = tmp_path_factory.mktemp("short-docs")
+    (base / "docs.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in excerpt_lines()),
+                                     encoding="utf-8")
+    prepare([base / "docs.jsonl"], base / "data", tokenizer="char")
+    train(tiny_config("train.max_steps=200", "train.eval_interval=100", "train.sample_tokens=0"), base / "data",
+          base / "run", show_progress=False)
+    return base / "run"
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one thread is fastest, and fair to whatever else runs on the machine."""

@@ -71,6 +71,25 @@ class Tokenizer:
             return None
         return [self.decode([i]) for i in range(self.vocab_size)]
 
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in decoded text: what the token adds to it (special tokens add nothing). A byte-level
+        BPE token may hold part of a character; a word token's bytes leave out the space decoding puts between
+        words. What OpenAI's logprobs ``bytes`` and constrained decoding read."""
+        specials = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+        byte_level = (json.loads(self.hf.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+        table = _byte_level_alphabet() if byte_level else {}
+        out = []
+        for i in range(self.vocab_size):
+            token = self.hf.id_to_token(i)
+            if token is None or token in specials:
+                out.append(b"")
+            elif byte_level and all(c in table for c in token):
+                out.append(bytes(table[c] for c in token))
+            else:
+                out.append(self.decode([i]).encode("utf-8"))
+        return out
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
@@ -128,6 +147,15 @@ def _infer_kind(hf: HFTokenizer) -> str:
         decoder = spec.get("decoder") or {}
         return "char" if decoder.get("type") == "Fuse" else "word"
     return "bpe"
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the rest for
+    the characters from U+0100 up, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
 def _with_specials(hf: HFTokenizer) -> HFTokenizer:

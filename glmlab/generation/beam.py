@@ -95,5 +95,6 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
             continue
         body = tokens[:-1] if tokens and tokens[-1] == eos and s.stop_at_eos else tokens
         reason = "stop" if len(body) < len(tokens) else "length"
-        results.append(Completion(tokenizer.decode(body), body, reason, len(prompt_ids), score=score))
+        results.append(Completion(tokenizer.decode(body), body, reason, len(prompt_ids), score=score,
+                                  ended_at_eos=reason == "stop"))
     return results[: s.num_return_sequences]

@@ -39,12 +39,11 @@ class RowEvent:
 class _Slot:
     """An active row and where it lives: its cache slot and the logits of its next token."""
 
-    __slots__ = ("key", "row", "slot", "started", "logged")
+    __slots__ = ("key", "row", "slot", "started")
 
     def __init__(self, key: Hashable, row: Row, slot: int) -> None:
         self.key, self.row, self.slot = key, row, slot
         self.started = False  # prefilled
-        self.logged = 0  # logprob entries already reported
 
 
 class ContinuousBatch:
@@ -156,14 +155,13 @@ class ContinuousBatch:
         events, now, finished = [], time.perf_counter(), False
         eos = self.tokenizer.eos_id
         for entry, row, token in zip(entries, rows, tokens, strict=True):
-            ended = token == eos and row.settings.stop_at_eos  # an end of text is not a token of the output
-            event = RowEvent(entry.key, row.accept(token, eos, now), [] if ended else [token], [])
-            if row.logprobs is not None and len(row.logprobs) > entry.logged:
-                event.logprobs = row.logprobs[entry.logged:]
-                entry.logged = len(row.logprobs)
+            event = RowEvent(entry.key, row.accept(token, eos, now), [token], [])  # <eos> too: it was generated
+            if row.logprobs is not None:
+                event.logprobs = row.take_logprobs()
             if row.done:
-                event.completion, tail = self._finish(entry)
+                event.completion, tail, late = self._finish(entry)
                 event.delta += tail  # text held back (a possible stop string) that no delta has shown yet
+                event.logprobs += late
                 finished = True
             events.append(event)
         if finished:  # in slot order: when the slots in use are 0..n-1, a fast path reads the cache in place
@@ -199,8 +197,9 @@ class ContinuousBatch:
         self._free.sort(reverse=True)  # the lowest free slot is taken first
         self._active.sort(key=lambda e: e.slot)
 
-    def _finish(self, entry: _Slot) -> tuple[Completion, str]:
-        """Free the row's slot; its completion, and the text the deltas have not shown yet."""
+    def _finish(self, entry: _Slot) -> tuple[Completion, str, list[TokenLogprob]]:
+        """Free the row's slot; its completion, the text the deltas have not shown yet, and the logprobs
+        entries not reported yet."""
         self._by_key.pop(entry.key, None)
         self._release(entry)
         return entry.row.finish(self.tokenizer)

@@ -42,12 +42,23 @@ class TokenLogprob:
 
 @dataclass
 class Completion:
+    """One finished sequence. ``token_ids`` are the tokens of ``text``; a sequence that ended by generating
+    ``<eos>`` says so in ``ended_at_eos``: that token is not part of the text, but it was generated, so it
+    is counted in :attr:`generated_tokens` and its log-probability is the last of ``logprobs`` (as vLLM's
+    server reports it; a chat reply's logprobs hold only the tokens its text shows)."""
+
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string), "length" (max_new_tokens) or "time" (max_time)
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: the length-normalised sum of log-probabilities
+    ended_at_eos: bool = False
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated, the closing ``<eos>`` included (what usage counts)."""
+        return len(self.token_ids) + self.ended_at_eos
 
 
 def row_seed(seed: int | None, index: int) -> int:
@@ -118,10 +129,13 @@ class Row:
         self.max_new_tokens = settings.max_new_tokens
         self.done = False
         self.finish_reason = "length"
-        self.text = IncrementalText(tokenizer) if settings.stop or deltas else None
+        self.text = IncrementalText(tokenizer) if settings.stop or deltas or settings.chat_reply else None
         self.emitted = ""  # text already handed out as deltas
         self.final_text: str | None = None  # text cut at a stop string
+        self.ended_at_eos = False
         self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
+        self.shown = ReplyLogprobs() if settings.chat_reply and self.logprobs is not None else None
+        self._reported = 0  # entries of self.logprobs already reported (all rows but chat replies)
         self.bad_words = bad_word_ids(tokenizer, settings.bad_words)
         self.deadline = time.perf_counter() + settings.max_time if settings.max_time else None
         self.context = list(prompt_ids)  # what the cache holds, for re-encoding when the context fills
@@ -134,14 +148,14 @@ class Row:
         """Take the step's token for this row: the end of its text (``<eos>``, unless ignored), or one more
         token, after which its stop strings, ``max_new_tokens`` and deadline may end it. Returns the text delta
         the token makes safe to show ('' if none)."""
-        if token == eos_id and self.settings.stop_at_eos:
-            self.done, self.finish_reason = True, "stop"
-            if self.logprobs:  # the EOS token is not part of the output, nor is its log-probability
-                self.logprobs.pop()
+        if token == eos_id and self.settings.stop_at_eos:  # its text is not part of the output, its logprob is
+            self.done, self.finish_reason, self.ended_at_eos = True, "stop", True
             return ""
         self.generated.append(token)
         self.context.append(token)
         delta = self._advance_text(token) if self.text is not None else ""
+        if self.shown is not None:
+            self.shown.spans.append(len(self.text.text))
         if not self.done and len(self.generated) >= self.max_new_tokens:
             self.done, self.finish_reason = True, "length"
         if not self.done and self.deadline is not None and now >= self.deadline:
@@ -153,6 +167,8 @@ class Row:
         character, never what may be the start of a stop string."""
         self.text.push(token)
         text, stops = self.text.text, self.settings.stop
+        if self.settings.chat_reply:  # a reply's leading whitespace is not shown, so no stop string can match it
+            text = text.lstrip()
         cut = find_stop(text, stops)
         if cut >= 0:
             self.final_text = text[:cut]
@@ -167,12 +183,77 @@ class Row:
             return delta
         return ""
 
-    def finish(self, tokenizer: Tokenizer) -> tuple[Completion, str]:
-        """The row's completion, and the text no delta has shown yet (what the stop-string hold-back kept)."""
+    def take_logprobs(self, final: bool = False) -> list[TokenLogprob]:
+        """The log-probability entries ready to report since the last call: every generated token's (the
+        closing ``<eos>`` included) as soon as it is chosen; for a chat reply, those of the tokens its text
+        shows, once that text is shown."""
+        if self.logprobs is None:
+            return []
+        if self.shown is not None:
+            full = self.text.text
+            return self.shown.settle(self.logprobs, len(full) - len(full.lstrip()), len(self.emitted), final)
+        new = self.logprobs[self._reported:]
+        self._reported = len(self.logprobs)
+        return new
+
+    def finish(self, tokenizer: Tokenizer) -> tuple[Completion, str, list[TokenLogprob]]:
+        """The row's completion, the text no delta has shown yet (what the stop-string hold-back kept) and the
+        log-probability entries not reported yet (a chat reply's, decided once its text is final)."""
         text = self.final_text if self.final_text is not None else tokenizer.decode(self.generated)
+        if self.settings.chat_reply:
+            text = text.lstrip()
         tail = text[len(self.emitted):] if text.startswith(self.emitted) else ""
         self.emitted = text
-        return Completion(text, self.generated, self.finish_reason, len(self.prompt_ids), self.logprobs), tail
+        logprobs, late = self.logprobs, self.take_logprobs(final=True)
+        if self.shown is not None:
+            logprobs = self.shown.kept
+        return Completion(text, self.generated, self.finish_reason, len(self.prompt_ids), logprobs,
+                          ended_at_eos=self.ended_at_eos), tail, late
+
+
+class ReplyLogprobs:
+    """Which generated tokens a chat reply shows, so its log-probabilities line up with its text: not the
+    leading whitespace the reply drops, not a stop string or what follows, not the closing ``<eos>``.
+
+    ``spans[i]`` is the length of the generated text after token ``i``. A token whose text is empty (the
+    first byte of a character that is not whole yet) goes with the next token that completes text."""
+
+    def __init__(self) -> None:
+        self.spans: list[int] = []
+        self.kept: list[TokenLogprob] = []
+        self._next = 0  # the first token not decided yet
+
+    def settle(self, entries: list[TokenLogprob], lead: int, shown: int, final: bool) -> list[TokenLogprob]:
+        """Decide what can be decided: the entries newly kept. ``lead``: the leading whitespace dropped from
+        the generated text; ``shown``: characters of the reply shown so far (the whole reply when ``final``)."""
+        new: list[TokenLogprob] = []
+        spans = self.spans
+        while self._next < len(spans):
+            first = self._next
+            start = spans[first - 1] if first else 0
+            last = first
+            while last < len(spans) and spans[last] == (spans[last - 1] if last else 0):
+                last += 1  # empty tokens, decided with the token that completes their character
+            if last == len(spans):  # a character left incomplete: the final text shows it as U+FFFD
+                if final:
+                    if start < lead + shown:
+                        new += entries[first:last]
+                    self._next = len(spans)
+                break
+            end = spans[last]
+            if end <= lead:  # leading whitespace, whatever follows
+                keep: bool | None = False
+            elif final or end <= lead + shown:
+                keep = start < lead + shown
+            else:
+                keep = None  # not shown yet: wait
+            if keep is None:
+                break
+            if keep:
+                new += entries[first:last + 1]
+            self._next = last + 1
+        self.kept += new
+        return new
 
 
 @dataclass(frozen=True)

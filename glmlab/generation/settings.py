@@ -43,6 +43,9 @@ class GenerationSettings:
     logprobs: int | None = None  # None = off; N = the chosen token's log-prob and N alternatives
     seed: int | None = None  # the same seed gives the same text, whatever else is in the batch
     max_time: float | None = None  # seconds; generation stops (finish_reason "time") when it runs out
+    # A chat reply: its leading whitespace is dropped before stop strings apply, and its logprobs are those
+    # of the tokens its text shows (not the dropped whitespace, a stop string or the closing <eos>).
+    chat_reply: bool = False
 
     def validate(self) -> None:
         checks = [

@@ -56,3 +56,14 @@ def held_back(text: str, stops: list[str]) -> int:
     while hold < len(text) and text[len(text) - 1 - hold] == "\ufffd":
         hold += 1
     return hold
+
+
+def text_offsets(tokenizer: Tokenizer, ids: list[int], base: int = 0) -> list[int]:
+    """Where each token's text starts in the decoded text of ``ids`` (plus ``base``): OpenAI's ``text_offset``.
+    A token that adds no text (a special token, the first byte of a character not whole yet) starts where the
+    next text does."""
+    text, offsets = IncrementalText(tokenizer), []
+    for token in ids:
+        offsets.append(base + len(text.text))
+        text.push(token)
+    return offsets

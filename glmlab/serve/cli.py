@@ -36,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default 2048)")
     p.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) (default 16)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N",
+                   help="which weights to serve: best, last or a checkpoint's name (step-N), checked against its "
+                        "checksum first")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--decode-weights", default="native", choices=("native", "int8"),
                    help="int8: int8 matrices for decoding on a CPU (gpt runs)")

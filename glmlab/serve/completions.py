@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from glmlab.data.tokenizer import Tokenizer
-from glmlab.generation.engine import TokenLogprob
+from glmlab.generation.continuous import RowEvent
+from glmlab.generation.engine import Completion, TokenLogprob
 from glmlab.models.contract import LanguageModel
 from glmlab.serve import protocol as P
 from glmlab.serve import responses as R
@@ -55,9 +56,11 @@ async def _answer(request: Request, req: P.GenerationRequest, served: Served) ->
     """Decode a checked request: a stream of chunks, or the whole answer once every row is done."""
     prompt_lp = await _echo_logprobs(req, served)
     served.metrics.inc("prompt_tokens_total", sum(p.tokens for p in req.prompts))
+    if not req.generate:  # max_tokens=0 with echo: the prompts' log-probabilities, nothing generated
+        return _echo_only(req, prompt_lp, served)
     job, queue = served.submit([(p.ids, req.settings, j) for p in req.prompts for j in range(req.n)])
     if req.stream:
-        events = R.event_stream(req, queue, prompt_lp, served.options.model_name)
+        events = R.event_stream(req, queue, prompt_lp, served.options.model_name, served.tokenizer)
         return _EventStream(events, lambda: served.scheduler.cancel(job))
     try:
         results = await _collect(request, queue, len(job.rows))
@@ -68,14 +71,26 @@ async def _answer(request: Request, req: P.GenerationRequest, served: Served) ->
         raise served.unavailable(exc) from None
     finally:
         served.scheduler.cancel(job)  # a no-op once every row finished
-    return JSONResponse(R.completion_body(req, results, prompt_lp, served.options.model_name))
+    return JSONResponse(R.completion_body(req, results, prompt_lp, served.options.model_name, served.tokenizer))
+
+
+def _echo_only(req: P.GenerationRequest, prompt_lp: list[list[TokenLogprob]], served: Served) -> Response:
+    """The answer to ``max_tokens: 0`` with ``echo``: each prompt, no completion (finish reason "length")."""
+    rows = len(req.prompts) * req.n
+    results = {r: Completion("", [], "length", len(req.prompts[r // req.n].ids), []) for r in range(rows)}
+    name = served.options.model_name
+    if not req.stream:
+        return JSONResponse(R.completion_body(req, results, prompt_lp, name, served.tokenizer))
+    queue: asyncio.Queue = asyncio.Queue()
+    queue.put_nowait([(r, RowEvent(r, completion=c)) for r, c in results.items()])
+    return _EventStream(R.event_stream(req, queue, prompt_lp, name, served.tokenizer), lambda: None)
 
 
 async def _echo_logprobs(req: P.GenerationRequest, served: Served) -> list[list[TokenLogprob]]:
     if not (req.echo and req.logprobs is not None):
         return [[] for _ in req.prompts]
     model, tokenizer, start = served.model, served.tokenizer, served.start
-    return await served.on_model_thread(lambda: [prompt_logprobs(model, tokenizer, p.ids, req.logprobs, start)
+    return await served.on_model_thread(lambda: [prompt_logprobs(model, tokenizer, p.whole, req.logprobs, start)
                                                  for p in req.prompts])
 
 

@@ -31,6 +31,7 @@ import multiprocessing
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,10 +85,11 @@ def _engine_main(conn: Any, spec: EngineSpec, slots: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
     import torch
 
-    from glmlab.runs import load_run
+    from glmlab.runs import UncheckedWeights, load_run
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    warnings.simplefilter("ignore", UncheckedWeights)  # the server, which loaded the run first, said so
     try:
         run = load_run(spec.run_dir, checkpoint=spec.checkpoint, device=spec.device)
         run.use_decode_weights(spec.decode_weights)

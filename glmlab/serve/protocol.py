@@ -141,11 +141,13 @@ def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
 
 @dataclass
 class Prompt:
-    """One prompt: its text (for echo) and its ids as the model reads them (start token, cut to fit)."""
+    """One prompt: its text (for echo), its ids as generation reads them (start token, cut to fit) and all
+    of them (what echo scores)."""
 
     text: str
     ids: list[int]
     tokens: int  # prompt tokens counted for usage
+    whole: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -161,13 +163,17 @@ class GenerationRequest:
     echo: bool = False
     logprobs: int | None = None  # completions: alternatives per token; chat: top_logprobs when logprobs is on
     chat: bool = False
+    generate: bool = True  # False: max_tokens=0 with echo (the prompt's log-probabilities, nothing generated)
     extra_stops: list[str] = field(default_factory=list)
 
 
-def sampling_settings(f: Fields, limits: Limits, default_max_tokens: int) -> GenerationSettings:
-    """The controls shared by completions and chat, OpenAI names first, then vLLM's extensions."""
-    max_tokens = f.integer("max_tokens", None, 1, limits.max_tokens,
+def sampling_settings(f: Fields, limits: Limits, default_max_tokens: int, least: int = 1) -> GenerationSettings:
+    """The controls shared by completions and chat, OpenAI names first, then vLLM's extensions. ``least``:
+    the smallest max_tokens allowed (0 for an echo that only scores its prompt)."""
+    max_tokens = f.integer("max_tokens", None, least, limits.max_tokens,
                            hint=" (this server's limit: glmlab serve --max-tokens)")
+    if max_tokens == 0:
+        max_tokens = 1  # nothing is generated (GenerationRequest.generate); the settings stay valid
     if max_tokens is None:
         max_tokens = f.integer("max_completion_tokens", min(default_max_tokens, limits.max_tokens), 1,
                                limits.max_tokens, hint=" (this server's limit: glmlab serve --max-tokens)")
@@ -235,7 +241,21 @@ def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab
     if start is not None:
         ids = [start, *ids]
     keep = max(1, block_size - 1)  # room for at least one generated token; a longer prompt keeps its end
-    return Prompt(text, ids[-keep:], len(ids))
+    return Prompt(text, ids[-keep:], len(ids), ids)
+
+
+def check_fits(prompt: Prompt, block_size: int, start: int | None, param: str) -> None:
+    """A prompt whose every token is scored (echo with logprobs) must fit the context in one window: cutting
+    it would misalign the log-probabilities with the echoed text, so it is refused (as vLLM refuses a
+    prompt longer than max_model_len)."""
+    if len(prompt.whole) <= block_size:
+        return
+    room = block_size - (start is not None)
+    raise bad_request(f"this model's maximum context length (max_model_len) is {block_size} tokens, but {param} "
+                      f"has {prompt.tokens} tokens{' after its start token' if start is not None else ''}; with "
+                      f"echo and logprobs every prompt token is scored in one window, so a prompt may have at most "
+                      f"{room} tokens: shorten it (lm-evaluation-harness: model_args max_length={room})", param,
+                      "context_length_exceeded")
 
 
 def prompt_list(value: Any) -> list[str | list[int]]:
@@ -263,15 +283,20 @@ def completion_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: i
     if "prompt" not in body:
         raise bad_request("prompt is required", "prompt", "missing_field")
     texts = prompt_list(body["prompt"])
-    settings = sampling_settings(f, limits, default_max_tokens=16)
+    echo = f.boolean("echo", False)
+    settings = sampling_settings(f, limits, default_max_tokens=16, least=0 if echo else 1)
     n = _n(f, limits, len(texts))
     logprobs = f.integer("logprobs", None, 0, min(MAX_LOGPROBS, vocab_size))
     settings.logprobs = logprobs
     stream = f.boolean("stream", False)
-    request = GenerationRequest(f.string("model"), [], settings, n, stream, stream_options(f, stream),
-                                echo=f.boolean("echo", False), logprobs=logprobs)
-    request.prompts = [encode(tokenizer, t, block_size, vocab_size, start, limits,
-                              "prompt" if len(texts) == 1 else f"prompt[{i}]") for i, t in enumerate(texts)]
+    request = GenerationRequest(f.string("model"), [], settings, n, stream, stream_options(f, stream), echo=echo,
+                                logprobs=logprobs, generate=body.get("max_tokens") != 0)
+    names = ["prompt" if len(texts) == 1 else f"prompt[{i}]" for i in range(len(texts))]
+    request.prompts = [encode(tokenizer, t, block_size, vocab_size, start, limits, name)
+                       for t, name in zip(texts, names, strict=True)]
+    if echo and logprobs is not None:
+        for prompt, name in zip(request.prompts, names, strict=True):
+            check_fits(prompt, block_size, start, name)
     _validate(settings)
     return request
 
@@ -351,6 +376,7 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
     settings.logprobs = logprobs
     settings.stop = settings.stop + [s for s in CHAT_STOPS if s not in settings.stop]
+    settings.chat_reply = True  # stops apply to the reply after its leading whitespace; logprobs line up with it
     stream = f.boolean("stream", False)
     request = GenerationRequest(f.string("model"), [encode(tokenizer, prompt, block_size, vocab_size, start, limits,
                                                            "messages")],

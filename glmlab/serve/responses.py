@@ -10,8 +10,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation.continuous import RowEvent
 from glmlab.generation.engine import TokenLogprob
+from glmlab.generation.text import IncrementalText, text_offsets
 from glmlab.serve.protocol import GenerationRequest
 
 
@@ -28,25 +30,41 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, list]:
+def completion_logprobs(entries: list[TokenLogprob], offsets: list[int]) -> dict[str, list]:
     """The completions API's logprobs: parallel lists of tokens, their log-probabilities, the top
-    alternatives and each token's offset in the text (an echoed prompt's first token has none: null)."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        out["tokens"].append(e.token)
-        out["token_logprobs"].append(e.logprob)
-        out["top_logprobs"].append({t: lp for _, t, lp in e.top} if e.logprob is not None else None)
-        out["text_offset"].append(offset)
-        offset += len(e.token)
-    return out
+    alternatives and each token's offset in the text (an echoed prompt's first token has none: null). A
+    closing ``<eos>`` is listed (as vLLM does: its text is not in the output, its log-probability counts)."""
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for _, t, lp in e.top} if e.logprob is not None else None for e in entries],
+            "text_offset": offsets}
 
 
-def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, list]:
-    """The chat API's logprobs: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
-    def one(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+class Offsets:
+    """A choice's ``text_offset`` as its tokens arrive: where each starts in the returned text (after the
+    echoed prompt, whose own offsets come from decoding its tokens)."""
 
-    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for _, t, lp in e.top]}
+    def __init__(self, tokenizer: Tokenizer, base: int = 0) -> None:
+        self.text, self.base = IncrementalText(tokenizer), base
+
+    def of(self, entries: list[TokenLogprob]) -> list[int]:
+        out = []
+        for e in entries:
+            out.append(self.base + len(self.text.text))
+            self.text.push(e.token_id)
+        return out
+
+
+def chat_logprobs(entries: list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, list]:
+    """The chat API's logprobs: ``{"content": [{token, logprob, bytes, top_logprobs}]}``. ``bytes`` are what the
+    token adds to the reply (joined, they make the content; a special token adds none, a byte-level token may
+    hold part of a character), ``token`` its text or special token's name."""
+    table = tokenizer.token_bytes
+
+    def one(token_id: int, token: str, logprob: float) -> dict[str, Any]:
+        raw = table[token_id] if 0 <= token_id < len(table) else b""
+        return {"token": token, "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**one(e.token_id, e.token, e.logprob), "top_logprobs": [one(*t) for t in e.top]}
                         for e in entries]}
 
 
@@ -71,21 +89,24 @@ def text_chunk_format(rid: str, kind: str, created: int, name: str, chat: bool,
                               f'"finish_reason":null}}{tail}')
 
 
-def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: list, name: str) -> dict[str, Any]:
+def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: list, name: str,
+                    tokenizer: Tokenizer) -> dict[str, Any]:
     choices, generated = [], 0
     for r in range(len(results)):
         c, prompt = results[r], req.prompts[r // req.n]
-        generated += len(c.token_ids)
+        generated += c.generated_tokens
         if req.chat:
-            choice = {"index": r, "message": {"role": "assistant", "content": c.text.lstrip()},
-                      "logprobs": chat_logprobs(c.logprobs) if req.logprobs is not None else None,
+            choice = {"index": r, "message": {"role": "assistant", "content": c.text},
+                      "logprobs": chat_logprobs(c.logprobs, tokenizer) if req.logprobs is not None else None,
                       "finish_reason": c.finish_reason}
         else:
             text = prompt.text + c.text if req.echo else c.text
             logprobs = None
             if req.logprobs is not None:
-                entries = (prompt_lp[r // req.n] if req.echo else []) + list(c.logprobs or [])
-                logprobs = completion_logprobs(entries, 0)
+                echoed = prompt_lp[r // req.n] if req.echo else []
+                offsets = Offsets(tokenizer, len(prompt.text) if req.echo else 0)
+                logprobs = completion_logprobs(echoed + list(c.logprobs or []),
+                                               _echo_offsets(tokenizer, echoed) + offsets.of(c.logprobs or []))
             choice = {"text": text, "index": r, "logprobs": logprobs, "finish_reason": c.finish_reason}
         choices.append(choice)
     prompt_tokens = sum(p.tokens for p in req.prompts)
@@ -94,7 +115,12 @@ def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: 
             "choices": choices, "usage": usage(prompt_tokens, generated)}
 
 
-async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: list, name: str) -> AsyncIterator[str]:
+def _echo_offsets(tokenizer: Tokenizer, echoed: list[TokenLogprob]) -> list[int]:
+    return text_offsets(tokenizer, [e.token_id for e in echoed])
+
+
+async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: list, name: str,
+                       tokenizer: Tokenizer) -> AsyncIterator[str]:
     """Server-sent events: one chunk per choice per step that produced text, ending with ``data: [DONE]``."""
     rid, created = new_id("chatcmpl" if req.chat else "cmpl"), now()
     kind = "chat.completion.chunk" if req.chat else "text_completion"
@@ -107,17 +133,15 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
 
     text_chunk = text_chunk_format(rid, kind, created, name, req.chat, req.include_usage)
 
-    started = [False] * rows  # chat: the reply's leading whitespace is dropped
-    offsets = [0] * rows
+    offsets = [Offsets(tokenizer, len(req.prompts[r // req.n].text) if req.echo else 0) for r in range(rows)]
     for r in range(rows):
         if req.chat:
             yield chunk({"index": r, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})
         elif req.echo:
-            text = req.prompts[r // req.n].text
-            lp = completion_logprobs(prompt_lp[r // req.n], 0) if req.logprobs is not None else None
-            offsets[r] = len(text)
-            yield chunk({"text": text, "index": r, "logprobs": lp, "finish_reason": None})
+            echoed = prompt_lp[r // req.n]
+            lp = completion_logprobs(echoed, _echo_offsets(tokenizer, echoed)) if req.logprobs is not None else None
+            yield chunk({"text": req.prompts[r // req.n].text, "index": r, "logprobs": lp, "finish_reason": None})
     done, generated = 0, 0
     while done < rows:
         items = await queue.get()
@@ -134,12 +158,9 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
             done += finish is not None
             delta = event.delta
             if req.chat:
-                if not started[r]:
-                    delta = delta.lstrip()
-                    started[r] = bool(delta)
                 if not (delta or finish or event.logprobs):
                     continue
-                lp = chat_logprobs(event.logprobs) if req.logprobs is not None and event.logprobs else None
+                lp = chat_logprobs(event.logprobs, tokenizer) if req.logprobs is not None and event.logprobs else None
                 if delta and lp is None and finish is None:
                     yield text_chunk(delta, r)
                     continue
@@ -150,8 +171,7 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
                     continue
                 lp = None
                 if req.logprobs is not None:
-                    lp = completion_logprobs(event.logprobs, offsets[r])
-                offsets[r] += len(delta)
+                    lp = completion_logprobs(event.logprobs, offsets[r].of(event.logprobs))
                 if lp is None and finish is None:
                     yield text_chunk(delta, r)
                     continue

@@ -24,11 +24,18 @@ from safetensors.torch import save_model
 
 from glmlab import atomic
 from glmlab.errors import GlmlabError, RunDirError
-from glmlab.runs import TRAINER_STATE, WEIGHTS, file_sha256, load_weights
-
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-_PREFIX = "step-"
+from glmlab.runs import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS,
+    MANIFEST,
+    TRAINER_STATE,
+    WEIGHTS,
+    checkpoint_dirs,
+    checksum_path,
+    file_sha256,
+    load_weights,
+    write_checksum,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,15 +76,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Committed-looking checkpoint directories, newest first."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[5:].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
-
-
 def verify(directory: Path) -> str | None:
     """None if every file matches the manifest; otherwise what is wrong."""
     manifest_path = directory / MANIFEST
@@ -102,14 +100,14 @@ def verify(directory: Path) -> str | None:
 def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
     """Write a checkpoint for ``state['step']``, point the top-level files at it, keep the newest ``keep``."""
     root = run_dir / CHECKPOINTS
-    final = root / f"{_PREFIX}{state['step']:08d}"
+    final = root / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
     tmp = root / f".tmp-{final.name}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(".tmp-*"):  # from a write that was killed
             shutil.rmtree(leftover, ignore_errors=True)
         for stale in checkpoint_dirs(run_dir):  # newer than this step: damaged ones resume skipped; keep aside
-            if int(stale.name[len(_PREFIX):]) > state["step"]:
+            if int(stale.name[len(CHECKPOINT_PREFIX):]) > state["step"]:
                 os.replace(stale, root / f"damaged-{stale.name}")
         tmp.mkdir()
         save_model(model, str(tmp / WEIGHTS))
@@ -130,8 +128,10 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], keep
         os.replace(tmp, final)
         _fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
+        checksum_path(run_dir / WEIGHTS).unlink(missing_ok=True)  # never vouching for the weights it replaces
         for name in (WEIGHTS, TRAINER_STATE):
             _link_or_copy(final / name, run_dir / name)
+        write_checksum(run_dir / WEIGHTS, files[WEIGHTS]["sha256"])
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(run_dir, exc) from None
@@ -154,7 +154,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module) -> tuple[dict[str, Any], li
         problem = verify(directory)
         if problem is None:
             state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
-            load_weights(model, directory / WEIGHTS)
+            load_weights(model, directory / WEIGHTS, verify=False)  # verified with its manifest just now
             return state, [(d.name, why) for d, why in problems]
         problems.append((directory, problem))
     listing = "; ".join(f"{d.name}: {why}" for d, why in problems)

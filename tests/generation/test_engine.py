@@ -133,13 +133,23 @@ def test_a_row_time_limit_does_not_stop_its_neighbours(lm):
     assert whole[0].finish_reason == "length" and len(whole[0].token_ids) == 300
 
 
-def test_logprobs_line_up_with_tokens_when_eos_ends_a_row(lm):
+def test_logprobs_keep_the_closing_eos_as_vllm_does(lm):
+    """A row that ends by generating <eos> reports that token's log-probability last (its text is not part of
+    the output): what lm-evaluation-harness reads as the generated token when it scores an echoed prompt."""
     ended_by_eos = 0
+    eos = lm.tokenizer.eos_id
     for seed in range(40):
         c = generate_batch(lm.model, lm.tokenizer, [""], GenerationSettings(max_new_tokens=30, seed=seed,
                                                                            logprobs=1))[0][0]
-        assert len(c.logprobs) == len(c.token_ids)
-        ended_by_eos += c.finish_reason == "stop"
+        assert [e.token_id for e in c.logprobs] == c.token_ids + ([eos] if c.ended_at_eos else [])
+        assert c.generated_tokens == len(c.logprobs)
+        assert eos not in c.token_ids and c.ended_at_eos == (c.finish_reason == "stop")
+        if c.ended_at_eos:
+            ended_by_eos += 1
+            with torch.no_grad():  # the kept value is the model's own log-probability of <eos> there
+                ids = torch.tensor([[eos, *c.token_ids]])
+                expected = lm.model(ids).float().log_softmax(-1)[0, -1, eos].item()
+            assert c.logprobs[-1].logprob == pytest.approx(expected, abs=1e-4)
     assert ended_by_eos > 0
 
 

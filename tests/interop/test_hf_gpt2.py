@@ -82,6 +82,23 @@ def test_a_glmlab_char_run_exports_with_its_tokenizer(trained_run, tmp_path):
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == run.tokenizer.eos_id
 
 
+def test_the_declared_start_token_is_the_one_the_run_read(trained_run, char_data, tmp_path):
+    """A gpt of running text read <eos> between documents, a sentence-level one <bos> before each sentence:
+    export-hf declares that token as bos (lm-evaluation-harness prefixes rolling windows with it)."""
+    from glmlab.training.trainer import train
+    from tests.conftest import tiny_config
+
+    sentences = train(tiny_config("train.max_steps=2", "train.batching=sentences"), char_data, tmp_path / "s",
+                      show_progress=False).run_dir
+    for run_dir, start in ((trained_run, "<eos>"), (sentences, "<bos>")):
+        out = export_hf(run_dir, tmp_path / f"hf-{start[1:-1]}")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+        config = json.loads((out / "config.json").read_text())
+        assert tokenizer.bos_token == start and config["bos_token_id"] == tokenizer.convert_tokens_to_ids(start)
+        assert json.loads((out / "generation_config.json").read_text())["bos_token_id"] == config["bos_token_id"]
+        assert tokenizer.eos_token == "<eos>" and tokenizer.decode(tokenizer("a  b .")["input_ids"]) == "a  b ."
+
+
 def test_pytorch_bin_and_errors(hf_dir, tmp_path, capsys):
     import shutil
 

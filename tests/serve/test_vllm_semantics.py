@@ -1,0 +1,129 @@
+"""Log-probabilities and chat replies as the clients written against vLLM's server read them (lm-evaluation-
+harness sums ``token_logprobs[ctxlen:-1]`` of an echoed prompt, taking the last entry for the generated token)."""
+
+from __future__ import annotations
+
+import httpx2 as httpx
+import pytest
+import torch
+
+from glmlab.generation.text import find_stop
+from glmlab.runs import load_run
+from glmlab.serve.protocol import CHAT_STOPS, render_chat
+from tests.conftest import excerpt_lines
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def short_docs(short_docs_run):
+    return load_run(short_docs_run)
+
+
+@pytest.fixture
+def short_server(make_server, short_docs_run):
+    return make_server(short_docs_run)
+
+
+def _model_logprobs(run, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1, straight from the model's forward pass."""
+    with torch.no_grad():
+        logp = run.model(torch.tensor([ids])).float().log_softmax(-1)[0]
+    return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def _lines_ending_in_eos(run, count: int) -> list[str]:
+    """Lines after which the model's greedy next token is ``<eos>``."""
+    tok, out = run.tokenizer, []
+    for line in excerpt_lines():
+        ids = tok.encode(line)
+        if len(ids) >= run.model.block_size:
+            continue
+        with torch.no_grad():
+            if run.model(torch.tensor([ids])).float()[0, -1].argmax().item() == tok.eos_id:
+                out.append(line)
+        if len(out) == count:
+            return out
+    raise AssertionError("the short-documents model never ends a line with <eos>")
+
+
+def test_an_echoed_prompt_followed_by_eos_keeps_the_eos_logprob(short_docs, short_server):
+    """max_tokens 1, echo, logprobs: the prompt's entries, then the generated <eos>'s (text dropped, counted)."""
+    client = openai.OpenAI(base_url=short_server.url + "/v1", api_key="-", max_retries=0)
+    tok = short_docs.tokenizer
+    for line in _lines_ending_in_eos(short_docs, 3):
+        out = client.completions.create(model="tiny", prompt=line, max_tokens=1, temperature=0, echo=True,
+                                        logprobs=1)
+        choice, lp = out.choices[0], out.choices[0].logprobs
+        assert choice.text == line and choice.finish_reason == "stop"
+        assert out.usage.completion_tokens == 1 and out.usage.prompt_tokens == len(line)
+        assert len(lp.token_logprobs) == len(line) + 1 and lp.tokens[-1] == "<eos>"
+        expected = _model_logprobs(short_docs, [*tok.encode(line), tok.eos_id])
+        assert lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert lp.text_offset == [*range(len(line)), len(line)]  # <eos> adds no text
+        streamed = [c.choices[0] for c in client.completions.create(
+            model="tiny", prompt=line, max_tokens=1, temperature=0, echo=True, logprobs=1, stream=True)]
+        assert sum((c.logprobs.token_logprobs for c in streamed if c.logprobs), []) == lp.token_logprobs
+
+
+def test_max_tokens_zero_with_echo_scores_only_the_prompt(short_docs, short_server):
+    line = _lines_ending_in_eos(short_docs, 1)[0]
+    body = {"prompt": line, "max_tokens": 0, "echo": True, "logprobs": 0}
+    out = httpx.post(short_server.url + "/v1/completions", json=body).json()
+    choice = out["choices"][0]
+    assert choice["text"] == line and choice["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 0 and len(choice["logprobs"]["tokens"]) == len(line)
+    one = httpx.post(short_server.url + "/v1/completions", json={**body, "max_tokens": 1}).json()
+    assert one["choices"][0]["logprobs"]["token_logprobs"][:-1] == choice["logprobs"]["token_logprobs"]
+    chunks = [line for line in httpx.post(short_server.url + "/v1/completions", json={**body, "stream": True})
+              .text.splitlines() if line.startswith("data: {")]
+    assert len(chunks) == 2  # the echo, then the finish
+    refused = httpx.post(short_server.url + "/v1/completions", json={"prompt": line, "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_when_every_token_is_scored(short_docs, short_server):
+    """echo + logprobs scores each prompt token in one window: a longer prompt is a 400 naming max_model_len
+    (never a cut prompt whose entries no longer line up with the echoed text)."""
+    block = short_docs.model.block_size
+    url = short_server.url + "/v1/completions"
+    text = "".join(excerpt_lines())[: 3 * block]
+    r = httpx.post(url, json={"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "max_model_len" in error["message"] and f"max_length={block}" in error["message"]
+    fits = httpx.post(url, json={"prompt": text[:block], "max_tokens": 1, "echo": True, "logprobs": 1}).json()
+    lp = fits["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == block + 1 and lp["text_offset"][:block] == list(range(block))
+    assert lp["token_logprobs"][1:block] == pytest.approx(
+        _model_logprobs(short_docs, short_docs.tokenizer.encode(text[:block])).tolist(), abs=1e-4)
+    plain = httpx.post(url, json={"prompt": text, "max_tokens": 2, "echo": True}).json()  # no scores: cut, go on
+    assert plain["choices"][0]["text"].startswith(text) and plain["usage"]["prompt_tokens"] == len(text)
+
+
+def test_chat_stop_strings_apply_to_the_reply_the_user_sees(live):
+    """stop ["\\n"] used to match the newline a model writes right after "Assistant:", before the leading
+    whitespace was dropped, so the reply was ''. Each reply must be the raw continuation of the chat's prompt
+    (the completions endpoint, same seed) with its leading whitespace dropped, then cut at the first stop."""
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="-", max_retries=0)
+    messages = [{"role": "user", "content": "Speak"}]
+    kwargs = dict(model="tiny", max_tokens=30, n=4)
+    checked = 0
+    for seed in range(12):
+        raws = [c.text for c in client.completions.create(prompt=render_chat(messages), seed=seed, **kwargs).choices]
+        out = client.chat.completions.create(messages=messages, seed=seed, stop=["\n"], logprobs=True, **kwargs)
+        streamed = list(client.chat.completions.create(messages=messages, seed=seed, stop=["\n"], logprobs=True,
+                                                       stream=True, **kwargs))
+        for raw, choice in zip(raws, out.choices, strict=True):
+            reply = raw.lstrip()
+            cut = find_stop(reply, ["\n", *CHAT_STOPS])
+            content = choice.message.content
+            assert content == (reply[:cut] if cut >= 0 else reply)
+            assert bytes(b for t in choice.logprobs.content for b in t.bytes) == content.encode()  # they line up
+            chunks = [c.choices[0] for c in streamed if c.choices and c.choices[0].index == choice.index]
+            assert "".join(c.delta.content or "" for c in chunks) == content
+            assert [t.token for c in chunks if c.logprobs for t in c.logprobs.content] == \
+                [t.token for t in choice.logprobs.content]
+            checked += bool(content) and "\n" in raw[: len(raw) - len(reply)]
+    assert checked >= 2, f"only {checked} replies started with a newline"
