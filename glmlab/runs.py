@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 import glmlab.generation.generate as generation
-from glmlab import atomic
+from glmlab import atomic, embeddings
 from glmlab.config import RunConfig, config_from_dict
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError, RunDirError
@@ -295,6 +295,11 @@ class LoadedRun:
         """Completions (text, token ids, finish reason, logprobs, ...) for one prompt or a batch of them."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return generation.generate_batch(self.model, self.tokenizer, prompts, _settings(settings))
+
+    def embed(self, texts: str | list[str], pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+        """One vector per text (N, width): pooled hidden states, or a vae's posterior mean; unit length unless
+        ``normalize=False``. See :mod:`glmlab.embeddings`."""
+        return embeddings.embed(self.model, self.tokenizer, texts, pooling, normalize)
 
     def stream(self, prompt: str = "", **settings: Any) -> Iterator[str]:
         """Text deltas of one continuation as they are generated (never half a character)."""

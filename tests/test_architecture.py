@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "glmlab"
 # Lowest first; a module may import from its own layer and those below it, never above. (Modules of one
 # package form one layer; the package's own module cycles are checked separately.)
 LAYERS = [
-    ["errors", "version"], ["atomic"], ["schema"], ["data"], ["models"], ["config"], ["runtime"], ["generation"],
-    ["runs"], ["evaluation"], ["training"], ["finetune"], ["bench"], ["interop"], ["serve"], ["cli"],
+    ["errors", "version"], ["atomic"], ["schema"], ["data"], ["models"], ["config"], ["runtime"],
+    ["generation", "embeddings"], ["runs"], ["evaluation"], ["training"], ["finetune"], ["bench"], ["interop"],
+    ["serve"], ["cli"],
     ["__main__", "glmlab"],
 ]
 

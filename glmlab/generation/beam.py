@@ -45,7 +45,7 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
     finished: list[list[int] | None] = [None] * nb
     improvable = True
     for step in range(s.max_new_tokens):
-        logp = logits.log_softmax(dim=-1)
+        logp = (P.apply_logit_bias(logits, [s.logit_bias] * nb) if s.logit_bias else logits).log_softmax(dim=-1)
         logp = P.apply_constraints(logp, [prompt_ids + r for r in running], running, [s] * nb, [bad] * nb, eos)
         scores, flat = (logp + running_scores[:, None]).view(-1).topk(2 * nb)
         beams, tokens = (flat // vocab).tolist(), (flat % vocab).tolist()

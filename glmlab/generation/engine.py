@@ -262,6 +262,7 @@ class Controls:
     pays for nothing it does not use."""
 
     constraints: bool  # anything that looks at the tokens so far
+    logit_bias: bool
     temperature: bool
     top_k: bool
     top_p: bool
@@ -275,7 +276,8 @@ class Controls:
         s = [r.settings for r in rows]
         constraints = any(x.repetition_penalty != 1.0 or x.presence_penalty or x.frequency_penalty
                           or x.no_repeat_ngram_size or x.min_new_tokens for x in s) or any(r.bad_words for r in rows)
-        return cls(constraints=constraints, temperature=any(x.temperature not in (0.0, 1.0) for x in s),
+        return cls(constraints=constraints, logit_bias=any(x.logit_bias for x in s),
+                   temperature=any(x.temperature not in (0.0, 1.0) for x in s),
                    top_k=any(x.top_k for x in s), top_p=any(x.top_p < 1 for x in s),
                    min_p=any(x.min_p > 0 for x in s), typical=any(x.typical_p < 1 for x in s),
                    sampling=any(x.temperature > 0 for x in s), logprobs=any(x.logprobs is not None for x in s))
@@ -283,9 +285,11 @@ class Controls:
 
 def _process(logits: torch.Tensor, rows: list[Row], eos_id: int, on: Controls) -> torch.Tensor:
     """Apply every control in use, in Hugging Face's order, to the next-token logits (B, V) of ``rows``."""
-    if not (on.constraints or on.temperature or on.top_k or on.top_p or on.min_p or on.typical):
+    if not (on.constraints or on.logit_bias or on.temperature or on.top_k or on.top_p or on.min_p or on.typical):
         return logits  # plain greedy or sampling: the common case costs nothing here
     s = [r.settings for r in rows]
+    if on.logit_bias:
+        logits = P.apply_logit_bias(logits, [x.logit_bias for x in s])
     if on.constraints:
         logits = P.apply_constraints(logits, [r.history for r in rows], [r.generated for r in rows], s,
                                      [r.bad_words for r in rows], eos_id)

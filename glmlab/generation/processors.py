@@ -21,6 +21,17 @@ def _column(values: Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch
     return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(-1, 1)
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float]]) -> torch.Tensor:
+    """Add each row's bias to the logits of the tokens it names (OpenAI's ``logit_bias``: -100 bans a token,
+    100 all but forces it); rows without one are left alone."""
+    rows = [(r, t, b) for r, bias in enumerate(biases) for t, b in bias.items() if t < logits.size(-1)]
+    if not rows:
+        return logits
+    r, t, b = zip(*rows, strict=True)
+    return logits.index_put((torch.tensor(r, device=logits.device), torch.tensor(t, device=logits.device)),
+                            torch.tensor(b, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
 def apply_temperature(logits: torch.Tensor, temperature: Sequence[float]) -> torch.Tensor:
     """Divide each row by its temperature (rows with temperature 0 are greedy and left as they are)."""
     t = _column(temperature, logits)

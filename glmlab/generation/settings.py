@@ -34,6 +34,7 @@ class GenerationSettings:
     frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0  # 0 = off
     bad_words: list[str] = field(default_factory=list)  # texts that must not be generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
     stop: list[str] = field(default_factory=list)  # stop strings; the stop text is not returned
     stop_at_eos: bool = True
     num_return_sequences: int = 1
@@ -75,6 +76,8 @@ class GenerationSettings:
             (self.num_beams == 1 or (self.logprobs is None and self.max_time is None),
              "beam search returns no logprobs and takes no max_time; use num_beams=1 for those"),
             (all(isinstance(s, str) and s for s in self.bad_words), "bad_words must be non-empty text"),
+            (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "logit_bias maps token ids (>= 0) to biases between -100 and 100"),
         ]
         for ok, problem in checks:
             if not ok:

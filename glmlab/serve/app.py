@@ -4,8 +4,9 @@ process).
 
 ``create_app(run, options)`` assembles the FastAPI app from its parts: the shared state every endpoint takes as
 a dependency (:mod:`glmlab.serve.context`), one router per concern (:mod:`~glmlab.serve.completions`,
-:mod:`~glmlab.serve.tokens`, :mod:`~glmlab.serve.latent_routes`, :mod:`~glmlab.serve.operations`) and the
-guard every request passes (:mod:`glmlab.serve.guard`); uvicorn runs it (``glmlab serve``).
+:mod:`~glmlab.serve.embeddings`, :mod:`~glmlab.serve.tokens`, :mod:`~glmlab.serve.latent_routes`,
+:mod:`~glmlab.serve.operations`) and the guard every request passes (:mod:`glmlab.serve.guard`); uvicorn runs it
+(``glmlab serve``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from glmlab.runs import LoadedRun
-from glmlab.serve import completions, latent_routes, operations, tokens
+from glmlab.serve import completions, embeddings, latent_routes, operations, tokens
 from glmlab.serve.context import Served, ServeOptions
 from glmlab.serve.guard import Guard, answer_errors
 
@@ -28,7 +29,7 @@ def create_app(run: LoadedRun, options: ServeOptions | None = None) -> FastAPI:
     app.state.served = served
     app.state.scheduler, app.state.metrics, app.state.options = served.scheduler, served.metrics, served.options
     answer_errors(app)
-    for module in (completions, tokens, latent_routes, operations):
+    for module in (completions, embeddings, tokens, latent_routes, operations):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=str(operations.STATIC)), name="static")
     app.add_middleware(Guard, options=served.options, metrics=served.metrics)

@@ -192,14 +192,79 @@ def sampling_settings(f: Fields, limits: Limits, default_max_tokens: int, least:
         stop_at_eos=not f.boolean("ignore_eos", False),
         seed=f.integer("seed", None, 0, 2**63 - 1),
     )
-    for name in ("best_of",):
-        if f.present(name) and f.body[name] != f.body.get("n", 1):
-            raise bad_request(f"{name} is not supported by this server", name, "unsupported")
-    if f.body.get("logit_bias"):
-        raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported")
-    if f.body.get("suffix"):
-        raise bad_request("suffix is not supported by this server (no fill-in-the-middle)", "suffix", "unsupported")
+    settings.logit_bias = logit_bias(f)
     return settings
+
+
+def logit_bias(f: Fields) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: {"token id": bias in [-100, 100]}, at most 300 entries."""
+    value = f.body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 300:
+        raise bad_request("logit_bias must be an object of at most 300 {\"token id\": bias} entries", "logit_bias",
+                          "invalid_type")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else -1
+        if token < 0 or isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise bad_request(f"logit_bias[{json.dumps(key)}]={json.dumps(bias)}: keys are token ids, values biases "
+                              "between -100 and 100", "logit_bias", "invalid_value")
+        out[token] = float(bias)
+    return out
+
+
+# --- which parameters -----------------------------------------------------------------------------------------
+# Every field of a request is honoured or refused with a 400 naming it, never ignored (null counts as absent).
+# OpenAI's documented parameters that ask for something this server cannot do are refused unless their value
+# asks for nothing; identifiers kept for the caller's own bookkeeping are accepted.
+
+COMPLETION_FIELDS = frozenset({
+    "model", "prompt", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty",
+    "seed", "stop", "stream", "stream_options", "temperature", "top_p"})
+CHAT_FIELDS = frozenset({
+    "model", "messages", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
+    "max_completion_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature",
+    "top_p", "response_format"})
+EXTENSIONS = frozenset({"top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens"})  # vLLM's names
+STRUCTURED_FIELDS: frozenset[str] = frozenset()  # structured output's fields (response_format on completions, ...)
+BOOKKEEPING = frozenset({"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                         "prompt_cache_options", "metadata", "parallel_tool_calls"})
+NEUTRAL = {  # accepted at these values only
+    "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "tools": ([],),
+    "functions": ([],), "tool_choice": ("none",), "function_call": ("none",)}
+UNSUPPORTED = {
+    "suffix": "suffix (fill-in-the-middle) is not supported by this server",
+    "best_of": "best_of is not supported by this server (use n and pick, or num_beams in the Python API)",
+    "store": "store=true: this server stores no completions",
+    "service_tier": "this server has one service tier: use 'auto' or 'default'",
+    "modalities": "this server writes text only: modalities may only be [\"text\"]",
+    "tools": "tools (function calling) are not supported by this server",
+    "functions": "functions (function calling) are not supported by this server",
+    "tool_choice": "tool_choice: this server calls no tools (use 'none')",
+    "function_call": "function_call: this server calls no functions (use 'none')",
+    "audio": "audio output is not supported by this server",
+    "prediction": "predicted outputs are not supported by this server",
+    "reasoning_effort": "reasoning_effort: this model does not reason before it answers",
+    "verbosity": "verbosity is not supported by this server (use max_tokens)",
+    "web_search_options": "web search is not supported by this server",
+    "moderation": "moderation is not supported by this server",
+}
+
+
+def check_fields(body: dict[str, Any], chat: bool) -> None:
+    """Refuse any field this server would otherwise ignore (see the table above)."""
+    known = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    for name, value in body.items():
+        if value is None or name in known or name in EXTENSIONS or name in BOOKKEEPING or name in STRUCTURED_FIELDS:
+            continue
+        if name == "best_of" and value == body.get("n", 1):
+            continue  # best_of == n: n samples, every one returned
+        if value in NEUTRAL.get(name, ()):
+            continue
+        if name in UNSUPPORTED:
+            raise bad_request(UNSUPPORTED[name], name, "unsupported_parameter")
+        raise unknown_parameter(name, "/v1/chat/completions" if chat else "/v1/completions")
 
 
 def stream_options(f: Fields, stream: bool) -> bool:
@@ -258,7 +323,7 @@ def check_fits(prompt: Prompt, block_size: int, start: int | None, param: str) -
                       "context_length_exceeded")
 
 
-def prompt_list(value: Any) -> list[str | list[int]]:
+def prompt_list(value: Any, param: str = "prompt") -> list[str | list[int]]:
     """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of such lists."""
     if isinstance(value, str):
         return [value]
@@ -271,14 +336,15 @@ def prompt_list(value: Any) -> list[str | list[int]]:
                for v in value):
             return [list(v) for v in value]
     if isinstance(value, list) and not value:
-        raise bad_request("prompt is an empty list; give at least one prompt", "prompt", "empty_prompt")
-    raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of such lists",
-                      "prompt", "invalid_type")
+        raise bad_request(f"{param} is an empty list; give at least one", param, "empty_prompt")
+    raise bad_request(f"{param} must be a string, a list of strings, a list of token ids or a list of such lists",
+                      param, "invalid_type")
 
 
 def completion_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vocab_size: int,
                        start: int | None, limits: Limits) -> GenerationRequest:
     """``POST /v1/completions``."""
+    check_fields(body, chat=False)
     f = Fields(body)
     if "prompt" not in body:
         raise bad_request("prompt is required", "prompt", "missing_field")
@@ -364,6 +430,7 @@ def chat_messages(value: Any) -> list[dict[str, str]]:
 def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vocab_size: int, start: int | None,
                  limits: Limits) -> GenerationRequest:
     """``POST /v1/chat/completions``: the messages through :func:`render_chat`, then as a completion."""
+    check_fields(body, chat=True)
     f = Fields(body)
     if "messages" not in body:
         raise bad_request("messages is required", "messages", "missing_field")
@@ -383,3 +450,15 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
                                 settings, n, stream, stream_options(f, stream), logprobs=logprobs, chat=True)
     _validate(settings)
     return request
+
+
+def refuse_unknown(body: dict[str, Any], known: set[str], endpoint: str) -> None:
+    """A 400 naming the first field of ``body`` outside ``known`` (null counts as absent)."""
+    for name, value in body.items():
+        if value is not None and name not in known:
+            raise unknown_parameter(name, endpoint)
+
+
+def unknown_parameter(name: str, endpoint: str) -> APIError:
+    return bad_request(f"unknown parameter {name!r} for {endpoint}: this server does not know it, so it refuses it "
+                       "rather than ignore it", name, "unknown_parameter")

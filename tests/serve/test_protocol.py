@@ -43,7 +43,11 @@ def test_a_prompt_longer_than_the_context_keeps_its_end():
     ({"prompt": "ab", "stop": ["x"] * 17}, "stop", "at most 16"),
     ({"prompt": "ab", "min_tokens": 20, "max_tokens": 10}, "min_tokens", "<= 10"),
     ({"prompt": [[1, 2], [99]]}, "prompt", "outside the vocabulary"),
-    ({"prompt": "ab", "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
+    ({"prompt": "ab", "logit_bias": {"a": 5}}, "logit_bias", "keys are token ids"),
+    ({"prompt": "ab", "logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100"),
+    ({"prompt": "ab", "suffix": "cd"}, "suffix", "fill-in-the-middle"),
+    ({"prompt": "ab", "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"prompt": "ab", "do_sample": True}, "do_sample", "unknown parameter"),
     ({"prompt": "ab", "repetition_penalty": 1e-40}, "repetition_penalty", ">= 0.01 and <= 100"),
     ({"prompt": "ab", "top_k": 10**30}, "top_k", "<= 2147483647"),
 ])

@@ -127,3 +127,18 @@ def test_chat_stop_strings_apply_to_the_reply_the_user_sees(live):
                 [t.token for t in choice.logprobs.content]
             checked += bool(content) and "\n" in raw[: len(raw) - len(reply)]
     assert checked >= 2, f"only {checked} replies started with a newline"
+
+
+def test_logit_bias_is_honoured(live):
+    """logit_bias used to be refused: +100 all but forces a token, -100 bans one (logprobs stay the model's)."""
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="-", max_retries=0)
+    tok = load_run(live.app.state.served.run.run_dir).tokenizer
+    z = tok.encode("z")[0]
+    forced = client.completions.create(model="tiny", prompt="First", max_tokens=5, temperature=0,
+                                       logit_bias={str(z): 100}, logprobs=0)
+    assert forced.choices[0].text == "zzzzz"
+    assert all(lp < -0.5 for lp in forced.choices[0].logprobs.token_logprobs)  # unlikely under the model itself
+    greedy = client.completions.create(model="tiny", prompt="First", max_tokens=1, temperature=0).choices[0].text
+    banned = client.completions.create(model="tiny", prompt="First", max_tokens=1, temperature=0,
+                                       logit_bias={str(tok.encode(greedy)[0]): -100}).choices[0].text
+    assert banned != greedy
