@@ -43,9 +43,9 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in timings.items()}
     for name, value in medians.items():
         print(f"  {name:<16} {value * 1000:8.0f} ms   ({size / value / 1e9:.2f} GB/s)")
-    extra = medians["load, checked"] - medians["load, unchecked"]
-    print(f"the check adds {extra * 1000:.0f} ms per load ({medians['load, checked'] / medians['load, unchecked']:.2f}x "
-          "the unchecked load)")
+    checked, unchecked = medians["load, checked"], medians["load, unchecked"]
+    print(f"the check adds {(checked - unchecked) * 1000:.0f} ms per load ({checked / unchecked:.2f}x the unchecked "
+          "load)")
 
 
 if __name__ == "__main__":

@@ -102,8 +102,8 @@ class ContinuousBatch:
         if len(prompt_ids) >= self.model.block_size and self.model.block_size > 1:
             raise GlmlabError(f"a prompt of {len(prompt_ids)} tokens does not fit the context of "
                               f"{self.model.block_size}", "cut it with encode_prompt")
-        entry = _Slot(key, Row(prompt_ids, settings, index, self.tokenizer, self.device, self.deltas),
-                      self._free.pop())
+        entry = _Slot(key, Row(prompt_ids, settings, index, self.tokenizer, self.device, self.deltas,
+                               self.model.vocab_size), self._free.pop())
         self._by_key[key] = entry
         self._waiting.append(entry)
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
+from glmlab.generation import grammar as G
 from glmlab.generation import processors as P
 from glmlab.generation.sampling import UniformStream, inverse_cdf
 from glmlab.generation.settings import GenerationSettings
@@ -54,6 +55,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: the length-normalised sum of log-probabilities
     ended_at_eos: bool = False
+    error: str | None = None  # why the output could not follow its grammar (finish_reason "error")
 
     @property
     def generated_tokens(self) -> int:
@@ -119,7 +121,7 @@ class Row:
     incrementally for streaming (a row with stop strings always does)."""
 
     def __init__(self, prompt_ids: list[int], settings: GenerationSettings, index: int, tokenizer: Tokenizer,
-                 device: torch.device, deltas: bool = False) -> None:
+                 device: torch.device, deltas: bool = False, vocab_size: int | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.settings = settings
         self.generator = torch.Generator(device=device)
@@ -139,6 +141,8 @@ class Row:
         self.bad_words = bad_word_ids(tokenizer, settings.bad_words)
         self.deadline = time.perf_counter() + settings.max_time if settings.max_time else None
         self.context = list(prompt_ids)  # what the cache holds, for re-encoding when the context fills
+        self.grammar = G.RowGrammar(settings.grammar, tokenizer, vocab_size or tokenizer.vocab_size) \
+            if settings.grammar is not None else None
 
     @property
     def history(self) -> list[int]:
@@ -148,14 +152,16 @@ class Row:
         """Take the step's token for this row: the end of its text (``<eos>``, unless ignored), or one more
         token, after which its stop strings, ``max_new_tokens`` and deadline may end it. Returns the text delta
         the token makes safe to show ('' if none)."""
-        if token == eos_id and self.settings.stop_at_eos:  # its text is not part of the output, its logprob is
-            self.done, self.finish_reason, self.ended_at_eos = True, "stop", True
-            return ""
+        if token == eos_id and (self.settings.stop_at_eos or self.grammar is not None):
+            self.done, self.finish_reason, self.ended_at_eos = True, "stop", True  # its text is not output, its
+            return ""  # logprob is
         self.generated.append(token)
         self.context.append(token)
         delta = self._advance_text(token) if self.text is not None else ""
         if self.shown is not None:
             self.shown.spans.append(len(self.text.text))
+        if self.grammar is not None and self.grammar.accept(token) and not self.done:
+            self.done, self.finish_reason = True, "stop"  # the grammar is complete: nothing else may follow
         if not self.done and len(self.generated) >= self.max_new_tokens:
             self.done, self.finish_reason = True, "length"
         if not self.done and self.deadline is not None and now >= self.deadline:
@@ -207,8 +213,9 @@ class Row:
         logprobs, late = self.logprobs, self.take_logprobs(final=True)
         if self.shown is not None:
             logprobs = self.shown.kept
-        return Completion(text, self.generated, self.finish_reason, len(self.prompt_ids), logprobs,
-                          ended_at_eos=self.ended_at_eos), tail, late
+        error = self.grammar.error if self.grammar is not None else None
+        return Completion(text, self.generated, "error" if error else self.finish_reason, len(self.prompt_ids),
+                          logprobs, ended_at_eos=self.ended_at_eos, error=error), tail, late
 
 
 class ReplyLogprobs:
@@ -261,6 +268,7 @@ class Controls:
     """Which controls any row of a batch uses, worked out once so a plain greedy or sampling step
     pays for nothing it does not use."""
 
+    grammar: bool
     constraints: bool  # anything that looks at the tokens so far
     logit_bias: bool
     temperature: bool
@@ -276,7 +284,8 @@ class Controls:
         s = [r.settings for r in rows]
         constraints = any(x.repetition_penalty != 1.0 or x.presence_penalty or x.frequency_penalty
                           or x.no_repeat_ngram_size or x.min_new_tokens for x in s) or any(r.bad_words for r in rows)
-        return cls(constraints=constraints, logit_bias=any(x.logit_bias for x in s),
+        return cls(grammar=any(r.grammar is not None for r in rows), constraints=constraints,
+                   logit_bias=any(x.logit_bias for x in s),
                    temperature=any(x.temperature not in (0.0, 1.0) for x in s),
                    top_k=any(x.top_k for x in s), top_p=any(x.top_p < 1 for x in s),
                    min_p=any(x.min_p > 0 for x in s), typical=any(x.typical_p < 1 for x in s),
@@ -285,9 +294,12 @@ class Controls:
 
 def _process(logits: torch.Tensor, rows: list[Row], eos_id: int, on: Controls) -> torch.Tensor:
     """Apply every control in use, in Hugging Face's order, to the next-token logits (B, V) of ``rows``."""
-    if not (on.constraints or on.logit_bias or on.temperature or on.top_k or on.top_p or on.min_p or on.typical):
+    if not (on.grammar or on.constraints or on.logit_bias or on.temperature or on.top_k or on.top_p or on.min_p
+            or on.typical):
         return logits  # plain greedy or sampling: the common case costs nothing here
     s = [r.settings for r in rows]
+    if on.grammar:  # first, as vLLM does: the other controls choose among what the grammar allows
+        logits = G.constrain(logits, [r.grammar for r in rows], eos_id)
     if on.logit_bias:
         logits = P.apply_logit_bias(logits, [x.logit_bias for x in s])
     if on.constraints:

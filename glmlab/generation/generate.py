@@ -84,6 +84,10 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
                 done.update((e.key, e.completion) for e in batch.step() if e.completion is not None)
             for key, owner in enumerate(owners):
                 out[owner].append(done[key])
+            failed = next((c for c in done.values() if c.error), None)
+            if failed is not None:
+                raise GlmlabError(f"structured output failed: {failed.error}",
+                                  "check that the run's tokenizer can write what the grammar asks for")
         return out
 
 

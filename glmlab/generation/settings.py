@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from glmlab.errors import GlmlabError
+from glmlab.generation.grammar import Grammar
 
 MAX_NUM_SEQUENCES = 1024
 MAX_LOGPROBS = 20
@@ -47,6 +48,7 @@ class GenerationSettings:
     # A chat reply: its leading whitespace is dropped before stop strings apply, and its logprobs are those
     # of the tokens its text shows (not the dropped whitespace, a stop string or the closing <eos>).
     chat_reply: bool = False
+    grammar: Grammar | None = None  # structured output: JSON (any object, or a schema) or a GBNF grammar
 
     def validate(self) -> None:
         checks = [
@@ -73,8 +75,8 @@ class GenerationSettings:
              f"logprobs={self.logprobs} must be between 0 and {MAX_LOGPROBS}"),
             (self.max_time is None or self.max_time > 0, f"max_time={self.max_time} must be positive"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty text"),
-            (self.num_beams == 1 or (self.logprobs is None and self.max_time is None),
-             "beam search returns no logprobs and takes no max_time; use num_beams=1 for those"),
+            (self.num_beams == 1 or (self.logprobs is None and self.max_time is None and self.grammar is None),
+             "beam search returns no logprobs and takes no max_time or grammar; use num_beams=1 for those"),
             (all(isinstance(s, str) and s for s in self.bad_words), "bad_words must be non-empty text"),
             (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
              "logit_bias maps token ids (>= 0) to biases between -100 and 100"),

@@ -21,7 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from glmlab import atomic
 from glmlab.config import resolve_config
 from glmlab.errors import GlmlabError
-from glmlab.generation.engine import start_id
+from glmlab.interop.tokenizer_config import start_token_id, tokenizer_config
 from glmlab.models import build_model
 from glmlab.models.gpt import Conv1D
 from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, LoadSpec, load_run, save_weights
@@ -159,10 +159,7 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
         if isinstance(module, (Conv1D, torch.nn.LayerNorm)) and module.bias is None:
             state[f"{name}.bias"] = torch.zeros(module.weight.shape[-1])
     atomic.write_with(hf_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    # The start token the model read: <bos> before each sentence of a sentence-level run; <eos>, the document
-    # separator, before each document of running text (tools such as lm-evaluation-harness prepend it).
-    eos, bos = tok.eos_id, start_id(run.model, tok)
-    bos = eos if bos is None else bos
+    eos, bos = tok.eos_id, start_token_id(run.model, tok)  # the start token the model read (tokenizer_config)
     atomic.write_json(hf_dir / "config.json", {
         "architectures": [ARCHITECTURE], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
@@ -172,11 +169,9 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_id,
         "torch_dtype": "float32", "glmlab_version": __version__})
     atomic.write_bytes(hf_dir / "tokenizer.json", (Path(run_dir) / TOKENIZER).read_bytes())
-    names = {**tok.special_tokens, "bos": tok.hf.id_to_token(bos)}
-    atomic.write_json(hf_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-        "clean_up_tokenization_spaces": False, **{f"{role}_token": token for role, token in names.items()}})
-    atomic.write_json(hf_dir / "special_tokens_map.json", {f"{role}_token": token for role, token in names.items()})
+    config = tokenizer_config(run.model, tok)
+    atomic.write_json(hf_dir / "tokenizer_config.json", config)
+    atomic.write_json(hf_dir / "special_tokens_map.json", {k: v for k, v in config.items() if k.endswith("_token")})
     atomic.write_json(hf_dir / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos,
                                                           "pad_token_id": tok.pad_id})
     return hf_dir

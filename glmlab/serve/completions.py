@@ -71,6 +71,11 @@ async def _answer(request: Request, req: P.GenerationRequest, served: Served) ->
         raise served.unavailable(exc) from None
     finally:
         served.scheduler.cancel(job)  # a no-op once every row finished
+    failed = next((c for c in results.values() if c.error), None)
+    if failed is not None:  # the grammar led where this tokenizer cannot follow: the text would not parse
+        raise P.bad_request(f"the output could not follow the requested format: {failed.error}",
+                            "grammar" if req.settings.grammar and req.settings.grammar.kind == "gbnf"
+                            else "response_format", "grammar_failed")
     return JSONResponse(R.completion_body(req, results, prompt_lp, served.options.model_name, served.tokenizer))
 
 
@@ -136,10 +141,11 @@ async def _collect(request: Request, queue: asyncio.Queue, rows: int) -> dict[in
 @torch.inference_mode()
 def prompt_logprobs(model: LanguageModel, tokenizer: Tokenizer, ids: list[int], k: int, start: int | None,
                     ) -> list[TokenLogprob]:
-    """Each prompt token's log-probability given the tokens before it (the first has none), for echo; a
-    latent model scores the prompt given the centre of its prior, where its completions start too."""
+    """Each prompt token's log-probability given the tokens before it (the first has none), for echo; the
+    model reads every token but the last, so ``block_size + 1`` tokens fit. A latent model scores the prompt
+    given the centre of its prior, where its completions start too."""
     device = next(model.parameters()).device
-    logp = model(torch.tensor([ids], device=device)).float().log_softmax(-1)[0]
+    logp = model(torch.tensor([ids[:-1] or ids], device=device)).float().log_softmax(-1)[0] if len(ids) > 1 else None
     out: list[TokenLogprob] = []
     for i, token in enumerate(ids):
         if start is not None and i == 0:

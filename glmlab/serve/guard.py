@@ -19,8 +19,9 @@ from glmlab.serve.metrics import Metrics
 
 OPEN_PATHS = ("/health",)  # answered without an API key
 STATIC_PREFIXES = ("/static/",)  # the playground's files: no data in them; its API calls carry the key
-ENDPOINTS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
-             "/detokenize", "/v1/vae/sample", "/v1/vae/reconstruct", "/v1/vae/interpolate"}  # metric labels
+ENDPOINTS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+             "/tokenize", "/detokenize", "/tokenizer_info", "/v1/vae/sample", "/v1/vae/reconstruct",
+             "/v1/vae/interpolate"}  # metric labels
 
 
 def error_response(error: P.APIError) -> JSONResponse:

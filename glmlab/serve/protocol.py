@@ -2,8 +2,7 @@
 every mistake becomes an OpenAI-shaped error (``{"error": {"message", "type", "param", "code"}}``)
 with a 4xx status that names the field, the value and the allowed range.
 
-Also the plain chat template that turns messages into a prompt for a base model (see
-:func:`render_chat`).
+Chat messages become a prompt through the plain template of :mod:`glmlab.generation.chat`.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from typing import Any
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
+from glmlab.generation.chat import CHAT_ROLES, CHAT_STOPS, render_chat
+from glmlab.generation.grammar import Grammar, compiler
 from glmlab.generation.settings import MAX_LOGPROBS, GenerationSettings
 
 
@@ -225,9 +226,9 @@ COMPLETION_FIELDS = frozenset({
 CHAT_FIELDS = frozenset({
     "model", "messages", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
     "max_completion_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature",
-    "top_p", "response_format"})
+    "top_p"})
 EXTENSIONS = frozenset({"top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens"})  # vLLM's names
-STRUCTURED_FIELDS: frozenset[str] = frozenset()  # structured output's fields (response_format on completions, ...)
+STRUCTURED_FIELDS = frozenset({"response_format", "grammar"})  # on both endpoints: structured_output()
 BOOKKEEPING = frozenset({"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
                          "prompt_cache_options", "metadata", "parallel_tool_calls"})
 NEUTRAL = {  # accepted at these values only
@@ -265,6 +266,40 @@ def check_fields(body: dict[str, Any], chat: bool) -> None:
         if name in UNSUPPORTED:
             raise bad_request(UNSUPPORTED[name], name, "unsupported_parameter")
         raise unknown_parameter(name, "/v1/chat/completions" if chat else "/v1/completions")
+
+
+def structured_output(f: Fields, tokenizer: Tokenizer, vocab_size: int) -> Grammar | None:
+    """``response_format`` (OpenAI's: text, json_object, json_schema) or ``grammar`` (llama.cpp's GBNF), checked
+    and compiled for this tokenizer (a grammar it cannot write is a 400 here, not a failure later)."""
+    fmt, gbnf = f.body.get("response_format"), f.body.get("grammar")
+    grammar, param = None, "response_format"
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise bad_request("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                              "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}", param,
+                              "invalid_value")
+        if kind == "json_object":
+            grammar = Grammar("json_object")
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise bad_request("response_format.json_schema must be an object with a schema object", param,
+                                  "invalid_value")
+            grammar = Grammar("json_schema", json.dumps(spec["schema"]))
+    if gbnf is not None:
+        if grammar is not None:
+            raise bad_request("give response_format or grammar, not both", "grammar", "invalid_value")
+        if not isinstance(gbnf, str) or not gbnf.strip():
+            raise bad_request("grammar must be a GBNF grammar (llama.cpp's format, start rule root)", "grammar",
+                              "invalid_type")
+        grammar, param = Grammar("gbnf", gbnf), "grammar"
+    if grammar is not None:
+        try:
+            compiler(tokenizer, vocab_size).matcher(grammar)
+        except GlmlabError as exc:
+            raise bad_request(exc.problem + (f"; {exc.fix}" if exc.fix else ""), param, "invalid_grammar") from None
+    return grammar
 
 
 def stream_options(f: Fields, stream: bool) -> bool:
@@ -310,16 +345,17 @@ def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab
 
 
 def check_fits(prompt: Prompt, block_size: int, start: int | None, param: str) -> None:
-    """A prompt whose every token is scored (echo with logprobs) must fit the context in one window: cutting
-    it would misalign the log-probabilities with the echoed text, so it is refused (as vLLM refuses a
-    prompt longer than max_model_len)."""
-    if len(prompt.whole) <= block_size:
+    """A prompt whose every token is scored (echo with logprobs) must fit one window: the model reads all its
+    tokens but the last (the first is scored by nothing), so it may hold ``block_size + 1`` with the start token.
+    Cutting it would misalign the log-probabilities with the echoed text, so a longer one is refused (as vLLM
+    refuses a prompt longer than max_model_len)."""
+    if len(prompt.whole) <= block_size + 1:
         return
-    room = block_size - (start is not None)
-    raise bad_request(f"this model's maximum context length (max_model_len) is {block_size} tokens, but {param} "
-                      f"has {prompt.tokens} tokens{' after its start token' if start is not None else ''}; with "
-                      f"echo and logprobs every prompt token is scored in one window, so a prompt may have at most "
-                      f"{room} tokens: shorten it (lm-evaluation-harness: model_args max_length={room})", param,
+    room = block_size + 1 - (start is not None)
+    raise bad_request(f"this model's maximum context length (max_model_len) is {block_size} tokens, and with echo and "
+                      f"logprobs every prompt token is scored in one window, so a prompt may have at most {room} "
+                      f"tokens; {param} has {prompt.tokens - (start is not None)}: shorten it (lm-evaluation-harness's "
+                      f"local-completions: model_args max_length={room + 1}, one more for the generated token)", param,
                       "context_length_exceeded")
 
 
@@ -354,6 +390,7 @@ def completion_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: i
     n = _n(f, limits, len(texts))
     logprobs = f.integer("logprobs", None, 0, min(MAX_LOGPROBS, vocab_size))
     settings.logprobs = logprobs
+    settings.grammar = structured_output(f, tokenizer, vocab_size)
     stream = f.boolean("stream", False)
     request = GenerationRequest(f.string("model"), [], settings, n, stream, stream_options(f, stream), echo=echo,
                                 logprobs=logprobs, generate=body.get("max_tokens") != 0)
@@ -383,25 +420,6 @@ def _validate(settings: GenerationSettings) -> None:
 
 
 # --- chat ----------------------------------------------------------------------------------------------
-
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOPS = ["\nUser:", "\nSystem:", "\nAssistant:"]
-
-
-def render_chat(messages: list[dict[str, str]]) -> str:
-    """The plain chat template for base models: each message as ``Role: content`` followed by a blank line
-    (roles System, User, Assistant), then ``Assistant:`` for the model to continue. Generation also
-    stops at a new ``User:`` / ``System:`` / ``Assistant:`` line, and the reply's leading whitespace is
-    dropped. For example::
-
-        System: You are terse.
-
-        User: Hello
-
-        Assistant:
-    """
-    return "".join(f"{CHAT_ROLES[m['role']]}: {m['content']}\n\n" for m in messages) + "Assistant:"
-
 
 def chat_messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
@@ -444,6 +462,7 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
     settings.logprobs = logprobs
     settings.stop = settings.stop + [s for s in CHAT_STOPS if s not in settings.stop]
     settings.chat_reply = True  # stops apply to the reply after its leading whitespace; logprobs line up with it
+    settings.grammar = structured_output(f, tokenizer, vocab_size)
     stream = f.boolean("stream", False)
     request = GenerationRequest(f.string("model"), [encode(tokenizer, prompt, block_size, vocab_size, start, limits,
                                                            "messages")],

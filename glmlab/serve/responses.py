@@ -154,6 +154,10 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
             break
         for r, event in merge_events(items):
             generated += len(event.token_ids)
+            if event.completion is not None and event.completion.error:
+                yield sse({"error": {"message": f"the output could not follow the requested format: "
+                                                f"{event.completion.error}", "type": "invalid_request_error",
+                                     "param": "response_format", "code": "grammar_failed"}})
             finish = event.completion.finish_reason if event.completion is not None else None
             done += finish is not None
             delta = event.delta

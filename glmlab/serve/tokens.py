@@ -1,4 +1,6 @@
-"""``POST /tokenize`` and ``/detokenize``: the served model's tokenizer over HTTP."""
+"""The served model's tokenizer over HTTP, in vLLM's shapes: ``POST /tokenize`` and ``/detokenize``, and
+``GET /tokenizer_info`` (the tokenizer's ``tokenizer_config.json``: what lm-evaluation-harness's ``remote``
+tokenizer reads, so it needs no copy of the tokenizer and no hub)."""
 
 from __future__ import annotations
 
@@ -6,16 +8,26 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from glmlab.errors import GlmlabError
+from glmlab.interop.tokenizer_config import tokenizer_config
 from glmlab.serve import protocol as P
 from glmlab.serve.context import ServedDep
 
 router = APIRouter()
 
 
+@router.get("/tokenizer_info")
+async def tokenizer_info(served: ServedDep) -> JSONResponse:
+    return JSONResponse(tokenizer_config(served.model, served.tokenizer))
+
+
 @router.post("/tokenize")
 async def tokenize(request: Request, served: ServedDep) -> JSONResponse:
+    """``{"prompt"}`` -> its token ids; ``add_special_tokens`` (default true, as in vLLM) puts the start token a
+    sentence-level model reads first (a model of running text reads none)."""
     body = await served.body(request)
-    served.check_model(P.Fields(body).string("model"))
+    f = P.Fields(body)
+    served.check_model(f.string("model"))
+    P.refuse_unknown(body, {"model", "prompt", "text", "add_special_tokens", "return_token_strs"}, "/tokenize")
     text = body.get("prompt", body.get("text"))
     if not isinstance(text, str):
         raise P.bad_request("prompt must be a string", "prompt", "invalid_type")
@@ -24,6 +36,9 @@ async def tokenize(request: Request, served: ServedDep) -> JSONResponse:
         ids = tokenizer.encode_checked(text)
     except GlmlabError as exc:
         raise P.bad_request(exc.problem, "prompt", "unencodable_prompt") from None
+    if f.boolean("add_special_tokens", True) and served.start is not None:
+        ids = [served.start, *ids]
+    f.boolean("return_token_strs", False)  # token_strs come with every answer
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": served.model.block_size,
                          "token_strs": [tokenizer.decode([i], skip_special_tokens=False) for i in ids]})
 
@@ -32,6 +47,7 @@ async def tokenize(request: Request, served: ServedDep) -> JSONResponse:
 async def detokenize(request: Request, served: ServedDep) -> JSONResponse:
     body = await served.body(request)
     served.check_model(P.Fields(body).string("model"))
+    P.refuse_unknown(body, {"model", "tokens"}, "/detokenize")
     ids = body.get("tokens")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise P.bad_request("tokens must be a list of token ids", "tokens", "invalid_type")

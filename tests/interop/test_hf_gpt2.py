@@ -7,6 +7,7 @@ import torch
 
 from glmlab.cli import main
 from glmlab.errors import GlmlabError
+from glmlab.generation.chat import render_chat
 from glmlab.generation.generate import GenerationSettings, generate_batch
 from glmlab.interop.hf_gpt2 import export_hf, import_hf
 from glmlab.runs import load_run
@@ -97,6 +98,9 @@ def test_the_declared_start_token_is_the_one_the_run_read(trained_run, char_data
         assert tokenizer.bos_token == start and config["bos_token_id"] == tokenizer.convert_tokens_to_ids(start)
         assert json.loads((out / "generation_config.json").read_text())["bos_token_id"] == config["bos_token_id"]
         assert tokenizer.eos_token == "<eos>" and tokenizer.decode(tokenizer("a  b .")["input_ids"]) == "a  b ."
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        render_chat(messages)  # transformers renders chat as glmlab serve does
 
 
 def test_pytorch_bin_and_errors(hf_dir, tmp_path, capsys):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from glmlab.data.tokenizer import train_char
+from glmlab.generation.chat import render_chat
 from glmlab.serve.metrics import Metrics
-from glmlab.serve.protocol import APIError, Limits, chat_request, completion_request, render_chat
+from glmlab.serve.protocol import APIError, Limits, chat_request, completion_request
 
 TOK = train_char(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:.\n"])
 LIMITS = Limits(max_prompt_tokens=80, max_tokens=100, max_n=4, max_rows=6)

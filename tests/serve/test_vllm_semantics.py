@@ -7,9 +7,9 @@ import httpx2 as httpx
 import pytest
 import torch
 
+from glmlab.generation.chat import CHAT_STOPS, render_chat
 from glmlab.generation.text import find_stop
 from glmlab.runs import load_run
-from glmlab.serve.protocol import CHAT_STOPS, render_chat
 from tests.conftest import excerpt_lines
 
 openai = pytest.importorskip("openai")
@@ -28,8 +28,8 @@ def short_server(make_server, short_docs_run):
 def _model_logprobs(run, ids: list[int]) -> torch.Tensor:
     """log p(ids[i] | ids[:i]) for i >= 1, straight from the model's forward pass."""
     with torch.no_grad():
-        logp = run.model(torch.tensor([ids])).float().log_softmax(-1)[0]
-    return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        logp = run.model(torch.tensor([ids[:-1]])).float().log_softmax(-1)[0]
+    return logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
 def _lines_ending_in_eos(run, count: int) -> list[str]:
@@ -92,12 +92,15 @@ def test_a_prompt_longer_than_the_context_is_refused_when_every_token_is_scored(
     r = httpx.post(url, json={"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1})
     error = r.json()["error"]
     assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
-    assert "max_model_len" in error["message"] and f"max_length={block}" in error["message"]
-    fits = httpx.post(url, json={"prompt": text[:block], "max_tokens": 1, "echo": True, "logprobs": 1}).json()
+    assert "max_model_len" in error["message"] and f"max_length={block + 2}" in error["message"]
+    longest = block + 1  # the first token is scored by nothing: the model reads the other block_size
+    fits = httpx.post(url, json={"prompt": text[:longest], "max_tokens": 1, "echo": True, "logprobs": 1}).json()
     lp = fits["choices"][0]["logprobs"]
-    assert len(lp["tokens"]) == block + 1 and lp["text_offset"][:block] == list(range(block))
-    assert lp["token_logprobs"][1:block] == pytest.approx(
-        _model_logprobs(short_docs, short_docs.tokenizer.encode(text[:block])).tolist(), abs=1e-4)
+    assert len(lp["tokens"]) == longest + 1 and lp["text_offset"][:longest] == list(range(longest))
+    assert lp["token_logprobs"][1:longest] == pytest.approx(
+        _model_logprobs(short_docs, short_docs.tokenizer.encode(text[:longest])).tolist(), abs=1e-4)
+    over = httpx.post(url, json={"prompt": text[:longest + 1], "max_tokens": 1, "echo": True, "logprobs": 1})
+    assert over.status_code == 400
     plain = httpx.post(url, json={"prompt": text, "max_tokens": 2, "echo": True}).json()  # no scores: cut, go on
     assert plain["choices"][0]["text"].startswith(text) and plain["usage"]["prompt_tokens"] == len(text)
 
@@ -142,3 +145,29 @@ def test_logit_bias_is_honoured(live):
     banned = client.completions.create(model="tiny", prompt="First", max_tokens=1, temperature=0,
                                        logit_bias={str(tok.encode(greedy)[0]): -100}).choices[0].text
     assert banned != greedy
+
+
+def test_tokenizer_info_and_tokenize_as_lm_eval_reads_them(live, vae_run, make_server):
+    """lm-evaluation-harness's remote tokenizer: GET /tokenizer_info must hold eos_token (and bos_token, the
+    prefix of its rolling windows), POST /tokenize {"prompt", "add_special_tokens": false} gives the ids."""
+    import jinja2
+
+    info = httpx.get(live.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "<eos>" and info["bos_token"] == "<eos>"  # running text: <eos> starts a document
+    assert info["tokenizer_class"] == "PreTrainedTokenizerFast" and info["model_max_length"] == 32
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = jinja2.Environment().from_string(info["chat_template"]).render(messages=messages,
+                                                                              add_generation_prompt=True)
+    assert rendered == render_chat(messages)
+    ids = httpx.post(live.url + "/tokenize", json={"prompt": "First", "add_special_tokens": False}).json()["tokens"]
+    assert ids == httpx.post(live.url + "/tokenize", json={"prompt": "First"}).json()["tokens"] and len(ids) == 5
+    assert httpx.post(live.url + "/tokenize", json={"prompt": "<eos>", "add_special_tokens": False}).json()[
+        "tokens"] == [3]
+    sentences = make_server(vae_run)
+    assert httpx.get(sentences.url + "/tokenizer_info").json()["bos_token"] == "<bos>"
+    word = load_run(vae_run).tokenizer.hf.id_to_token(6)
+    both = httpx.post(sentences.url + "/tokenize", json={"prompt": word}).json()["tokens"]
+    bare = httpx.post(sentences.url + "/tokenize", json={"prompt": word, "add_special_tokens": False}).json()
+    assert both == [2, *bare["tokens"]]  # a sentence-level model reads <bos> first
+    r = httpx.post(live.url + "/tokenize", json={"prompt": "a", "padding": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "padding"

@@ -1,0 +1,32 @@
+"""A run's tokenizer as Hugging Face tools describe one (``tokenizer_config.json``): written by ``export-hf`` and
+served at ``/tokenizer_info`` (vLLM's endpoint, which lm-evaluation-harness's ``remote`` tokenizer reads).
+
+``bos_token`` is the start token the model read: ``<bos>`` before each sentence of a sentence-level run, and
+``<eos>`` — the document separator — before each document of running text. Tools that prepend the declared start
+token (lm-evaluation-harness prefixes empty contexts and rolling windows with it) then condition the model as it
+was trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glmlab.data.tokenizer import Tokenizer
+from glmlab.generation.chat import CHAT_TEMPLATE
+from glmlab.generation.engine import start_id
+from glmlab.models.contract import LanguageModel
+
+
+def start_token_id(model: LanguageModel, tokenizer: Tokenizer) -> int:
+    """The id every text starts after: <bos> for a sentence-level model, <eos> for one of running text."""
+    start = start_id(model, tokenizer)
+    return tokenizer.eos_id if start is None else start
+
+
+def tokenizer_config(model: LanguageModel, tokenizer: Tokenizer) -> dict[str, Any]:
+    """``tokenizer_config.json`` for the run's tokenizer (special tokens by role, the model's context, the chat
+    template; no cleanup of spaces, so decoding gives back the text)."""
+    names = {**tokenizer.special_tokens, "bos": tokenizer.hf.id_to_token(start_token_id(model, tokenizer))}
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.block_size,
+            "clean_up_tokenization_spaces": False, **{f"{role}_token": token for role, token in names.items()},
+            "chat_template": CHAT_TEMPLATE}
