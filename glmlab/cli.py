@@ -127,7 +127,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="vae: samples of z per sentence for the importance-weighted NLL (default 500)")
     p.add_argument("--bleu-sentences", type=int, default=500, metavar="N",
                    help="vae: reconstruct the first N sentences for BLEU (default 500; 0 skips it)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled z's (vae; default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled z's (vae), of lm-eval's few-shot "
+                                                        "sampling and sampled generations (default 0)")
+    harness = p.add_argument_group("lm-evaluation-harness tasks (pip install \"glmlab[eval]\")")
+    harness.add_argument("--tasks", metavar="NAMES", help="comma-separated lm-eval task names: run them on the model "
+                                                          "in process instead of scoring a split")
+    harness.add_argument("--include-path", metavar="DIR", help="a directory of task YAML files (your own tasks; "
+                                                               "nothing is downloaded)")
+    harness.add_argument("--limit", type=float, default=None, metavar="N",
+                         help="at most N documents per task (a fraction if below 1)")
+    harness.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples per prompt")
+    harness.add_argument("--output-path", metavar="FILE.json", help="write lm-eval's results (and --log-samples) here")
+    harness.add_argument("--log-samples", action="store_true", help="keep every item's requests and answers")
     p.set_defaults(handler=cmd_eval)
 
 
@@ -388,6 +399,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    for flag in ("include_path", "limit", "num_fewshot", "output_path"):
+        if vars(args)[flag] is not None:
+            raise GlmlabError(f"--{flag.replace('_', '-')} applies to lm-eval tasks", "add --tasks NAMES, or drop it")
     from glmlab.evaluation.report import SentenceReport, evaluate_run
 
     report, label = evaluate_run(args.run_dir, split=args.split, file=args.file, data_dir=args.data,
@@ -400,6 +416,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(report.format())
     else:
         print(f"{label}: {report.format()}")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """glmlab eval RUN --tasks NAMES: lm-evaluation-harness in process (glmlab.evaluation.harness)."""
+    for flag, default in (("split", None), ("file", None), ("data", None), ("stride", None), ("samples", None),
+                          ("bleu_sentences", 500)):
+        if vars(args)[flag] != default:
+            raise GlmlabError(f"--{flag.replace('_', '-')} scores a split, and --tasks runs lm-eval tasks",
+                              "use one or the other")
+    try:
+        from glmlab.evaluation.harness import HarnessOptions, run_tasks
+    except ImportError as exc:
+        raise GlmlabError(f"--tasks needs lm-evaluation-harness, which is not installed ({exc.name} is missing)",
+                          'pip install "glmlab[eval]"') from None
+    from lm_eval.utils import make_table
+
+    from glmlab.runs import load_run
+    from glmlab.runtime import select_device
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise GlmlabError("--tasks names no task", "give comma-separated task names")
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
+    options = HarnessOptions(tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, args.seed,
+                             args.log_samples)
+    results = run_tasks(run, options)
+    if args.output_path:
+        from glmlab import atomic
+
+        atomic.write_text(args.output_path, json.dumps(results, indent=2, default=str, ensure_ascii=False))
+    if args.json:
+        print(json.dumps(results["results"], indent=2, default=str))
+    else:
+        print(make_table(results))
     return 0
 
 

@@ -77,6 +77,14 @@ def start_id(model: nn.Module, tokenizer: Tokenizer) -> int | None:
     return tokenizer.bos_id if model.traits.sentence_level else None
 
 
+def start_token_id(model: nn.Module, tokenizer: Tokenizer) -> int:
+    """The token every text starts after: ``<bos>`` for a model trained on sentences, ``<eos>`` (the document
+    separator) for one of running text. What an export declares as its bos token and what lm-evaluation-
+    harness prefixes empty contexts and rolling windows with."""
+    start = start_id(model, tokenizer)
+    return tokenizer.eos_id if start is None else start
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
                   vocab_size: int, start: int | None = None) -> list[int]:
     """Prompt ids, after ``start`` when given (an empty prompt of running text starts from ``<eos>``, the

@@ -21,7 +21,8 @@ from tokenizers import decoders, models, pre_tokenizers
 from glmlab import atomic
 from glmlab.config import resolve_config
 from glmlab.errors import GlmlabError
-from glmlab.interop.tokenizer_config import start_token_id, tokenizer_config
+from glmlab.generation.engine import start_token_id
+from glmlab.interop.tokenizer_config import tokenizer_config
 from glmlab.models import build_model
 from glmlab.models.gpt import Conv1D
 from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, LoadSpec, load_run, save_weights

@@ -13,14 +13,8 @@ from typing import Any
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation.chat import CHAT_TEMPLATE
-from glmlab.generation.engine import start_id
+from glmlab.generation.engine import start_token_id
 from glmlab.models.contract import LanguageModel
-
-
-def start_token_id(model: LanguageModel, tokenizer: Tokenizer) -> int:
-    """The id every text starts after: <bos> for a sentence-level model, <eos> for one of running text."""
-    start = start_id(model, tokenizer)
-    return tokenizer.eos_id if start is None else start
 
 
 def tokenizer_config(model: LanguageModel, tokenizer: Tokenizer) -> dict[str, Any]:
