@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -137,12 +138,12 @@ def _other_copies(path: Path) -> str:
     parent = path.parent
     run_dir = parent.parent.parent if parent.parent.name == CHECKPOINTS else \
         parent.parent if parent.name == BEST_DIR else parent
-    options = []
-    if (run_dir / WEIGHTS).is_file() and path != run_dir / WEIGHTS:
-        options.append("--checkpoint last")
-    if (run_dir / BEST_DIR / WEIGHTS).is_file() and path != run_dir / BEST_DIR / WEIGHTS:
-        options.append("--checkpoint best")
-    options += [f"--checkpoint {d.name}" for d in checkpoint_dirs(run_dir) if d != parent][:3]
+    def other(candidate: Path) -> bool:  # another file, not a hard link to this one (the top-level weights are)
+        return candidate.is_file() and not os.path.samefile(candidate, path)
+
+    options = ["--checkpoint last"] if other(run_dir / WEIGHTS) else []
+    options += ["--checkpoint best"] if other(run_dir / BEST_DIR / WEIGHTS) else []
+    options += [f"--checkpoint {d.name}" for d in checkpoint_dirs(run_dir) if other(d / WEIGHTS)][:3]
     if not options:
         return "restore the file from a copy, or retrain"
     return f"load another copy of the weights ({', '.join(options)}), or restore the file from a copy"
@@ -258,7 +259,8 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
 
 def _named_checkpoint(run_dir: Path, name: str) -> Path:
     step, n = name[len(CHECKPOINT_PREFIX):], len(CHECKPOINT_PREFIX)
-    found = [d for d in checkpoint_dirs(run_dir) if step.isdigit() and int(d.name[n:]) == int(step)]
+    numeric = step.isascii() and step.isdigit()
+    found = [d for d in checkpoint_dirs(run_dir) if numeric and int(d.name[n:]) == int(step)]
     if not found or not (found[0] / WEIGHTS).is_file():
         names = ", ".join(d.name for d in checkpoint_dirs(run_dir)) or "none"
         raise RunDirError(f"{run_dir} has no checkpoint {name!r} (its checkpoints: {names})",

@@ -4,6 +4,7 @@ with the copies to load instead, never used; weights from before checksums load 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -92,3 +93,16 @@ def test_a_fine_tuned_classifier_is_checked_too(trained_run, tmp_path, capsys):
     damage(out / BEST_DIR / WEIGHTS)
     assert main(["predict", str(out), "--text", "good day"]) == 1
     assert "does not match the checksum" in capsys.readouterr().err
+
+
+def test_a_fix_never_points_at_the_same_file_under_another_name(run, capsys):
+    """The top-level weights are a hard link to the newest checkpoint's: damaged in place, both are."""
+    newest = checkpoint_dirs(run)[0]
+    (run / WEIGHTS).unlink()  # as training leaves it (copying the run broke the link)
+    os.link(newest / WEIGHTS, run / WEIGHTS)
+    with open(run / WEIGHTS, "r+b") as f:  # in place: the link stays
+        f.seek(f.seek(0, 2) // 2)
+        f.write(b"\x00" * 7)
+    assert main(["generate", str(run), "--checkpoint", "last"]) == 1
+    err = capsys.readouterr().err
+    assert "does not match the checksum" in err and "--checkpoint best" in err and newest.name not in err

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from glmlab.errors import GlmlabError
-from glmlab.generation.engine import start_id, start_token_id
+from glmlab.generation.engine import row_seed, start_id, start_token_id
 from glmlab.generation.generate import GenerationSettings, generate_batch
 from glmlab.runs import LoadedRun
 
@@ -40,10 +40,11 @@ GEN_KWARGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", 
 class GlmlabLM(TemplateLM):
     """lm-evaluation-harness's ``LM`` over a loaded glmlab run (see the module docstring)."""
 
-    def __init__(self, run: LoadedRun, batch_size: int = 16, max_gen_toks: int = 256) -> None:
+    def __init__(self, run: LoadedRun, batch_size: int = 16, max_gen_toks: int = 256, seed: int = 0) -> None:
         super().__init__()
         self.run, self.model, self.tokenizer = run, run.model, run.tokenizer
         self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
+        self.seed = seed  # sampled generations: request i draws with a seed made from (seed, i)
         self.start = start_id(run.model, run.tokenizer)  # read before every text (sentence-level runs)
         self.on = run.device  # where the model is
 
@@ -128,13 +129,15 @@ class GlmlabLM(TemplateLM):
         out = [""] * len(requests)
         for key, members in groups.items():
             settings, keep = settings_of[key]
-            prompts = []
-            for i in members:
-                ids = self.tok_encode(requests[i].args[0], add_special_tokens=False)[-keep:]
-                prompts.append(ids or [self.prefix_token_id])
-            for i, completions in zip(members, generate_batch(self.model, self.tokenizer, prompts, settings),
-                                      strict=True):
-                out[i] = completions[0].text
+            for start in range(0, len(members), self.batch_size):  # at most batch_size rows decode together
+                chunk = members[start:start + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0], add_special_tokens=False)[-keep:]
+                           or [self.prefix_token_id] for i in chunk]
+                per_row = [settings if settings.temperature == 0 or settings.seed is not None
+                           else replace(settings, seed=row_seed(self.seed, i)) for i in chunk]
+                for i, completions in zip(chunk, generate_batch(self.model, self.tokenizer, prompts, per_row),
+                                          strict=True):
+                    out[i] = completions[0].text
         return out
 
     def _settings(self, kwargs: dict[str, Any]) -> tuple[GenerationSettings, int]:
@@ -192,7 +195,8 @@ def run_tasks(run: LoadedRun, options: HarnessOptions) -> dict[str, Any]:
                           "name tasks defined in YAML under --include-path DIR (glmlab downloads no task data; "
                           "tests/lm_eval_tasks has two examples)")
     try:
-        return lm_eval.simple_evaluate(model=GlmlabLM(run, batch_size=options.batch_size), tasks=options.tasks,
+        return lm_eval.simple_evaluate(model=GlmlabLM(run, batch_size=options.batch_size, seed=options.seed),
+                                       tasks=options.tasks,
                                        task_manager=manager, limit=options.limit, num_fewshot=options.num_fewshot,
                                        log_samples=options.log_samples, random_seed=options.seed,
                                        numpy_random_seed=options.seed, torch_random_seed=options.seed,

@@ -39,6 +39,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)
+    shown: bytes | None = None  # a chat reply's first token: its bytes less the leading whitespace the reply drops
 
 
 @dataclass
@@ -144,7 +145,8 @@ class Row:
         self.final_text: str | None = None  # text cut at a stop string
         self.ended_at_eos = False
         self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
-        self.shown = ReplyLogprobs() if settings.chat_reply and self.logprobs is not None else None
+        self.shown = ReplyLogprobs(tokenizer.token_bytes) if settings.chat_reply and self.logprobs is not None \
+            else None
         self._reported = 0  # entries of self.logprobs already reported (all rows but chat replies)
         self.bad_words = bad_word_ids(tokenizer, settings.bad_words)
         self.deadline = time.perf_counter() + settings.max_time if settings.max_time else None
@@ -205,7 +207,7 @@ class Row:
             return []
         if self.shown is not None:
             full = self.text.text
-            return self.shown.settle(self.logprobs, len(full) - len(full.lstrip()), len(self.emitted), final)
+            return self.shown.settle(self.logprobs, full, len(self.emitted), final)
         new = self.logprobs[self._reported:]
         self._reported = len(self.logprobs)
         return new
@@ -233,14 +235,18 @@ class ReplyLogprobs:
     ``spans[i]`` is the length of the generated text after token ``i``. A token whose text is empty (the
     first byte of a character that is not whole yet) goes with the next token that completes text."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_bytes: list[bytes]) -> None:
+        self.token_bytes = token_bytes
         self.spans: list[int] = []
         self.kept: list[TokenLogprob] = []
         self._next = 0  # the first token not decided yet
 
-    def settle(self, entries: list[TokenLogprob], lead: int, shown: int, final: bool) -> list[TokenLogprob]:
-        """Decide what can be decided: the entries newly kept. ``lead``: the leading whitespace dropped from
-        the generated text; ``shown``: characters of the reply shown so far (the whole reply when ``final``)."""
+    def settle(self, entries: list[TokenLogprob], full: str, shown: int, final: bool) -> list[TokenLogprob]:
+        """Decide what can be decided: the entries newly kept. ``full``: the generated text so far, whose
+        leading whitespace the reply drops; ``shown``: characters of the reply shown so far (the whole reply
+        when ``final``). A kept token that also holds dropped whitespace, or the start of a stop string, gets
+        the bytes the reply shows of it (``shown``)."""
+        lead = len(full) - len(full.lstrip())
         new: list[TokenLogprob] = []
         spans = self.spans
         while self._next < len(spans):
@@ -265,7 +271,17 @@ class ReplyLogprobs:
             if keep is None:
                 break
             if keep:
-                new += entries[first:last + 1]
+                group = entries[first:last + 1]
+                if end > lead + shown:  # the last token also holds the start of a stop string
+                    raw, over = self.token_bytes[group[-1].token_id], full[lead + shown:end].encode("utf-8")
+                    if raw.endswith(over):
+                        group[-1].shown = raw[:len(raw) - len(over)]
+                if start < lead:  # the first tokens also hold leading whitespace the reply drops
+                    for e in group:
+                        e.shown = (e.shown if e.shown is not None else self.token_bytes[e.token_id]).lstrip()
+                        if e.shown:
+                            break
+                new += group
             self._next = last + 1
         self.kept += new
         return new

@@ -86,9 +86,13 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
                 out[owner].append(done[key])
             failed = next((c for c in done.values() if c.error), None)
             if failed is not None:
-                raise GlmlabError(f"structured output failed: {failed.error}",
-                                  "check that the run's tokenizer can write what the grammar asks for")
+                raise _grammar_failed(failed.error)
         return out
+
+
+def _grammar_failed(error: str) -> GlmlabError:
+    return GlmlabError(f"structured output failed: {error}",
+                       "check that the run's tokenizer can write what the grammar asks for")
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], settings: GenerationSettings,
@@ -110,3 +114,5 @@ def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], sett
             for event in batch.step():
                 if event.delta:
                     yield event.delta
+                if event.completion is not None and event.completion.error:
+                    raise _grammar_failed(event.completion.error)

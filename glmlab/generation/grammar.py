@@ -111,6 +111,9 @@ class Compiler:
         allowed = _allowed(matcher, self.vocab_size)
         allowed[self.tokenizer.eos_id] = False
         if not allowed.any():
+            if matcher.is_accepting() or self.tokenizer.kind == "bpe":  # a byte-level BPE spells any text
+                raise GrammarError(f"the {grammar.kind} allows no output but the empty one (or none at all)",
+                                   "give a grammar whose start rule produces some text")
             raise GrammarError(f"this run's {self.tokenizer.kind} tokenizer cannot write the start of what the "
                                f"{grammar.kind} asks for",
                                "prepare the data with --tokenizer bpe, which spells any text")

@@ -73,9 +73,8 @@ async def _answer(request: Request, req: P.GenerationRequest, served: Served) ->
         served.scheduler.cancel(job)  # a no-op once every row finished
     failed = next((c for c in results.values() if c.error), None)
     if failed is not None:  # the grammar led where this tokenizer cannot follow: the text would not parse
-        raise P.bad_request(f"the output could not follow the requested format: {failed.error}",
-                            "grammar" if req.settings.grammar and req.settings.grammar.kind == "gbnf"
-                            else "response_format", "grammar_failed")
+        raise P.bad_request(f"the output could not follow the requested format: {failed.error}", req.format_param,
+                            "grammar_failed")
     return JSONResponse(R.completion_body(req, results, prompt_lp, served.options.model_name, served.tokenizer))
 
 
@@ -95,8 +94,9 @@ async def _echo_logprobs(req: P.GenerationRequest, served: Served) -> list[list[
     if not (req.echo and req.logprobs is not None):
         return [[] for _ in req.prompts]
     model, tokenizer, start = served.model, served.tokenizer, served.start
-    return await served.on_model_thread(lambda: [prompt_logprobs(model, tokenizer, p.whole, req.logprobs, start)
-                                                 for p in req.prompts])
+    return await served.on_model_thread(lambda: [
+        prompt_logprobs(model, tokenizer, p.whole, req.logprobs, start if p.added_start else None)
+        for p in req.prompts])
 
 
 class _EventStream(StreamingResponse):

@@ -149,6 +149,8 @@ class Prompt:
     ids: list[int]
     tokens: int  # prompt tokens counted for usage
     whole: list[int] = field(default_factory=list)
+    added_start: bool = False  # the server put the model's start token first (not part of the text)
+    from_text: bool = True  # given as text (else as token ids, and ``text`` is their decoding)
 
 
 @dataclass
@@ -165,6 +167,12 @@ class GenerationRequest:
     logprobs: int | None = None  # completions: alternatives per token; chat: top_logprobs when logprobs is on
     chat: bool = False
     generate: bool = True  # False: max_tokens=0 with echo (the prompt's log-probabilities, nothing generated)
+
+    @property
+    def format_param(self) -> str:
+        """The field that asked for structured output (what a grammar failure names)."""
+        grammar = self.settings.grammar
+        return "grammar" if grammar is not None and grammar.kind == "gbnf" else "response_format"
     extra_stops: list[str] = field(default_factory=list)
 
 
@@ -193,12 +201,11 @@ def sampling_settings(f: Fields, limits: Limits, default_max_tokens: int, least:
         stop_at_eos=not f.boolean("ignore_eos", False),
         seed=f.integer("seed", None, 0, 2**63 - 1),
     )
-    settings.logit_bias = logit_bias(f)
     return settings
 
 
-def logit_bias(f: Fields) -> dict[int, float]:
-    """OpenAI's ``logit_bias``: {"token id": bias in [-100, 100]}, at most 300 entries."""
+def logit_bias(f: Fields, vocab_size: int) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: {"token id": bias in [-100, 100]}, at most 300 entries, ids in the vocabulary."""
     value = f.body.get("logit_bias")
     if value is None:
         return {}
@@ -207,10 +214,12 @@ def logit_bias(f: Fields) -> dict[int, float]:
                           "invalid_type")
     out = {}
     for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() else -1
-        if token < 0 or isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            raise bad_request(f"logit_bias[{json.dumps(key)}]={json.dumps(bias)}: keys are token ids, values biases "
-                              "between -100 and 100", "logit_bias", "invalid_value")
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab_size or isinstance(bias, bool) or not isinstance(bias, int | float) \
+                or not -100 <= bias <= 100:
+            raise bad_request(f"logit_bias[{json.dumps(key)}]={json.dumps(bias)}: keys are token ids of this model "
+                              f"(0..{vocab_size - 1}), values biases between -100 and 100", "logit_bias",
+                              "invalid_value")
         out[token] = float(bias)
     return out
 
@@ -259,7 +268,7 @@ def check_fields(body: dict[str, Any], chat: bool) -> None:
     for name, value in body.items():
         if value is None or name in known or name in EXTENSIONS or name in BOOKKEEPING or name in STRUCTURED_FIELDS:
             continue
-        if name == "best_of" and value == body.get("n", 1):
+        if name == "best_of" and value == (body.get("n") or 1):
             continue  # best_of == n: n samples, every one returned
         if value in NEUTRAL.get(name, ()):
             continue
@@ -310,6 +319,10 @@ def stream_options(f: Fields, stream: bool) -> bool:
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise bad_request("stream_options must be an object like {\"include_usage\": true}", "stream_options",
                           "invalid_type")
+    for key, value in options.items():
+        if key != "include_usage" and value not in (None, False):  # e.g. include_obfuscation: no padding here
+            raise bad_request(f"stream_options.{key} is not supported by this server", f"stream_options.{key}",
+                              "unsupported_parameter")
     if not stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options", "invalid_value")
     return bool(options.get("include_usage", False))
@@ -338,10 +351,11 @@ def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab
     if len(ids) > limits.max_prompt_tokens:
         raise bad_request(f"{param} has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens} "
                           "(glmlab serve --max-prompt-tokens)", param, "prompt_too_long")
-    if start is not None:
+    added = start is not None and (isinstance(prompt, str) or ids[0] != start)  # token ids may bring it themselves
+    if added:
         ids = [start, *ids]
     keep = max(1, block_size - 1)  # room for at least one generated token; a longer prompt keeps its end
-    return Prompt(text, ids[-keep:], len(ids), ids)
+    return Prompt(text, ids[-keep:], len(ids), ids, added, isinstance(prompt, str))
 
 
 def check_fits(prompt: Prompt, block_size: int, start: int | None, param: str) -> None:
@@ -351,10 +365,10 @@ def check_fits(prompt: Prompt, block_size: int, start: int | None, param: str) -
     refuses a prompt longer than max_model_len)."""
     if len(prompt.whole) <= block_size + 1:
         return
-    room = block_size + 1 - (start is not None)
+    room = block_size + 1 - prompt.added_start
     raise bad_request(f"this model's maximum context length (max_model_len) is {block_size} tokens, and with echo and "
                       f"logprobs every prompt token is scored in one window, so a prompt may have at most {room} "
-                      f"tokens; {param} has {prompt.tokens - (start is not None)}: shorten it (lm-evaluation-harness's "
+                      f"tokens; {param} has {prompt.tokens - prompt.added_start}: shorten it (lm-evaluation-harness's "
                       f"local-completions: model_args max_length={room + 1}, one more for the generated token)", param,
                       "context_length_exceeded")
 
@@ -391,6 +405,7 @@ def completion_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: i
     logprobs = f.integer("logprobs", None, 0, min(MAX_LOGPROBS, vocab_size))
     settings.logprobs = logprobs
     settings.grammar = structured_output(f, tokenizer, vocab_size)
+    settings.logit_bias = logit_bias(f, vocab_size)
     stream = f.boolean("stream", False)
     request = GenerationRequest(f.string("model"), [], settings, n, stream, stream_options(f, stream), echo=echo,
                                 logprobs=logprobs, generate=body.get("max_tokens") != 0)
@@ -430,8 +445,12 @@ def chat_messages(value: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad_request(f"{where} must be an object with role and content", where, "invalid_type")
+        for key, value in m.items():
+            if key not in ("role", "content") and value is not None:  # name, tool_calls, ...: refused, not ignored
+                raise bad_request(f"{where}.{key} is not supported by this server's chat template (role and content "
+                                  "only)", f"{where}.{key}", "unsupported_parameter")
         role, content = m.get("role"), m.get("content")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad_request(f"{where}.role={json.dumps(role)} is not supported; use one of "
                               f"{', '.join(CHAT_ROLES)}", f"{where}.role", "invalid_value")
         if isinstance(content, list):  # content parts: only text
@@ -463,6 +482,7 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
     settings.stop = settings.stop + [s for s in CHAT_STOPS if s not in settings.stop]
     settings.chat_reply = True  # stops apply to the reply after its leading whitespace; logprobs line up with it
     settings.grammar = structured_output(f, tokenizer, vocab_size)
+    settings.logit_bias = logit_bias(f, vocab_size)
     stream = f.boolean("stream", False)
     request = GenerationRequest(f.string("model"), [encode(tokenizer, prompt, block_size, vocab_size, start, limits,
                                                            "messages")],

@@ -14,7 +14,7 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation.continuous import RowEvent
 from glmlab.generation.engine import TokenLogprob
 from glmlab.generation.text import IncrementalText, text_offsets
-from glmlab.serve.protocol import GenerationRequest
+from glmlab.serve.protocol import GenerationRequest, Prompt
 
 
 def new_id(prefix: str) -> str:
@@ -56,15 +56,16 @@ class Offsets:
 
 def chat_logprobs(entries: list[TokenLogprob], tokenizer: Tokenizer) -> dict[str, list]:
     """The chat API's logprobs: ``{"content": [{token, logprob, bytes, top_logprobs}]}``. ``bytes`` are what the
-    token adds to the reply (joined, they make the content; a special token adds none, a byte-level token may
-    hold part of a character), ``token`` its text or special token's name."""
+    token adds to the reply (joined, they make the content — less a word tokenizer's spaces between words; a
+    special token adds none, a byte-level token may hold part of a character), ``token`` its text or special
+    token's name."""
     table = tokenizer.token_bytes
 
-    def one(token_id: int, token: str, logprob: float) -> dict[str, Any]:
-        raw = table[token_id] if 0 <= token_id < len(table) else b""
+    def one(token_id: int, token: str, logprob: float, shown: bytes | None = None) -> dict[str, Any]:
+        raw = shown if shown is not None else table[token_id] if 0 <= token_id < len(table) else b""
         return {"token": token, "logprob": logprob, "bytes": list(raw)}
 
-    return {"content": [{**one(e.token_id, e.token, e.logprob), "top_logprobs": [one(*t) for t in e.top]}
+    return {"content": [{**one(e.token_id, e.token, e.logprob, e.shown), "top_logprobs": [one(*t) for t in e.top]}
                         for e in entries]}
 
 
@@ -106,7 +107,7 @@ def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: 
                 echoed = prompt_lp[r // req.n] if req.echo else []
                 offsets = Offsets(tokenizer, len(prompt.text) if req.echo else 0)
                 logprobs = completion_logprobs(echoed + list(c.logprobs or []),
-                                               _echo_offsets(tokenizer, echoed) + offsets.of(c.logprobs or []))
+                                               _echo_offsets(tokenizer, prompt, echoed) + offsets.of(c.logprobs or []))
             choice = {"text": text, "index": r, "logprobs": logprobs, "finish_reason": c.finish_reason}
         choices.append(choice)
     prompt_tokens = sum(p.tokens for p in req.prompts)
@@ -115,7 +116,13 @@ def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: 
             "choices": choices, "usage": usage(prompt_tokens, generated)}
 
 
-def _echo_offsets(tokenizer: Tokenizer, echoed: list[TokenLogprob]) -> list[int]:
+def _echo_offsets(tokenizer: Tokenizer, prompt: Prompt, echoed: list[TokenLogprob]) -> list[int]:
+    """Where each echoed token starts in the echoed text: the tokenizer's own offsets into a text prompt (whose
+    spacing a word tokenizer does not keep), else the decoded token ids' (a token-id prompt's text)."""
+    if prompt.from_text:
+        starts = [start for start, _ in tokenizer.hf.encode(prompt.text, add_special_tokens=False).offsets]
+        if len(starts) == len(echoed):
+            return starts
     return text_offsets(tokenizer, [e.token_id for e in echoed])
 
 
@@ -139,9 +146,10 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
             yield chunk({"index": r, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})
         elif req.echo:
-            echoed = prompt_lp[r // req.n]
-            lp = completion_logprobs(echoed, _echo_offsets(tokenizer, echoed)) if req.logprobs is not None else None
-            yield chunk({"text": req.prompts[r // req.n].text, "index": r, "logprobs": lp, "finish_reason": None})
+            echoed, prompt = prompt_lp[r // req.n], req.prompts[r // req.n]
+            lp = completion_logprobs(echoed, _echo_offsets(tokenizer, prompt, echoed)) \
+                if req.logprobs is not None else None
+            yield chunk({"text": prompt.text, "index": r, "logprobs": lp, "finish_reason": None})
     done, generated = 0, 0
     while done < rows:
         items = await queue.get()
@@ -157,7 +165,7 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
             if event.completion is not None and event.completion.error:
                 yield sse({"error": {"message": f"the output could not follow the requested format: "
                                                 f"{event.completion.error}", "type": "invalid_request_error",
-                                     "param": "response_format", "code": "grammar_failed"}})
+                                     "param": req.format_param, "code": "grammar_failed"}})
             finish = event.completion.finish_reason if event.completion is not None else None
             done += finish is not None
             delta = event.delta

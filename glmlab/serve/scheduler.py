@@ -228,12 +228,26 @@ class Scheduler:
                     continue
                 if job.admitted == 0:
                     self._running.append(job)
-                while job.admitted < len(job.rows) and batch.free_slots:
-                    ids, settings, index = job.rows[job.admitted]
-                    batch.add((job, job.admitted), ids, settings, index)
-                    job.admitted += 1
+                try:
+                    while job.admitted < len(job.rows) and batch.free_slots:
+                        ids, settings, index = job.rows[job.admitted]
+                        batch.add((job, job.admitted), ids, settings, index)
+                        job.admitted += 1
+                except Exception as exc:  # noqa: BLE001 — this request cannot decode: fail it, not the server
+                    self._refuse(job, exc)
+                    continue
                 if job.admitted == len(job.rows):
                     self._waiting.popleft()
+
+    def _refuse(self, job: Job, exc: BaseException) -> None:
+        """Drop a request whose rows could not join the batch (called holding the lock) and tell it why."""
+        for row in range(job.admitted):
+            self.batch.cancel((job, row))
+        self._waiting.popleft()
+        if job in self._running:
+            self._running.remove(job)
+        job.finished = len(job.rows)
+        self.deliver([(job, exc)])
 
     def _step(self) -> None:
         started = time.perf_counter()

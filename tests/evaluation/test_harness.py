@@ -114,3 +114,24 @@ def test_glmlab_eval_tasks_from_the_command_line(short_docs_run, tmp_path, capsy
     assert "use one or the other" in capsys.readouterr().err
     assert main(["eval", str(short_docs_run), "--limit", "3"]) == 1
     assert "applies to lm-eval tasks" in capsys.readouterr().err
+
+
+def test_generations_decode_at_most_batch_size_rows_together_and_sampling_follows_the_seed(short_docs_run,
+                                                                                           monkeypatch):
+    from lm_eval.api.instance import Instance
+
+    from glmlab.evaluation.harness import GlmlabLM
+
+    run = load_run(short_docs_run)
+    sizes = []
+    new_cache = type(run.model).new_cache
+    monkeypatch.setattr(type(run.model), "new_cache", lambda self, n, device: sizes.append(n) or
+                        new_cache(self, n, device))
+    kwargs = {"until": ["\n"], "max_gen_toks": 6, "do_sample": True}
+    requests = [Instance("generate_until", {}, ("First Citizen", kwargs), i) for i in range(9)]
+    first = GlmlabLM(run, batch_size=4, seed=0).generate_until(requests)
+    assert sizes == [4, 4, 1]
+    assert GlmlabLM(run, batch_size=4, seed=0).generate_until(requests) == first  # the seed decides
+    assert GlmlabLM(run, batch_size=9, seed=0).generate_until(requests) == first  # not the batching
+    assert GlmlabLM(run, batch_size=4, seed=1).generate_until(requests) != first
+    assert len(set(first)) > 1  # each request draws its own

@@ -8,7 +8,7 @@ import torch
 
 from glmlab.data.tokenizer import train_bpe, train_char, train_word
 from glmlab.errors import GlmlabError
-from glmlab.generation.generate import GenerationSettings, generate_batch
+from glmlab.generation.generate import GenerationSettings, generate_batch, stream
 from glmlab.generation.grammar import Grammar, GrammarError, compiler, strict_schema
 from glmlab.models.gpt import GPT, GPTConfig
 
@@ -49,8 +49,13 @@ def test_a_tokenizer_that_cannot_follow_is_refused_or_ends_with_an_error():
     settings = GenerationSettings(max_new_tokens=30, grammar=Grammar("json_schema", json.dumps(SCHEMA)))
     with pytest.raises(GlmlabError, match="structured output failed"):
         generate_batch(_model(no_digits.vocab_size), no_digits, ["n"], settings)
+    with pytest.raises(GlmlabError, match="structured output failed"):  # streaming says so too
+        list(stream(_model(no_digits.vocab_size), no_digits, "n", settings))
     with pytest.raises(GrammarError, match="cannot be compiled"):
         compiler(no_digits, no_digits.vocab_size).matcher(Grammar("gbnf", "root ::= ("))
+    bpe = train_bpe(["a b c"] * 5, 270)
+    with pytest.raises(GrammarError, match="allows no output but the empty one"):
+        compiler(bpe, bpe.vocab_size).matcher(Grammar("gbnf", 'root ::= ""'))
 
 
 def test_object_schemas_are_made_strict_unless_they_say_otherwise():

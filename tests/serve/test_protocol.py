@@ -49,6 +49,10 @@ def test_a_prompt_longer_than_the_context_keeps_its_end():
     ({"prompt": "ab", "suffix": "cd"}, "suffix", "fill-in-the-middle"),
     ({"prompt": "ab", "tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"prompt": "ab", "do_sample": True}, "do_sample", "unknown parameter"),
+    ({"prompt": "ab", "logit_bias": {"999": 1}}, "logit_bias", "token ids of this model"),
+    ({"prompt": "ab", "logit_bias": {"²": 1}}, "logit_bias", "token ids of this model"),
+    ({"prompt": "ab", "stream": True, "stream_options": {"include_obfuscation": True}},
+     "stream_options.include_obfuscation", "not supported"),
     ({"prompt": "ab", "repetition_penalty": 1e-40}, "repetition_penalty", ">= 0.01 and <= 100"),
     ({"prompt": "ab", "top_k": 10**30}, "top_k", "<= 2147483647"),
 ])
@@ -57,6 +61,15 @@ def test_mistakes_name_the_field(body, param, words):
         complete(**body)
     assert caught.value.status == 400
     assert caught.value.param == param or (param == "prompt" and caught.value.param.startswith("prompt"))
+
+
+def test_null_means_absent_and_chat_messages_take_role_and_content_only():
+    assert complete(prompt="ab", best_of=1, n=None).n == 1
+    for extra in ({"name": "bob"}, {"tool_calls": [{"id": "x"}]}, {"role": ["user"]}):
+        with pytest.raises(APIError) as caught:
+            chat_request({"messages": [{"role": "user", "content": "hi", **extra}]}, TOK, 256, TOK.vocab_size, None,
+                         LIMITS)
+        assert caught.value.status == 400 and caught.value.param.startswith("messages[0].")
 
 
 def test_the_chat_template():

@@ -171,3 +171,52 @@ def test_tokenizer_info_and_tokenize_as_lm_eval_reads_them(live, vae_run, make_s
     assert both == [2, *bare["tokens"]]  # a sentence-level model reads <bos> first
     r = httpx.post(live.url + "/tokenize", json={"prompt": "a", "padding": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "padding"
+
+
+def test_token_ids_that_bring_their_start_token_get_no_second_one(vae_run, make_server):
+    """lm-eval's local-completions sends a sentence-level model's <bos> itself (/tokenizer_info declares it):
+    the server adds none, so the scores equal those of the text prompt (vLLM takes token ids as given)."""
+    server = make_server(vae_run)
+    tok = load_run(vae_run).tokenizer
+    words = " ".join(tok.hf.id_to_token(i) for i in range(5, 12) if tok.hf.id_to_token(i) != "\n")
+    url = server.url + "/v1/completions"
+    as_text = httpx.post(url, json={"prompt": words, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    as_ids = httpx.post(url, json={"prompt": [2, *tok.encode(words)], "max_tokens": 0, "echo": True,
+                                   "logprobs": 0}).json()
+    text_lp = as_text["choices"][0]["logprobs"]["token_logprobs"]
+    ids_lp = as_ids["choices"][0]["logprobs"]["token_logprobs"]
+    assert ids_lp[0] is None and ids_lp[1:] == pytest.approx(text_lp, abs=1e-5)  # <bos> echoed, then the same
+    assert as_ids["usage"]["prompt_tokens"] == as_text["usage"]["prompt_tokens"]
+
+
+def test_echoed_offsets_index_the_prompt_as_sent(vae_run, make_server):
+    """A word tokenizer does not keep a prompt's spacing: the echoed offsets still point into the text sent."""
+    server = make_server(vae_run)
+    tok = load_run(vae_run).tokenizer
+    words = [tok.hf.id_to_token(i) for i in (5, 6, 7)]
+    prompt = f"{words[0]}   {words[1]}  {words[2]}"
+    out = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "echo": True,
+                                                           "logprobs": 0}).json()["choices"][0]
+    offsets = out["logprobs"]["text_offset"]
+    assert [out["text"][o:o + len(w)] for o, w in zip(offsets, words, strict=False)] == words
+    assert all(o >= len(prompt) for o in offsets[3:])
+
+
+def test_a_request_that_cannot_join_the_batch_fails_alone(make_server, monkeypatch):
+    """Anything that goes wrong while admitting a request's rows fails that request, not the server."""
+    from glmlab.generation import continuous
+
+    server = make_server(engine="thread")
+    original = continuous.Row.__init__
+
+    def row(self, prompt_ids, settings, *args, **kwargs):
+        if settings.seed == 666:
+            raise RuntimeError("no room for this one")
+        original(self, prompt_ids, settings, *args, **kwargs)
+
+    monkeypatch.setattr(continuous.Row, "__init__", row)
+    url = server.url + "/v1/completions"
+    failed = httpx.post(url, json={"prompt": "First", "max_tokens": 3, "seed": 666})
+    assert failed.status_code == 503
+    after = httpx.post(url, json={"prompt": "First", "max_tokens": 3, "seed": 1})
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 3
