@@ -60,6 +60,9 @@ class TrainConfig:
     batching: str = field("auto", "training examples: random windows of the token stream, or whole sentences "
                           "(one per <eos>, length-bucketed, padded); auto = sentences for sentence-level families "
                           "(vae), windows otherwise", choices=("auto", "windows", "sentences"))
+    fim_rate: float = field(0.0, "fraction of documents rearranged to fill in the middle (PSM/SPM, Bavarian et al. "
+                            "2022); runs on windows only (gpt, lstm)", min=0.0, max=1.0)
+    fim_spm_rate: float = field(0.5, "share of the rearranged documents in SPM order", min=0.0, max=1.0)
 
     def validate(self) -> None:
         if self.min_lr is not None and self.min_lr > self.lr:

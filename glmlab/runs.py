@@ -187,6 +187,7 @@ class LoadSpec:
     sentence_level: bool = False  # it read <bos>-started sentences: prompt it the same way
     adapters: list[dict[str, Any]] = field(default_factory=list)  # [{"kind": "lora", "rank", "alpha"}]: merged
     head: str = "lm"  # "lm", or "classifier" (a fine-tuned classifier: glmlab.finetune.load_classifier)
+    fim_rate: float = 0.0  # > 0: a gpt trained to fill in the middle (train.fim_rate), so it can infill
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -362,6 +363,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
                           f"predict with: glmlab predict {run_dir} --text '...' "
                           "(Python: glmlab.finetune.load_classifier)")
     model = build_model(config.model, sentences=spec.sentence_level)
+    if spec.fim_rate > 0:
+        model.traits = model.traits.filling_in_the_middle()
     load_weights_as_written(model, spec, weights_path(run_dir, checkpoint))
     model.to(device).eval()
     return LoadedRun(model, tokenizer, config, run_dir, raw)

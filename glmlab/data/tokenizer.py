@@ -1,7 +1,7 @@
 """Tokenizers: char, word and byte-level BPE, all Hugging Face ``tokenizers`` objects.
 
 Whatever the kind, the result is saved as a standard ``tokenizer.json`` that
-``tokenizers.Tokenizer.from_file`` loads, with the same four special tokens at ids 0-3.
+``tokenizers.Tokenizer.from_file`` loads, with the same special tokens at ids 0-13 (``SPECIAL_TOKENS``).
 :class:`Tokenizer` wraps it with what glmlab needs: special ids, decoding that restores line
 breaks for word-level text, and a check that names the characters a tokenizer cannot encode.
 """
@@ -21,11 +21,22 @@ from glmlab import atomic
 from glmlab.errors import DataError, EncodingError, RunDirError
 
 # Declared once: every tokenizer glmlab builds has exactly these, at these ids (models that need them
-# declare so in their traits, and the trainer checks the data's tokenizer before training).
+# declare so in their traits, and the trainer checks the data's tokenizer before training). The first four
+# every family reads; the rest are the blanks and pieces of the autoencoding and infilling objectives:
+# BERT's [MASK]/[CLS]/[SEP], GLM's sentence and document blanks and the start/end of a generated piece, and
+# the fill-in-the-middle sentinels of a `gpt` trained with train.fim_rate.
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
-ROLES = ("pad", "unk", "bos", "eos")  # the role of each, as Tokenizer.special_tokens names them
+MASK, CLS, SEP, SMASK, GMASK = "[MASK]", "[CLS]", "[SEP]", "[sMASK]", "[gMASK]"
+SOP, EOP = "<|startofpiece|>", "<|endofpiece|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, MASK, CLS, SEP, SMASK, GMASK, SOP, EOP, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
+(PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID, SMASK_ID, GMASK_ID, SOP_ID, EOP_ID, FIM_PREFIX_ID,
+ FIM_MIDDLE_ID, FIM_SUFFIX_ID) = range(len(SPECIAL_TOKENS))
+# the role of each, as Tokenizer.special_tokens names them
+ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep", "smask", "gmask", "sop", "eop", "fim_prefix",
+         "fim_middle", "fim_suffix")
+BLANKS = (MASK_ID, SMASK_ID, GMASK_ID)  # the tokens that stand for a blank to fill
+FIRST_TEXT_ID = len(SPECIAL_TOKENS)  # ids from here on are text, in every tokenizer glmlab trains
 KINDS = ("char", "word", "bpe")
 DEFAULT_VOCAB_SIZE = {"word": 20000, "bpe": 4096}
 
@@ -46,15 +57,16 @@ class Tokenizer:
         self.kind = _infer_kind(hf)
         roles = special_tokens or dict(zip(ROLES, SPECIAL_TOKENS, strict=True))
         self.special_tokens = {role: token for role, token in roles.items() if hf.token_to_id(token) is not None}
-        self.pad_id = hf.token_to_id(roles["pad"]) if "pad" in roles else None
-        self.unk_id = hf.token_to_id(roles["unk"]) if "unk" in roles else None
-        self.bos_id = hf.token_to_id(roles["bos"]) if "bos" in roles else None
-        self.eos_id = hf.token_to_id(roles["eos"]) if "eos" in roles else None
+        self.role_ids = {role: hf.token_to_id(token) for role, token in self.special_tokens.items()}
+        self.pad_id = self.role_ids.get("pad")
+        self.unk_id = self.role_ids.get("unk")
+        self.bos_id = self.role_ids.get("bos")
+        self.eos_id = self.role_ids.get("eos")
 
     def has_role(self, role: str, at_glmlab_id: bool = False) -> bool:
-        """Whether a token plays ``role`` (pad, unk, bos, eos), at the id glmlab's own tokenizers give it when
+        """Whether a token plays ``role`` (one of ``ROLES``), at the id glmlab's own tokenizers give it when
         ``at_glmlab_id`` (what a model whose code uses that id needs)."""
-        token_id = {"pad": self.pad_id, "unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id}[role]
+        token_id = self.role_ids.get(role)
         return token_id is not None and (not at_glmlab_id or token_id == ROLES.index(role))
 
     @functools.cached_property

@@ -173,12 +173,12 @@ def read_references(path: str | Path) -> list[str]:
 
 
 def _sentence_words(tokenizer: Tokenizer, ids: Sequence[int], cut_line: bool = False) -> str:
-    """A sentence's ids as whitespace-separated words: up to the first ``<eos>``; ``<bos>`` / ``<pad>`` dropped,
+    """A sentence's ids as whitespace-separated words: up to the first ``<eos>``; special tokens dropped,
     ``<unk>`` spelled out; with ``cut_line``, only the text before the first line break."""
     ids = [int(i) for i in ids]
     if tokenizer.eos_id is not None and tokenizer.eos_id in ids:
         ids = ids[:ids.index(tokenizer.eos_id)]
-    skip = {tokenizer.bos_id, tokenizer.pad_id}
+    skip = set(tokenizer.role_ids.values()) - {tokenizer.unk_id}  # every special token but <unk>
     text = tokenizer.decode([i for i in ids if i not in skip], skip_special_tokens=False)
     if cut_line:
         text = text.split("\n", 1)[0]

@@ -18,9 +18,14 @@ import torch.nn as nn
 
 from glmlab.data.dataset import IGNORE_INDEX, eval_windows
 
+PSEUDO_NOTE = "pseudo-log-likelihood: each token given all the others; not comparable with an NLL"
+
 
 @dataclass
 class LikelihoodReport:
+    """What ``glmlab eval`` reports of windows. ``kind`` is "nll", or "pll" for a masked LM, whose ``nll`` field
+    then holds the pseudo-NLL (Salazar et al., 2020) and ``perplexity`` the pseudo-perplexity."""
+
     nll: float  # mean negative log-likelihood per token, nats
     perplexity: float
     bits_per_char: float
@@ -28,22 +33,29 @@ class LikelihoodReport:
     tokens: int  # tokens scored
     characters: int
     bytes: int
+    kind: str = "nll"
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
     def format(self) -> str:
+        if self.kind == "pll":
+            return (f"PLL {self.nll:.4f} nats/token | pseudo-ppl {self.perplexity:.3f} | "
+                    f"{self.bits_per_char:.4f} pseudo-bits/char | {self.bits_per_byte:.4f} pseudo-bits/byte | "
+                    f"{self.tokens:,} tokens, {self.characters:,} chars ({PSEUDO_NOTE})")
         return (f"nll {self.nll:.4f} nats/token | ppl {self.perplexity:.3f} | {self.bits_per_char:.4f} bits/char | "
                 f"{self.bits_per_byte:.4f} bits/byte | {self.tokens:,} tokens, {self.characters:,} chars")
 
 
-def likelihood_report(nll_sum: float, tokens: int, characters: int, num_bytes: int) -> LikelihoodReport:
-    """Metrics from a summed NLL (nats) over ``tokens`` tokens that spell ``characters`` chars / ``num_bytes`` bytes."""
+def likelihood_report(nll_sum: float, tokens: int, characters: int, num_bytes: int,
+                      kind: str = "nll") -> LikelihoodReport:
+    """Metrics from a summed NLL (nats) over ``tokens`` tokens that spell ``characters`` chars / ``num_bytes`` bytes
+    (``kind="pll"``: a summed pseudo-NLL)."""
     mean = nll_sum / max(tokens, 1)
     bits = nll_sum / math.log(2)
     return LikelihoodReport(nll=mean, perplexity=math.exp(min(mean, 700.0)),
                             bits_per_char=bits / max(characters, 1), bits_per_byte=bits / max(num_bytes, 1),
-                            tokens=tokens, characters=characters, bytes=num_bytes)
+                            tokens=tokens, characters=characters, bytes=num_bytes, kind=kind)
 
 
 @torch.no_grad()

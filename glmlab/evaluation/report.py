@@ -32,7 +32,13 @@ from glmlab.evaluation.latent import (
     importance_weighted_nll,
     mutual_information,
 )
-from glmlab.evaluation.likelihood import LikelihoodReport, likelihood_report, sum_nll, sum_nll_batches
+from glmlab.evaluation.likelihood import (
+    PSEUDO_NOTE,
+    LikelihoodReport,
+    likelihood_report,
+    sum_nll,
+    sum_nll_batches,
+)
 from glmlab.runs import LoadedRun, load_run
 from glmlab.runtime import select_device
 
@@ -53,7 +59,8 @@ class SentenceReport:
     sentences: int
     tokens: int  # targets scored: words + <eos>, padding excluded
     truncated: int  # sentences longer than the model's block size, cut to block_size - 1 targets
-    nll_kind: str  # "exact", or "importance-weighted" (an upper bound that approaches the NLL as k grows)
+    nll_kind: str  # "exact", "importance-weighted" (an upper bound that approaches the NLL as k grows), or
+    # "pseudo" (a masked LM's pseudo-log-likelihood: each token given all the others; not an NLL)
     nll: float  # total over every sentence
     nll_per_sentence: float
     nll_per_token: float
@@ -83,13 +90,15 @@ class SentenceReport:
         row = "  {:<34} {:>10.3f} nats/sentence {:>8.4f} nats/token"
         if self.nll_kind == "exact":
             lines.append(row.format("NLL (exact)", self.nll_per_sentence, self.nll_per_token))
+        elif self.nll_kind == "pseudo":
+            lines.append(row.format("PLL (pseudo-NLL, not comparable)", self.nll_per_sentence, self.nll_per_token))
         else:
             lines.append(row.format(f"NLL (importance-weighted, k={self.iw_samples})", self.nll_per_sentence,
                                     self.nll_per_token))
             lines.append(row.format("ELBO-NLL (-ELBO, upper bound)", self.elbo_nll_per_sentence,
                                     self.elbo_nll_per_token))
-        source = "the exact NLL per token" if self.nll_kind == "exact" else \
-            "the IW NLL per token; it includes the KL"
+        source = {"exact": "the exact NLL per token", "pseudo": f"the PLL per token; {PSEUDO_NOTE}"}.get(
+            self.nll_kind, "the IW NLL per token; it includes the KL")
         lines.append(f"  {'PPL':<34} {self.perplexity:>10.3f} (exp of {source})")
         if self.latent_dim is not None:
             lines.append(f"  {'KL(q(z|x) || p(z))':<34} {self.kl_per_sentence:>10.3f} nats/sentence")
@@ -167,7 +176,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path
                                     bleu_sentences=bleu_sentences, seed=seed, device=dev)
         return report, label
     nll, count = sum_nll(run.model, tokens, tok.eos_id, stride=stride, batch_size=batch_size, device=dev)
-    return likelihood_report(nll, count, chars, num_bytes), label
+    kind = "pll" if run.model.traits.pseudo_likelihood else "nll"
+    return likelihood_report(nll, count, chars, num_bytes, kind), label
 
 
 def evaluate_sentences(model: nn.Module, tokenizer: Tokenizer, sentences: Sentences, target: str = "sentences",
@@ -186,7 +196,7 @@ def evaluate_sentences(model: nn.Module, tokenizer: Tokenizer, sentences: Senten
     if not model.traits.latent_dim:
         total, count = sum_nll_batches(model, batches, device=device)
         return _with_nll(dict(target=target, family=family, sentences=len(sentences), truncated=sentences.truncated,
-                              seed=seed), "exact", total, count)
+                              seed=seed), "pseudo" if model.traits.pseudo_likelihood else "exact", total, count)
     was_training = model.training
     model.eval()
     try:
@@ -236,7 +246,7 @@ def _with_nll(fields: dict[str, Any], kind: str, total: float, tokens: int) -> S
 def sentence_words(tokenizer: Tokenizer, ids: list[int] | np.ndarray) -> list[str]:
     """The words of a sentence given as token ids: specials other than ``<unk>`` dropped, the rest
     decoded (``<unk>`` spelled out, as PTB writes it) and split on whitespace."""
-    skip = {tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id}
+    skip = set(tokenizer.role_ids.values()) - {tokenizer.unk_id}  # every special token but <unk>
     kept = [int(i) for i in ids if int(i) not in skip]
     return tokenizer.decode(kept, skip_special_tokens=False).split()
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation import processors as P
 from glmlab.generation.engine import Completion, bad_word_ids, context_tail
+from glmlab.generation.infill import end_id
 from glmlab.generation.settings import GenerationSettings
 
 NEG = -1.0e9
@@ -30,11 +31,12 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
                 settings: GenerationSettings) -> list[Completion]:
     """The ``num_return_sequences`` best hypotheses for one prompt, best first."""
     s = settings
-    nb, eos = s.num_beams, tokenizer.eos_id
+    nb, eos = s.num_beams, end_id(model, tokenizer)
     device = next(model.parameters()).device
     block = model.block_size
     bad = bad_word_ids(tokenizer, s.bad_words)
     cache = model.new_cache(1, device)
+    max_new = s.max_new_tokens if model.traits.slides else min(s.max_new_tokens, cache.max_len - len(prompt_ids))
     logits = model(torch.tensor([prompt_ids], device=device), cache, last_only=True)[:, -1].float()
     cache.select([0] * nb)
     logits = logits.expand(nb, -1)
@@ -44,12 +46,12 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
     finished_scores = torch.full((nb,), NEG, device=device)
     finished: list[list[int] | None] = [None] * nb
     improvable = True
-    for step in range(s.max_new_tokens):
+    for step in range(max_new):
         logp = (P.apply_logit_bias(logits, [s.logit_bias] * nb) if s.logit_bias else logits).log_softmax(dim=-1)
         logp = P.apply_constraints(logp, [prompt_ids + r for r in running], running, [s] * nb, [bad] * nb, eos)
         scores, flat = (logp + running_scores[:, None]).view(-1).topk(2 * nb)
         beams, tokens = (flat // vocab).tolist(), (flat % vocab).tolist()
-        last_step = step + 1 == s.max_new_tokens
+        last_step = step + 1 == max_new
         ends = torch.tensor([(t == eos and s.stop_at_eos) or last_step for t in tokens], device=device)
         candidates = [running[b] + [t] for b, t in zip(beams, tokens, strict=True)]
 
@@ -73,7 +75,7 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
         source = [beams[i] for i in keep]
 
         # stopping (Hugging Face's _check_early_stop_heuristic and _beam_search_has_unfinished_sequences)
-        length = s.max_new_tokens if (s.early_stopping == "never" and s.length_penalty > 0) else step + 1
+        length = max_new if (s.early_stopping == "never" and s.length_penalty > 0) else step + 1
         best_possible = float(running_scores[0]) / float(length) ** s.length_penalty
         all_finished = bool((finished_scores > NEG / 2).all())
         if all_finished:

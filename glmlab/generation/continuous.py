@@ -21,6 +21,7 @@ import torch.nn as nn
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.engine import Completion, Controls, Row, TokenLogprob, context_tail, next_tokens
+from glmlab.generation.infill import end_id
 from glmlab.generation.settings import GenerationSettings
 
 
@@ -60,6 +61,7 @@ class ContinuousBatch:
         self.model, self.tokenizer, self.capacity, self.deltas = model, tokenizer, slots, deltas
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(slots, self.device)
+        self.end_id = end_id(model, tokenizer)  # <eos>, or a glm piece's <|endofpiece|>
         self._fast_prefill = "prefill_rows" in model.traits.fast_paths
         self._fast_decode = "decode_rows" in model.traits.fast_paths
         self._free = list(range(slots - 1, -1, -1))  # a stack: the lowest slot is reused first
@@ -99,11 +101,14 @@ class ContinuousBatch:
             raise GlmlabError(f"row {key!r} is already in the batch", "give each row its own key")
         if not prompt_ids:
             raise GlmlabError("an empty prompt has nothing to continue", "encode it with encode_prompt")
-        if len(prompt_ids) >= self.model.block_size and self.model.block_size > 1:
-            raise GlmlabError(f"a prompt of {len(prompt_ids)} tokens does not fit the context of "
-                              f"{self.model.block_size}", "cut it with encode_prompt")
-        entry = _Slot(key, Row(prompt_ids, settings, index, self.tokenizer, self.device, self.deltas,
-                               self.model.vocab_size), self._free.pop())
+        limit = self.model.block_size if self.model.traits.slides else self.cache.max_len
+        if len(prompt_ids) >= limit and limit > 1:
+            raise GlmlabError(f"a prompt of {len(prompt_ids)} tokens does not fit the context of {limit}",
+                              "cut it with encode_prompt")
+        row = Row(prompt_ids, settings, index, self.tokenizer, self.device, self.deltas, self.model.vocab_size)
+        if not self.model.traits.slides:  # it ends when its context is full
+            row.max_new_tokens = min(row.max_new_tokens, self.cache.max_len - len(prompt_ids))
+        entry = _Slot(key, row, self._free.pop())
         self._by_key[key] = entry
         self._waiting.append(entry)
 
@@ -151,9 +156,9 @@ class ContinuousBatch:
             rows = [e.row for e in entries]
             self._roster = rows, Controls.of(rows)
         rows, controls = self._roster
-        chosen, tokens = next_tokens(self._logits, rows, self.tokenizer, controls)
+        chosen, tokens = next_tokens(self._logits, rows, self.tokenizer, controls, self.end_id)
         events, now, finished = [], time.perf_counter(), False
-        eos = self.tokenizer.eos_id
+        eos = self.end_id
         for entry, row, token in zip(entries, rows, tokens, strict=True):
             event = RowEvent(entry.key, row.accept(token, eos, now), [token], [])  # <eos> too: it was generated
             if row.logprobs is not None:

@@ -373,12 +373,13 @@ def _record_logprobs(raw: torch.Tensor, rows: list[Row], chosen: list[int], toke
                                              float(logp[j, token]), top))
 
 
-def next_tokens(logits: torch.Tensor, rows: list[Row], tokenizer: Tokenizer,
-                on: Controls) -> tuple[torch.Tensor, list[int]]:
+def next_tokens(logits: torch.Tensor, rows: list[Row], tokenizer: Tokenizer, on: Controls,
+                eos_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """Each row's next token from the step's logits (B, V): every control in use applied, greedy or drawn
     with the row's own generator, its log-probabilities recorded when asked for. The token ids as a tensor
-    where the logits are (what the next decoding step reads) and as a list."""
-    chosen = _choose(_process(logits, rows, tokenizer.eos_id, on), rows, on)
+    where the logits are (what the next decoding step reads) and as a list. ``eos_id``: the token that ends a row
+    (default ``<eos>``)."""
+    chosen = _choose(_process(logits, rows, tokenizer.eos_id if eos_id is None else eos_id, on), rows, on)
     tokens = chosen.tolist()
     if on.logprobs:
         _record_logprobs(logits, rows, tokens, tokenizer)

@@ -24,7 +24,7 @@ from glmlab.errors import GlmlabError
 from glmlab.generation.engine import start_token_id
 from glmlab.interop.tokenizer_config import tokenizer_config
 from glmlab.models import build_model
-from glmlab.models.gpt import Conv1D
+from glmlab.models.transformer import Conv1D
 from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, LoadSpec, load_run, save_weights
 from glmlab.version import __version__
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmlab.errors import ConfigError
+from glmlab.models.bert import BERT, BertConfig
 from glmlab.models.contract import FamilyModel, LanguageModel, Traits
+from glmlab.models.glm import GLM, GLMConfig
 from glmlab.models.gpt import GPT, GPTConfig
 from glmlab.models.lstm import LSTMLM, LSTMConfig
 from glmlab.models.seqgan import SeqGAN, SeqGANConfig
@@ -35,6 +37,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
+    "bert": Family(BertConfig, BERT, "masked language model (BERT): bidirectional Transformer encoder"),
+    "glm": Family(GLMConfig, GLM, "GLM (Du et al. 2022): autoregressive blank infilling, bidirectional Part A"),
     "gpt": Family(GPTConfig, GPT, "decoder-only Transformer (GPT-2 layout)"),
     "lstm": Family(LSTMConfig, LSTMLM, "LSTM language model"),
     "seqgan": Family(SeqGANConfig, SeqGAN, "SeqGAN (Yu et al. 2017): LSTM generator, CNN discriminator",

@@ -30,6 +30,12 @@ from glmlab.errors import GlmlabError
 
 FAST_PATHS = ("decode_rows", "prefill_rows")
 PHASES = ("adversarial",)
+# What a family's forward pass predicts, and so how it is scored, trained and decoded:
+# causal: the next token (exact NLL; the engine decodes it token by token);
+# masked: each position of a bidirectionally read text (scored by pseudo-log-likelihood, written by mask-predict);
+# blank_infilling: GLM's spans written left to right after a bidirectionally read text (exact NLL; infills).
+OBJECTIVES = ("causal", "masked", "blank_infilling")
+INFILLING = ("fim", "blank", "mask_predict")
 
 
 @dataclass(frozen=True)
@@ -48,14 +54,39 @@ class Traits:
     auxiliary: tuple[str, ...] = ()  # submodules that are not part of the language model (a discriminator)
     phases: tuple[str, ...] = ()  # training phases after maximum likelihood, in order
     hf_architecture: str | None = None  # the transformers class ``glmlab export-hf`` writes it as (None: none)
+    objective: str = "causal"  # one of OBJECTIVES
+    # how it fills a blank between a prefix and a suffix: "fim" (a gpt trained with train.fim_rate: sentinels),
+    # "blank" (glm: Part A with [MASK]), "mask_predict" (bert: a given number of [MASK]s); None: it cannot
+    infilling: str | None = None
 
     def __post_init__(self) -> None:
         if not (self.windows or self.sentence_level):
             raise ValueError(f"{self.family}: a family that trains on sentences only is sentence-level")
         unknown = (set(self.fast_paths) - set(FAST_PATHS)) | (set(self.special_tokens) - set(ROLES)) \
-            | (set(self.phases) - set(PHASES))
+            | (set(self.phases) - set(PHASES)) | ({self.objective} - set(OBJECTIVES)) \
+            | ({self.infilling} - {None, *INFILLING})
         if unknown:
             raise ValueError(f"{self.family}: unknown traits {sorted(unknown)}")
+
+    @property
+    def pseudo_likelihood(self) -> bool:
+        """Whether ``nll`` is a pseudo-log-likelihood (each token given all the others), not comparable to an NLL."""
+        return self.objective == "masked"
+
+    @property
+    def left_to_right(self) -> bool:
+        """Whether the engine can decode it token by token (``forward`` gives next-token logits with a cache)."""
+        return self.objective != "masked"
+
+    @property
+    def slides(self) -> bool:
+        """Whether decoding may go on past a full context by re-encoding its tail (a glm's piece belongs to its
+        Part A, so it ends when the context is full)."""
+        return self.objective == "causal"
+
+    def filling_in_the_middle(self) -> Traits:
+        """These traits for a run trained with fill-in-the-middle (its prompts may then have a suffix)."""
+        return dataclasses.replace(self, infilling="fim")
 
     def reading_sentences(self, sentences: bool) -> Traits:
         """These traits for a run that reads sentences (or windows, where the family allows them)."""
@@ -120,6 +151,10 @@ class LanguageModel(Protocol):
 
     def training_hooks(self) -> list[TrainingHook]:
         """Extra work the family asks of the training loop (a VAE's aggressive encoder updates)."""
+
+    def read_vocabulary(self, tokenizer: Any) -> None:
+        """Learn what the family's objective needs to know of the tokenizer before training (which tokens begin
+        a word or end a sentence); nothing of it is saved with the weights."""
 
 
 class FastDecoding(Protocol):
@@ -222,6 +257,9 @@ class FamilyModel(nn.Module):
 
     def training_hooks(self) -> list[TrainingHook]:
         return []
+
+    def read_vocabulary(self, tokenizer: Any) -> None:
+        pass
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         raise GlmlabError(f"a {self.traits.family} model has no per-token features",

@@ -28,6 +28,7 @@ from glmlab.models.gpt_decode import (
     scripted_prefill_rows,
     unoptimised_graphs,
 )
+from glmlab.models.transformer import Block, BlockShape, SelfAttention
 from glmlab.schema import field
 
 
@@ -45,23 +46,13 @@ class GPTConfig:
     bias: bool = field(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
     layer_norm_epsilon: float = field(1e-5, "LayerNorm epsilon (GPT-2: 1e-5)", min=0.0)
 
+    def block_shape(self) -> BlockShape:
+        return BlockShape(self.n_embd, self.n_head, self.dropout, self.bias, self.layer_norm_epsilon)
+
     def validate(self) -> None:
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
                               "choose n_embd a multiple of n_head, e.g. n_embd=384 with n_head=6")
-
-
-class Conv1D(nn.Module):
-    """A linear layer with GPT-2's weight layout (in_features, out_features): y = x W + b."""
-
-    def __init__(self, n_in: int, n_out: int, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
-        nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.t(), self.bias)
 
 
 class KVCache:
@@ -137,57 +128,7 @@ class _CacheStep:
         return c.k[layer, self.rows, :, :self.span], c.v[layer, self.rows, :, :self.span]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_index: int) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.layer_index = layer_index
-        self.dropout = config.dropout
-        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd, config.bias)  # q, k, v together
-        self.c_proj = Conv1D(config.n_embd, config.n_embd, config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, step: _CacheStep | None = None) -> torch.Tensor:
-        B, T, C = x.size()
-        hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        mask, causal = None, True
-        if step is not None:
-            k, v = step.write_and_read(self.layer_index, k, v)  # (B, nh, span, hs)
-            mask, causal = step.mask, step.causal
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd, config.bias)
-        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd, config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer_index: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, step: _CacheStep | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), step)
-        return x + self.mlp(self.ln_2(x))
-
+CausalSelfAttention = SelfAttention  # its name before the families shared one block (glmlab.models.transformer)
 
 # The projections LoRA adapts: attention (c_attn, c_proj) and MLP (c_fc, c_proj).
 ADAPTER_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -205,7 +146,7 @@ class GPT(FamilyModel):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config.block_shape(), i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

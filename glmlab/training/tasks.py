@@ -18,12 +18,13 @@ import torch.nn as nn
 
 from glmlab.config import RunConfig, TrainConfig
 from glmlab.data.dataset import RandomWindows, open_data_dir
+from glmlab.data.fim import FIM_ROLES, FimWindows
 from glmlab.data.sentences import SentenceBatches, find_sentences, sentence_batches
-from glmlab.data.tokenizer import Tokenizer
-from glmlab.errors import DataError, GlmlabError
+from glmlab.data.tokenizer import ROLES, SPECIAL_TOKENS, Tokenizer
+from glmlab.errors import ConfigError, DataError, GlmlabError
 from glmlab.evaluation.latent import latent_report
 from glmlab.evaluation.likelihood import sum_nll, sum_nll_batches
-from glmlab.models import build_model, family_traits
+from glmlab.models import Traits, build_model, family_traits
 from glmlab.runs import LoadSpec
 from glmlab.training.adversarial import AdversarialPhase
 from glmlab.training.distributed import Distributed
@@ -100,13 +101,15 @@ class LanguageModelingTask:
     """Maximum likelihood on a data directory made by ``glmlab prepare``: random windows of the token stream,
     or whole ``<bos>``-started sentences (``train.batching``; sentences for families that train on nothing
     else), validated by the NLL of the validation split (and a latent model's KL, active units and mutual
-    information)."""
+    information). With ``train.fim_rate`` the windows' documents are rearranged to fill in the middle
+    (:mod:`glmlab.data.fim`); validation stays plain left-to-right text."""
 
     def __init__(self, data_dir: str | Path) -> None:
         self.data = open_data_dir(data_dir)
         self.tokenizer = self.data.tokenizer
         self.notes: list[str] = []
         self.sentences = False
+        self.fim_rate = 0.0
 
     def check(self, config: RunConfig) -> None:
         mcfg, batching = config.model, config.train.batching
@@ -115,6 +118,9 @@ class LanguageModelingTask:
             raise GlmlabError(f"model.family={mcfg.family} trains on whole sentences",
                               "drop train.batching=windows (or set train.batching=sentences)")
         self.sentences = batching == "sentences" or (batching == "auto" and not traits.windows)
+        self.fim_rate = config.train.fim_rate
+        if self.fim_rate > 0:
+            self._check_fim(config, traits)
         self._check_tokens(traits.special_tokens)
         fit_vocabulary(config, self.tokenizer)
         self.train_tokens = self.data.tokens("train")
@@ -128,6 +134,31 @@ class LanguageModelingTask:
         self.block_size, self.eval_tokens, self.batch_size = mcfg.block_size, config.train.eval_tokens, \
             config.train.batch_size
 
+    def _check_fim(self, config: RunConfig, traits: Traits) -> None:
+        """Fill in the middle rearranges documents of the token stream for a model that predicts the next
+        token (not a masked or blank-infilling objective, not a latent-variable model), on windows, not whole
+        sentences, and needs the FIM tokens at glmlab's ids."""
+        rate, family = config.train.fim_rate, config.model.family
+        if traits.objective != "causal" or traits.latent_dim:
+            kind = f"its objective is {traits.objective}" if traits.objective != "causal" else "a latent-variable model"
+            raise ConfigError(f"train.fim_rate={rate} trains a next-token model on rearranged documents, and "
+                              f"model.family={family} is not one ({kind})",
+                              "use a family that predicts the next token (gpt, lstm), or set train.fim_rate=0")
+        if not traits.windows:
+            raise ConfigError(f"train.fim_rate={rate} rearranges the documents of training windows, and "
+                              f"model.family={family} trains on whole sentences",
+                              "use a family that trains on windows (gpt, lstm), or set train.fim_rate=0")
+        if self.sentences:
+            raise ConfigError(f"train.fim_rate={rate} rearranges the documents of training windows, and "
+                              "train.batching=sentences reads whole sentences",
+                              "set train.batching=windows (or auto), or train.fim_rate=0")
+        missing = [SPECIAL_TOKENS[ROLES.index(role)] for role in FIM_ROLES
+                   if not self.tokenizer.has_role(role, at_glmlab_id=True)]
+        if missing:
+            raise DataError(f"the tokenizer of {self.data.path} has no fill-in-the-middle tokens at glmlab's ids "
+                            f"({', '.join(missing)}): the data was prepared by an older glmlab",
+                            f"re-run glmlab prepare for {self.data.path}, or set train.fim_rate=0")
+
     def _check_tokens(self, model_roles: tuple[str, ...]) -> None:
         """The special tokens the model's own code uses, at the ids glmlab's tokenizers give them, and the
         <bos> and <pad> that sentence batches need."""
@@ -140,13 +171,18 @@ class LanguageModelingTask:
                             "prepare the data with glmlab prepare (its tokenizers have every special token)")
 
     def build_model(self, config: RunConfig, fresh: bool) -> nn.Module:
-        return build_model(config.model, sentences=self.sentences)
+        model = build_model(config.model, sentences=self.sentences)
+        model.read_vocabulary(self.tokenizer)  # what the family's objective needs to know of the tokens
+        return model
 
     def sampler(self, train: TrainConfig, rank: int, world_size: int) -> Sampler:
         tok = self.tokenizer
         if not self.sentences:
-            return RandomWindows(self.train_tokens, self.block_size, train.batch_size, train.seed, rank=rank,
-                                 world_size=world_size)
+            windows = RandomWindows(self.train_tokens, self.block_size, train.batch_size, train.seed, rank=rank,
+                                    world_size=world_size)
+            if self.fim_rate > 0:
+                return FimWindows(windows, self.fim_rate, train.fim_spm_rate, train.seed)
+            return windows
         found = find_sentences(self.train_tokens, tok.eos_id, self.block_size)
         self.val_sentences = find_sentences(self.val_tokens, tok.eos_id, self.block_size)
         cumulative = self.val_sentences.lengths.cumsum()
@@ -195,7 +231,7 @@ class LanguageModelingTask:
     def run_files(self) -> dict[str, Any]:
         return {"data": {"dir": str(self.data.path.resolve()), "tokenizer": self.data.meta["tokenizer"],
                          "vocab_size": self.tokenizer.vocab_size},
-                "load": LoadSpec(sentence_level=self.sentences).to_dict()}
+                "load": LoadSpec(sentence_level=self.sentences, fim_rate=self.fim_rate).to_dict()}
 
     def describe_step(self, train: TrainConfig, block_size: int, world_size: int) -> str:
         if self.sentences:

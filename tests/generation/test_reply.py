@@ -43,7 +43,7 @@ def test_text_offsets_index_the_decoded_text():
 def test_a_reply_drops_leading_whitespace_first_and_keeps_only_its_tokens_logprobs(bpe_lm):
     model, tok = bpe_lm
     checked = 0
-    for seed in range(30):
+    for seed in range(60):
         settings = GenerationSettings(max_new_tokens=25, seed=seed, logprobs=0, stop=["\n", "。"], chat_reply=True)
         raw = generate_batch(model, tok, ["x"], GenerationSettings(max_new_tokens=25, seed=seed, logprobs=0))[0][0]
         reply = generate_batch(model, tok, ["x"], settings)[0][0]

@@ -85,7 +85,7 @@ def test_lstm_trains_on_windows_or_sentences_and_vae_refuses_windows(topic_data:
     windows = train(resolve_config({}, lstm), topic_data, tmp_path / "w", show_progress=False)
     sentences = train(resolve_config({}, [*lstm, "train.batching=sentences"]), topic_data, tmp_path / "s",
                       show_progress=False)
-    assert windows.last_val_loss < 3.2 and sentences.last_val_loss < 3.2  # log(vocab ~40) = 3.7 at random
+    assert windows.last_val_loss < 3.4 and sentences.last_val_loss < 3.4  # log(vocab ~50) = 3.9 at random
     run = load_run(tmp_path / "s")  # trained on <bos>-started sentences, so prompted from <bos>
     assert run.model.traits.sentence_level and not load_run(tmp_path / "w").model.traits.sentence_level
     completion = run.complete("", max_new_tokens=3, temperature=0)[0][0]

@@ -1,0 +1,130 @@
+"""The Transformer block every Transformer family builds on: self-attention and an MLP, each a residual branch.
+
+One block serves three readings of a text: causal (``gpt``: each token sees the ones before it), bidirectional
+(``bert``: every token sees every other) and a mask of the family's own (``glm``: Part A bidirectional, Part B
+causal after it). Layer norm goes before each branch (GPT-2) or after the residual sum (BERT's post-LN layout,
+which ``glmlab export-hf`` maps onto ``BertForMaskedLM`` by a plain copy). Weights use GPT-2's layout
+(:class:`Conv1D`), whatever the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMS = ("pre", "post")
+ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+               "gelu": F.gelu}  # BERT's exact GELU
+
+
+class Conv1D(nn.Module):
+    """A linear layer with GPT-2's weight layout (in_features, out_features): y = x W + b."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.t(), self.bias)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a block is made of: widths, dropout, and how it reads and normalises."""
+
+    n_embd: int
+    n_head: int
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    causal: bool = True  # without a mask: each token sees only those before it (False: every token)
+    norm: str = "pre"  # "pre": LN before each branch (GPT-2); "post": LN after each residual sum (BERT)
+    activation: str = "gelu_tanh"
+
+
+class CacheStep(Protocol):
+    """Where one forward pass with a cache reads and writes keys and values (a family's decoding state)."""
+
+    mask: torch.Tensor | None
+    causal: bool
+
+    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's keys/values (B, nh, T, hs); return all keys/values to attend to."""
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``; q, k and v from one projection."""
+
+    def __init__(self, shape: BlockShape, layer_index: int) -> None:
+        super().__init__()
+        self.n_head = shape.n_head
+        self.n_embd = shape.n_embd
+        self.layer_index = layer_index
+        self.dropout = shape.dropout
+        self.causal = shape.causal
+        self.c_attn = Conv1D(shape.n_embd, 3 * shape.n_embd, shape.bias)  # q, k, v together
+        self.c_proj = Conv1D(shape.n_embd, shape.n_embd, shape.bias)
+        self.resid_dropout = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor, step: CacheStep | None = None, mask: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """``mask`` (B, 1, T, T) True = may attend, replacing the block's own reading; ``step``: a cache's."""
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        causal = self.causal and mask is None
+        if step is not None:
+            k, v = step.write_and_read(self.layer_index, k, v)  # (B, nh, span, hs)
+            mask, causal = step.mask, step.causal
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: BlockShape) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(shape.n_embd, 4 * shape.n_embd, shape.bias)
+        self.c_proj = Conv1D(4 * shape.n_embd, shape.n_embd, shape.bias)
+        self.dropout = nn.Dropout(shape.dropout)
+        self.act = ACTIVATIONS[shape.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: BlockShape, layer_index: int) -> None:
+        super().__init__()
+        self.post_norm = shape.norm == "post"
+        self.ln_1 = nn.LayerNorm(shape.n_embd, eps=shape.layer_norm_epsilon, bias=shape.bias)
+        self.attn = SelfAttention(shape, layer_index)
+        self.ln_2 = nn.LayerNorm(shape.n_embd, eps=shape.layer_norm_epsilon, bias=shape.bias)
+        self.mlp = MLP(shape)
+
+    def forward(self, x: torch.Tensor, step: CacheStep | None = None, mask: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, step, mask))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), step, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def key_padding_mask(idx: torch.Tensor, pad_id: int) -> torch.Tensor | None:
+    """(B, 1, 1, T) True where a key is a real token, for bidirectional reading of right-padded rows; None when
+    no row is padded (the unmasked kernel is faster)."""
+    real = idx != pad_id
+    if bool(real.all()):
+        return None
+    return real[:, None, None, :]
