@@ -73,7 +73,7 @@ class RunComparison:
     training_time: float | None  # seconds: the largest ``elapsed`` in metrics.jsonl
     steps: int | None
     accounting: str  # "sentence" or "window"
-    nll_kind: str  # "exact" or "importance-weighted"
+    nll_kind: str  # "exact", "importance-weighted" or "pseudo" (a masked LM's PLL: never comparable)
     iw_samples: int | None
     nll_per_token: float
     nll_per_sentence: float | None  # sentence accounting only
@@ -88,6 +88,8 @@ class RunComparison:
 
     @property
     def nll_label(self) -> str:
+        if self.nll_kind == "pseudo":
+            return "PLL (pseudo-likelihood)"
         return "exact" if self.nll_kind == "exact" else f"IW bound (k={self.iw_samples})"
 
 
@@ -303,7 +305,8 @@ def _compare_one(run: LoadedRun, name: str, scored: _Scored, split: str, samples
         say(f"{name}: scoring {len(tokens):,} tokens in windows")
         total, count = sum_nll(model, tokens, tokenizer.eos_id, batch_size=batch_size, device=device)
         per_token = total / max(count, 1)
-        accounting, kind, per_sentence, ppl = "window", "exact", None, math.exp(min(per_token, 700.0))
+        kind = "pseudo" if model.traits.pseudo_likelihood else "exact"
+        accounting, per_sentence, ppl = "window", None, math.exp(min(per_token, 700.0))
     say(f"{name}: generating {samples:,} samples")
     generated = generate_samples(run, samples, seed)
     say(f"{name}: sample metrics")
@@ -312,7 +315,8 @@ def _compare_one(run: LoadedRun, name: str, scored: _Scored, split: str, samples
     return RunComparison(
         name=name, run_dir=str(run.run_dir), family=run.config.model.family,
         parameters=sum(p.numel() for p in model.parameters()) - other, other_parameters=other, training_time=elapsed,
-        steps=steps, accounting=accounting, nll_kind=kind, iw_samples=iw_samples if kind != "exact" else None,
+        steps=steps, accounting=accounting, nll_kind=kind,
+        iw_samples=iw_samples if kind == "importance-weighted" else None,
         nll_per_token=per_token, nll_per_sentence=per_sentence, perplexity=ppl, tokens=count, comparable=True,
         samples=metrics, empty_samples=sum(1 for g in generated if not g), examples=generated[:EXAMPLES],
         train_curve=train_curve, val_curve=val_curve)
@@ -320,12 +324,18 @@ def _compare_one(run: LoadedRun, name: str, scored: _Scored, split: str, samples
 
 def _mark_accountings(results: list[RunComparison], warnings: list[str]) -> str:
     """The accounting of the NLL column (the majority's; a tie goes to sentence); rows of the other are marked."""
-    accountings = [r.accounting for r in results]
+    for r in results:  # a pseudo-log-likelihood is comparable with nothing, a likelihood's accounting aside
+        r.comparable = r.nll_kind != "pseudo"
+    pseudo = [r.name for r in results if r.nll_kind == "pseudo"]
+    if pseudo:
+        warnings.append(f"{', '.join(pseudo)}: a masked LM's pseudo-log-likelihood (each token given all the others), "
+                        "marked †: not comparable with an NLL")
+    accountings = [r.accounting for r in results if r.nll_kind != "pseudo"] or ["window"]
     main = max(("sentence", "window"), key=accountings.count)
     if len(set(accountings)) > 1:
         for r in results:
-            r.comparable = r.accounting == main
-        odd = ", ".join(r.name for r in results if not r.comparable)
+            r.comparable = r.comparable and r.accounting == main
+        odd = ", ".join(r.name for r in results if r.accounting != main)
         warnings.append(f"{odd} scored with {'window' if main == 'sentence' else 'sentence'} accounting, the others "
                         f"with {main} accounting: their NLL / PPL (marked †) are not comparable with the others'")
     return main

@@ -122,9 +122,12 @@ def nll_notes(result: Comparison) -> list[str]:
         notes.append(f"IW bound: the importance-weighted bound on a vae's NLL with k = {result.iw_samples} samples "
                      "of z per sentence (--iw-samples); an upper bound that includes the KL and tightens as k "
                      "grows (glmlab eval uses k = 500)")
-    if any(not r.comparable for r in result.runs):
+    if any(not r.comparable and r.nll_kind != "pseudo" for r in result.runs):
         notes.append(f"†: scored with another accounting than the {result.accounting}-accounting rows; not "
                      "comparable with them")
+    if any(r.nll_kind == "pseudo" for r in result.runs):
+        notes.append("†: PLL, a masked LM's pseudo-log-likelihood (each token scored given all the others); not an "
+                     "NLL and not comparable with one")
     notes.append("training time: the largest `elapsed` in the run's metrics.jsonl")
     if any(r.other_parameters for r in result.runs):
         notes.append("(+N D): a seqgan's discriminator, which neither generates nor is scored")

@@ -21,8 +21,8 @@ def check_backbone(model: LanguageModel) -> None:
     whose decoder needs z)."""
     if not model.traits.feature_width:
         raise GlmlabError(f"a {model.traits.family} run cannot be fine-tuned as a classifier: only models of running "
-                          "text with per-token features can (gpt, lstm)",
-                          "pass --init a gpt or lstm run, or --init none to train from scratch")
+                          "text with per-token features can (gpt, lstm, bert, glm)",
+                          "pass --init a gpt, lstm, bert or glm run, or --init none to train from scratch")
 
 
 class SequenceClassifier(nn.Module):
@@ -39,6 +39,9 @@ class SequenceClassifier(nn.Module):
         if pooling not in POOLINGS:
             raise GlmlabError(f"unknown pooling {pooling!r}", f"use one of: {', '.join(POOLINGS)}")
         check_backbone(backbone)
+        if lm_weight > 0 and not backbone.traits.left_to_right:
+            raise GlmlabError(f"--lm-weight adds a left-to-right language-modelling loss, which a "
+                              f"{backbone.traits.family} model does not have", "drop --lm-weight")
         self.backbone, self.pooling, self.pad_id, self.frozen = backbone, pooling, pad_id, frozen
         self.lm_weight = lm_weight
         self.stats: dict[str, torch.Tensor] = {}

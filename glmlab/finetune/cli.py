@@ -55,6 +55,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "of the texts (GPT-1's auxiliary objective; it used 0.5); full and lora modes (default 0)")
     c.add_argument("--text-column", default=None, help="text column (default: text, else sentence)")
     c.add_argument("--label-column", default="label", help="label column (default: label)")
+    c.add_argument("--pattern", default=None, help='classify as a cloze (bert, glm: no new layer): each text in this '
+                   'pattern with {text} and one [MASK], e.g. "{text} It was [MASK]."; with --verbalizer')
+    c.add_argument("--verbalizer", default=None, metavar="LABEL=WORD,...", help="the word at the blank for each "
+                   'label, one token each, e.g. "positive=great,negative=terrible"')
     c.set_defaults(handler=cmd_finetune, eval_samples=200, max_new_tokens=None)  # sft's options: not for classify
     s = tasks.add_parser("sft", help="supervised fine-tuning on prompt/completion pairs",
                          description="JSONL pairs {\"prompt\": ..., \"completion\": ...}; the loss counts completion "
@@ -70,7 +74,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generated completion (default: the longest reference + 16)")
     s.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0,  # classify's options
-                   text_column=None, label_column="label")
+                   text_column=None, label_column="label", pattern=None, verbalizer=None)
     r = tasks.add_parser("report", help="before/after table of fine-tunes of one task (report.md, metrics.png)")
     r.add_argument("run_dirs", nargs="+", metavar="RUN")
     r.add_argument("--out", required=True, metavar="REPORT_DIR")
@@ -111,7 +115,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         pooling=args.pooling, class_weights=args.class_weights, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lm_weight=args.lm_weight, text_column=args.text_column, label_column=args.label_column, arch=args.arch,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eval_samples=args.eval_samples,
-        max_new_tokens=args.max_new_tokens)
+        max_new_tokens=args.max_new_tokens, pattern=args.pattern, verbalizer=args.verbalizer)
     result, results = finetune(options, args.out, read_yaml(args.config) if args.config else None, args.overrides,
                                resume=args.resume, show_progress=not args.quiet)
     if not result.main_process:

@@ -13,6 +13,7 @@ import torch
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, RunDirError
 from glmlab.finetune.classifier import SequenceClassifier
+from glmlab.finetune.cloze import Cloze, ClozeClassifier
 from glmlab.finetune.examples import Examples, encode_texts, read_labelled, sort_labels
 from glmlab.finetune.metrics import classification_metrics
 from glmlab.models import build_model
@@ -30,16 +31,18 @@ class Prediction:
 class Classifier:
     """A classifier run: ``predict(texts)``; ``truncated`` counts the texts of the last call cut to the context."""
 
-    model: SequenceClassifier
+    model: SequenceClassifier | ClozeClassifier
     tokenizer: Tokenizer
     labels: list[str]
     bos: bool
     run_dir: Path
     truncated: int = 0
+    cloze: Cloze | None = None  # a cloze classifier's pattern and verbalizer
 
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 64) -> list[Prediction]:
-        ids, self.truncated = encode_texts(self.tokenizer, texts, self.model.block_size, self.bos)
+        encode = self.cloze.encode if self.cloze is not None else encode_texts
+        ids, self.truncated = encode(self.tokenizer, texts, self.model.block_size, self.bos)
         probabilities = np.zeros((len(texts), len(self.labels)))
         device = next(self.model.parameters()).device
         for rows, x, _ in Examples(ids, labels=[0] * len(ids)).batches(batch_size, self.tokenizer.pad_id):
@@ -73,12 +76,17 @@ def load_classifier(run_dir: str | Path, checkpoint: str = "best", device: str |
     tokenizer = Tokenizer.from_file(run_dir / TOKENIZER, raw.get("special_tokens"))
     backbone = build_model(config.model, sentences=spec.sentence_level)
     add_adapters(backbone, spec)
-    model = SequenceClassifier(backbone, len(task["labels"]), task["pooling"], tokenizer.pad_id,
-                               frozen=task.get("mode") == "probe")
+    labels = list(task["labels"])
+    cloze = Cloze.parse(task["pattern"], task["verbalizer"]) if task.get("pattern") else None
+    if cloze is not None:
+        model: SequenceClassifier | ClozeClassifier = ClozeClassifier(backbone, cloze.word_ids(tokenizer, labels))
+    else:
+        model = SequenceClassifier(backbone, len(labels), task["pooling"], tokenizer.pad_id,
+                                   frozen=task.get("mode") == "probe")
     load_weights(model, weights_path(run_dir, checkpoint))
     merge_lora(model)
     model.to(device).eval()
-    return Classifier(model, tokenizer, list(task["labels"]), bool(task.get("bos")), run_dir)
+    return Classifier(model, tokenizer, labels, bool(task.get("bos")), run_dir, cloze=cloze)
 
 
 def predict_file(classifier: Classifier, path: str | Path, text_column: str | None = None,

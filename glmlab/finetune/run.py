@@ -132,7 +132,8 @@ def finetune(options: FinetuneOptions, out: str | Path, config_file: dict[str, A
     before = None
     with Trainer(config, task, out, resume=resume, show_progress=show_progress) as trainer:
         model, device = trainer.model, trainer.device
-        if options.task == "sft" and options.init and not resume and trainer.dist.is_main:
+        zero_shot = options.task == "sft" or options.pattern is not None  # a cloze classifies before training too
+        if zero_shot and options.init and not resume and trainer.dist.is_main:
             before = measure(model, task, config.train.batch_size, device)
         started = time.perf_counter()
         result = trainer.run()

@@ -21,6 +21,7 @@ from glmlab.config import RunConfig, TrainConfig
 from glmlab.data.tokenizer import Tokenizer, train_tokenizer
 from glmlab.errors import ConfigError, DataError
 from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier
+from glmlab.finetune.cloze import Cloze, ClozeClassifier
 from glmlab.finetune.examples import (
     ExampleBatches,
     Examples,
@@ -64,6 +65,12 @@ class FinetuneOptions:
     val_fraction: float = 0.1  # sft without --val: pairs held out for validation
     eval_samples: int = 200  # sft: held-out pairs whose completions are generated and scored
     max_new_tokens: int | None = None  # sft: generation cap (default: longest reference + 16)
+    pattern: str | None = None  # classify as a cloze: "{text} ... [MASK] ..." (with verbalizer)
+    verbalizer: str | None = None  # "LABEL=WORD,...": the word at the blank for each label
+
+    def cloze(self) -> Cloze | None:
+        """The cloze of ``pattern`` and ``verbalizer``; None for a classifier with a head."""
+        return Cloze.parse(self.pattern, self.verbalizer) if self.pattern is not None else None
 
     def check(self) -> None:
         if self.task not in TASKS:
@@ -85,6 +92,17 @@ class FinetuneOptions:
         if self.init is None and self.mode != "full":
             raise ConfigError(f"--mode {self.mode} freezes pre-trained weights, and --init none has none",
                               "use --mode full with --init none")
+        if (self.pattern is None) != (self.verbalizer is None):
+            raise ConfigError("a cloze needs both --pattern and --verbalizer", 'e.g. --pattern "{text} It was [MASK]." '
+                              '--verbalizer "positive=great,negative=terrible"')
+        if self.pattern is not None:
+            if self.task != "classify" or self.mode == "probe":
+                raise ConfigError("--pattern/--verbalizer classify as a cloze: classify with --mode full or lora "
+                                  "(a probe would train nothing)", "drop --pattern/--verbalizer, or change --mode")
+            if self.lm_weight or self.pooling != "last":
+                raise ConfigError("a cloze reads the blank: --pooling and --lm-weight are for a head",
+                                  "drop --pooling/--lm-weight, or --pattern/--verbalizer")
+            self.cloze()  # refuse a malformed pattern or verbalizer before anything is read
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val fraction {self.val_fraction} is not between 0 and 1", "e.g. 0.1")
 
@@ -147,10 +165,13 @@ class FinetuneTask:
             if data.skipped:
                 self.notes.append(f"{data.skipped:,} rows of {data.path.name} have an empty text and were skipped")
         self.tokenizer = self._tokenizer(train.texts)
+        cloze = o.cloze()
+        self.word_ids = cloze.word_ids(self.tokenizer, self.labels) if cloze is not None else None
+        encode = cloze.encode if cloze is not None else encode_texts
         index = {label: i for i, label in enumerate(self.labels)}
         self.splits: dict[str, Examples] = {}
         for name, data in splits.items():
-            ids, cut = encode_texts(self.tokenizer, data.texts, self.config.model.block_size, self.bos)
+            ids, cut = encode(self.tokenizer, data.texts, self.config.model.block_size, self.bos)
             self._note_cut(cut, len(ids), name)
             self.splits[name] = Examples(ids, labels=[index[label] for label in data.labels], truncated=cut)
         counts = np.bincount(self.splits["train"].labels, minlength=len(self.labels))
@@ -184,6 +205,9 @@ class FinetuneTask:
     # --- the trainer's task --------------------------------------------------------------------------------
 
     def check(self, config: RunConfig) -> None:
+        if config.train.fim_rate > 0:
+            raise ConfigError(f"train.fim_rate={config.train.fim_rate} rearranges pre-training windows; fine-tuning "
+                              "reads examples", "drop train.fim_rate")
         fit_vocabulary(config, self.tokenizer)
         self.batch_size = config.train.batch_size
 
@@ -197,7 +221,9 @@ class FinetuneTask:
             load_weights_as_written(backbone, spec, weights_path(Path(o.init), "best"))
         self.lora_parameters = add_lora(backbone, o.lora_rank, o.lora_alpha) if o.mode == "lora" else 0
         model: nn.Module = backbone
-        if o.task == "classify":
+        if o.task == "classify" and self.word_ids is not None:
+            model = ClozeClassifier(backbone, self.word_ids)
+        elif o.task == "classify":
             model = SequenceClassifier(backbone, len(self.labels), o.pooling, self.tokenizer.pad_id,
                                        dropout=config.model.dropout, frozen=o.mode == "probe", lm_weight=o.lm_weight)
             if o.class_weights == "balanced":

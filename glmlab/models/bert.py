@@ -94,6 +94,15 @@ def word_starts(tokenizer: Tokenizer) -> torch.Tensor:
     return starts
 
 
+def _last_blank(idx: torch.Tensor) -> torch.Tensor:
+    """The position of each row's last ``[MASK]``; a row without one is refused."""
+    is_blank = idx == MASK_ID
+    if not bool(is_blank.any(1).all()):
+        raise GlmlabError("a row has no [MASK] to fill", "put [MASK] in the text (a cloze pattern needs one)")
+    positions = torch.arange(idx.size(1), device=idx.device)
+    return torch.where(is_blank, positions, -1).max(1).values
+
+
 class BERT(FamilyModel):
     """The `bert` family: ``forward(idx)`` gives logits for every position of a bidirectionally read window."""
 
@@ -156,6 +165,10 @@ class BERT(FamilyModel):
                               "generate with mask-predict (glmlab generate does for a bert run)")
         logits = self.head(self.features(idx))
         return logits[:, -1:] if last_only else logits
+
+    def blank_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of what stands at the last ``[MASK]`` of each right-padded row (a cloze's answer)."""
+        return self(idx)[torch.arange(idx.size(0), device=idx.device), _last_blank(idx)]
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> object:
         raise GlmlabError("a bert model does not decode left to right",

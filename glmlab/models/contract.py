@@ -14,6 +14,7 @@ Optional surfaces, each announced by a trait:
 - ``traits.feature_width > 0``: ``features`` / ``features_to_logits`` (what a classifier pools).
 - ``traits.adapter_targets``: the modules LoRA adapts.
 - ``traits.phases``: training phases after maximum likelihood (``"adversarial"``: SeqGAN's rounds).
+- ``traits.infilling`` "mask_predict" or "blank": :class:`BlankFilling` (a bert's or a glm's answer at a blank).
 """
 
 from __future__ import annotations
@@ -169,6 +170,13 @@ class FastDecoding(Protocol):
 
     def set_decode_weights(self, fmt: str) -> None:
         """Decode with ``traits.decode_weights`` format ``fmt`` (``int8``)."""
+
+
+class BlankFilling(Protocol):
+    """What fills a blank given the text on both sides (``traits.infilling`` "mask_predict" or "blank")."""
+
+    def blank_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of the (first) token at the last blank of each right-padded row."""
 
 
 class LatentModel(Protocol):

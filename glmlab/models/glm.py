@@ -236,6 +236,21 @@ class GLM(FamilyModel):
         mask = (j[None, None, :] < part_a[:, None, None]) | (j[None, None, :] <= j[None, :, None])  # (B, L, L)
         return self.lm_head(self._hidden(idx, positions, pieces, mask[:, None])), targets
 
+    def blank_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of the first token of the piece for the last blank of each right-padded row (read
+        as Part A): a cloze's answer."""
+        rows = []
+        for ids in idx.tolist():
+            while ids and ids[-1] == PAD_ID:
+                ids.pop()
+            blanks = [i for i, t in enumerate(ids) if t in BLANKS]
+            if not blanks:
+                raise GlmlabError("a row has no blank to fill", "put [MASK] in the text (a cloze pattern needs one)")
+            rows.append(piece_layout(ids, [(blanks[-1], [])]))
+        logits, _ = self.layout_logits(rows)
+        at = torch.tensor([r.part_a for r in rows], device=logits.device)  # <|startofpiece|>
+        return logits[torch.arange(len(rows), device=logits.device), at]
+
     def forward(self, idx: torch.Tensor, cache: GLMCache | None = None, rows: list[int] | None = None,
                 valid: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
         """Next-token logits (B, T, vocab). Without a cache, ``idx`` is read left to right (one piece after an

@@ -26,7 +26,10 @@ def write_samples(out: Path, model: nn.Module, tokenizer: Any, cfg: TrainConfig,
         body, prompt = "\n".join(texts), ""
     else:
         prompt = cfg.sample_prompt if not tokenizer.unencodable(cfg.sample_prompt) else ""
-        settings = GenerationSettings(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
+        length = cfg.sample_tokens
+        if not model.traits.left_to_right:  # a masked LM writes a text that fits its window, all at once
+            length = max(1, min(length, model.block_size - len(tokenizer.encode(prompt)) - 1))
+        settings = GenerationSettings(max_new_tokens=length, temperature=0.8, seed=cfg.seed)
         body = prompt + generate(model, tokenizer, prompt, settings)[0]
     try:
         atomic.write_text(out / SAMPLES, f"# step {step}, val loss {val:.4f}, temperature 0.8, seed {cfg.seed}, "

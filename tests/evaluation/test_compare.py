@@ -173,6 +173,26 @@ def test_mixed_accountings_are_marked_not_comparable(data: Path, lstm_run: Path,
     assert all("\n" not in s for s in by_name["windowed"].examples)  # cut at the first line break
 
 
+def test_bert_and_glm_sit_beside_the_others_and_a_pll_is_never_comparable(data: Path, root: Path) -> None:
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "model.dropout=0.0",
+            "train.batch_size=8", "train.max_steps=4", "train.sample_tokens=0", "train.eval_tokens=256",
+            "train.threads=1"]
+    gpt = _train(["model.family=gpt", *tiny], data, root / "runs" / "gpt")
+    bert = _train(["model.family=bert", *tiny], data, root / "runs" / "bert")
+    glm = _train(["model.family=glm", *tiny], data, root / "runs" / "glm")
+    result = compare_runs([gpt, bert, glm], samples=4, max_sentences=6, device="cpu")
+    by_name = {r.name: r for r in result.runs}
+    assert by_name["bert"].nll_kind == "pseudo" and not by_name["bert"].comparable
+    assert by_name["glm"].nll_kind == "exact" and by_name["glm"].comparable and by_name["gpt"].comparable
+    table = markdown(result)
+    assert "†" in _table_row(table, "bert") and "†" not in _table_row(table, "glm")
+    assert "PLL" in _table_row(table, "bert") and "pseudo-log-likelihood" in table
+    assert all(len(r.examples) == 4 for r in result.runs)  # every family writes samples, bert by mask-predict
+    pll, _ = evaluate_run(bert, split="test", device="cpu")  # glmlab eval labels it too
+    assert pll.kind == "pll" and pll.format().startswith("PLL") and "not comparable" in pll.format()
+    assert evaluate_run(glm, split="test", device="cpu")[0].kind == "nll"
+
+
 def test_same_tokenizer_in_another_data_dir_is_flagged(data: Path, lstm_run: Path, root: Path) -> None:
     shutil.copytree(data, root / "data-copy")
     moved = root / "runs" / "moved"

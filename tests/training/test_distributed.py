@@ -35,6 +35,21 @@ def test_two_processes_match_one_with_the_same_global_batch(char_data, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "glm"])
+def test_the_autoencoding_families_train_under_torchrun(char_data, tmp_path, family):
+    """Each process corrupts its own windows (masks, blanks) from its own seeded generator."""
+    run = tmp_path / family
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "glmlab", "train", "--data", str(char_data), "--out", str(run), *COMMON,
+                             f"model.family={family}", "train.batch_size=4"], capture_output=True, text=True,
+                            timeout=300)
+    assert double.returncode == 0, double.stderr
+    keys, losses = _losses(run)
+    assert (20, "val") in keys and all(0 < loss < 10 for loss in losses)
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
 def test_seqgans_adversarial_phase_is_refused_under_torchrun_and_runs_after_a_resume_on_one_process(
         shakespeare_excerpt, tmp_path):
     from glmlab.data.prepare import prepare
