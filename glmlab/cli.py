@@ -72,6 +72,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document); \\n and \\t "
                    "are read as newline and tab")
     p.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
+    p.add_argument("--suffix", default=None, help="fill in the middle: text that follows what is generated (glm, "
+                   "bert, or a gpt trained with train.fim_rate); \\n and \\t are read as newline and tab. A glm "
+                   "also fills every [MASK] written in the prompt")
+    p.add_argument("--iterations", type=int, default=10, help="bert: mask-predict rounds (default 10)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-text before this many tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
@@ -104,6 +108,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_generate)
+
+
+def _add_fill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fill", help="the likeliest tokens for each [MASK] in a text (bert and glm runs)",
+                       description="For each [MASK] in TEXT, the --top-k likeliest tokens with their probability and "
+                                   "the text with that mask filled, as Hugging Face's fill-mask pipeline gives them. "
+                                   "A bert reads the text once; a glm scores the first token of the piece it would "
+                                   "write in each blank.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("text", metavar="TEXT", help="text with one or more [MASK]s; \\n and \\t are read as newline and "
+                   "tab")
+    p.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
+    p.add_argument("--json", action="store_true", help="print the fill-mask pipeline's JSON: a list of candidates "
+                   "(score, token, token_str, sequence) for one mask, a list per mask for several")
+    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(handler=cmd_fill)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -149,9 +170,11 @@ def _add_interop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.set_defaults(handler=cmd_import_hf)
-    p = sub.add_parser("export-hf", help="write a gpt run as a Hugging Face GPT-2 directory",
-                       description="The result loads offline with transformers' GPT2LMHeadModel.from_pretrained "
-                                   "and AutoTokenizer.from_pretrained.")
+    p = sub.add_parser("export-hf", help="write a gpt run as a Hugging Face GPT-2 directory, a bert run as a "
+                       "BertForMaskedLM directory",
+                       description="The result loads offline with transformers' GPT2LMHeadModel (a gpt run) or "
+                                   "AutoModelForMaskedLM (a bert run) .from_pretrained, and "
+                                   "AutoTokenizer.from_pretrained.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
@@ -251,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_generate(sub)
+    _add_fill(sub)
     _add_eval(sub)
     _add_interop(sub)
     _add_bench(sub)
@@ -356,7 +380,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from glmlab.generation.generate import GenerationSettings, generate_batch, stream
+    from glmlab.generation.generate import GenerationSettings, fill_blanks, generate_batch, stream
+    from glmlab.generation.infill import blanks_in
     from glmlab.runs import load_run
     from glmlab.runtime import select_device
 
@@ -377,22 +402,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
     run.use_decode_weights(args.decode_weights)
     prompt = _read_prompt(args)
+    suffix = unescape(args.suffix) if args.suffix is not None else None
+    if args.iterations < 1:
+        raise GlmlabError(f"--iterations {args.iterations} must be at least 1", "use 10 (the default)")
+    if args.iterations != 10 and run.model.traits.left_to_right:
+        raise GlmlabError("--iterations sets a bert's mask-predict rounds", "drop --iterations")
+    blanks = suffix is None and blanks_in(run.model, run.tokenizer, prompt) > 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.stream:
+            if blanks:
+                raise GlmlabError("--stream writes one continuation; the prompt holds [MASK] blanks to fill",
+                                  "drop --stream")
             sys.stdout.write(prompt)
-            for delta in stream(run.model, run.tokenizer, prompt, settings):
+            for delta in stream(run.model, run.tokenizer, prompt, settings, suffix):
                 sys.stdout.write(delta)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
+            sys.stdout.write((suffix or "") + "\n")
         else:
-            completions = generate_batch(run.model, run.tokenizer, [prompt], settings)[0]
+            if blanks:
+                completions = fill_blanks(run.model, run.tokenizer, prompt, settings)
+            else:
+                completions = generate_batch(run.model, run.tokenizer, [prompt], settings, [suffix],
+                                             iterations=args.iterations)[0]
             if args.json:
                 print(json.dumps([dataclasses.asdict(c) for c in completions], indent=2, ensure_ascii=False))
             for i, completion in enumerate([] if args.json else completions):
                 if len(completions) > 1:
                     print(f"--- sample {i + 1} ---")
-                print(prompt + completion.text)
+                print(completion.text if blanks else prompt + completion.text + (suffix or ""))
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     return 0
@@ -466,8 +504,33 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from glmlab.interop.hf_gpt2 import export_hf
 
     out = export_hf(args.run_dir, args.hf_dir, checkpoint=args.checkpoint)
-    print(f"exported {args.run_dir} -> {out} (load with GPT2LMHeadModel.from_pretrained / "
+    [architecture] = json.loads((out / "config.json").read_text(encoding="utf-8"))["architectures"]
+    print(f"exported {args.run_dir} -> {out} (load with {architecture}.from_pretrained / "
           "AutoTokenizer.from_pretrained)")
+    return 0
+
+
+def cmd_fill(args: argparse.Namespace) -> int:
+    from glmlab.generation.fill_mask import fill_mask
+    from glmlab.runs import load_run
+    from glmlab.runtime import select_device
+
+    text = unescape(args.text)
+    if args.top_k < 1:
+        raise GlmlabError(f"--top-k {args.top_k} must be at least 1", "use 5 (the default)")
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
+    result = fill_mask(run.model, run.tokenizer, text, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    per_mask = [result] if result and isinstance(result[0], dict) else result
+    for i, candidates in enumerate(per_mask):
+        if i:
+            print()
+        print(f"[MASK] {i + 1} of {len(per_mask)}:")
+        for c in candidates:
+            shown = c["sequence"].replace("\n", "\\n").replace("\t", "\\t")
+            print(f"{c['score']:.4f} {json.dumps(c['token_str'], ensure_ascii=False)}  {shown}")
     return 0
 
 

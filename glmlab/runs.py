@@ -44,7 +44,7 @@ from glmlab import atomic, embeddings
 from glmlab.config import RunConfig, config_from_dict
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError, RunDirError
-from glmlab.generation import latent
+from glmlab.generation import fill_mask, latent
 from glmlab.generation.settings import GenerationSettings
 from glmlab.models import FamilyModel, build_model
 from glmlab.models.lora import add_lora, merge_lora
@@ -303,6 +303,12 @@ class LoadedRun:
         """One vector per text (N, width): pooled hidden states, or a vae's posterior mean; unit length unless
         ``normalize=False``. See :mod:`glmlab.embeddings`."""
         return embeddings.embed(self.model, self.tokenizer, texts, pooling, normalize)
+
+    def fill(self, text: str, top_k: int = 5) -> list[fill_mask.Candidate] | list[list[fill_mask.Candidate]]:
+        """The ``top_k`` likeliest tokens for each ``[MASK]`` in ``text`` (a bert or glm run), in the shape of
+        Hugging Face's ``pipeline("fill-mask")``: dicts with ``score``, ``token``, ``token_str`` and ``sequence``;
+        a list for one mask, a list per mask for several. See :mod:`glmlab.generation.fill_mask`."""
+        return fill_mask.fill_mask(self.model, self.tokenizer, text, top_k)
 
     def stream(self, prompt: str = "", **settings: Any) -> Iterator[str]:
         """Text deltas of one continuation as they are generated (never half a character)."""

@@ -22,6 +22,7 @@ from glmlab import atomic
 from glmlab.config import resolve_config
 from glmlab.errors import GlmlabError
 from glmlab.generation.engine import start_token_id
+from glmlab.interop import hf_bert
 from glmlab.interop.tokenizer_config import tokenizer_config
 from glmlab.models import build_model
 from glmlab.models.transformer import Conv1D
@@ -145,15 +146,19 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
 
 
 def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best") -> Path:
-    """Write a run as a Hugging Face GPT-2 directory (config, safetensors weights, tokenizer files)."""
+    """Write a run as a Hugging Face directory (config, safetensors weights, tokenizer files): the architecture
+    its traits name — GPT-2 here, ``BertForMaskedLM`` in :mod:`glmlab.interop.hf_bert`."""
     run = load_run(run_dir, checkpoint=checkpoint)
     cfg = run.config.model
-    if run.model.traits.hf_architecture != ARCHITECTURE:
-        raise GlmlabError(f"family {cfg.family!r} has no GPT-2 equivalent", "export-hf takes gpt runs")
+    architecture = run.model.traits.hf_architecture
+    if architecture not in (ARCHITECTURE, hf_bert.ARCHITECTURE):
+        raise GlmlabError(f"family {cfg.family!r} has no Hugging Face equivalent", "export-hf takes gpt and bert runs")
     hf_dir = Path(hf_dir)
     if hf_dir.resolve() == Path(run_dir).resolve() or (hf_dir / CONFIG).exists():
         raise GlmlabError(f"{hf_dir} already holds a model (config.json)", "export into a new directory")
     hf_dir.mkdir(parents=True, exist_ok=True)
+    if architecture == hf_bert.ARCHITECTURE:
+        return hf_bert.write_bert(run, hf_dir)
     tok = run.tokenizer
     state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items() if k != "lm_head.weight"}
     for name, module in run.model.named_modules():  # GPT-2 always has biases: zeros compute the same function

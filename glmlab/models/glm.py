@@ -236,17 +236,20 @@ class GLM(FamilyModel):
         mask = (j[None, None, :] < part_a[:, None, None]) | (j[None, None, :] <= j[None, :, None])  # (B, L, L)
         return self.lm_head(self._hidden(idx, positions, pieces, mask[:, None])), targets
 
-    def blank_logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def blank_logits(self, idx: torch.Tensor, blank_at: list[int] | None = None) -> torch.Tensor:
         """Logits (B, vocab) of the first token of the piece for the last blank of each right-padded row (read
-        as Part A): a cloze's answer."""
+        as Part A): a cloze's answer. ``blank_at``: the blank to fill in each row, by position, instead of the last
+        (the other blanks stay in Part A)."""
         rows = []
-        for ids in idx.tolist():
+        for row, ids in enumerate(idx.tolist()):
             while ids and ids[-1] == PAD_ID:
                 ids.pop()
             blanks = [i for i, t in enumerate(ids) if t in BLANKS]
             if not blanks:
                 raise GlmlabError("a row has no blank to fill", "put [MASK] in the text (a cloze pattern needs one)")
-            rows.append(piece_layout(ids, [(blanks[-1], [])]))
+            if blank_at is not None and blank_at[row] not in blanks:
+                raise ValueError(f"position {blank_at[row]} of row {row} holds no blank")
+            rows.append(piece_layout(ids, [(blanks[-1] if blank_at is None else blank_at[row], [])]))
         logits, _ = self.layout_logits(rows)
         at = torch.tensor([r.part_a for r in rows], device=logits.device)  # <|startofpiece|>
         return logits[torch.arange(len(rows), device=logits.device), at]
