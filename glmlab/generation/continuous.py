@@ -231,7 +231,8 @@ class ContinuousBatch:
         """Logits of the next token of every row, after feeding each its newest token (``newest``, (B,))."""
         model, cache, block = self.model, self.cache, self.model.block_size
         for e in entries:
-            if cache.lengths[e.slot] >= block:  # context full: re-encode the row's last half, then go on
+            if cache.lengths[e.slot] >= block and model.traits.slides:  # context full: re-encode the row's last
+                # half, then go on (a glm's row ends before its context is full: add() caps it)
                 row = e.row
                 row.context = context_tail(row.context, block)
                 cache.reset_row(e.slot)

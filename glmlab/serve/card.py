@@ -1,5 +1,6 @@
 """A run's model card for the playground and ``GET /v1/models/{id}``: family, size, tokenizer, training
-data and the latest training figures, read from the run directory."""
+data and the latest training figures, read from the run directory, and what it can do (infill, decode left to
+right)."""
 
 from __future__ import annotations
 
@@ -58,4 +59,8 @@ def model_card(run: LoadedRun, name: str, checkpoint: str) -> dict[str, Any]:
         "run_dir": str(run.run_dir),
         "sentence_level": model.traits.sentence_level,
         "latent": model.traits.latent_dim > 0,
+        # how it fills the middle before a completions request's suffix: "fim" (a gpt trained with
+        # train.fim_rate), "blank" (glm), "mask_predict" (bert, which writes every completion that way); null: no suffix
+        "infilling": model.traits.infilling,
+        "left_to_right": model.traits.left_to_right,
     }

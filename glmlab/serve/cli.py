@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="process (default): the model decodes in a process of its own, so its Python and the "
                         "HTTP server's never wait for each other's interpreter lock (the server keeps a second "
                         "copy of the model, on the CPU, for echo log-probabilities and the vae tools); thread: "
-                        "one process")
+                        "one process (a bert run, which writes by mask-predict, is always served in one process)")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (default 0: PyTorch's choice)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default warning)")
@@ -118,6 +118,8 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     # tools) stays on the CPU, so an accelerator holds one copy, not two
     run = load_run(args.run_dir, checkpoint=args.checkpoint,
                    device="cpu" if args.engine == "process" else device)
+    if not run.model.traits.left_to_right:  # a bert writes by mask-predict here, in this process (no engine)
+        run.model.to(device)
     run.use_decode_weights(args.decode_weights)
     name = args.model_name or run.run_dir.resolve().name
     options = ServeOptions(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -126,7 +128,7 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
                            checkpoint=args.checkpoint, engine=args.engine, decode_weights=args.decode_weights,
                            engine_device=str(device))
     app = create_app(run, options)
-    if args.engine == "process":  # load the engine's copy now: a failure is an error here, not in uvicorn's startup
+    if app.state.served.engine == "process":  # load the engine's copy now: an error here, not in uvicorn's startup
         try:
             app.state.scheduler.start()
         except SchedulerStopped as exc:  # the engine's own error may carry its fix already

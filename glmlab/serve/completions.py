@@ -1,9 +1,12 @@
 """The OpenAI-compatible endpoints: ``GET /v1/models``, ``POST /v1/completions`` and ``/v1/chat/completions``,
-streamed as server-sent events or answered whole, decoded by the scheduler's continuous batch."""
+streamed as server-sent events or answered whole, decoded by the scheduler's continuous batch (a prompt with a
+``suffix`` too: its row starts from the fill-in-the-middle layout). A masked LM (bert) writes its completions by
+mask-predict, as a model call on the scheduler's thread, and streams each one whole."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation.continuous import RowEvent
 from glmlab.generation.engine import Completion, TokenLogprob
+from glmlab.generation.generate import generate_batch
 from glmlab.models.contract import LanguageModel
 from glmlab.serve import protocol as P
 from glmlab.serve import responses as R
@@ -49,7 +53,7 @@ async def _checked(request: Request, served: Served, parse: Callable[..., P.Gene
     body = await served.body(request)
     served.check_model(P.Fields(body).string("model"))
     model = served.model
-    return parse(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits)
+    return parse(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits, model)
 
 
 async def _answer(request: Request, req: P.GenerationRequest, served: Served) -> Response:
@@ -58,6 +62,8 @@ async def _answer(request: Request, req: P.GenerationRequest, served: Served) ->
     served.metrics.inc("prompt_tokens_total", sum(p.tokens for p in req.prompts))
     if not req.generate:  # max_tokens=0 with echo: the prompts' log-probabilities, nothing generated
         return _echo_only(req, prompt_lp, served)
+    if req.mask_predict:
+        return await _mask_predict(req, served)
     job, queue = served.submit([(p.ids, req.settings, j) for p in req.prompts for j in range(req.n)])
     if req.stream:
         events = R.event_stream(req, queue, prompt_lp, served.options.model_name, served.tokenizer)
@@ -88,6 +94,23 @@ def _echo_only(req: P.GenerationRequest, prompt_lp: list[list[TokenLogprob]], se
     queue: asyncio.Queue = asyncio.Queue()
     queue.put_nowait([(r, RowEvent(r, completion=c)) for r, c in results.items()])
     return _EventStream(R.event_stream(req, queue, prompt_lp, name, served.tokenizer), lambda: None)
+
+
+async def _mask_predict(req: P.GenerationRequest, served: Served) -> Response:
+    """A masked LM's completions, written by mask-predict (``generate_batch``, which routes a bert there) on the
+    model's thread between decoding steps, so the event loop never waits for it; a stream gets each text whole."""
+    model, tokenizer = served.model, served.tokenizer
+    settings = dataclasses.replace(req.settings, num_return_sequences=req.n)
+    written = await served.on_model_thread(lambda: generate_batch(
+        model, tokenizer, [p.source for p in req.prompts], settings, [p.suffix for p in req.prompts]))
+    results = {i * req.n + j: c for i, row in enumerate(written) for j, c in enumerate(row)}
+    served.metrics.inc("generated_tokens_total", sum(c.generated_tokens for c in results.values()))
+    name = served.options.model_name
+    if not req.stream:
+        return JSONResponse(R.completion_body(req, results, [], name, tokenizer))
+    queue: asyncio.Queue = asyncio.Queue()
+    queue.put_nowait([(r, RowEvent(r, c.text, list(c.token_ids), completion=c)) for r, c in results.items()])
+    return _EventStream(R.event_stream(req, queue, [], name, tokenizer), lambda: None)
 
 
 async def _echo_logprobs(req: P.GenerationRequest, served: Served) -> list[list[TokenLogprob]]:

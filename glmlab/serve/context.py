@@ -40,7 +40,8 @@ class ServeOptions:
     limits: P.Limits = P.Limits()
     checkpoint: str = "best"
     retry_after: int = 1  # seconds, in a 429's Retry-After
-    engine: str = "thread"  # "process": the model decodes in a process of its own (glmlab serve's default)
+    engine: str = "thread"  # "process": the model decodes in a process of its own (glmlab serve's default;
+    # a model that does not decode left to right, a bert, has nothing to decode there: its thread runs mask-predict)
     decode_weights: str = "native"  # what the engine process decodes with (glmlab serve --decode-weights)
     engine_device: str | None = None  # where the engine process decodes; None: the served model's device
 
@@ -52,17 +53,20 @@ class Served:
     run: LoadedRun
     options: ServeOptions
     scheduler: Scheduler | ProcessScheduler = field(init=False)
+    engine: str = field(init=False)  # what runs the model: "process" or "thread" (see ServeOptions.engine)
     metrics: Metrics = field(init=False)
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once it runs
 
     def __post_init__(self) -> None:
         run, options = self.run, self.options
         run.model.eval()
-        if options.engine == "process":
+        # mask-predict runs as model calls, on the model's thread: an engine process would have nothing to decode
+        self.engine = options.engine if run.model.traits.left_to_right else "thread"
+        if self.engine == "process":
             spec = EngineSpec(str(run.run_dir), options.checkpoint, options.engine_device or str(run.device),
                               options.decode_weights, torch.get_num_threads())
             self.scheduler = ProcessScheduler(spec, options.max_batch, options.max_queue, self.deliver)
-        elif options.engine == "thread":
+        elif self.engine == "thread":
             self.scheduler = Scheduler(run.model, run.tokenizer, options.max_batch, options.max_queue, self.deliver)
         else:
             raise GlmlabError(f"unknown engine {options.engine!r}", "use 'process' or 'thread'")

@@ -2,7 +2,11 @@
 every mistake becomes an OpenAI-shaped error (``{"error": {"message", "type", "param", "code"}}``)
 with a 4xx status that names the field, the value and the allowed range.
 
-Chat messages become a prompt through the plain template of :mod:`glmlab.generation.chat`.
+Chat messages become a prompt through the plain template of :mod:`glmlab.generation.chat`. What a row starts
+from depends on the model, as in :func:`glmlab.generation.generate.generate_batch`: a causal model's prompt (after
+its start token, cut to fit), a glm's prompt read as Part A, or a prompt and ``suffix`` laid out to fill the
+middle (:func:`glmlab.generation.infill.prompt_ids`); a model that does not decode left to right (bert) writes
+by mask-predict, so its requests may only ask for what mask-predict honours.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.chat import CHAT_ROLES, CHAT_STOPS, render_chat
 from glmlab.generation.grammar import Grammar, compiler
+from glmlab.generation.infill import prompt_ids
+from glmlab.generation.mask_predict import check_settings, layout
 from glmlab.generation.settings import MAX_LOGPROBS, GenerationSettings
+from glmlab.models.contract import LanguageModel
 
 
 class APIError(Exception):
@@ -142,8 +149,8 @@ def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
 
 @dataclass
 class Prompt:
-    """One prompt: its text (for echo), its ids as generation reads them (start token, cut to fit) and all
-    of them (what echo scores)."""
+    """One prompt: its text (for echo), its ids as generation reads them (start token, cut to fit; a glm's
+    framing; a fill-in-the-middle layout with ``suffix``) and all of its own (what echo scores)."""
 
     text: str
     ids: list[int]
@@ -151,6 +158,8 @@ class Prompt:
     whole: list[int] = field(default_factory=list)
     added_start: bool = False  # the server put the model's start token first (not part of the text)
     from_text: bool = True  # given as text (else as token ids, and ``text`` is their decoding)
+    source: str | list[int] = ""  # as the request gave it (what mask-predict reads)
+    suffix: str | None = None  # the text after the middle to write (fill-in-the-middle)
 
 
 @dataclass
@@ -167,6 +176,7 @@ class GenerationRequest:
     logprobs: int | None = None  # completions: alternatives per token; chat: top_logprobs when logprobs is on
     chat: bool = False
     generate: bool = True  # False: max_tokens=0 with echo (the prompt's log-probabilities, nothing generated)
+    mask_predict: bool = False  # a masked LM (bert): written all at once by mask-predict, not in the batch
 
     @property
     def format_param(self) -> str:
@@ -231,7 +241,7 @@ def logit_bias(f: Fields, vocab_size: int) -> dict[int, float]:
 
 COMPLETION_FIELDS = frozenset({
     "model", "prompt", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty",
-    "seed", "stop", "stream", "stream_options", "temperature", "top_p"})
+    "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p"})  # suffix: runs that infill
 CHAT_FIELDS = frozenset({
     "model", "messages", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
     "max_completion_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature",
@@ -244,7 +254,6 @@ NEUTRAL = {  # accepted at these values only
     "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "function_call": ("none",)}
 UNSUPPORTED = {
-    "suffix": "suffix (fill-in-the-middle) is not supported by this server",
     "best_of": "best_of is not supported by this server (use n and pick, or num_beams in the Python API)",
     "store": "store=true: this server stores no completions",
     "service_tier": "this server has one service tier: use 'auto' or 'default'",
@@ -329,11 +338,12 @@ def stream_options(f: Fields, stream: bool) -> bool:
 
 
 def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab_size: int, start: int | None,
-           limits: Limits, param: str = "prompt") -> Prompt:
-    """A prompt's ids, checked (not empty, encodable, within --max-prompt-tokens), after ``start`` when the
-    model reads one, and cut to its last ``block_size - 1`` tokens when longer than the context."""
+           limits: Limits, param: str = "prompt", may_be_empty: bool = False) -> Prompt:
+    """A prompt's ids, checked (not empty unless ``may_be_empty``: a prefix before a suffix; encodable; within
+    --max-prompt-tokens), after ``start`` when the model reads one, and cut to its last ``block_size - 1`` tokens
+    when longer than the context."""
     if isinstance(prompt, str):
-        if not prompt:
+        if not prompt and not may_be_empty:
             raise bad_request(f"{param} is empty; give some text to continue", param, "empty_prompt")
         try:
             ids = tokenizer.encode_checked(prompt)
@@ -355,7 +365,87 @@ def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab
     if added:
         ids = [start, *ids]
     keep = max(1, block_size - 1)  # room for at least one generated token; a longer prompt keeps its end
-    return Prompt(text, ids[-keep:], len(ids), ids, added, isinstance(prompt, str))
+    return Prompt(text, ids[-keep:], len(ids), ids, added, isinstance(prompt, str), prompt)
+
+
+def check_suffix(f: Fields, model: LanguageModel | None, tokenizer: Tokenizer, limits: Limits) -> str | None:
+    """``suffix`` (OpenAI's insertion: the text after the one to write), checked: a string this tokenizer
+    encodes, within --max-prompt-tokens, for a run that can fill in the middle (a gpt trained with
+    ``train.fim_rate``, a glm, a bert); any other run refuses it rather than ignore it."""
+    suffix = f.string("suffix")
+    if suffix is None:
+        return None
+    traits = model.traits if model is not None else None
+    if traits is None or traits.infilling is None:
+        what = f"this {traits.family} run" if traits is not None else "this model"
+        raise bad_request(f"suffix: {what} cannot fill in the middle (only a glm, a bert or a gpt trained with "
+                          "train.fim_rate > 0 can); drop suffix to continue the prompt", "suffix",
+                          "unsupported_parameter")
+    try:
+        ids = tokenizer.encode_checked(suffix, "suffix")
+    except GlmlabError as exc:
+        raise bad_request(f"suffix cannot be encoded: {exc.problem}", "suffix", "unencodable_prompt") from None
+    if len(ids) > limits.max_prompt_tokens:
+        raise bad_request(f"suffix has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens} "
+                          "(glmlab serve --max-prompt-tokens)", "suffix", "prompt_too_long")
+    return suffix
+
+
+def frame(prompt: Prompt, model: LanguageModel, tokenizer: Tokenizer, suffix: str | None, start: int | None) -> None:
+    """Lay out a checked prompt as :func:`~glmlab.generation.infill.prompt_ids` does for ``generate_batch``: a
+    glm's prompt read as Part A (``[gMASK]``, or ``[MASK]`` before the suffix, then ``<|startofpiece|>``), a
+    fill-in-the-middle gpt's prompt and suffix between its sentinels. Usage counts the ids the row reads."""
+    source = prompt.source
+    if not prompt.from_text and start is not None and not prompt.added_start:
+        source = source[1:]  # token ids that bring the start token: prompt_ids puts it back, once
+    try:
+        prompt.ids = prompt_ids(model, tokenizer, source, suffix)
+    except GlmlabError as exc:  # the prompt was checked already: what is left is the suffix's room or blanks
+        raise bad_request(f"suffix: {exc.problem}" + (f" ({exc.fix})" if exc.fix else ""), "suffix",
+                          "invalid_value") from None
+    prompt.suffix = suffix
+    prompt.tokens = len(prompt.ids)
+
+
+def refuse_beyond_mask_predict(f: Fields, settings: GenerationSettings, echo: bool, family: str) -> None:
+    """A masked LM (bert) writes ``max_tokens`` tokens at once by mask-predict (after the prompt, before the
+    suffix), which honours temperature, top_p, top_k, stop, seed, n, ignore_eos and stream (each text comes whole,
+    in one chunk): any other control is a 400 naming its field (null and the value that asks for nothing pass)."""
+    s = settings
+    fmt = f.body.get("response_format")
+    asks = {"echo": echo, "logprobs": s.logprobs is not None, "min_tokens": s.min_new_tokens != 0,
+            "min_p": s.min_p != 0, "presence_penalty": s.presence_penalty != 0,
+            "frequency_penalty": s.frequency_penalty != 0, "repetition_penalty": s.repetition_penalty != 1,
+            "logit_bias": bool(s.logit_bias), "response_format": fmt is not None and fmt != {"type": "text"},
+            "grammar": f.present("grammar")}
+    for name, asked in asks.items():
+        if asked:
+            raise bad_request(f"{name}: a {family} run writes by mask-predict (all its tokens at once), which cannot "
+                              "honour it; use temperature, top_p, top_k, stop, seed, n, ignore_eos, max_tokens (the "
+                              "length it writes) and suffix", name, "unsupported_parameter")
+    try:
+        check_settings(settings)
+    except GlmlabError as exc:  # a control this server does not expose; kept as a second line of defence
+        raise bad_request(exc.problem, None, "unsupported_parameter") from None
+
+
+def mask_predicted(req: GenerationRequest, model: LanguageModel, tokenizer: Tokenizer, suffix: str | None) -> None:
+    """What a masked LM's rows read (:func:`~glmlab.generation.mask_predict.layout`: the prompt, ``max_tokens``
+    masks, the suffix): usage counts the prompt and suffix tokens it keeps."""
+    family = model.traits.family
+    length = req.settings.max_new_tokens
+    tail = len(tokenizer.encode_checked(suffix, "suffix")) if suffix is not None else 0
+    if length + tail >= model.block_size:
+        raise bad_request(f"max_tokens={length} (the length a {family} run writes) and a suffix of {tail} tokens do "
+                          f"not fit its context of {model.block_size}: ask for at most {model.block_size - tail - 1}",
+                          "max_tokens", "context_length_exceeded")
+    for p in req.prompts:
+        try:
+            seq, _ = layout(tokenizer, p.source, suffix, length, model.block_size)
+        except GlmlabError as exc:
+            raise bad_request(f"suffix: {exc.problem}", "suffix", "invalid_value") from None
+        p.ids, p.suffix, p.tokens = seq, suffix, len(seq) - length
+    req.mask_predict = True
 
 
 def check_fits(prompt: Prompt, block_size: int, start: int | None, param: str) -> None:
@@ -392,31 +482,52 @@ def prompt_list(value: Any, param: str = "prompt") -> list[str | list[int]]:
 
 
 def completion_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vocab_size: int,
-                       start: int | None, limits: Limits) -> GenerationRequest:
-    """``POST /v1/completions``."""
+                       start: int | None, limits: Limits, model: LanguageModel | None = None) -> GenerationRequest:
+    """``POST /v1/completions``. With ``model``, each prompt is laid out for it (see the module docstring); without
+    one, as a causal model's that cannot fill in the middle."""
     check_fields(body, chat=False)
     f = Fields(body)
     if "prompt" not in body:
         raise bad_request("prompt is required", "prompt", "missing_field")
     texts = prompt_list(body["prompt"])
     echo = f.boolean("echo", False)
+    suffix = check_suffix(f, model, tokenizer, limits)
+    if suffix is not None and echo:
+        raise bad_request("echo with suffix: the model reads the prompt around the blank it fills (with the suffix), "
+                          "so an echo of the prompt and its log-probabilities would not be what it read; ask "
+                          "without echo and join prompt, text and suffix yourself", "echo", "unsupported_parameter")
     settings = sampling_settings(f, limits, default_max_tokens=16, least=0 if echo else 1)
     n = _n(f, limits, len(texts))
     logprobs = f.integer("logprobs", None, 0, min(MAX_LOGPROBS, vocab_size))
     settings.logprobs = logprobs
-    settings.grammar = structured_output(f, tokenizer, vocab_size)
     settings.logit_bias = logit_bias(f, vocab_size)
+    if model is not None and not model.traits.left_to_right:
+        refuse_beyond_mask_predict(f, settings, echo, model.traits.family)
+    settings.grammar = structured_output(f, tokenizer, vocab_size)
     stream = f.boolean("stream", False)
     request = GenerationRequest(f.string("model"), [], settings, n, stream, stream_options(f, stream), echo=echo,
                                 logprobs=logprobs, generate=body.get("max_tokens") != 0)
     names = ["prompt" if len(texts) == 1 else f"prompt[{i}]" for i in range(len(texts))]
-    request.prompts = [encode(tokenizer, t, block_size, vocab_size, start, limits, name)
+    request.prompts = [encode(tokenizer, t, block_size, vocab_size, start, limits, name, suffix is not None)
                        for t, name in zip(texts, names, strict=True)]
     if echo and logprobs is not None:
         for prompt, name in zip(request.prompts, names, strict=True):
             check_fits(prompt, block_size, start, name)
     _validate(settings)
+    if model is not None:
+        _lay_out(request, model, tokenizer, suffix, start)
     return request
+
+
+def _lay_out(request: GenerationRequest, model: LanguageModel, tokenizer: Tokenizer, suffix: str | None,
+             start: int | None) -> None:
+    """What each row of ``request`` starts from, for ``model`` (see the module docstring)."""
+    traits = model.traits
+    if not traits.left_to_right:
+        mask_predicted(request, model, tokenizer, suffix)
+    elif suffix is not None or traits.objective == "blank_infilling":
+        for prompt in request.prompts:
+            frame(prompt, model, tokenizer, suffix, start)
 
 
 def _n(f: Fields, limits: Limits, prompts: int) -> int:
@@ -465,10 +576,16 @@ def chat_messages(value: Any) -> list[dict[str, str]]:
 
 
 def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vocab_size: int, start: int | None,
-                 limits: Limits) -> GenerationRequest:
-    """``POST /v1/chat/completions``: the messages through :func:`render_chat`, then as a completion."""
+                 limits: Limits, model: LanguageModel | None = None) -> GenerationRequest:
+    """``POST /v1/chat/completions``: the messages through :func:`render_chat`, then as a completion (a glm reads
+    the conversation as Part A). A masked LM (bert) writes no chat reply: a 400 saying what it can do."""
     check_fields(body, chat=True)
     f = Fields(body)
+    if model is not None and not model.traits.left_to_right:
+        raise bad_request(f"a {model.traits.family} run writes by mask-predict (a given number of tokens, all at "
+                          "once), not a chat reply token by token: use /v1/completions with max_tokens (the length "
+                          "it writes) and an optional suffix, or glmlab generate / glmlab fill", None,
+                          "unsupported_model")
     if "messages" not in body:
         raise bad_request("messages is required", "messages", "missing_field")
     prompt = render_chat(chat_messages(body["messages"]))
@@ -488,6 +605,8 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
                                                            "messages")],
                                 settings, n, stream, stream_options(f, stream), logprobs=logprobs, chat=True)
     _validate(settings)
+    if model is not None:
+        _lay_out(request, model, tokenizer, None, start)
     return request
 
 

@@ -5,8 +5,9 @@ decode steps the thread admits waiting sequences into free slots of a
 :class:`~glmlab.generation.continuous.ContinuousBatch`, drops cancelled ones, runs one step, and hands
 the step's events to ``deliver`` in one call (the server's ``deliver`` wakes its event loop once per
 step and puts each request's events on that request's queue, its ``sink``). Other model work (a VAE's
-latent tools, prompt log-probabilities) runs on the same thread between steps through
-:meth:`Scheduler.call`, so nothing else touches the model.
+latent tools, prompt log-probabilities, a masked LM's mask-predict) runs on the same thread between steps
+through :meth:`Scheduler.call`, so nothing else touches the model. A model that does not decode left to right
+(bert) has no batch: it only runs such calls, and a request submitted for decoding is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from glmlab.data.tokenizer import Tokenizer
+from glmlab.errors import GlmlabError
 from glmlab.generation.continuous import ContinuousBatch, RowEvent
 from glmlab.generation.settings import GenerationSettings
 from glmlab.serve.metrics import Metrics
@@ -114,7 +116,12 @@ class Scheduler:
         return batch.active if batch is not None else 0
 
     def start(self) -> None:
-        self.batch = ContinuousBatch(self.model, self.tokenizer, self.slots)
+        """Start the model thread (a second call does nothing: ``glmlab serve`` may start it before the app's
+        lifespan does)."""
+        if self._thread is not None:
+            return
+        if self.model.traits.left_to_right:
+            self.batch = ContinuousBatch(self.model, self.tokenizer, self.slots)
         self._thread = threading.Thread(target=self._loop, name="glmlab-model", daemon=True)
         self._thread.start()
 
@@ -221,6 +228,10 @@ class Scheduler:
         """Give waiting rows free slots, oldest request first (a request may be admitted in parts)."""
         batch = self.batch
         with self._cond:
+            while self._waiting and batch is None:  # nothing decodes here (a masked LM): say so to each request
+                self._refuse(self._waiting[0], GlmlabError(
+                    f"a {self.model.traits.family} model does not decode left to right",
+                    "write with mask-predict (Scheduler.call)"))
             while self._waiting and batch.free_slots:
                 job = self._waiting[0]
                 if job.cancelled:

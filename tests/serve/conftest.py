@@ -128,3 +128,24 @@ def vae_run(tmp_path_factory, shakespeare_excerpt):
                                  "train.eval_tokens=300", "train.sample_tokens=0", "train.warmup_steps=0"])
     train(config, base / "data", base / "run", show_progress=False)
     return base / "run"
+
+
+INFILL_RUNS = {  # tiny runs of each kind a fill-in-the-middle request meets, a few steps each (seconds in all)
+    "fim": ["train.fim_rate=0.5"],  # a gpt trained to fill in the middle
+    "glm": ["model.family=glm"],
+    "bert": ["model.family=bert"],
+    "lstm": ["model.family=lstm", "model.n_hidden=16"],  # cannot infill
+}
+
+
+@pytest.fixture(scope="session")
+def infill_runs(tmp_path_factory, char_data):
+    """{name: run directory} of the runs above, trained on the shared character data (context 64)."""
+    base = tmp_path_factory.mktemp("infill-runs")
+    common = ["model.n_embd=16", "model.block_size=64", "model.dropout=0.0", "train.batch_size=8",
+              "train.max_steps=5", "train.eval_interval=5", "train.eval_tokens=256", "train.sample_tokens=0",
+              "train.warmup_steps=0"]
+    for name, extra in INFILL_RUNS.items():
+        shape = [] if name == "lstm" else ["model.n_layer=1", "model.n_head=2"]
+        train(resolve_config({}, [*common, *shape, *extra]), char_data, base / name, show_progress=False)
+    return {name: base / name for name in INFILL_RUNS}

@@ -96,3 +96,34 @@ def test_a_vae_run_gets_an_interpolation_view(vae_run, serve_threads, browser):
                                                                     "steps": 4}).json()["sentences"]
     assert shown == [s.strip() for s in same]
     assert sampled == [s.strip() for s in prior["samples"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["glm", "bert"])
+def test_a_run_that_infills_gets_a_suffix_box(infill_runs, live, serve_threads, browser, family):
+    """Fill in the middle from the page: the suffix box shows for a run that can infill, the page sends it, and
+    shows the text the API gives between the prompt and the suffix; a run that cannot infill shows no box."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    prompt, suffix = "First Citizen:\nBefore", " hear me"
+    with LiveServer(create_app(load_run(infill_runs[family]), OPTIONS)) as server:
+        page = browser.new_page(viewport={"width": 1180, "height": 760})
+        page.goto(server.url + "/")
+        page.wait_for_selector("#infill:not([hidden])")
+        page.fill("#prompt", prompt)
+        page.fill("#suffix", suffix)
+        page.fill("#max-tokens", "20")
+        page.fill("#seed", "1")
+        page.click("#generate")
+        page.wait_for_selector("#stats[data-done=true]", timeout=60_000)
+        text, shown_suffix = page.text_content("#output-text"), page.text_content("#output-suffix")
+        page.screenshot(path=str(ARTIFACTS / f"playground-infill-{family}.png"), full_page=True)
+        page.close()
+        same = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "suffix": suffix, "max_tokens": 20,
+                                                                "seed": 1, "temperature": 0.8, "top_p": 1,
+                                                                "top_k": 0}, timeout=60).json()
+    assert text == same["choices"][0]["text"] and len(text) > 3 and shown_suffix == suffix
+    page = browser.new_page()
+    page.goto(live.url + "/")
+    page.wait_for_function("document.getElementById('card-fields').textContent.includes('gpt')")
+    assert page.locator("#infill").is_hidden()
+    page.close()

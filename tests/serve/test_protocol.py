@@ -46,7 +46,7 @@ def test_a_prompt_longer_than_the_context_keeps_its_end():
     ({"prompt": [[1, 2], [99]]}, "prompt", "outside the vocabulary"),
     ({"prompt": "ab", "logit_bias": {"a": 5}}, "logit_bias", "keys are token ids"),
     ({"prompt": "ab", "logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100"),
-    ({"prompt": "ab", "suffix": "cd"}, "suffix", "fill-in-the-middle"),
+    ({"prompt": "ab", "suffix": "cd"}, "suffix", "cannot fill in the middle"),  # without a model that infills
     ({"prompt": "ab", "tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"prompt": "ab", "do_sample": True}, "do_sample", "unknown parameter"),
     ({"prompt": "ab", "logit_bias": {"999": 1}}, "logit_bias", "token ids of this model"),

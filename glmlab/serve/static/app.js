@@ -1,4 +1,5 @@
-// glmlab playground: the model card, streamed completions and (for vae runs) latent interpolation.
+// glmlab playground: the model card, streamed completions (with a suffix to fill in the middle, for runs that
+// can infill) and (for vae runs) latent interpolation.
 // Plain browser JavaScript, no build step: it talks to the same server's OpenAI-compatible API.
 "use strict";
 
@@ -57,7 +58,7 @@ async function loadCard() {
       ["training data", (data.sources && data.sources.length ? data.sources.join(", ") : data.dir) || "-"],
       ["train tokens", data.train_tokens ?? "-"], ["steps", m.steps ?? "-"],
       ["train loss", m.train_loss ?? "-"], ["val loss", m.val_loss ?? "-"], ["best val loss", m.best_val_loss ?? "-"],
-      ["checkpoint", card.checkpoint],
+      ["checkpoint", card.checkpoint], ["infilling", card.infilling || "no"],
     ];
     fields.replaceChildren(...rows.flatMap(([k, v]) => {
       const dt = document.createElement("dt"); dt.textContent = k;
@@ -65,12 +66,20 @@ async function loadCard() {
       return [dt, dd];
     }));
     $("vae").hidden = !card.latent;
+    $("infill").hidden = !card.infilling;
+    $("infill-note").textContent = INFILL_NOTES[card.infilling] || "";
     showError("");
   } catch (e) {
     fields.replaceChildren();
     showError("Could not load the model card: " + e.message);
   }
 }
+
+const INFILL_NOTES = { // how the run fills the middle between the prompt and the suffix
+  fim: "(fill in the middle: this gpt writes until <eos>)",
+  blank: "(fill in the middle: this glm writes the blank's piece)",
+  mask_predict: "(optional: this bert writes max tokens tokens at once by mask-predict, before the suffix if given)",
+};
 
 function request() {
   const body = {
@@ -80,13 +89,16 @@ function request() {
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   if ($("stop").value !== "") body.stop = [unescapeText($("stop").value)];
+  if (!$("infill").hidden && $("suffix").value !== "") body.suffix = $("suffix").value;
   return body;
 }
 
 async function generate() {
   showError("");
   const outText = $("output-text");
+  const body = request();
   $("output-prompt").textContent = $("prompt").value;
+  $("output-suffix").textContent = body.suffix ?? "";
   outText.textContent = "";
   $("stats").textContent = "waiting…";
   $("generate").disabled = true;
@@ -104,7 +116,7 @@ async function generate() {
   };
   try {
     const response = await fetch("/v1/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(request()), signal: running.signal,
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: running.signal,
     });
     if (!response.ok) throw new Error(await errorText(response));
     const reader = response.body.getReader();
