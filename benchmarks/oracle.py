@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from glmlab.bench.cli import parse_mle_steps
 from glmlab.bench.oracle import format_stages, oracle_benchmark
 from glmlab.bench.preset import DEFAULT_VARIANTS
-from glmlab.cli import parse_mle_steps
 from glmlab.errors import GlmlabError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seqgan-oracle"

@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from glmlab.atomic import WRITE_ERRNOS, write_error
-from glmlab.bench.preset import CPU_MLE_STEPS, CPU_ROUNDS, DEFAULT_VARIANTS, variants_help
+from glmlab.bench.cli import add_parser as add_bench_parser
 from glmlab.errors import GlmlabError
 from glmlab.finetune.cli import add_parsers as add_finetune_parsers
+from glmlab.latent_cli import add_parser as add_vae_parser
+from glmlab.runs import CHECKPOINT_HELP
 from glmlab.serve.cli import add_parser as add_serve_parser
 from glmlab.version import __version__
 
 EXIT_ERROR = 1
-CHECKPOINT_HELP = ("which weights: best (lowest validation loss), last (newest checkpoint) or a checkpoint's name "
-                   "(step-N, in RUN_DIR/checkpoints); each is checked against its checksum before it is loaded")
 EXIT_INTERRUPTED = 130
 
 
@@ -181,90 +181,6 @@ def _add_interop(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export_hf)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="built-in benchmarks (oracle: SeqGAN's synthetic-data experiment)")
-    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{oracle}")
-    o = bench.add_parser("oracle", help="MLE then SeqGAN on the synthetic oracle; NLL-oracle and NLL-test",
-                         description="Train a seqgan generator by MLE on the oracle's samples, then each "
-                                     "adversarial variant chosen with --variants, each from the same MLE "
-                                     "run; score 10,000 generated sequences by the oracle (NLL-oracle) and "
-                                     "held-out oracle samples by the generator (NLL-test). Finished stages in "
-                                     "--out are reused. KEY=VALUE overrides apply to the adversarial stages.")
-    o.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="adversarial config overrides (model.*)")
-    o.add_argument("--out", required=True, metavar="DIR", help="work directory (data, runs, results.json)")
-    o.add_argument("--oracle", default="../shared/data/seqgan-oracle/oracle_params.npz", metavar="NPZ")
-    o.add_argument("--real", default="../shared/data/seqgan-oracle/real_data.txt", metavar="TXT",
-                   help="the oracle's training samples")
-    o.add_argument("--mle-steps", type=parse_mle_steps, default=None, metavar="N|best",
-                   help=f"MLE steps of 64 sequences (default: the CPU preset, {CPU_MLE_STEPS:,}), or best: early "
-                        "stopping, the step count with the lowest validation NLL, found by a first run evaluated "
-                        "every 100 steps")
-    o.add_argument("--rounds", type=int, default=None,
-                   help=f"adversarial rounds (default: the CPU preset, {CPU_ROUNDS})")
-    o.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=variants_help())
-    o.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = default)")
-    o.add_argument("--oracle-samples", type=int, default=10000, help="generated sequences scored by the oracle")
-    o.add_argument("--seed", type=int, default=None,
-                   help="training seed of the MLE stage and the variants continuing it (default: train.seed's); "
-                        "the data, held-out samples and scoring stay seeded as they are")
-    o.add_argument("--temperatures", default=None, metavar="T,T,...",
-                   help="also score the MLE generator and each variant sampled at these temperatures "
-                        "(quality-diversity curves: MLE's is the sharpening-only frontier an adversarial variant "
-                        "should beat at equal NLL-test), e.g. 0.9,0.85,0.8")
-    o.set_defaults(handler=cmd_bench_oracle)
-
-
-def _add_vae_decoding(p: argparse.ArgumentParser, temperature: float) -> None:
-    """The run and decoding options every ``glmlab vae`` command shares."""
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run of model.family=vae")
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"word sampling temperature; 0 = greedy (default {temperature:g})")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely words (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest sentence decoded, in tokens (default and cap: the model's block_size - 1)")
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-
-
-def _add_vae(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("vae", help="sample, reconstruct or interpolate sentences with a sentence VAE run",
-                       description="Latent tools of a vae run: decode sentences from the prior, encode and "
-                                   "decode sentences, or walk between two sentences in latent space.")
-    vae = p.add_subparsers(dest="vae_command", required=True, metavar="{sample,reconstruct,interpolate}")
-    s = vae.add_parser("sample", help="sentences decoded from z ~ p(z), the prior",
-                       description="Draw z from the prior and decode a sentence from each. By default words are "
-                                   "sampled too (temperature 1.0): a true sample from the model. --temperature 0 "
-                                   "decodes each z greedily (as Bowman et al. show prior samples: the variety then "
-                                   "comes from z alone); --num-beams B by beam search.")
-    _add_vae_decoding(s, temperature=1.0)
-    s.add_argument("-n", "--num-samples", dest="n", type=int, default=5, help="sentences to draw (default 5)")
-    s.add_argument("--seed", type=int, default=None, help="seed of z and of word sampling (default: random)")
-    s.set_defaults(handler=cmd_vae_sample)
-    r = vae.add_parser("reconstruct", help="encode sentences and decode them again",
-                       description="Encode each sentence to the mean of q(z|x) (or a sample of it with --sample) and "
-                                   "decode it greedily (by default). Prints 'input -> reconstruction'. With a word "
-                                   "tokenizer, unknown words are read as <unk>.")
-    _add_vae_decoding(r, temperature=0.0)
-    given = r.add_mutually_exclusive_group(required=True)
-    given.add_argument("--text", action="append", metavar="S", help="a sentence; repeatable")
-    given.add_argument("--file", metavar="F", help="a UTF-8 text file, one sentence per line (blank lines skipped)")
-    r.add_argument("--sample", action="store_true", help="decode from z ~ q(z|x) instead of its mean")
-    r.add_argument("--seed", type=int, default=None, help="seed of --sample's z and of word sampling "
-                   "(default: random)")
-    r.set_defaults(handler=cmd_vae_reconstruct)
-    i = vae.add_parser("interpolate", help="sentences along the line between two sentences' latent codes",
-                       description="Homotopy (Bowman et al. 2016): decode z = (1 - t) mu(start) + t mu(end) for "
-                                   "--steps evenly spaced t from 0 to 1, both ends included; greedy by default.")
-    _add_vae_decoding(i, temperature=0.0)
-    i.add_argument("--start", required=True, metavar="S", help="the first sentence")
-    i.add_argument("--end", required=True, metavar="S", help="the last sentence")
-    i.add_argument("--steps", type=int, default=5, help="sentences on the path, ends included (default 5, at least 2)")
-    i.add_argument("--seed", type=int, default=None, help="seed of word sampling when --temperature > 0")
-    i.set_defaults(handler=cmd_vae_interpolate)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmlab", description="Generative language models: prepare -> train -> "
                                      "generate / eval.")
@@ -277,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fill(sub)
     _add_eval(sub)
     _add_interop(sub)
-    _add_bench(sub)
-    _add_vae(sub)
+    add_bench_parser(sub)
+    add_vae_parser(sub)
     _add_compare(sub)
     add_finetune_parsers(sub)
     add_serve_parser(sub)
@@ -531,117 +447,6 @@ def cmd_fill(args: argparse.Namespace) -> int:
         for c in candidates:
             shown = c["sequence"].replace("\n", "\\n").replace("\t", "\\t")
             print(f"{c['score']:.4f} {json.dumps(c['token_str'], ensure_ascii=False)}  {shown}")
-    return 0
-
-
-def _vae_run(args: argparse.Namespace) -> tuple:
-    """The run and the decoding settings of a ``glmlab vae`` command (settings checked before loading)."""
-    from glmlab.generation.settings import GenerationSettings
-    from glmlab.runs import load_run
-    from glmlab.runtime import select_device
-
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens or 200, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed)
-    settings.validate()
-    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
-    if args.max_new_tokens is None:
-        settings.max_new_tokens = max(1, run.model.block_size - 1)
-    return run, settings
-
-
-def _print_notes(caught: list[warnings.WarningMessage]) -> None:
-    for w in caught:
-        print(f"note: {w.message}", file=sys.stderr)
-
-
-def cmd_vae_sample(args: argparse.Namespace) -> int:
-    from glmlab.generation.latent import sample_prior
-
-    run, settings = _vae_run(args)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sentences = sample_prior(run.model, run.tokenizer, args.n, seed=args.seed, settings=settings)
-    _print_notes(caught)
-    for sentence in sentences:
-        print(sentence)
-    return 0
-
-
-def _read_sentences(path_text: str) -> list[str]:
-    from glmlab.data.corpus import decode_text
-
-    path = Path(path_text)
-    if not path.is_file():
-        raise GlmlabError(f"sentence file {path} does not exist", "check the path given to --file")
-    lines = [line.strip() for line in decode_text(path.read_bytes(), str(path)).splitlines()]
-    sentences = [line for line in lines if line]
-    if not sentences:
-        raise GlmlabError(f"{path} holds no sentences (every line is blank)", "write one sentence per line")
-    return sentences
-
-
-def cmd_vae_reconstruct(args: argparse.Namespace) -> int:
-    from glmlab.generation.latent import reconstruct
-
-    sentences = _read_sentences(args.file) if args.file else list(args.text)
-    run, settings = _vae_run(args)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outputs = reconstruct(run.model, run.tokenizer, sentences, sample=args.sample, seed=args.seed,
-                              settings=settings)
-    _print_notes(caught)
-    for given, output in zip(sentences, outputs, strict=True):
-        print(f"{given.strip()} -> {output}")
-    return 0
-
-
-def cmd_vae_interpolate(args: argparse.Namespace) -> int:
-    from glmlab.generation.latent import interpolate
-
-    run, settings = _vae_run(args)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = interpolate(run.model, run.tokenizer, args.start, args.end, steps=args.steps,
-                           settings=settings)
-    _print_notes(caught)
-    width = len(str(len(path)))
-    for i, sentence in enumerate(path):
-        print(f"{i + 1:>{width}}  t={i / (len(path) - 1):.2f}  {sentence}")
-    return 0
-
-
-def _temperatures(text: str | None) -> list[float]:
-    try:
-        values = [float(t) for t in (text or "").split(",") if t.strip()]
-    except ValueError:
-        raise GlmlabError(f"--temperatures {text!r} is not a list of numbers", "e.g. --temperatures 0.9,0.8") from None
-    if any(t <= 0 for t in values):
-        raise GlmlabError(f"--temperatures {text!r}: temperatures must be above 0", "e.g. --temperatures 0.9,0.8")
-    return values
-
-
-def parse_mle_steps(text: str) -> int | str:
-    """``--mle-steps``: a positive step count, or ``best`` (early stopping); argparse's ``type``."""
-    if text == "best":
-        return text
-    try:
-        steps = int(text)
-    except ValueError:
-        steps = 0
-    if steps < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number of steps nor 'best' "
-                                         "(e.g. --mle-steps 1000, or --mle-steps best for early stopping)")
-    return steps
-
-
-def cmd_bench_oracle(args: argparse.Namespace) -> int:
-    from glmlab.bench.oracle import format_stages, oracle_benchmark
-
-    stages = oracle_benchmark(args.oracle, args.real, args.out, mle_steps=args.mle_steps, rounds=args.rounds,
-                              variants=[v for v in args.variants.split(",") if v], overrides=args.overrides,
-                              threads=args.threads, oracle_samples=args.oracle_samples, seed=args.seed,
-                              temperatures=_temperatures(args.temperatures))
-    print(format_stages(stages))
     return 0
 
 

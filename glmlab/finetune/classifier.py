@@ -25,33 +25,16 @@ def check_backbone(model: LanguageModel) -> None:
                           "pass --init a gpt, lstm, bert or glm run, or --init none to train from scratch")
 
 
-class SequenceClassifier(nn.Module):
-    """``backbone`` (a family model with features: ``features(idx) -> (B, T, traits.feature_width)``) + pooling +
-    linear head.
+class BackboneClassifier(nn.Module):
+    """What every classifier on a backbone shares with the trainer's protocol: the backbone's context and step,
+    no hooks, ``nll(x, y)`` — the summed cross-entropy of the class logits ``forward(x)`` gives — and
+    ``class_weights`` for ``loss``."""
 
-    Inputs are right-padded with ``pad_id``; the protocol is the trainer's: ``loss(x, y)`` with class ids
-    ``y`` (weighted by ``class_weights`` if given), ``nll(x, y)`` summed and unweighted.
-    """
-
-    def __init__(self, backbone: LanguageModel, n_classes: int, pooling: str, pad_id: int, dropout: float = 0.1,
-                 frozen: bool = False, lm_weight: float = 0.0) -> None:
+    def __init__(self, backbone: LanguageModel, n_classes: int) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise GlmlabError(f"unknown pooling {pooling!r}", f"use one of: {', '.join(POOLINGS)}")
-        check_backbone(backbone)
-        if lm_weight > 0 and not backbone.traits.left_to_right:
-            raise GlmlabError(f"--lm-weight adds a left-to-right language-modelling loss, which a "
-                              f"{backbone.traits.family} model does not have", "drop --lm-weight")
-        self.backbone, self.pooling, self.pad_id, self.frozen = backbone, pooling, pad_id, frozen
-        self.lm_weight = lm_weight
+        self.backbone = backbone
         self.stats: dict[str, torch.Tensor] = {}
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.traits.feature_width, n_classes)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
         self.register_buffer("class_weights", torch.ones(n_classes), persistent=False)
-        if frozen:
-            self.backbone.requires_grad_(False)
 
     @property
     def block_size(self) -> int:
@@ -62,6 +45,35 @@ class SequenceClassifier(nn.Module):
 
     def training_hooks(self) -> list[TrainingHook]:
         return []
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(x).float(), y, reduction="sum")
+
+
+class SequenceClassifier(BackboneClassifier):
+    """``backbone`` (a family model with features: ``features(idx) -> (B, T, traits.feature_width)``) + pooling +
+    linear head.
+
+    Inputs are right-padded with ``pad_id``; the protocol is the trainer's: ``loss(x, y)`` with class ids
+    ``y`` (weighted by ``class_weights`` if given), ``nll(x, y)`` summed and unweighted.
+    """
+
+    def __init__(self, backbone: LanguageModel, n_classes: int, pooling: str, pad_id: int, dropout: float = 0.1,
+                 frozen: bool = False, lm_weight: float = 0.0) -> None:
+        if pooling not in POOLINGS:
+            raise GlmlabError(f"unknown pooling {pooling!r}", f"use one of: {', '.join(POOLINGS)}")
+        check_backbone(backbone)
+        if lm_weight > 0 and not backbone.traits.left_to_right:
+            raise GlmlabError(f"--lm-weight adds a left-to-right language-modelling loss, which a "
+                              f"{backbone.traits.family} model does not have", "drop --lm-weight")
+        super().__init__(backbone, n_classes)
+        self.pooling, self.pad_id, self.frozen, self.lm_weight = pooling, pad_id, frozen, lm_weight
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.traits.feature_width, n_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        if frozen:
+            self.backbone.requires_grad_(False)
 
     def train(self, mode: bool = True) -> SequenceClassifier:
         super().train(mode)
@@ -98,6 +110,3 @@ class SequenceClassifier(nn.Module):
             loss = loss + self.lm_weight * F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                                                            targets.reshape(-1), ignore_index=-100)
         return loss
-
-    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(x).float(), y, reduction="sum")

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from glmlab.data.tokenizer import BLANKS, MASK, MASK_ID, Tokenizer
 from glmlab.errors import ConfigError, GlmlabError
-from glmlab.models.contract import LanguageModel, TrainingHook
+from glmlab.finetune.classifier import BackboneClassifier
+from glmlab.models.contract import LanguageModel
 
 TEXT = "{text}"
 
@@ -99,33 +99,17 @@ def check_backbone(model: LanguageModel) -> None:
                           "on both sides", "use a bert or glm run, or drop --pattern/--verbalizer (a head)")
 
 
-class ClozeClassifier(nn.Module):
+class ClozeClassifier(BackboneClassifier):
     """A backbone that fills blanks (``blank_logits``) read at its verbalizer words: class logits (B, labels).
     The trainer's protocol: ``loss(x, y)`` (weighted by ``class_weights``), ``nll(x, y)`` summed."""
 
     def __init__(self, backbone: LanguageModel, word_ids: list[int]) -> None:
-        super().__init__()
         check_backbone(backbone)
-        self.backbone = backbone
-        self.stats: dict[str, torch.Tensor] = {}
+        super().__init__(backbone, len(word_ids))
         self.register_buffer("word_ids", torch.tensor(word_ids), persistent=False)
-        self.register_buffer("class_weights", torch.ones(len(word_ids)), persistent=False)
-
-    @property
-    def block_size(self) -> int:
-        return self.backbone.block_size
-
-    def set_step(self, step: int) -> None:
-        self.backbone.set_step(step)
-
-    def training_hooks(self) -> list[TrainingHook]:
-        return []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.blank_logits(x)[:, self.word_ids]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(x).float(), y, weight=self.class_weights)
-
-    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(x).float(), y, reduction="sum")

@@ -12,7 +12,7 @@ import torch
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, RunDirError
-from glmlab.finetune.classifier import SequenceClassifier
+from glmlab.finetune.classifier import BackboneClassifier, SequenceClassifier
 from glmlab.finetune.cloze import Cloze, ClozeClassifier
 from glmlab.finetune.examples import Examples, encode_texts, read_labelled, sort_labels
 from glmlab.finetune.metrics import classification_metrics
@@ -31,7 +31,7 @@ class Prediction:
 class Classifier:
     """A classifier run: ``predict(texts)``; ``truncated`` counts the texts of the last call cut to the context."""
 
-    model: SequenceClassifier | ClozeClassifier
+    model: BackboneClassifier
     tokenizer: Tokenizer
     labels: list[str]
     bos: bool
@@ -79,7 +79,7 @@ def load_classifier(run_dir: str | Path, checkpoint: str = "best", device: str |
     labels = list(task["labels"])
     cloze = Cloze.parse(task["pattern"], task["verbalizer"]) if task.get("pattern") else None
     if cloze is not None:
-        model: SequenceClassifier | ClozeClassifier = ClozeClassifier(backbone, cloze.word_ids(tokenizer, labels))
+        model: BackboneClassifier = ClozeClassifier(backbone, cloze.word_ids(tokenizer, labels))
     else:
         model = SequenceClassifier(backbone, len(labels), task["pooling"], tokenizer.pad_id,
                                    frozen=task.get("mode") == "probe")

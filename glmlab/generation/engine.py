@@ -86,18 +86,23 @@ def start_token_id(model: nn.Module, tokenizer: Tokenizer) -> int:
     return tokenizer.eos_id if start is None else start
 
 
+def token_ids(tokenizer: Tokenizer, text: str | Sequence[int], vocab_size: int, what: str = "prompt") -> list[int]:
+    """The ids of a text (refused if the tokenizer cannot encode it), or given ids checked against the vocabulary."""
+    if isinstance(text, str):
+        return tokenizer.encode_checked(text, what)
+    ids = [int(i) for i in text]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise GlmlabError(f"{what} token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
+                          "give ids from this model's tokenizer")
+    return ids
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
                   vocab_size: int, start: int | None = None) -> list[int]:
     """Prompt ids, after ``start`` when given (an empty prompt of running text starts from ``<eos>``, the
     document separator), cut to fit the context."""
-    if isinstance(prompt, str):
-        ids = tokenizer.encode_checked(prompt)
-    else:
-        ids = [int(i) for i in prompt]
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise GlmlabError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
-                              "give ids from this model's tokenizer")
+    ids = token_ids(tokenizer, prompt, vocab_size)
     if start is not None:
         ids = [start, *ids]
     if not ids:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from glmlab.data.fim import fim_prompt
 from glmlab.data.tokenizer import BLANKS, EOP_ID, GMASK_ID, MASK_ID, Tokenizer
 from glmlab.errors import GlmlabError
-from glmlab.generation.engine import encode_prompt, start_id
+from glmlab.generation.engine import encode_prompt, start_id, token_ids
 from glmlab.models.glm import frame
 
 
@@ -34,17 +34,6 @@ def check_suffix(model: nn.Module, family: str | None = None) -> None:
                           "train.fim_rate > 0")
 
 
-def _ids(tokenizer: Tokenizer, text: str | Sequence[int], what: str, vocab_size: int) -> list[int]:
-    if isinstance(text, str):
-        return tokenizer.encode_checked(text, what)
-    ids = [int(i) for i in text]
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise GlmlabError(f"{what} token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
-                          "give ids from this model's tokenizer")
-    return ids
-
-
 def prompt_ids(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int],
                suffix: str | Sequence[int] | None = None) -> list[int]:
     """The ids a row starts from: the prompt (cut to fit the context, keeping its end) for a causal model, and
@@ -54,7 +43,7 @@ def prompt_ids(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[in
         check_suffix(model)
     if traits.objective != "blank_infilling" and suffix is None:
         return encode_prompt(tokenizer, prompt, model.block_size, model.vocab_size, start_id(model, tokenizer))
-    tail = _ids(tokenizer, suffix, "suffix", model.vocab_size) if suffix is not None else []
+    tail = token_ids(tokenizer, suffix, model.vocab_size, "suffix") if suffix is not None else []
     if any(t in BLANKS for t in tail):
         raise GlmlabError("the suffix holds a blank token ([MASK], [sMASK] or [gMASK])",
                           "put the blanks in the prompt and drop the suffix")
@@ -63,7 +52,7 @@ def prompt_ids(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[in
         raise GlmlabError(f"a suffix of {len(tail)} tokens leaves no room in the context of {model.block_size}",
                           "shorten the suffix")
     start = start_id(model, tokenizer)
-    head = ([start] if start is not None else []) + _ids(tokenizer, prompt, "prompt", model.vocab_size)
+    head = ([start] if start is not None else []) + token_ids(tokenizer, prompt, model.vocab_size)
     head = head[max(0, len(head) - room):]
     if traits.objective == "blank_infilling":
         if suffix is None:

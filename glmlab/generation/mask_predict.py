@@ -20,24 +20,29 @@ import torch.nn as nn
 from glmlab.data.tokenizer import BLANKS, FIRST_TEXT_ID, MASK_ID, Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation import processors as P
-from glmlab.generation.engine import Completion, row_seed
+from glmlab.generation.engine import Completion, row_seed, token_ids
 from glmlab.generation.sampling import inverse_cdf
 from glmlab.generation.settings import GenerationSettings
 from glmlab.generation.text import find_stop
 
 ITERATIONS = 10  # Ghazvininejad et al.'s T for most of their results
 
-def check_settings(settings: GenerationSettings) -> None:
-    """Refuse every control mask-predict cannot honour (never ignore one): those with no meaning for a text
-    written all at once."""
+def unsupported(settings: GenerationSettings) -> list[str]:
+    """The controls ``settings`` asks for that mask-predict cannot honour (those with no meaning for a text written
+    all at once), by their settings names."""
     s = settings
-    off = {"min_new_tokens": s.min_new_tokens == 0, "min_p": s.min_p == 0, "typical_p": s.typical_p == 1,
-           "repetition_penalty": s.repetition_penalty == 1, "presence_penalty": s.presence_penalty == 0,
-           "frequency_penalty": s.frequency_penalty == 0, "no_repeat_ngram_size": s.no_repeat_ngram_size == 0,
-           "num_beams": s.num_beams == 1, "logprobs": s.logprobs is None, "max_time": s.max_time is None,
-           "grammar": s.grammar is None, "bad_words": not s.bad_words, "logit_bias": not s.logit_bias,
-           "chat": not s.chat_reply}
-    used = [name for name, ok in off.items() if not ok]
+    off = {"min_new_tokens": s.min_new_tokens == 0, "logprobs": s.logprobs is None, "min_p": s.min_p == 0,
+           "typical_p": s.typical_p == 1, "repetition_penalty": s.repetition_penalty == 1,
+           "presence_penalty": s.presence_penalty == 0, "frequency_penalty": s.frequency_penalty == 0,
+           "no_repeat_ngram_size": s.no_repeat_ngram_size == 0, "num_beams": s.num_beams == 1,
+           "max_time": s.max_time is None, "grammar": s.grammar is None, "bad_words": not s.bad_words,
+           "logit_bias": not s.logit_bias, "chat": not s.chat_reply}
+    return [name for name, ok in off.items() if not ok]
+
+
+def check_settings(settings: GenerationSettings) -> None:
+    """Refuse every control mask-predict cannot honour (never ignore one)."""
+    used = unsupported(settings)
     if used:
         raise GlmlabError(f"a masked language model writes by mask-predict, which cannot honour {', '.join(used)}",
                           "use temperature, top_k, top_p, stop, seed and the number of sequences only, or a causal "
@@ -45,12 +50,11 @@ def check_settings(settings: GenerationSettings) -> None:
 
 
 def layout(tokenizer: Tokenizer, prompt: str | Sequence[int], suffix: str | Sequence[int] | None, length: int,
-           block_size: int) -> tuple[list[int], list[int]]:
-    """The ids a row starts from and the positions to write: the prompt, ``length`` masks, the suffix; or, when
-    the prompt already holds ``[MASK]`` tokens and no suffix or length is asked for, those masks."""
-    ids = tokenizer.encode_checked(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    tail = [] if suffix is None else tokenizer.encode_checked(suffix, "suffix") if isinstance(suffix, str) \
-        else [int(i) for i in suffix]
+           block_size: int, vocab_size: int) -> tuple[list[int], list[int]]:
+    """The ids a row starts from — the prompt (its end, when the rest does not fit), ``length`` masks, the suffix —
+    and the positions to write. Texts or token ids."""
+    ids = token_ids(tokenizer, prompt, vocab_size)
+    tail = [] if suffix is None else token_ids(tokenizer, suffix, vocab_size, "suffix")
     if any(i in BLANKS for i in tail):
         raise GlmlabError("the suffix holds a blank token", "put the blanks in the prompt, or drop the suffix")
     if length + len(tail) >= block_size:
@@ -73,7 +77,7 @@ def mask_predict(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[
     if iterations < 1:
         raise GlmlabError(f"iterations={iterations} must be at least 1", "use 10 (the paper's choice)")
     n = settings.max_new_tokens
-    seq, slots = layout(tokenizer, prompt, suffix, n, model.block_size)
+    seq, slots = layout(tokenizer, prompt, suffix, n, model.block_size, model.vocab_size)
     rows = settings.num_return_sequences
     device = next(model.parameters()).device
     tokens = torch.tensor([seq] * rows, device=device)

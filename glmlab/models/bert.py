@@ -166,9 +166,11 @@ class BERT(FamilyModel):
         logits = self.head(self.features(idx))
         return logits[:, -1:] if last_only else logits
 
-    def blank_logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) of what stands at the last ``[MASK]`` of each right-padded row (a cloze's answer)."""
-        return self(idx)[torch.arange(idx.size(0), device=idx.device), _last_blank(idx)]
+    def blank_logits(self, idx: torch.Tensor, blank_at: list[int] | None = None) -> torch.Tensor:
+        """Logits (B, vocab) of what stands at the last ``[MASK]`` of each right-padded row (a cloze's answer), or at
+        position ``blank_at[i]`` of row i."""
+        at = _last_blank(idx) if blank_at is None else torch.tensor(blank_at, device=idx.device)
+        return self(idx)[torch.arange(idx.size(0), device=idx.device), at]
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> object:
         raise GlmlabError("a bert model does not decode left to right",

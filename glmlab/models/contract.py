@@ -175,8 +175,9 @@ class FastDecoding(Protocol):
 class BlankFilling(Protocol):
     """What fills a blank given the text on both sides (``traits.infilling`` "mask_predict" or "blank")."""
 
-    def blank_logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) of the (first) token at the last blank of each right-padded row."""
+    def blank_logits(self, idx: torch.Tensor, blank_at: list[int] | None = None) -> torch.Tensor:
+        """Logits (B, vocab) of the (first) token at the last blank of each right-padded row (or at position
+        ``blank_at[i]`` of row i)."""
 
 
 class LatentModel(Protocol):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from glmlab.data.tokenizer import BLANKS, EOP_ID, FIRST_TEXT_ID, GMASK_ID, MASK_ID, PAD_ID, SMASK_ID, SOP_ID, Tokenizer
 from glmlab.errors import ConfigError, GlmlabError
 from glmlab.models.contract import FamilyModel, Traits
-from glmlab.models.gpt import KVCache
+from glmlab.models.gpt import KVCache, KVCacheStep
 from glmlab.models.transformer import Block, BlockShape
 from glmlab.schema import field
 
@@ -117,24 +117,6 @@ class GLMCache(KVCache):
             m[dst], m[src] = m[src], 0
 
 
-@dataclass
-class _GLMStep:
-    """Where one forward pass with a :class:`GLMCache` reads and writes (the blocks' ``CacheStep``)."""
-
-    cache: GLMCache
-    rows: torch.Tensor  # (B,) cache slots
-    where: torch.Tensor  # (B, T) cache index of each new token
-    span: int
-    mask: torch.Tensor  # (B, 1, T, span)
-    causal: bool = False
-
-    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache
-        c.k[layer, self.rows[:, None], :, self.where] = k.transpose(1, 2)
-        c.v[layer, self.rows[:, None], :, self.where] = v.transpose(1, 2)
-        return c.k[layer, self.rows, :, :self.span], c.v[layer, self.rows, :, :self.span]
-
-
 def frame(part_a: list[int]) -> list[int]:
     """The prompt that makes glm write the piece of Part A's last blank: Part A, then ``<|startofpiece|>``."""
     if not any(t in BLANKS for t in part_a):
@@ -193,7 +175,7 @@ class GLM(FamilyModel):
     # --- the forward pass -----------------------------------------------------------------------------
 
     def _hidden(self, idx: torch.Tensor, positions: torch.Tensor, pieces: torch.Tensor,
-                mask: torch.Tensor | None, step: _GLMStep | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, step: KVCacheStep | None = None) -> torch.Tensor:
         t = self.transformer
         x = t.drop(t.wte(idx) + t.wpe(positions) + t.wbpe(pieces))
         for block in t.h:
@@ -209,11 +191,7 @@ class GLM(FamilyModel):
         framed = torch.cat([idx.new_tensor([GMASK_ID, SOP_ID]).expand(B, FRAME), idx], dim=1)
         positions = torch.zeros_like(framed)  # the piece fills the blank at position 0
         pieces = torch.arange(T + FRAME, device=idx.device)[None].expand(B, -1)  # [gMASK] 0, then 1, 2, ...
-        t = self.transformer
-        x = t.drop(t.wte(framed) + t.wpe(positions) + t.wbpe(pieces))
-        for block in t.h:
-            x = block(x)  # causal: the only Part A token comes first
-        return t.ln_f(x)[:, FRAME:]
+        return self._hidden(framed, positions, pieces, None)[:, FRAME:]  # no mask: causal
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         return self._left_to_right(idx)
@@ -315,7 +293,7 @@ class GLM(FamilyModel):
         j = torch.arange(span, device=device)[None, None, :]
         mask = (j < real_end[:, None, None]) & ((j < part_a[:, None, None]) | (j <= where[:, :, None]))
         mask = mask | (j == 0)  # a padded query still sees something (its output is dropped)
-        step = _GLMStep(cache, torch.tensor(slots, device=device), where, span, mask[:, None])
+        step = KVCacheStep(cache, torch.tensor(slots, device=device), None, where, span, mask[:, None], False)
         h = self._hidden(tokens_t, pos_t, piece_t, None, step)
         for slot, s in zip(slots, seqs, strict=True):
             cache.lengths[slot] += len(s)

@@ -101,7 +101,7 @@ class KVCache:
 
 
 @dataclass
-class _CacheStep:
+class KVCacheStep:
     """Where one forward pass reads and writes the cache; worked out once, used by every layer."""
 
     cache: KVCache
@@ -216,7 +216,7 @@ class GPT(FamilyModel):
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         return torch.arange(T, dtype=torch.long, device=device)[None]
 
-    def _blocks(self, idx: torch.Tensor, positions: torch.Tensor, step: _CacheStep | None) -> torch.Tensor:
+    def _blocks(self, idx: torch.Tensor, positions: torch.Tensor, step: KVCacheStep | None) -> torch.Tensor:
         """The Transformer (B, T, C) before the final layer norm: the one definition of the forward pass that
         ``forward`` and ``features`` share and the compiled steps of :mod:`glmlab.models.gpt_decode` are tested
         against (``tests/models/test_gpt_fast_paths.py``)."""
@@ -313,7 +313,7 @@ class GPT(FamilyModel):
         self.decode_weight_format = fmt
 
     def _cache_step(self, cache: KVCache, rows: list[int] | None, B: int, T: int,
-                    device: torch.device) -> _CacheStep:
+                    device: torch.device) -> KVCacheStep:
         slots = list(range(B)) if rows is None else list(rows)
         starts = [cache.lengths[s] for s in slots]
         span = max(starts) + T
@@ -326,14 +326,14 @@ class GPT(FamilyModel):
             start: int | None = starts[0]
             positions = (offsets + starts[0])[None].expand(B, T)
             if T == 1:  # one new query per row: it may see every cached key
-                return _CacheStep(cache, rows_t, start, positions, span, None, False)
+                return KVCacheStep(cache, rows_t, start, positions, span, None, False)
             if start == 0:  # a fresh prefill: plain causal attention
-                return _CacheStep(cache, rows_t, start, positions, span, None, True)
+                return KVCacheStep(cache, rows_t, start, positions, span, None, True)
         else:
             start = None
             positions = torch.tensor(starts, device=device)[:, None] + offsets
         mask = (torch.arange(span, device=device)[None, None, :] <= positions[:, :, None])[:, None]
-        return _CacheStep(cache, rows_t, start, positions, span, mask, False)
+        return KVCacheStep(cache, rows_t, start, positions, span, mask, False)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over targets ``y`` (positions with -100 are ignored)."""

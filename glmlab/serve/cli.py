@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     from glmlab.runs import load_run
     from glmlab.runtime import select_device
     from glmlab.serve.app import ServeOptions, create_app
-    from glmlab.serve.protocol import Limits
+    from glmlab.serve.fields import Limits
     from glmlab.serve.scheduler import SchedulerStopped
 
     api_key = args.api_key if args.api_key is not None else (os.environ.get("GLMLAB_API_KEY") or None)

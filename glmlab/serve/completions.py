@@ -22,6 +22,7 @@ from glmlab.models.contract import LanguageModel
 from glmlab.serve import protocol as P
 from glmlab.serve import responses as R
 from glmlab.serve.context import Served, ServedDep
+from glmlab.serve.fields import Fields, bad_request
 
 router = APIRouter()
 
@@ -51,7 +52,7 @@ async def _checked(request: Request, served: Served, parse: Callable[..., P.Gene
                    ) -> P.GenerationRequest:
     """The request's body read, its model name checked, and parsed by ``parse`` (completions' or chat's)."""
     body = await served.body(request)
-    served.check_model(P.Fields(body).string("model"))
+    served.check_model(Fields(body).string("model"))
     model = served.model
     return parse(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits, model)
 
@@ -79,7 +80,7 @@ async def _answer(request: Request, req: P.GenerationRequest, served: Served) ->
         served.scheduler.cancel(job)  # a no-op once every row finished
     failed = next((c for c in results.values() if c.error), None)
     if failed is not None:  # the grammar led where this tokenizer cannot follow: the text would not parse
-        raise P.bad_request(f"the output could not follow the requested format: {failed.error}", req.format_param,
+        raise bad_request(f"the output could not follow the requested format: {failed.error}", req.format_param,
                             "grammar_failed")
     return JSONResponse(R.completion_body(req, results, prompt_lp, served.options.model_name, served.tokenizer))
 

@@ -22,9 +22,9 @@ from glmlab.errors import GlmlabError
 from glmlab.generation.engine import start_id
 from glmlab.models.contract import LanguageModel
 from glmlab.runs import LoadedRun
-from glmlab.serve import protocol as P
 from glmlab.serve.card import model_card
 from glmlab.serve.engine_process import EngineSpec, ProcessScheduler
+from glmlab.serve.fields import APIError, Limits, bad_request, parse_json, too_large
 from glmlab.serve.metrics import Metrics, server_metrics
 from glmlab.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped
 
@@ -37,7 +37,7 @@ class ServeOptions:
     api_key: str | None = None
     max_batch: int = 32  # sequences decoded together (cache slots)
     max_queue: int = 256  # requests waiting for a slot before 429
-    limits: P.Limits = P.Limits()
+    limits: Limits = Limits()
     checkpoint: str = "best"
     retry_after: int = 1  # seconds, in a 429's Retry-After
     engine: str = "thread"  # "process": the model decodes in a process of its own (glmlab serve's default;
@@ -85,7 +85,7 @@ class Served:
         return self.run.tokenizer
 
     @property
-    def limits(self) -> P.Limits:
+    def limits(self) -> Limits:
         return self.options.limits
 
     @contextlib.asynccontextmanager
@@ -115,13 +115,13 @@ class Served:
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.limits.max_body_bytes:
-                raise P.too_large(self.limits)
+                raise too_large(self.limits)
             chunks.append(chunk)
-        return P.parse_json(b"".join(chunks), self.limits)
+        return parse_json(b"".join(chunks), self.limits)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.options.model_name:
-            raise P.APIError(404, f"the model {name!r} does not exist here; this server serves "
+            raise APIError(404, f"the model {name!r} does not exist here; this server serves "
                                   f"{self.options.model_name!r} (GET /v1/models)", param="model",
                              code="model_not_found")
 
@@ -151,15 +151,15 @@ class Served:
         except SchedulerStopped as exc:
             raise self.unavailable(exc) from None
         except GlmlabError as exc:
-            raise P.bad_request(exc.problem) from None
+            raise bad_request(exc.problem) from None
 
-    def busy(self, why: str) -> P.APIError:
-        return P.APIError(429, f"the server is busy: {why}; retry after {self.options.retry_after} s",
+    def busy(self, why: str) -> APIError:
+        return APIError(429, f"the server is busy: {why}; retry after {self.options.retry_after} s",
                           "rate_limit_error", code="queue_full",
                           headers={"Retry-After": str(self.options.retry_after)})
 
-    def unavailable(self, exc: BaseException) -> P.APIError:
-        return P.APIError(503, f"the model is not available: {exc}", "server_error", code="unavailable",
+    def unavailable(self, exc: BaseException) -> APIError:
+        return APIError(503, f"the model is not available: {exc}", "server_error", code="unavailable",
                           headers={"Retry-After": str(self.options.retry_after)})
 
 

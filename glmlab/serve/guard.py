@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glmlab.serve import protocol as P
 from glmlab.serve.context import ServeOptions
+from glmlab.serve.fields import APIError, too_large
 from glmlab.serve.metrics import Metrics
 
 OPEN_PATHS = ("/health",)  # answered without an API key
@@ -24,7 +24,7 @@ ENDPOINTS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/c
              "/v1/vae/interpolate"}  # metric labels
 
 
-def error_response(error: P.APIError) -> JSONResponse:
+def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -57,20 +57,20 @@ class Guard:
             self.metrics.inc("requests_total", endpoint=endpoint, status=str(status["code"]))
             self.metrics.observe("request_duration_seconds", time.perf_counter() - started, endpoint=endpoint)
 
-    def _refusal(self, scope: dict) -> P.APIError | None:
+    def _refusal(self, scope: dict) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.options.limits.max_body_bytes:
-            return P.too_large(self.options.limits)
+            return too_large(self.options.limits)
         key, path = self.options.api_key, scope["path"]
         if key is None or path in OPEN_PATHS or path == "/" or path.startswith(STATIC_PREFIXES):
             return None
         given = headers.get("authorization", "")
         if not given.startswith("Bearer "):
-            return P.APIError(401, "this server needs an API key: send the header 'Authorization: Bearer KEY'",
+            return APIError(401, "this server needs an API key: send the header 'Authorization: Bearer KEY'",
                               "invalid_request_error", code="missing_api_key")
         if not secrets.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
-            return P.APIError(401, "the API key is wrong: send the key given to glmlab serve --api-key",
+            return APIError(401, "the API key is wrong: send the key given to glmlab serve --api-key",
                               "invalid_request_error", code="invalid_api_key")
         return None
 
@@ -79,8 +79,8 @@ def answer_errors(app: FastAPI) -> None:
     """Every error the app raises, answered in OpenAI's shape: APIError as it says, routing errors (404, 405)
     naming the path, anything else a 500."""
 
-    @app.exception_handler(P.APIError)
-    async def api_error(request: Request, exc: P.APIError) -> JSONResponse:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -89,9 +89,9 @@ def answer_errors(app: FastAPI) -> None:
                         "POST /v1/chat/completions", 405: f"{request.method} is not allowed on {request.url.path}"
                    }.get(exc.status_code, str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(P.APIError(exc.status_code, message, code=code))
+        return error_response(APIError(exc.status_code, message, code=code))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(P.APIError(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
+        return error_response(APIError(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
                                          code="internal_error"))

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 
 from glmlab.generation import latent
 from glmlab.generation.settings import GenerationSettings
-from glmlab.serve import protocol as P
 from glmlab.serve.context import Served, ServedDep
+from glmlab.serve.fields import APIError, Fields, bad_request
 
 router = APIRouter()
 
@@ -28,12 +28,12 @@ async def _noted(served: Served, fn: Callable[[], list[str]]) -> tuple[list[str]
     return await served.on_model_thread(run_noting)
 
 
-async def _parse(request: Request, served: Served) -> tuple[P.Fields, GenerationSettings]:
+async def _parse(request: Request, served: Served) -> tuple[Fields, GenerationSettings]:
     model = served.model
     if not model.traits.latent_dim:
-        raise P.APIError(404, f"the vae endpoints need a vae run; this run's family is {model.traits.family}",
+        raise APIError(404, f"the vae endpoints need a vae run; this run's family is {model.traits.family}",
                          code="not_a_vae")
-    f = P.Fields(await served.body(request))
+    f = Fields(await served.body(request))
     served.check_model(f.string("model"))
     longest = max(1, model.block_size - 1)
     settings = GenerationSettings(
@@ -43,10 +43,10 @@ async def _parse(request: Request, served: Served) -> tuple[P.Fields, Generation
     return f, settings
 
 
-def _sentence(f: P.Fields, name: str) -> str:
+def _sentence(f: Fields, name: str) -> str:
     value = f.string(name)
     if value is None or not value.strip():
-        raise P.bad_request(f"{name} must be a non-empty sentence", name, "missing_field")
+        raise bad_request(f"{name} must be a non-empty sentence", name, "missing_field")
     return value
 
 
@@ -69,9 +69,9 @@ async def vae_reconstruct(request: Request, served: ServedDep) -> JSONResponse:
     sentences = [value] if isinstance(value, str) else value
     if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) and s.strip()
                                                                    for s in sentences):
-        raise P.bad_request("sentences must be a non-empty sentence or list of them", "sentences", "invalid_type")
+        raise bad_request("sentences must be a non-empty sentence or list of them", "sentences", "invalid_type")
     if len(sentences) > served.limits.max_rows:
-        raise P.bad_request(f"{len(sentences)} sentences; at most {served.limits.max_rows} per request", "sentences")
+        raise bad_request(f"{len(sentences)} sentences; at most {served.limits.max_rows} per request", "sentences")
     sample = f.boolean("sample", False)
     model, tokenizer = served.model, served.tokenizer
     texts, notes = await _noted(served, lambda: latent.reconstruct(model, tokenizer, sentences, sample=sample,

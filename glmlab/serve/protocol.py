@@ -12,7 +12,6 @@ by mask-predict, so its requests may only ask for what mask-predict honours.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,130 +20,10 @@ from glmlab.errors import GlmlabError
 from glmlab.generation.chat import CHAT_ROLES, CHAT_STOPS, render_chat
 from glmlab.generation.grammar import Grammar, compiler
 from glmlab.generation.infill import prompt_ids
-from glmlab.generation.mask_predict import check_settings, layout
+from glmlab.generation.mask_predict import layout, unsupported
 from glmlab.generation.settings import MAX_LOGPROBS, GenerationSettings
 from glmlab.models.contract import LanguageModel
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape, with its HTTP status (and headers, e.g. ``Retry-After``)."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (``glmlab serve`` flags)."""
-
-    max_prompt_tokens: int = 8192
-    max_tokens: int = 2048
-    max_n: int = 16
-    max_rows: int = 64  # prompts x n in one request
-    max_body_bytes: int = 1 << 20
-    max_stop: int = 16
-
-
-def parse_json(raw: bytes, limits: Limits) -> dict[str, Any]:
-    """The request body as a JSON object; 413 when too large, 400 when not JSON or not an object."""
-    if len(raw) > limits.max_body_bytes:
-        raise too_large(limits)
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
-    return body
-
-
-def too_large(limits: Limits) -> APIError:
-    return APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes, this server's limit "
-                         "(glmlab serve --max-body-bytes)", code="request_too_large")
-
-
-class Fields:
-    """Typed access to a JSON object's fields, each mistake a 400 naming the field and what it must be."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-
-    def present(self, name: str) -> bool:
-        return self.body.get(name) is not None
-
-    def number(self, name: str, default: float, lo: float | None = None, hi: float | None = None,
-               lo_open: bool = False) -> float:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise bad_request(f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type")
-        if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
-            raise bad_request(f"{name}={value} is out of range: it must be {_range(lo, hi, lo_open)}", name,
-                              "invalid_value")
-        return float(value)
-
-    def integer(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None,
-                hint: str = "") -> int | None:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad_request(f"{name} must be an integer, got {json.dumps(value)}", name, "invalid_type")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise bad_request(f"{name}={value} is out of range: it must be {_range(lo, hi)}{hint}", name,
-                              "invalid_value")
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise bad_request(f"{name} must be true or false, got {json.dumps(value)}", name, "invalid_type")
-        return value
-
-    def string(self, name: str, default: str | None = None) -> str | None:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise bad_request(f"{name} must be a string, got {json.dumps(value)[:80]}", name, "invalid_type")
-        return value
-
-    def stop(self, limits: Limits) -> list[str]:
-        value = self.body.get("stop")
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise bad_request("stop must be a string or a list of strings", "stop", "invalid_type")
-        if len(stops) > limits.max_stop:
-            raise bad_request(f"stop has {len(stops)} strings; at most {limits.max_stop} are allowed", "stop",
-                              "invalid_value")
-        if any(not s for s in stops):
-            raise bad_request("stop strings must not be empty", "stop", "invalid_value")
-        return stops
-
-
-def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f"{'>' if lo_open else '>='} {lo} and <= {hi}"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    return f"<= {hi}"
+from glmlab.serve.fields import Fields, Limits, bad_request, unknown_parameter
 
 
 @dataclass
@@ -407,26 +286,24 @@ def frame(prompt: Prompt, model: LanguageModel, tokenizer: Tokenizer, suffix: st
     prompt.tokens = len(prompt.ids)
 
 
+# mask-predict's settings names that a request spells otherwise
+REQUEST_NAMES = {"min_new_tokens": "min_tokens"}
+
+
 def refuse_beyond_mask_predict(f: Fields, settings: GenerationSettings, echo: bool, family: str) -> None:
     """A masked LM (bert) writes ``max_tokens`` tokens at once by mask-predict (after the prompt, before the
     suffix), which honours temperature, top_p, top_k, stop, seed, n, ignore_eos and stream (each text comes whole,
-    in one chunk): any other control is a 400 naming its field (null and the value that asks for nothing pass)."""
-    s = settings
+    in one chunk): any other control (:func:`~glmlab.generation.mask_predict.unsupported`) is a 400 naming its
+    field (null and the value that asks for nothing pass)."""
     fmt = f.body.get("response_format")
-    asks = {"echo": echo, "logprobs": s.logprobs is not None, "min_tokens": s.min_new_tokens != 0,
-            "min_p": s.min_p != 0, "presence_penalty": s.presence_penalty != 0,
-            "frequency_penalty": s.frequency_penalty != 0, "repetition_penalty": s.repetition_penalty != 1,
-            "logit_bias": bool(s.logit_bias), "response_format": fmt is not None and fmt != {"type": "text"},
-            "grammar": f.present("grammar")}
-    for name, asked in asks.items():
-        if asked:
-            raise bad_request(f"{name}: a {family} run writes by mask-predict (all its tokens at once), which cannot "
-                              "honour it; use temperature, top_p, top_k, stop, seed, n, ignore_eos, max_tokens (the "
-                              "length it writes) and suffix", name, "unsupported_parameter")
-    try:
-        check_settings(settings)
-    except GlmlabError as exc:  # a control this server does not expose; kept as a second line of defence
-        raise bad_request(exc.problem, None, "unsupported_parameter") from None
+    asked = ["echo"] if echo else []
+    asked += [REQUEST_NAMES.get(name, name) for name in unsupported(settings)]
+    asked += ["response_format"] if fmt is not None and fmt != {"type": "text"} else []
+    asked += ["grammar"] if f.present("grammar") else []
+    if asked:
+        raise bad_request(f"{asked[0]}: a {family} run writes by mask-predict (all its tokens at once), which cannot "
+                          "honour it; use temperature, top_p, top_k, stop, seed, n, ignore_eos, max_tokens (the "
+                          "length it writes) and suffix", asked[0], "unsupported_parameter")
 
 
 def mask_predicted(req: GenerationRequest, model: LanguageModel, tokenizer: Tokenizer, suffix: str | None) -> None:
@@ -434,14 +311,15 @@ def mask_predicted(req: GenerationRequest, model: LanguageModel, tokenizer: Toke
     masks, the suffix): usage counts the prompt and suffix tokens it keeps."""
     family = model.traits.family
     length = req.settings.max_new_tokens
-    tail = len(tokenizer.encode_checked(suffix, "suffix")) if suffix is not None else 0
+    tail_ids = tokenizer.encode_checked(suffix, "suffix") if suffix is not None else None  # checked: encodable
+    tail = len(tail_ids or [])
     if length + tail >= model.block_size:
         raise bad_request(f"max_tokens={length} (the length a {family} run writes) and a suffix of {tail} tokens do "
                           f"not fit its context of {model.block_size}: ask for at most {model.block_size - tail - 1}",
                           "max_tokens", "context_length_exceeded")
     for p in req.prompts:
         try:
-            seq, _ = layout(tokenizer, p.source, suffix, length, model.block_size)
+            seq, _ = layout(tokenizer, p.source, tail_ids, length, model.block_size, model.vocab_size)
         except GlmlabError as exc:
             raise bad_request(f"suffix: {exc.problem}", "suffix", "invalid_value") from None
         p.ids, p.suffix, p.tokens = seq, suffix, len(seq) - length
@@ -608,15 +486,3 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
     if model is not None:
         _lay_out(request, model, tokenizer, None, start)
     return request
-
-
-def refuse_unknown(body: dict[str, Any], known: set[str], endpoint: str) -> None:
-    """A 400 naming the first field of ``body`` outside ``known`` (null counts as absent)."""
-    for name, value in body.items():
-        if value is not None and name not in known:
-            raise unknown_parameter(name, endpoint)
-
-
-def unknown_parameter(name: str, endpoint: str) -> APIError:
-    return bad_request(f"unknown parameter {name!r} for {endpoint}: this server does not know it, so it refuses it "
-                       "rather than ignore it", name, "unknown_parameter")

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 
 from glmlab.errors import GlmlabError
 from glmlab.interop.tokenizer_config import tokenizer_config
-from glmlab.serve import protocol as P
 from glmlab.serve.context import ServedDep
+from glmlab.serve.fields import Fields, bad_request, refuse_unknown
 
 router = APIRouter()
 
@@ -25,17 +25,17 @@ async def tokenize(request: Request, served: ServedDep) -> JSONResponse:
     """``{"prompt"}`` -> its token ids; ``add_special_tokens`` (default true, as in vLLM) puts the start token a
     sentence-level model reads first (a model of running text reads none)."""
     body = await served.body(request)
-    f = P.Fields(body)
+    f = Fields(body)
     served.check_model(f.string("model"))
-    P.refuse_unknown(body, {"model", "prompt", "text", "add_special_tokens", "return_token_strs"}, "/tokenize")
+    refuse_unknown(body, {"model", "prompt", "text", "add_special_tokens", "return_token_strs"}, "/tokenize")
     text = body.get("prompt", body.get("text"))
     if not isinstance(text, str):
-        raise P.bad_request("prompt must be a string", "prompt", "invalid_type")
+        raise bad_request("prompt must be a string", "prompt", "invalid_type")
     tokenizer = served.tokenizer
     try:
         ids = tokenizer.encode_checked(text)
     except GlmlabError as exc:
-        raise P.bad_request(exc.problem, "prompt", "unencodable_prompt") from None
+        raise bad_request(exc.problem, "prompt", "unencodable_prompt") from None
     if f.boolean("add_special_tokens", True) and served.start is not None:
         ids = [served.start, *ids]
     f.boolean("return_token_strs", False)  # token_strs come with every answer
@@ -46,14 +46,14 @@ async def tokenize(request: Request, served: ServedDep) -> JSONResponse:
 @router.post("/detokenize")
 async def detokenize(request: Request, served: ServedDep) -> JSONResponse:
     body = await served.body(request)
-    served.check_model(P.Fields(body).string("model"))
-    P.refuse_unknown(body, {"model", "tokens"}, "/detokenize")
+    served.check_model(Fields(body).string("model"))
+    refuse_unknown(body, {"model", "tokens"}, "/detokenize")
     ids = body.get("tokens")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise P.bad_request("tokens must be a list of token ids", "tokens", "invalid_type")
+        raise bad_request("tokens must be a list of token ids", "tokens", "invalid_type")
     vocab = served.model.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
-        raise P.bad_request(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens",
+        raise bad_request(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens",
                             "invalid_value")
     return JSONResponse({"prompt": served.tokenizer.decode(ids)})

@@ -11,11 +11,13 @@ import torch
 from glmlab.data.tokenizer import MASK_ID, train_char
 from glmlab.errors import GlmlabError
 from glmlab.finetune.cloze import Cloze, ClozeClassifier
-from glmlab.finetune.predict import load_classifier
+from glmlab.finetune.examples import read_labelled
+from glmlab.finetune.predict import Classifier, load_classifier
 from glmlab.finetune.run import finetune
 from glmlab.finetune.tasks import FinetuneOptions
 from glmlab.models import build_model, family_config_class
 from glmlab.models.glm import frame
+from glmlab.runs import load_run
 from glmlab.training.trainer import train
 from tests.conftest import tiny_config
 
@@ -87,9 +89,13 @@ def test_a_cloze_fine_tune_records_before_and_after_and_predicts_as_it_scored(fa
     _, results = finetune(options, tmp_path / "ft", overrides=["train.max_steps=30", "train.eval_interval=15",
                                                                 "train.threads=1", "train.lr=3e-3"],
                           show_progress=False)
-    assert "before" in results and 0 <= results["before"]["val"]["accuracy"] <= 1
-    assert results["val"]["accuracy"] >= 0.5
     clf = load_classifier(tmp_path / "ft")
+    val = read_labelled(task_files["val"])
+    zero_shot = Classifier(ClozeClassifier(load_run(pre).model, clf.model.word_ids.tolist()), clf.tokenizer,
+                           clf.labels, clf.bos, pre, cloze=clf.cloze)  # the init weights, read as the cloze
+    before = zero_shot.evaluate(val.texts, val.labels)[1]["accuracy"]
+    assert results["before"]["val"]["accuracy"] == pytest.approx(before)  # "before" is the init model's
+    assert results["val"]["accuracy"] >= 0.5
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["finetune"]["pattern"] == "{text}: [MASK]"
     texts = ["the good king", "an evil night"]

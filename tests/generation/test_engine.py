@@ -169,7 +169,7 @@ def test_a_one_token_context_still_generates():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=20, block_size=1, n_layer=1, n_head=1, n_embd=8)).eval()
     tok = types.SimpleNamespace(eos_id=3, kind="char", encode=lambda text: [], decode=lambda ids, **kw: "x" * len(ids),
-                                encode_checked=lambda text: [5, 6, 7])
+                                encode_checked=lambda text, what="prompt": [5, 6, 7])
     with pytest.warns(UserWarning, match="dropped"):
         out = generate_batch(model, tok, ["abc"], GenerationSettings(max_new_tokens=6, temperature=0,
                                                                        stop_at_eos=False))[0][0]

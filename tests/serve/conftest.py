@@ -17,7 +17,7 @@ from glmlab.config import resolve_config
 from glmlab.data.prepare import prepare
 from glmlab.runs import load_run
 from glmlab.serve.app import ServeOptions, create_app
-from glmlab.serve.protocol import Limits
+from glmlab.serve.fields import Limits
 from glmlab.training.trainer import train
 
 OPTIONS = ServeOptions(model_name="tiny", max_batch=8, max_queue=64, limits=Limits(max_prompt_tokens=200,

@@ -9,7 +9,7 @@ import threading
 import httpx2 as httpx  # the HTTP client the openai package ships with
 import pytest
 
-from glmlab.serve.protocol import Limits
+from glmlab.serve.fields import Limits
 from tests.serve.conftest import metric, parallel_and_sequential, wait_for
 
 openai = pytest.importorskip("openai")

@@ -14,7 +14,7 @@ import pytest
 from glmlab.runs import load_run
 from glmlab.serve.app import create_app
 from glmlab.serve.engine_process import EngineSpec, ProcessScheduler
-from glmlab.serve.protocol import Limits
+from glmlab.serve.fields import Limits
 from glmlab.serve.scheduler import SchedulerStopped
 from tests.serve.conftest import OPTIONS, LiveServer, metric, parallel_and_sequential, wait_for
 

@@ -6,8 +6,9 @@ import pytest
 
 from glmlab.data.tokenizer import train_char
 from glmlab.generation.chat import render_chat
+from glmlab.serve.fields import APIError, Limits
 from glmlab.serve.metrics import Metrics
-from glmlab.serve.protocol import APIError, Limits, chat_request, completion_request
+from glmlab.serve.protocol import chat_request, completion_request
 
 TOK = train_char(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:.\n"])
 LIMITS = Limits(max_prompt_tokens=80, max_tokens=100, max_n=4, max_rows=6)
