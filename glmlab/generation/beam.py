@@ -20,7 +20,7 @@ import torch.nn as nn
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.generation import processors as P
 from glmlab.generation.engine import Completion, bad_word_ids, context_tail
-from glmlab.generation.infill import end_id
+from glmlab.generation.infill import end_id, slides
 from glmlab.generation.settings import GenerationSettings
 
 NEG = -1.0e9
@@ -36,7 +36,7 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
     block = model.block_size
     bad = bad_word_ids(tokenizer, s.bad_words)
     cache = model.new_cache(1, device)
-    max_new = s.max_new_tokens if model.traits.slides else min(s.max_new_tokens, cache.max_len - len(prompt_ids))
+    max_new = s.max_new_tokens if slides(model, prompt_ids) else min(s.max_new_tokens, cache.max_len - len(prompt_ids))
     logits = model(torch.tensor([prompt_ids], device=device), cache, last_only=True)[:, -1].float()
     cache.select([0] * nb)
     logits = logits.expand(nb, -1)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.engine import Completion, Controls, Row, TokenLogprob, context_tail, next_tokens
-from glmlab.generation.infill import end_id
+from glmlab.generation.infill import end_id, slides
 from glmlab.generation.settings import GenerationSettings
 
 
@@ -101,12 +101,14 @@ class ContinuousBatch:
             raise GlmlabError(f"row {key!r} is already in the batch", "give each row its own key")
         if not prompt_ids:
             raise GlmlabError("an empty prompt has nothing to continue", "encode it with encode_prompt")
-        limit = self.model.block_size if self.model.traits.slides else self.cache.max_len
+        sliding = slides(self.model, prompt_ids)
+        limit = self.model.block_size if sliding else self.cache.max_len
         if len(prompt_ids) >= limit and limit > 1:
             raise GlmlabError(f"a prompt of {len(prompt_ids)} tokens does not fit the context of {limit}",
                               "cut it with encode_prompt")
         row = Row(prompt_ids, settings, index, self.tokenizer, self.device, self.deltas, self.model.vocab_size)
-        if not self.model.traits.slides:  # it ends when its context is full
+        row.slides = sliding
+        if not sliding:  # it ends when its context is full
             row.max_new_tokens = min(row.max_new_tokens, self.cache.max_len - len(prompt_ids))
         entry = _Slot(key, row, self._free.pop())
         self._by_key[key] = entry
@@ -231,8 +233,8 @@ class ContinuousBatch:
         """Logits of the next token of every row, after feeding each its newest token (``newest``, (B,))."""
         model, cache, block = self.model, self.cache, self.model.block_size
         for e in entries:
-            if cache.lengths[e.slot] >= block and model.traits.slides:  # context full: re-encode the row's last
-                # half, then go on (a glm's row ends before its context is full: add() caps it)
+            if cache.lengths[e.slot] >= block and e.row.slides:  # context full: re-encode the row's last half,
+                # then go on (a row that may not slide ends before its context is full: add() caps it)
                 row = e.row
                 row.context = context_tail(row.context, block)
                 cache.reset_row(e.slot)

@@ -156,6 +156,7 @@ class Row:
         self.bad_words = bad_word_ids(tokenizer, settings.bad_words)
         self.deadline = time.perf_counter() + settings.max_time if settings.max_time else None
         self.context = list(prompt_ids)  # what the cache holds, for re-encoding when the context fills
+        self.slides = True  # whether it may re-encode its tail when the context fills (the batch decides)
         self.grammar = G.RowGrammar(settings.grammar, tokenizer, vocab_size or tokenizer.vocab_size) \
             if settings.grammar is not None else None
 

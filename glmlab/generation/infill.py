@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 
 from glmlab.data.fim import fim_prompt
-from glmlab.data.tokenizer import BLANKS, EOP_ID, GMASK_ID, MASK_ID, Tokenizer
+from glmlab.data.tokenizer import BLANKS, EOP_ID, FIM_PREFIX_ID, GMASK_ID, MASK_ID, Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.engine import encode_prompt, start_id, token_ids
 from glmlab.models.glm import frame
@@ -59,6 +59,13 @@ def prompt_ids(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[in
             return frame(head if any(t in BLANKS for t in head) else [*head, GMASK_ID])
         return frame([*head, MASK_ID, *tail])
     return fim_prompt(head, tail)
+
+
+def slides(model: nn.Module, ids: Sequence[int]) -> bool:
+    """Whether a row that starts from ``ids`` may go on past a full context by re-encoding its tail: only a plain
+    prompt of a model that slides (a glm's piece belongs to its Part A, a fill-in-the-middle row's middle to its
+    sentinel layout: such a row ends when its context is full)."""
+    return model.traits.slides and FIM_PREFIX_ID not in ids
 
 
 def blanks_in(model: nn.Module, tokenizer: Tokenizer, text: str) -> int:
