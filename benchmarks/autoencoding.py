@@ -7,8 +7,8 @@ the same --seed. Rows: gpt; gpt with train.fim_rate=0.5 (PSM and SPM); glm (span
 
 Measures (test split of WikiText-2, --windows windows of 128 tokens, fixed seed):
 - infilling: one Poisson-3 span (at least one token) blanked per window; NLL per blanked token given both sides
-  (gpt: its left context only; gpt + FIM: the PSM prompt; glm: Part A with [MASK], the piece scored without its
-  end token). bert is left out: it needs the span's length given.
+  (gpt: its left context only; gpt + FIM: the PSM and the SPM prompts; glm: Part A with [MASK], the piece scored
+  without its end token). bert is left out: it needs the span's length given.
 - left-to-right: test NLL per token in windows (glmlab eval's accounting) for gpt, gpt + FIM and glm ([gMASK]).
 - SST-2 dev accuracy after --sst2-steps steps of fine-tuning (validation: 2,000 held-out training phrases): gpt
   (head, last token), bert (head, mean pooling), glm (head; and cloze "{text} It was [MASK]." with good / bad).
@@ -17,6 +17,7 @@ Measures (test split of WikiText-2, --windows windows of 128 tokens, fixed seed)
 
     python benchmarks/autoencoding.py --minutes 30 --seeds 1337         # ~2 h 10 min of pre-training + measures
     python benchmarks/autoencoding.py --minutes 2 --windows 100 --sst2-steps 100   # a smoke run
+    python benchmarks/autoencoding.py --steps 4000 --minutes 3 --threads 16         # equal steps (e.g. on a GPU)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from glmlab.models.glm import piece_layout
 from glmlab.runs import load_run
 from glmlab.training.trainer import train
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # --shared replaces it
 SHAPE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=128", "model.dropout=0.1",
          "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=200", "train.max_steps=1000000",
          "train.eval_interval=500", "train.eval_tokens=16384", "train.sample_tokens=0"]
@@ -50,25 +51,34 @@ ROWS = {"gpt": ["model.family=gpt"], "gpt+fim": ["model.family=gpt", "train.fim_
         "glm": ["model.family=glm"], "bert": ["model.family=bert"]}
 
 
-def prepared(work: Path) -> Path:
+def prepared(work: Path, shared: Path) -> Path:
     data = work / "data"
     if not (data / "meta.json").is_file():
         lower = work / "lower"
         lower.mkdir(parents=True, exist_ok=True)
         for split in ("train", "valid", "test"):
-            (lower / f"{split}.txt").write_text((SHARED / "wikitext-2" / f"{split}.txt").read_text().lower())
+            (lower / f"{split}.txt").write_text((shared / "wikitext-2" / f"{split}.txt").read_text().lower())
         prepare([lower / "train.txt"], data, tokenizer="bpe", vocab_size=8192, val_file=lower / "valid.txt",
                 test_file=lower / "test.txt")
     return data
 
 
-def pretrained(work: Path, data: Path, row: str, minutes: float, seed: int, threads: int) -> Path:
+def pretrained(work: Path, data: Path, row: str, minutes: float, steps: int, seed: int, threads: int) -> Path:
+    """The row's pre-trained run: a wall-clock budget (the cosine spans it), or --steps (the cosine spans the steps;
+    --minutes then only caps the time)."""
     out = work / f"{row}-{seed}"
+    budget = [f"train.max_steps={steps}"] if steps else []
     if not (out / "best" / "model.safetensors").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        train(resolve_config({}, [*SHAPE, *ROWS[row], f"train.max_time={minutes * 60}", f"train.seed={seed}",
+        train(resolve_config({}, [*SHAPE, *ROWS[row], *budget, f"train.max_time={minutes * 60}", f"train.seed={seed}",
                                   f"train.threads={threads}"]), data, out, show_progress=False)
     return out
+
+
+def steps_done(run_dir: Path) -> int:
+    """The last step the run recorded (its metrics.jsonl)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return max(json.loads(line).get("step", 0) for line in lines if line.strip())
 
 
 def windows(data: Path, n: int, length: int, seed: int) -> list[list[int]]:
@@ -78,8 +88,9 @@ def windows(data: Path, n: int, length: int, seed: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def infilling_nll(run, row: str, texts: list[list[int]], seed: int) -> float:
-    """NLL per token of one blanked span per window, given what the row can read of both sides."""
+def infilling_nll(run, row: str, texts: list[list[int]], seed: int, order: str = "psm") -> float:
+    """NLL per token of one blanked span per window, given what the row can read of both sides (gpt + FIM in
+    ``order``, PSM or SPM)."""
     model, rng, total, count = run.model, random.Random(seed), 0.0, 0
     for text in texts:
         length = max(1, min(len(text) - 2, int(torch.poisson(torch.tensor(3.0), generator=torch.Generator()
@@ -95,7 +106,7 @@ def infilling_nll(run, row: str, texts: list[list[int]], seed: int) -> float:
         else:
             if row == "gpt+fim":  # the prefix gives way first: the sentinels and the suffix must fit
                 prefix = prefix[max(0, len(prefix) + len(suffix) + 3 + len(span) - model.block_size):]
-            ids = fim_prompt(prefix, suffix) if row == "gpt+fim" else prefix
+            ids = fim_prompt(prefix, suffix, order) if row == "gpt+fim" else prefix
             ids = [*ids, *span][-model.block_size:]
             logp = F.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
             first = len(ids) - len(span)
@@ -125,18 +136,19 @@ def fill_mask_top1(run, row: str, texts: list[list[int]], seed: int) -> float:
     return right / max(count, 1)
 
 
-def sst2(work: Path, run_dir: Path, name: str, steps: int, seed: int, threads: int, **kw) -> float:
+def sst2(work: Path, shared: Path, run_dir: Path, name: str, steps: int, seed: int, threads: int,
+         **kw) -> float:
     out = work / f"sst2-{name}-{seed}"
     results = out / "results.json"
     if not results.is_file():
         shutil.rmtree(out, ignore_errors=True)
-        lines = (SHARED / "sst2" / "train.tsv").read_text().splitlines()
+        lines = (shared / "sst2" / "train.tsv").read_text().splitlines()
         header, rows = lines[0], lines[1:]
         random.Random(0).shuffle(rows)
         (work / "sst2-train.tsv").write_text("\n".join([header, *rows[2000:]]) + "\n")
         (work / "sst2-val.tsv").write_text("\n".join([header, *rows[:2000]]) + "\n")
         options = FinetuneOptions(task="classify", init=str(run_dir), train=str(work / "sst2-train.tsv"),
-                                  val=str(work / "sst2-val.tsv"), test=str(SHARED / "sst2" / "dev.tsv"), **kw)
+                                  val=str(work / "sst2-val.tsv"), test=str(shared / "sst2" / "dev.tsv"), **kw)
         finetune(options, out, overrides=[f"train.max_steps={steps}", "train.eval_interval=250", "train.lr=1e-4",
                                           "train.batch_size=32", f"train.seed={seed}", f"train.threads={threads}",
                                           "train.warmup_steps=50"], show_progress=False)
@@ -154,54 +166,82 @@ def cell(figures: dict[str, list[float]], key: str, fmt: str = "{:.4f}") -> str:
     return fmt.format(mean) + spread
 
 
+def measured(args: argparse.Namespace, data: Path, row: str, seed: int) -> dict[str, float]:
+    """One row's figures for one pre-training seed, kept in --work (figures-ROW-SEED.json) so that a later call,
+    in another session or with other --rows, adds to the table instead of measuring again."""
+    saved = args.work / f"figures-{row}-{seed}.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    run_dir = pretrained(args.work, data, row, args.minutes, args.steps, seed, args.threads)
+    run = load_run(run_dir)
+    texts = windows(data, args.windows, 128, seed)
+    figures = {"parameters": run.model.num_parameters(), "steps": steps_done(run_dir)}
+    if row != "bert":
+        figures["infill_nll"] = infilling_nll(run, row, texts, seed)
+        if row == "gpt+fim":
+            figures["infill_nll_spm"] = infilling_nll(run, row, texts, seed, order="spm")
+        nll, count = sum_nll(run.model, open_data_dir(data).tokens("test")[: args.lm_tokens], run.tokenizer.eos_id,
+                             batch_size=16)
+        figures["lm_nll"] = nll / count
+    if row in ("bert", "glm"):
+        figures["fill_top1"] = fill_mask_top1(run, row, texts, seed)
+    if row != "gpt+fim":
+        figures["sst2_head"] = sst2(args.work, args.shared, run_dir, f"{row}-head", args.sst2_steps, seed,
+                                    args.threads, pooling="mean" if row == "bert" else "last")
+    if row == "glm":
+        figures["sst2_cloze"] = sst2(args.work, args.shared, run_dir, "glm-cloze", args.sst2_steps, seed,
+                                     args.threads, pattern="{text} It was [MASK].", verbalizer="1=good,0=bad")
+    saved.write_text(json.dumps(figures))
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/glmlab-autoencoding"))
     parser.add_argument("--minutes", type=float, default=30.0, help="pre-training wall clock per model")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="pre-train every row for this many steps instead (same tokens; --minutes caps the time)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    parser.add_argument("--shared", type=Path, default=SHARED, help="the folder holding wikitext-2/ and sst2/")
     parser.add_argument("--seeds", default="1337", help="comma-separated pre-training seeds")
     parser.add_argument("--windows", type=int, default=500, help="test windows for infilling and fill-mask")
     parser.add_argument("--lm-tokens", type=int, default=65536, help="test tokens for the left-to-right NLL")
     parser.add_argument("--sst2-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {', '.join(sorted(unknown))}: choose from {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    data = prepared(args.work)
+    data = prepared(args.work, args.shared)
     table: dict[str, dict[str, list[float]]] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        texts = windows(data, args.windows, 128, seed)
-        tokens = open_data_dir(data).tokens("test")[: args.lm_tokens]
-        for row in ROWS:
-            run_dir = pretrained(args.work, data, row, args.minutes, seed, args.threads)
-            run = load_run(run_dir)
-            figures = table.setdefault(row, {})
-            figures.setdefault("parameters", []).append(run.model.num_parameters())
-            if row != "bert":
-                figures.setdefault("infill_nll", []).append(infilling_nll(run, row, texts, seed))
-                nll, count = sum_nll(run.model, tokens, run.tokenizer.eos_id, batch_size=16)
-                figures.setdefault("lm_nll", []).append(nll / count)
-            if row in ("bert", "glm"):
-                figures.setdefault("fill_top1", []).append(fill_mask_top1(run, row, texts, seed))
-            if row != "gpt+fim":
-                pooling = "mean" if row == "bert" else "last"
-                figures.setdefault("sst2_head", []).append(
-                    sst2(args.work, run_dir, f"{row}-head", args.sst2_steps, seed, args.threads, pooling=pooling))
-            if row == "glm":
-                figures.setdefault("sst2_cloze", []).append(
-                    sst2(args.work, run_dir, "glm-cloze", args.sst2_steps, seed, args.threads,
-                         pattern="{text} It was [MASK].", verbalizer="1=good,0=bad"))
-            print(json.dumps({row: figures}), flush=True)
-    print(f"\npre-training {args.minutes:g} min per model, seeds {args.seeds}; WikiText-2 test, BPE 8192\n")
-    print("| row | parameters | infill NLL/token | L2R NLL/token | SST-2 head | SST-2 cloze | fill-mask top-1 |")
-    print("|---|---|---|---|---|---|---|")
+        for row in args.rows.split(","):
+            figures = measured(args, data, row, seed)
+            for key, value in figures.items():
+                table.setdefault(row, {}).setdefault(key, []).append(value)
+            print(json.dumps({row: figures, "seed": seed}), flush=True)
+    budget = f"{args.steps} steps (at most {args.minutes:g} min)" if args.steps else f"{args.minutes:g} min"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\npre-training {budget} per model on {device}, seeds {args.seeds}; WikiText-2 test, BPE 8192\n")
+    print("| row | parameters | steps | infill NLL/token | L2R NLL/token | SST-2 head | SST-2 cloze "
+          "| fill-mask top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for row, f in table.items():
-        print(f"| {row} | {int(f['parameters'][0]):,} | {cell(f, 'infill_nll')} | {cell(f, 'lm_nll')} | "
+        print(f"| {row} | {int(f['parameters'][0]):,} | {cell(f, 'steps', '{:.0f}')} | {cell(f, 'infill_nll')} | "
+              f"{cell(f, 'lm_nll')} | "
               f"{cell(f, 'sst2_head', '{:.3f}')} | {cell(f, 'sst2_cloze', '{:.3f}')} | "
               f"{cell(f, 'fill_top1', '{:.3f}')} |")
-    gpt_lm, glm_lm = table["gpt"]["lm_nll"], table["glm"]["lm_nll"]
-    fim, glm = table["gpt+fim"]["infill_nll"], table["glm"]["infill_nll"]
-    print(f"\nglm infill vs gpt+FIM: {100 * (1 - sum(glm) / sum(fim)):+.1f}% lower (target >= 10%); "
-          f"glm L2R vs gpt: {100 * (sum(glm_lm) / sum(gpt_lm) - 1):+.1f}% (target within 5%)")
+    if "gpt+fim" in table:
+        print(f"\ngpt+fim infilling in SPM order: {cell(table['gpt+fim'], 'infill_nll_spm')} (the column: PSM)")
+    if "glm" in table and "gpt+fim" in table:
+        glm, fim = sum(table["glm"]["infill_nll"]), sum(min(p, s) for p, s in zip(
+            table["gpt+fim"]["infill_nll"], table["gpt+fim"]["infill_nll_spm"], strict=True))
+        print(f"glm infill vs gpt+FIM (its better order): {100 * (1 - glm / fim):+.1f}% lower (target >= 10%)")
+    if "glm" in table and "gpt" in table:
+        ratio = sum(table["glm"]["lm_nll"]) / sum(table["gpt"]["lm_nll"])
+        print(f"glm L2R vs gpt: {100 * (ratio - 1):+.1f}% (target within 5%)")
 
 
 if __name__ == "__main__":

@@ -178,11 +178,13 @@ class BERT(FamilyModel):
 
     # --- training: BERT's masking ------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def corrupt(self, seq: torch.Tensor, generator: torch.Generator | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT's masking of token ids (B, T): the inputs and the targets (-100 where nothing is predicted).
         Padding and special tokens other than ``<eos>`` are never chosen. Draws from ``generator`` (the global
-        generator by default, which checkpoints save, so a resumed run masks as the uninterrupted one)."""
+        generator by default, which checkpoints save, so a resumed run masks as the uninterrupted one); eager under
+        torch.compile, whose own random numbers would mask other tokens than the eager run with the same seed."""
         c = self.config
         maskable = (seq >= FIRST_TEXT_ID) | (seq == EOS_ID)
         draw = torch.rand(seq.shape, generator=generator, device=seq.device)

@@ -201,18 +201,29 @@ class GLM(FamilyModel):
 
     def layout_logits(self, rows: list[Layout]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, L, vocab) and targets (B, L) of rows in GLM's layout, right-padded."""
+        idx, positions, pieces, part_a, targets = self._layout_tensors(rows)
+        return self._layout_forward(idx, positions, pieces, part_a), targets
+
+    @torch.compiler.disable
+    def _layout_tensors(self, rows: list[Layout]) -> tuple[torch.Tensor, ...]:
+        """Rows in GLM's layout as right-padded tensors on the model's device: tokens, positions, piece positions,
+        Part A's lengths and targets. Host work from Python lists, kept out of a compiled graph."""
         device = self.lm_head.weight.device
         L = max(len(r.tokens) for r in rows)
 
         def padded(name: str, fill: int) -> torch.Tensor:
             return torch.tensor([getattr(r, name) + [fill] * (L - len(r.tokens)) for r in rows], device=device)
 
-        idx, positions, pieces, targets = padded("tokens", PAD_ID), padded("positions", 0), \
-            padded("piece_positions", 0), padded("targets", -100)
         part_a = torch.tensor([r.part_a for r in rows], device=device)
-        j = torch.arange(L, device=device)
+        return padded("tokens", PAD_ID), padded("positions", 0), padded("piece_positions", 0), part_a, \
+            padded("targets", -100)
+
+    def _layout_forward(self, idx: torch.Tensor, positions: torch.Tensor, pieces: torch.Tensor,
+                        part_a: torch.Tensor) -> torch.Tensor:
+        """Logits of padded layout tensors: Part A attends to itself both ways, Part B to Part A and causally."""
+        j = torch.arange(idx.size(1), device=idx.device)
         mask = (j[None, None, :] < part_a[:, None, None]) | (j[None, None, :] <= j[None, :, None])  # (B, L, L)
-        return self.lm_head(self._hidden(idx, positions, pieces, mask[:, None])), targets
+        return self.lm_head(self._hidden(idx, positions, pieces, mask[:, None]))
 
     def blank_logits(self, idx: torch.Tensor, blank_at: list[int] | None = None) -> torch.Tensor:
         """Logits (B, vocab) of the first token of the piece for the last blank of each right-padded row (read
@@ -396,12 +407,18 @@ class GLM(FamilyModel):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the pieces of each window (``x`` then ``y``'s last token), corrupted by the
         objectives; padding of a sentence batch (``<pad>`` / -100) is left out of the text."""
+        idx, positions, pieces, part_a, targets = self._corrupted(x, y)
+        logits = self._layout_forward(idx, positions, pieces, part_a)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+
+    @torch.compiler.disable
+    def _corrupted(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The windows corrupted row by row in Python (eagerly under torch.compile: the draws and the layout are
+        host work whose branches differ per batch; only the forward pass is compiled), as layout tensors."""
         texts = torch.cat([x, y[:, -1:].clamp(min=0)], dim=1).tolist()
         real = torch.cat([torch.ones_like(x[:, :1], dtype=torch.bool), y != -100], dim=1).tolist()
-        rows = [self.corrupt([t for t, r in zip(row, keep, strict=True) if r]) for row, keep in zip(texts, real,
-                                                                                                   strict=True)]
-        logits, targets = self.layout_logits(rows)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return self._layout_tensors([self.corrupt([t for t, r in zip(row, keep, strict=True) if r])
+                                     for row, keep in zip(texts, real, strict=True)])
 
     # --- scoring: an exact NLL ------------------------------------------------------------------------
 
