@@ -35,9 +35,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                                    "token ids. With no INPUT, uses the bundled Tiny Shakespeare.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt files, directories of .txt, or .jsonl files")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="data directory to write")
-    p.add_argument("--tokenizer", default="char", choices=("char", "word", "bpe"),
-                   help="tokenizer kind (default: char)")
+    p.add_argument("--tokenizer", default=None, choices=("char", "word", "bpe"),
+                   help="tokenizer kind to train on the corpus (default: char)")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary cap for word/bpe (default 20000/4096)")
+    p.add_argument("--tokenizer-from", metavar="RUN_OR_HF_DIR",
+                   help="encode with an existing tokenizer instead of training one: a run's, a data directory's or "
+                        "a Hugging Face model's (e.g. GPT-2's, to continue training it with glmlab train --init)")
     p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions (default 0.9,0.05,0.05)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle for splits")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
@@ -59,6 +62,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="RUN_DIR", help="run directory to write (or to resume)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init", metavar="RUN_OR_HF_DIR",
+                   help="start from these weights (a glmlab run, or a Hugging Face GPT-2 directory) with their "
+                        "architecture: continued pre-training; the data must be prepared with --tokenizer-from the "
+                        "same directory")
+    p.add_argument("--init-checkpoint", default="best", metavar="best|last|step-N",
+                   help="which weights of an --init run (default: best)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
     p.set_defaults(handler=cmd_train)
@@ -242,9 +251,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from glmlab.data.prepare import format_summary, prepare
 
-    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, split=args.split,
-                   seed=args.seed, text_field=args.text_field, errors=args.errors, val_file=args.val,
-                   test_file=args.test, sentences=args.sentences)
+    existing = None
+    if args.tokenizer_from:
+        from glmlab.interop.sources import tokenizer_from
+
+        given = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--vocab-size", args.vocab_size)) if value]
+        if given:
+            raise GlmlabError(f"{' and '.join(given)} train a new tokenizer, and --tokenizer-from uses an existing one",
+                              f"drop {' and '.join(given)}, or --tokenizer-from")
+        existing = tokenizer_from(args.tokenizer_from)
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer or "char", vocab_size=args.vocab_size,
+                   split=args.split, seed=args.seed, text_field=args.text_field, errors=args.errors, val_file=args.val,
+                   test_file=args.test, sentences=args.sentences, existing=existing)
     print(format_summary(meta, args.out))
     return 0
 
@@ -258,17 +276,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise GlmlabError("no run directory given", "add --out RUN_DIR")
+    init = None
     if args.resume:
         if args.config:
             raise GlmlabError("--config cannot be combined with --resume (the run keeps its own config.json)",
                               "give changes as key=value overrides, e.g. train.max_steps=4000")
+        if args.init:
+            raise GlmlabError("--init cannot be combined with --resume (the run continues from its checkpoint)",
+                              "drop --init")
         config, data_dir = resume_config(args.out, args.overrides, args.data)
     else:
         if not args.data:
             raise GlmlabError("no data directory given", "add --data DATA_DIR (made by glmlab prepare)")
-        config = resolve_config(read_yaml(args.config) if args.config else {}, args.overrides)
+        base = read_yaml(args.config) if args.config else {}
+        if args.init:
+            from glmlab.interop.sources import initial_weights
+            from glmlab.training.initial import init_config
+
+            init = initial_weights(args.init, args.init_checkpoint)
+            config = init_config(init, base, args.overrides)
+        else:
+            config = resolve_config(base, args.overrides)
         data_dir = args.data
-    result = train(config, data_dir, args.out, resume=args.resume, show_progress=not args.quiet)
+    result = train(config, data_dir, args.out, resume=args.resume, show_progress=not args.quiet, init=init)
     if result.main_process:
         print(f"{result.stopped_by} after step {result.step} ({result.elapsed:.0f}s, {result.tokens_per_sec:,.0f} "
               f"tokens/s): best val loss {result.best_val_loss:.4f}, last {result.last_val_loss:.4f} -> "

@@ -60,7 +60,7 @@ def open_data_dir(path: str | Path) -> DataDir:
     if meta.get("version") != META_VERSION:
         raise DataError(f"{path} was prepared by another glmlab version (format {meta.get('version')})",
                         "re-run glmlab prepare")
-    return DataDir(path, meta, Tokenizer.from_file(path / "tokenizer.json"))
+    return DataDir(path, meta, Tokenizer.from_file(path / "tokenizer.json", meta.get("special_token_roles")))
 
 
 class RandomWindows:

@@ -24,6 +24,14 @@ META_VERSION = 1
 
 
 @dataclass
+class ExistingTokenizer:
+    """A tokenizer that was not trained on the corpus (``glmlab prepare --tokenizer-from``) and where it is from."""
+
+    tokenizer: Tokenizer
+    source: str
+
+
+@dataclass
 class SplitStats:
     documents: int
     characters: int
@@ -61,9 +69,10 @@ def write_tokens(path: Path, ids: np.ndarray) -> None:
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
             split: str = "0.9,0.05,0.05", seed: int = 1337, text_field: str = "text", errors: str = "strict",
             val_file: str | Path | None = None, test_file: str | Path | None = None,
-            sentences: bool = False) -> dict[str, Any]:
+            sentences: bool = False, existing: ExistingTokenizer | None = None) -> dict[str, Any]:
     """Build a data directory at ``out``; returns the meta dict that is also saved as meta.json.
-    With ``sentences``, each line is one example (document), ended by ``<eos>``."""
+    With ``sentences``, each line is one example (document), ended by ``<eos>``. With ``existing``, the corpus
+    is encoded with that tokenizer (a run's, a Hugging Face model's) instead of a new one trained on it."""
     started = time.perf_counter()
     fractions = dict(zip(SPLIT_NAMES, parse_split(split), strict=True))
     sources = list(inputs) or [default_corpus_path()]
@@ -83,7 +92,13 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
         raise DataError("the validation split is empty (training needs one to evaluate)",
                         "give more text, a larger val fraction in --split, or --val FILE")
 
-    tok = train_tokenizer(tokenizer, splits["train"], vocab_size)
+    if existing is not None:
+        tok = existing.tokenizer
+        if tok.eos_id is None:
+            raise DataError(f"the tokenizer of {existing.source} has no end-of-text token to end documents with",
+                            "give a tokenizer whose eos token is named (tokenizer_config.json's eos_token)")
+    else:
+        tok = train_tokenizer(tokenizer, splits["train"], vocab_size)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a directory", "choose another --out")
@@ -101,7 +116,9 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
     tok.save(out / "tokenizer.json")
     meta = {
         "version": META_VERSION,
-        "tokenizer": tokenizer,
+        "tokenizer": tok.kind if existing is not None else tokenizer,
+        **({"tokenizer_from": str(Path(existing.source).resolve())} if existing is not None else {}),
+        **({"special_token_roles": tok.special_tokens} if not tok.default_roles else {}),
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "special_tokens": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id},

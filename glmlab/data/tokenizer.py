@@ -63,6 +63,12 @@ class Tokenizer:
         self.bos_id = self.role_ids.get("bos")
         self.eos_id = self.role_ids.get("eos")
 
+    @property
+    def default_roles(self) -> bool:
+        """Whether the special tokens are glmlab's own, by role (a tokenizer glmlab trained)."""
+        return self.special_tokens.get("eos") == EOS and all(
+            role in ROLES and SPECIAL_TOKENS[ROLES.index(role)] == token for role, token in self.special_tokens.items())
+
     def has_role(self, role: str, at_glmlab_id: bool = False) -> bool:
         """Whether a token plays ``role`` (one of ``ROLES``), at the id glmlab's own tokenizers give it when
         ``at_glmlab_id`` (what a model whose code uses that id needs)."""

@@ -121,6 +121,7 @@ class FinetuneTask:
         self.path = Path(options.train)
         self.notes: list[str] = []
         self.init_raw = init_raw
+        self.starts_from_weights = options.init is not None  # a step-0 checkpoint keeps them for a resume
         self.given_tokenizer = tokenizer  # a resumed run's own
         # as the init run read its text: <bos>-started sentences (its load section, or its family's only way)
         sentences = LoadSpec.of(init_raw or {}).sentence_level

@@ -9,6 +9,7 @@ export loads offline with ``GPT2LMHeadModel.from_pretrained`` and ``AutoTokenize
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from glmlab import atomic
 from glmlab.config import resolve_config
+from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.engine import start_token_id
 from glmlab.interop import hf_bert
@@ -58,7 +60,9 @@ def _load_state(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _special_tokens(hf_dir: Path, config: dict[str, Any], tok: HFTokenizer) -> dict[str, str]:
-    """Which tokens play glmlab's roles (eos, bos, pad, unk) in an imported tokenizer."""
+    """Which tokens play glmlab's roles (eos, bos, pad, unk) in an imported tokenizer. GPT-2 names its one
+    ``<|endoftext|>`` as eos, bos and unk; a byte-level tokenizer never produces an unknown token, so an unk that
+    is the end-of-text token is left out (it would count every document end as unknown)."""
     roles: dict[str, str] = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = hf_dir / name
@@ -77,12 +81,18 @@ def _special_tokens(hf_dir: Path, config: dict[str, Any], tok: HFTokenizer) -> d
     if "eos" not in roles:
         raise GlmlabError(f"cannot tell the end-of-text token of {hf_dir}",
                           "set eos_token_id in config.json or eos_token in tokenizer_config.json")
+    if roles.get("unk") == roles["eos"]:
+        del roles["unk"]
     return roles
 
 
 def _load_tokenizer(hf_dir: Path) -> HFTokenizer:
     if (hf_dir / "tokenizer.json").is_file():
-        return HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))
+        try:
+            return HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises plain Exception on malformed JSON
+            raise GlmlabError(f"{hf_dir / 'tokenizer.json'} is not a valid tokenizer.json "
+                              f"({str(exc).splitlines()[0]})", "save it again with tokenizer.save_pretrained") from None
     vocab, merges = hf_dir / "vocab.json", hf_dir / "merges.txt"
     if vocab.is_file() and merges.is_file():
         tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
@@ -93,16 +103,33 @@ def _load_tokenizer(hf_dir: Path) -> HFTokenizer:
                       "save the tokenizer next to the model (tokenizer.save_pretrained)")
 
 
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Turn a local Hugging Face GPT-2 directory into a glmlab run directory."""
-    hf_dir, out = Path(hf_dir), Path(out)
+def hf_tokenizer(hf_dir: str | Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face model directory, with the tokens that play glmlab's roles (from its
+    tokenizer_config.json, special_tokens_map.json or config.json)."""
+    hf_dir = Path(hf_dir)
+    config = _read_json(hf_dir / "config.json") if (hf_dir / "config.json").is_file() else {}
+    tok = _load_tokenizer(hf_dir)
+    return Tokenizer(tok, _special_tokens(hf_dir, config, tok))
+
+
+@dataclass
+class GPT2Checkpoint:
+    """A Hugging Face GPT-2 directory read as glmlab's `gpt`: its model section, weights (glmlab's names; the
+    LM head left to the tie) and tokenizer with its roles."""
+
+    model: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+
+
+def read_gpt2(hf_dir: str | Path) -> GPT2Checkpoint:
+    """Read a local Hugging Face GPT-2 directory, refusing what glmlab's `gpt` cannot hold."""
+    hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise GlmlabError(f"{hf_dir} is not a directory", "give the directory a model was saved to")
-    if (out / CONFIG).exists():
-        raise GlmlabError(f"{out} already holds a run", "choose another --out")
     config = _read_json(hf_dir / "config.json")
     if config.get("model_type") != "gpt2":
-        raise GlmlabError(f"{hf_dir} holds a {config.get('model_type')!r} model; import-hf reads GPT-2 models",
+        raise GlmlabError(f"{hf_dir} holds a {config.get('model_type')!r} model; glmlab reads GPT-2 models",
                           "convert the model to GPT-2 or use transformers directly")
     activation = config.get("activation_function", "gelu_new")
     if activation not in SUPPORTED_ACTIVATIONS:
@@ -115,12 +142,11 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     if config.get("tie_word_embeddings", True) is False:
         raise GlmlabError("the model has an untied LM head; glmlab's gpt ties it to the token embeddings",
                           "import a tied GPT-2 model")
-    run_config = resolve_config({"model": {
-        "family": "gpt", "vocab_size": config["vocab_size"], "block_size": config.get("n_positions", 1024),
-        "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
-        "dropout": config.get("resid_pdrop", 0.1), "bias": True,
-        "layer_norm_epsilon": config.get("layer_norm_epsilon", 1e-5)}})
-    model = build_model(run_config.model)
+    section = {"family": "gpt", "vocab_size": config["vocab_size"], "block_size": config.get("n_positions", 1024),
+               "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
+               "dropout": config.get("resid_pdrop", 0.1), "bias": True,
+               "layer_norm_epsilon": config.get("layer_norm_epsilon", 1e-5)}
+    model = build_model(resolve_config({"model": section}).model)
     state = {}
     for name, tensor in _load_state(hf_dir).items():
         if name.endswith(_BUFFERS) or name == "lm_head.weight":
@@ -135,13 +161,24 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     if missing or unexpected:
         raise GlmlabError(f"the weights in {hf_dir} do not fit a GPT-2 of this config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    hf_tok = _load_tokenizer(hf_dir)
-    roles = _special_tokens(hf_dir, config, hf_tok)
+    return GPT2Checkpoint(section, state, hf_tokenizer(hf_dir))
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Turn a local Hugging Face GPT-2 directory into a glmlab run directory."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if (out / CONFIG).exists():
+        raise GlmlabError(f"{out} already holds a run", "choose another --out")
+    checkpoint = read_gpt2(hf_dir)
+    run_config = resolve_config({"model": checkpoint.model})
+    model = build_model(run_config.model)
+    model.load_state_dict(checkpoint.state, strict=False)  # the LM head is tied to the embeddings
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / TOKENIZER, hf_tok.to_str(pretty=True))
+    checkpoint.tokenizer.save(out / TOKENIZER)
     save_weights(model, out / WEIGHTS)
-    atomic.write_json(out / CONFIG, {**run_config.to_dict(), "special_tokens": roles, "load": LoadSpec().to_dict(),
-                                     "imported_from": str(hf_dir.resolve()), "glmlab_version": __version__})
+    atomic.write_json(out / CONFIG, {**run_config.to_dict(), "special_tokens": checkpoint.tokenizer.special_tokens,
+                                     "load": LoadSpec().to_dict(), "imported_from": str(hf_dir.resolve()),
+                                     "glmlab_version": __version__})
     return out
 
 

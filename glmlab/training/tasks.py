@@ -28,6 +28,7 @@ from glmlab.models import Traits, build_model, family_traits
 from glmlab.runs import LoadSpec
 from glmlab.training.adversarial import AdversarialPhase
 from glmlab.training.distributed import Distributed
+from glmlab.training.initial import InitialWeights, check_tokenizer, load_initial
 from glmlab.training.phases import Phase
 from glmlab.training.samples import write_samples
 
@@ -58,6 +59,7 @@ class Task(Protocol):
 
     tokenizer: Tokenizer
     notes: list[str]  # said before training starts
+    starts_from_weights: bool  # the model starts from existing weights (a checkpoint at step 0 keeps them)
 
     def check(self, config: RunConfig) -> None:
         """Refuse a config that does not fit the data (and fill in what the data decides, e.g. vocab_size)."""
@@ -102,11 +104,14 @@ class LanguageModelingTask:
     or whole ``<bos>``-started sentences (``train.batching``; sentences for families that train on nothing
     else), validated by the NLL of the validation split (and a latent model's KL, active units and mutual
     information). With ``train.fim_rate`` the windows' documents are rearranged to fill in the middle
-    (:mod:`glmlab.data.fim`); validation stays plain left-to-right text."""
+    (:mod:`glmlab.data.fim`); validation stays plain left-to-right text. With ``init`` the model starts from
+    those weights (continued pre-training; :mod:`glmlab.training.initial`)."""
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, init: InitialWeights | None = None) -> None:
         self.data = open_data_dir(data_dir)
         self.tokenizer = self.data.tokenizer
+        self.init = init
+        self.starts_from_weights = init is not None
         self.notes: list[str] = []
         self.sentences = False
         self.fim_rate = 0.0
@@ -122,6 +127,8 @@ class LanguageModelingTask:
         if self.fim_rate > 0:
             self._check_fim(config, traits)
         self._check_tokens(traits.special_tokens)
+        if self.init is not None:
+            check_tokenizer(self.init, self.tokenizer, self.data.path)
         fit_vocabulary(config, self.tokenizer)
         self.train_tokens = self.data.tokens("train")
         self.val_tokens = self.data.tokens("val")
@@ -172,6 +179,9 @@ class LanguageModelingTask:
 
     def build_model(self, config: RunConfig, fresh: bool) -> nn.Module:
         model = build_model(config.model, sentences=self.sentences)
+        if self.init is not None and fresh:
+            load_initial(model, self.init)
+            self.notes.append(f"starting from the weights of {self.init.source}")
         model.read_vocabulary(self.tokenizer)  # what the family's objective needs to know of the tokens
         return model
 
@@ -229,9 +239,12 @@ class LanguageModelingTask:
         write_samples(out, model, self.tokenizer, train, step, val)
 
     def run_files(self) -> dict[str, Any]:
+        roles = self.data.meta.get("special_token_roles")  # a tokenizer from elsewhere: which token is which
         return {"data": {"dir": str(self.data.path.resolve()), "tokenizer": self.data.meta["tokenizer"],
                          "vocab_size": self.tokenizer.vocab_size},
-                "load": LoadSpec(sentence_level=self.sentences, fim_rate=self.fim_rate).to_dict()}
+                "load": LoadSpec(sentence_level=self.sentences, fim_rate=self.fim_rate).to_dict(),
+                **({"special_tokens": roles} if roles else {}),
+                **({"init": self.init.describe()} if self.init is not None else {})}
 
     def describe_step(self, train: TrainConfig, block_size: int, world_size: int) -> str:
         if self.sentences:

@@ -42,6 +42,7 @@ from glmlab.runtime import autocast, precision_name, resolve_precision, select_d
 from glmlab.training import distributed
 from glmlab.training.checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glmlab.training.checkpoint import write_error as training_write_error
+from glmlab.training.initial import InitialWeights
 from glmlab.training.metrics import MetricsLog, plot_losses
 from glmlab.training.optim import make_optimizer
 from glmlab.training.phases import MaximumLikelihood, Optimisation, Phase, RunLog
@@ -317,6 +318,8 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if self.dist.is_main:
             self._write_run_files()
+        if not self.resume and self.task.starts_from_weights:
+            self._checkpoint()  # step 0: a run killed before its first checkpoint resumes from these weights
         log = RunLog(MetricsLog(self.out / METRICS, resume_step=state["step"] if self.resume else None,
                                 enabled=self.dist.is_main),
                      Progress(cfg.max_steps, cfg.max_time, enabled=self.show_progress))
@@ -393,9 +396,11 @@ class Trainer:
 
 
 def train(config: RunConfig, data_dir: str | Path, out: str | Path, resume: bool = False,
-          show_progress: bool = True) -> TrainResult:
-    """Train ``config`` on a prepared data directory into run directory ``out``."""
-    with Trainer(config, LanguageModelingTask(data_dir), out, resume=resume, show_progress=show_progress) as trainer:
+          show_progress: bool = True, init: InitialWeights | None = None) -> TrainResult:
+    """Train ``config`` on a prepared data directory into run directory ``out`` (from the weights ``init``, whose
+    architecture ``config`` keeps: :func:`glmlab.training.initial.init_config`)."""
+    with Trainer(config, LanguageModelingTask(data_dir, init), out, resume=resume,
+                 show_progress=show_progress) as trainer:
         return trainer.run()
 
 
