@@ -18,6 +18,7 @@ from pathlib import Path
 
 from glmlab.atomic import WRITE_ERRNOS, write_error
 from glmlab.bench.cli import add_parser as add_bench_parser
+from glmlab.chat_cli import add_parser as add_chat_parser
 from glmlab.errors import GlmlabError
 from glmlab.finetune.cli import add_parsers as add_finetune_parsers
 from glmlab.latent_cli import add_parser as add_vae_parser
@@ -50,6 +51,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test", metavar="FILE", help="use this file as the test split instead of carving one")
     p.add_argument("--sentences", action="store_true",
                    help="one example per line (sentence mode, as the lstm and vae families train on)")
+    p.add_argument("--chat", action="store_true",
+                   help="add the chat role tokens <|im_start|> and <|im_end|> to the tokenizer; runs trained on this "
+                        "data carry the ChatML chat template")
     p.set_defaults(handler=cmd_prepare)
 
 
@@ -199,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_generate(sub)
+    add_chat_parser(sub)
     _add_fill(sub)
     _add_eval(sub)
     _add_interop(sub)
@@ -262,7 +267,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         existing = tokenizer_from(args.tokenizer_from)
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer or "char", vocab_size=args.vocab_size,
                    split=args.split, seed=args.seed, text_field=args.text_field, errors=args.errors, val_file=args.val,
-                   test_file=args.test, sentences=args.sentences, existing=existing)
+                   test_file=args.test, sentences=args.sentences, existing=existing, chat=args.chat)
     print(format_summary(meta, args.out))
     return 0
 

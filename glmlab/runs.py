@@ -25,6 +25,7 @@ to load instead; weights written before checksums existed load with a note (:cla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from glmlab.config import RunConfig, config_from_dict
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError, RunDirError
 from glmlab.generation import fill_mask, latent
+from glmlab.generation.chat import ChatTemplate, run_template
 from glmlab.generation.settings import GenerationSettings
 from glmlab.models import FamilyModel, build_model
 from glmlab.models.lora import add_lora, merge_lora
@@ -290,6 +292,11 @@ class LoadedRun:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The run's chat template (``chat_template.jinja``; the plain one for a base model)."""
+        return run_template(self.run_dir, self.tokenizer)
 
     def generate(self, prompt: str = "", **settings: Any) -> list[str]:
         """Continuations of ``prompt`` (``num_return_sequences`` of them); settings as in

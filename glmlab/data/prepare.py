@@ -17,7 +17,7 @@ import numpy as np
 
 from glmlab import atomic
 from glmlab.data.corpus import SPLIT_NAMES, Corpus, default_corpus_path, parse_split, read_corpus, split_documents
-from glmlab.data.tokenizer import Tokenizer, iter_lines, train_tokenizer
+from glmlab.data.tokenizer import CHAT_TOKENS, Tokenizer, iter_lines, train_tokenizer
 from glmlab.errors import DataError
 
 META_VERSION = 1
@@ -69,7 +69,7 @@ def write_tokens(path: Path, ids: np.ndarray) -> None:
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
             split: str = "0.9,0.05,0.05", seed: int = 1337, text_field: str = "text", errors: str = "strict",
             val_file: str | Path | None = None, test_file: str | Path | None = None,
-            sentences: bool = False, existing: ExistingTokenizer | None = None) -> dict[str, Any]:
+            sentences: bool = False, existing: ExistingTokenizer | None = None, chat: bool = False) -> dict[str, Any]:
     """Build a data directory at ``out``; returns the meta dict that is also saved as meta.json.
     With ``sentences``, each line is one example (document), ended by ``<eos>``. With ``existing``, the corpus
     is encoded with that tokenizer (a run's, a Hugging Face model's) instead of a new one trained on it."""
@@ -99,6 +99,8 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
                             "give a tokenizer whose eos token is named (tokenizer_config.json's eos_token)")
     else:
         tok = train_tokenizer(tokenizer, splits["train"], vocab_size)
+    if chat:  # the chat template's role tokens, so a model trained on this data can be fine-tuned to chat
+        tok = tok.with_special_tokens(CHAT_TOKENS)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a directory", "choose another --out")
@@ -127,7 +129,8 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
         "splits": {name: dataclasses.asdict(s) for name, s in stats.items()},
         "sources": [dataclasses.asdict(s) for s in all_sources],
         "options": {"split": split, "seed": seed, "text_field": text_field, "errors": errors,
-                    "vocab_size": vocab_size, "sentences": sentences, "val_file": str(val_file) if val_file else None,
+                    "vocab_size": vocab_size, "sentences": sentences, "chat": chat,
+                    "val_file": str(val_file) if val_file else None,
                     "test_file": str(test_file) if test_file else None},
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -36,6 +36,9 @@ SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, MASK, CLS, SEP, SMASK, GMASK, SOP, EOP, FI
 ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep", "smask", "gmask", "sop", "eop", "fim_prefix",
          "fim_middle", "fim_suffix")
 BLANKS = (MASK_ID, SMASK_ID, GMASK_ID)  # the tokens that stand for a blank to fill
+# The role tokens of glmlab's chat template (ChatML's), added after a vocabulary when a run is prepared or
+# fine-tuned for chat (glmlab prepare --chat; finetune sft on messages): not at fixed ids.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 FIRST_TEXT_ID = len(SPECIAL_TOKENS)  # ids from here on are text, in every tokenizer glmlab trains
 KINDS = ("char", "word", "bpe")
 DEFAULT_VOCAB_SIZE = {"word": 20000, "bpe": 4096}
@@ -142,6 +145,14 @@ class Tokenizer:
                                 f"remove or replace them (the tokenizer knows {self.vocab_size} tokens from its "
                                 "training text), or prepare data with --tokenizer bpe, which encodes any text")
         return self.encode(text)
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """A copy with ``tokens`` added as special tokens (new ids after the vocabulary) where they are missing."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        missing = [t for t in tokens if hf.token_to_id(t) is None]
+        if missing:
+            hf.add_special_tokens(missing)
+        return Tokenizer(hf, self.special_tokens)
 
     def save(self, path: str | Path) -> None:
         atomic.write_text(path, self.hf.to_str(pretty=True))

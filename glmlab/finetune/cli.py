@@ -1,4 +1,4 @@
-"""``glmlab finetune classify|sft|report`` and ``glmlab predict``: argument parsing and printing only."""
+"""``glmlab finetune classify|sft|dpo|report`` and ``glmlab predict``: argument parsing and printing only."""
 
 from __future__ import annotations
 
@@ -30,13 +30,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="with --tokenizer: vocabulary cap")
 
 
+def _pairs_data(p: argparse.ArgumentParser, kind: str) -> None:
+    """sft's and dpo's data and mode: JSONL examples, validation held out by default, no probe."""
+    p.add_argument("--data", metavar=kind, help="training examples")
+    p.add_argument("--val", metavar="F", help="validation examples (default: 10%% of --data held out)")
+    p.add_argument("--mode", default="full", choices=("full", "lora"), help="what trains (default full)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a trained run: classify (a head on its features) or sft "
-                       "(prompt -> completion); report compares fine-tunes",
+    p = sub.add_parser("finetune", help="fine-tune a trained run: classify (a head on its features), sft "
+                       "(prompt -> completion, or chat) or dpo (preferences); report compares fine-tunes",
                        description="Fine-tune a pre-trained run on a downstream task with the same trainer, config "
                                    "keys, progress and run directory as glmlab train; results.json holds the best "
                                    "checkpoint's figures on val (and --test).")
-    tasks = p.add_subparsers(dest="finetune_command", required=True, metavar="{classify,sft,report}")
+    tasks = p.add_subparsers(dest="finetune_command", required=True, metavar="{classify,sft,dpo,report}")
     c = tasks.add_parser("classify", help="sequence classification: pooled features + a linear head",
                          description="Texts and labels from TSV / CSV / JSONL files (columns --text-column, "
                                      "--label-column); labels may be strings or integers, and the label set is "
@@ -62,19 +69,47 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=cmd_finetune, eval_samples=200, max_new_tokens=None)  # sft's options: not for classify
     s = tasks.add_parser("sft", help="supervised fine-tuning on prompt/completion pairs",
                          description="JSONL pairs {\"prompt\": ..., \"completion\": ...}; the loss counts completion "
-                                     "tokens (and the <eos> after them) only. Measured by completion NLL and by "
+                                     "tokens (and the <eos> after them) only. Or JSONL conversations {\"messages\": "
+                                     "[{\"role\", \"content\"}, ...]} rendered by the run's chat template (ChatML "
+                                     "with <|im_start|>/<|im_end|> role tokens by default), the loss on the "
+                                     "assistant's turns only. Measured by completion NLL and by "
                                      "exact match, BLEU-4 and ROUGE-L of greedy completions of held-out prompts, "
                                      "before and after. The result is an ordinary run: generate, eval, serve.")
     _common(s)
-    s.add_argument("--data", metavar="PAIRS.jsonl", help="training pairs")
-    s.add_argument("--val", metavar="F", help="validation pairs (default: 10%% of --data held out)")
-    s.add_argument("--mode", default="full", choices=("full", "lora"), help="what trains (default full)")
+    _pairs_data(s, "PAIRS.jsonl")
     s.add_argument("--eval-samples", type=int, default=200, help="held-out prompts completed and scored (default 200; "
                    "0: completion NLL only)")
     s.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generated completion (default: the longest reference + 16)")
+    s.add_argument("--chat-template", metavar="FILE.jinja", default=None,
+                   help="conversations: a Hugging Face-style Jinja chat template (default: the --init run's, else "
+                        "ChatML); the run carries it (chat_template.jinja) to serve, chat and export-hf")
+    s.add_argument("--pack", action="store_true",
+                   help="join short training examples into rows of up to model.block_size tokens")
     s.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0,  # classify's options
                    text_column=None, label_column="label", pattern=None, verbalizer=None)
+    c.set_defaults(chat_template=None, pack=False, beta=0.1, loss="sigmoid", label_smoothing=0.0)  # others' options
+    s.set_defaults(beta=0.1, loss="sigmoid", label_smoothing=0.0)
+    d = tasks.add_parser("dpo", help="preference tuning (DPO) on chosen / rejected answers",
+                         description="Direct Preference Optimization: JSONL {\"prompt\", \"chosen\", \"rejected\"} "
+                                     "(texts; or the prompt as messages for the --init run's chat template and each "
+                                     "answer as [{\"role\": \"assistant\", \"content\": ...}]). The --init run "
+                                     "is the starting policy and the frozen reference. Logged: the loss, the rewards "
+                                     "beta * log(pi / pi_ref) of chosen and rejected answers, their margin and the "
+                                     "preference accuracy, on training batches and the validation split.")
+    _common(d)
+    _pairs_data(d, "PREFS.jsonl")
+    d.add_argument("--beta", type=float, default=0.1, help="strength of the pull toward the reference (default 0.1)")
+    d.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "robust"),
+                   help="sigmoid: DPO; ipo: IPO's squared loss on mean log-ratios; robust: rDPO with "
+                        "--label-smoothing (default sigmoid)")
+    d.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="--loss robust: the probability that a pair's preference is wrong (default 0)")
+    d.add_argument("--chat-template", metavar="FILE.jinja", default=None,
+                   help="for prompts given as messages (default: the --init run's template)")
+    d.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0, text_column=None,
+                   label_column="label", pattern=None, verbalizer=None, pack=False, eval_samples=0,
+                   max_new_tokens=None)
     r = tasks.add_parser("report", help="before/after table of fine-tunes of one task (report.md, metrics.png)")
     r.add_argument("run_dirs", nargs="+", metavar="RUN")
     r.add_argument("--out", required=True, metavar="REPORT_DIR")
@@ -108,14 +143,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if args.init is None:
             raise GlmlabError("no --init given", "pass --init RUN_DIR (a pre-trained run), or --init none")
         if train_file is None:
-            raise GlmlabError("no training data given", "add --data PAIRS.jsonl" if task == "sft" else "add --train F")
+            raise GlmlabError("no training data given", {"sft": "add --data PAIRS.jsonl",
+                                                          "dpo": "add --data PREFS.jsonl"}.get(task, "add --train F"))
     init = None if args.init in (None, "none") else args.init
     options = FinetuneOptions(
         task=task, init=init, train=train_file or "", val=args.val, test=args.test, mode=args.mode,
         pooling=args.pooling, class_weights=args.class_weights, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lm_weight=args.lm_weight, text_column=args.text_column, label_column=args.label_column, arch=args.arch,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eval_samples=args.eval_samples,
-        max_new_tokens=args.max_new_tokens, pattern=args.pattern, verbalizer=args.verbalizer)
+        max_new_tokens=args.max_new_tokens, pattern=args.pattern, verbalizer=args.verbalizer,
+        chat_template=args.chat_template, pack=args.pack, beta=args.beta, loss=args.loss,
+        label_smoothing=args.label_smoothing)
     result, results = finetune(options, args.out, read_yaml(args.config) if args.config else None, args.overrides,
                                resume=args.resume, show_progress=not args.quiet)
     if not result.main_process:
@@ -134,7 +172,14 @@ def _summary(results: dict) -> str:
         if split not in results:
             continue
         r = results[split]
-        if results["task"] == "classify":
+        if results["task"] == "dpo":
+            before = results.get("before", {}).get(split)
+            lines.append(f"{split}: preference loss {r['loss']:.4f}"
+                         + (f" (before {before['loss']:.4f})" if before else "")
+                         + f", preference accuracy {r['reward_accuracy']:.2%}, reward margin {r['reward_margin']:.3f}"
+                         f" (chosen {r['rewards_chosen']:.3f}, rejected {r['rewards_rejected']:.3f}; "
+                         f"{r['pairs']:,} pairs)")
+        elif results["task"] == "classify":
             lines.append(f"{split}: accuracy {r['accuracy']:.2%}, macro-F1 {r['macro_f1']:.3f} "
                          f"({r['examples']:,} examples); confusion (rows true: {', '.join(results['labels'])}) "
                          f"{r['confusion']}")

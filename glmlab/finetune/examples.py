@@ -134,12 +134,18 @@ class Pair:
     completion: str
 
 
+def read_jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The (line number, object) pairs of a JSONL file of supervised fine-tuning data."""
+    if path.suffix.lower() != ".jsonl":
+        raise DataError(f"{path} is not a .jsonl file", 'write one {"prompt": ..., "completion": ...} or '
+                        '{"messages": [...]} object per line')
+    return _read_rows(path)[1]
+
+
 def read_pairs(path: str | Path, prompt_key: str = "prompt", completion_key: str = "completion") -> list[Pair]:
     """Prompt/completion pairs from a JSONL file (one object per line)."""
     path = Path(path)
-    if path.suffix.lower() != ".jsonl":
-        raise DataError(f"{path} is not a .jsonl file", 'write one {"prompt": ..., "completion": ...} per line')
-    _, rows = _read_rows(path)
+    rows = read_jsonl_objects(path)
     pairs = []
     for number, row in rows:
         missing = [k for k in (prompt_key, completion_key) if not isinstance(row.get(k), str)]
@@ -185,10 +191,16 @@ class Examples:
 
     def batches(self, batch_size: int, pad_id: int):
         """Every example once, in length order (fast evaluation); yields (row indices, x, y)."""
-        order = np.argsort(self.lengths, kind="stable")
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin:begin + batch_size]
-            yield rows, *self.collate(rows, pad_id)
+        return length_ordered(self, batch_size, pad_id)
+
+
+def length_ordered(examples: Any, batch_size: int, pad_id: int):
+    """Every example of ``examples`` (``lengths`` and ``collate(rows, pad_id)``) once, shortest first, as
+    (row indices, x, y) batches."""
+    order = np.argsort(examples.lengths, kind="stable")
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin:begin + batch_size]
+        yield rows, *examples.collate(rows, pad_id)
 
 
 class ExampleBatches(SentenceBatches):
@@ -218,18 +230,19 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int, bos: bool
     return encoded, cut
 
 
-def encode_pairs(tokenizer: Tokenizer, pairs: list[Pair], max_len: int, bos: bool) -> Examples:
+def encode_pairs(tokenizer: Tokenizer, pairs: list[Pair], max_len: int, bos: bool,
+                 end_id: int | None = None) -> Examples:
     """Inputs and targets for supervised fine-tuning: ``[<bos>] prompt completion <eos>``, the loss on the
     completion and ``<eos>`` only (prompt targets are IGNORE_INDEX; prompt and completion are encoded apart,
-    as at generation time). Too long a pair loses the start of its
-    prompt first, then the end of its completion."""
+    as at generation time; ``end_id``: another token that closes the completion, a chat template's end of
+    turn). Too long a pair loses the start of its prompt first, then the end of its completion."""
     prompts = tokenizer.encode_batch([p.prompt for p in pairs])
     completions = tokenizer.encode_batch([p.completion for p in pairs])
     inputs, targets, cut = [], [], 0
     for prompt, completion in zip(prompts, completions, strict=True):
         # as the engine prompts: <bos> first for a model of sentences; <eos> alone for an empty prompt of text
         head = [tokenizer.bos_id] if bos else ([] if prompt else [tokenizer.eos_id])
-        completion = completion + [tokenizer.eos_id]
+        completion = completion + [tokenizer.eos_id if end_id is None else end_id]
         room = max_len + 1 - len(head)  # x and y are one shorter than the sequence
         if len(prompt) + len(completion) > room:
             cut += 1

@@ -25,6 +25,7 @@ from glmlab.errors import ConfigError, GlmlabError, RunDirError
 from glmlab.finetune.metrics import generation_metrics
 from glmlab.finetune.report import RESULTS
 from glmlab.finetune.tasks import FinetuneOptions, FinetuneTask, evaluate_split
+from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.generation.generate import generate_batch
 from glmlab.generation.settings import GenerationSettings
 from glmlab.models import get_family
@@ -48,7 +49,8 @@ def score_completions(model: nn.Module, task: FinetuneTask, split: str) -> dict[
     references = [p.completion for p in pairs]
     longest = max(len(task.tokenizer.encode(r)) for r in references)
     limit = task.options.max_new_tokens or longest + 16
-    settings = GenerationSettings(max_new_tokens=max(1, min(limit, model.block_size - 1)), temperature=0.0, seed=0)
+    settings = GenerationSettings(max_new_tokens=max(1, min(limit, model.block_size - 1)), temperature=0.0, seed=0,
+                                  stop_token_ids=task.stop_token_ids)
     prompts = [task.tokenizer.encode(p.prompt) for p in pairs]
     generated: list[str] = []
     for begin in range(0, len(prompts), 32):
@@ -123,8 +125,10 @@ def finetune(options: FinetuneOptions, out: str | Path, config_file: dict[str, A
             raise GlmlabError(f"a resumed run cannot change its model ({', '.join(changed)})",
                               "start a new fine-tune with --out NEW_DIR")
         tokenizer = Tokenizer.from_file(out / TOKENIZER, raw.get("special_tokens"))
+        template = out / TEMPLATE_FILE
         task = FinetuneTask(options, config, {"special_tokens": raw.get("special_tokens")} if "special_tokens" in raw
-                            else {}, tokenizer=tokenizer, bos=bool(saved.get("bos")))
+                            else {}, tokenizer=tokenizer, bos=bool(saved.get("bos")),
+                            chat_template=template.read_text(encoding="utf-8") if template.is_file() else None)
     else:
         options.check()
         config, init_raw = resolve_finetune_config(options, config_file or {}, list(overrides or []))
@@ -132,7 +136,7 @@ def finetune(options: FinetuneOptions, out: str | Path, config_file: dict[str, A
     before = None
     with Trainer(config, task, out, resume=resume, show_progress=show_progress) as trainer:
         model, device = trainer.model, trainer.device
-        zero_shot = options.task == "sft" or options.pattern is not None  # a cloze classifies before training too
+        zero_shot = options.task in ("sft", "dpo") or options.pattern is not None  # a cloze: before training too
         if zero_shot and options.init and not resume and trainer.dist.is_main:
             before = measure(model, task, config.train.batch_size, device)
         started = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from glmlab.config import RunConfig, TrainConfig
-from glmlab.data.tokenizer import Tokenizer, train_tokenizer
+from glmlab.data.tokenizer import CHAT_TOKENS, Tokenizer, train_tokenizer
 from glmlab.errors import ConfigError, DataError
 from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier
 from glmlab.finetune.cloze import Cloze, ClozeClassifier
+from glmlab.finetune.conversations import encode_conversations, is_conversations, pack, read_conversations
 from glmlab.finetune.examples import (
     ExampleBatches,
     Examples,
@@ -32,14 +34,22 @@ from glmlab.finetune.examples import (
     sort_labels,
 )
 from glmlab.finetune.metrics import classification_metrics
+from glmlab.finetune.preferences import (
+    LOSSES,
+    PreferenceObjective,
+    encode_preferences,
+    read_preferences,
+    reward_figures,
+)
+from glmlab.generation.chat import CHATML_TEMPLATE, PLAIN_TEMPLATE, TEMPLATE_FILE, ChatTemplate
 from glmlab.models import build_model, family_traits
 from glmlab.models.lora import add_lora
 from glmlab.runs import TOKENIZER, LoadSpec, file_sha256, load_weights_as_written, weights_path
 from glmlab.training.distributed import Distributed
 from glmlab.training.phases import Phase
-from glmlab.training.tasks import Sampler, Validation, fit_vocabulary
+from glmlab.training.tasks import LossModule, Sampler, Validation, fit_vocabulary
 
-TASKS = ("classify", "sft")
+TASKS = ("classify", "sft", "dpo")
 
 
 @dataclass
@@ -67,6 +77,11 @@ class FinetuneOptions:
     max_new_tokens: int | None = None  # sft: generation cap (default: longest reference + 16)
     pattern: str | None = None  # classify as a cloze: "{text} ... [MASK] ..." (with verbalizer)
     verbalizer: str | None = None  # "LABEL=WORD,...": the word at the blank for each label
+    chat_template: str | None = None  # sft: a Jinja chat template file (default: the init run's, or ChatML)
+    pack: bool = False  # sft: join short training examples into rows of up to the context
+    beta: float = 0.1  # dpo: strength of the pull toward the reference (the KL penalty's coefficient)
+    loss: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
+    label_smoothing: float = 0.0  # dpo, robust: the probability that a pair's preference is flipped
 
     def cloze(self) -> Cloze | None:
         """The cloze of ``pattern`` and ``verbalizer``; None for a classifier with a head."""
@@ -77,9 +92,20 @@ class FinetuneOptions:
             raise ConfigError(f"unknown fine-tuning task {self.task!r}", f"use one of: {', '.join(TASKS)}")
         if self.mode not in MODES:
             raise ConfigError(f"unknown --mode {self.mode!r}", f"use one of: {', '.join(MODES)}")
-        if self.task == "sft" and self.mode == "probe":
-            raise ConfigError("--mode probe trains a classification head on frozen features; sft has no head",
+        if self.task in ("sft", "dpo") and self.mode == "probe":
+            raise ConfigError(f"--mode probe trains a classification head on frozen features; {self.task} has no head",
                               "use --mode full or --mode lora")
+        if self.task == "dpo":
+            if self.init is None:
+                raise ConfigError("dpo needs --init: the run it starts from is also its frozen reference",
+                                  "pass --init SFT_RUN (a run fine-tuned with glmlab finetune sft)")
+            if self.beta <= 0 or self.loss not in LOSSES or not 0 <= self.label_smoothing < 0.5:
+                raise ConfigError(f"dpo with --beta {self.beta}, --loss {self.loss} and --label-smoothing "
+                                  f"{self.label_smoothing}", f"use --beta > 0, --loss one of {', '.join(LOSSES)} and "
+                                  "--label-smoothing in [0, 0.5)")
+            if self.label_smoothing and self.loss != "robust":
+                raise ConfigError(f"--label-smoothing is the robust loss's flip probability, and --loss is {self.loss}",
+                                  "add --loss robust, or drop --label-smoothing")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"unknown --pooling {self.pooling!r}", f"use one of: {', '.join(POOLINGS)}")
         if self.class_weights not in ("none", "balanced"):
@@ -103,6 +129,8 @@ class FinetuneOptions:
                 raise ConfigError("a cloze reads the blank: --pooling and --lm-weight are for a head",
                                   "drop --pooling/--lm-weight, or --pattern/--verbalizer")
             self.cloze()  # refuse a malformed pattern or verbalizer before anything is read
+        if self.task != "sft" and (self.chat_template is not None or self.pack):
+            raise ConfigError("--chat-template and --pack are for sft", "drop them")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val fraction {self.val_fraction} is not between 0 and 1", "e.g. 0.1")
 
@@ -111,25 +139,48 @@ def _source(path: str | None) -> dict[str, str] | None:
     return None if path is None else {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
 
 
+def load_with_new_tokens(model: nn.Module, config: RunConfig, spec: LoadSpec, path: Path, added: int) -> None:
+    """The init run's weights into ``model``, whose vocabulary has ``added`` more tokens: every table with a row
+    per token gets new rows at the mean of its rows (a start that neither dominates nor vanishes)."""
+    old_vocab = config.model.vocab_size - added
+    source = build_model(dataclasses.replace(config.model, vocab_size=old_vocab))
+    load_weights_as_written(source, spec, path)
+    target = model.state_dict()
+    state = {}
+    for name, tensor in source.state_dict().items():
+        want = target[name]
+        if want.shape != tensor.shape and tensor.shape[0] == old_vocab and want.shape[1:] == tensor.shape[1:]:
+            tensor = torch.cat([tensor, tensor.mean(0, keepdim=True).expand(added, *tensor.shape[1:])])
+        state[name] = tensor
+    model.load_state_dict(state)
+
+
 class FinetuneTask:
     """A fine-tuning task, read and encoded (tokenizer, examples per split, label set, notes for the user), and
     the trainer's :class:`~glmlab.training.tasks.Task` for it."""
 
     def __init__(self, options: FinetuneOptions, config: RunConfig, init_raw: dict[str, Any] | None,
-                 tokenizer: Tokenizer | None = None, bos: bool | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, bos: bool | None = None,
+                 chat_template: str | None = None) -> None:
         self.options, self.config = options, config
         self.path = Path(options.train)
         self.notes: list[str] = []
         self.init_raw = init_raw
         self.starts_from_weights = options.init is not None  # a step-0 checkpoint keeps them for a resume
         self.given_tokenizer = tokenizer  # a resumed run's own
+        self.chat_template = chat_template  # the run's chat template (Jinja), written beside its tokenizer
+        self.stop_token_ids: list[int] = []  # what ends a reply (the template's end of turn)
+        self.added_tokens = 0  # role tokens added to the init run's vocabulary (its embeddings grow)
         # as the init run read its text: <bos>-started sentences (its load section, or its family's only way)
         sentences = LoadSpec.of(init_raw or {}).sentence_level
         self.bos = bos if bos is not None else family_traits(config.model, sentences).sentence_level
         if options.task == "classify":
             self._read_classification()
+        elif options.task == "dpo":
+            self._read_preferences()
         else:
-            self._read_pairs()
+            self._read_sft()
+        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -178,30 +229,87 @@ class FinetuneTask:
         counts = np.bincount(self.splits["train"].labels, minlength=len(self.labels))
         self.class_counts = counts.tolist()
 
-    def _read_pairs(self) -> None:
+    def _read_sft(self) -> None:
+        """Prompt/completion pairs, or conversations rendered by the run's chat template (role tokens added to the
+        vocabulary for the default ChatML template)."""
         o = self.options
-        pairs = read_pairs(o.train)
-        if o.val is not None:
-            val = read_pairs(o.val)
-        else:
-            if len(pairs) < 2:
-                raise DataError(f"{o.train} holds a single pair: nothing to hold out for validation",
-                                "give more pairs, or a validation file with --val")
-            order = np.random.default_rng(0).permutation(len(pairs))
-            held = max(1, round(len(pairs) * o.val_fraction))
-            val = [pairs[i] for i in sorted(order[:held])]
-            pairs = [pairs[i] for i in sorted(order[held:])]
-            self.notes.append(f"held out {held:,} of {held + len(pairs):,} pairs for validation (no --val given)")
-        splits = {"train": pairs, "val": val}
-        if o.test is not None:
-            splits["test"] = read_pairs(o.test)
-        self.pairs = splits
-        self.tokenizer = self._tokenizer([p.prompt + " " + p.completion for p in pairs])
+        chat = is_conversations(o.train)
+        splits = self._read_splits(read_conversations if chat else read_pairs, "examples")
+        data = splits["train"]
+        texts = [m["content"] for c in data for m in c.messages] if chat else [p.prompt + " " + p.completion
+                                                                               for p in data]
+        self.tokenizer = self._tokenizer(texts)
+        self.chat_template = self.chat_template or self._template_source(chat)
+        if self.chat_template == CHATML_TEMPLATE and self.given_tokenizer is None:
+            self.tokenizer = self.tokenizer.with_special_tokens(CHAT_TOKENS)
+        template = ChatTemplate(self.chat_template or PLAIN_TEMPLATE, self.tokenizer)
+        self.stop_token_ids = template.end_ids(self.tokenizer) if chat else []
+        self.pairs = {name: [c.last_turn(template) for c in split] if chat else split for name, split in splits.items()}
         self.splits = {}
-        for name, data in splits.items():
-            examples = encode_pairs(self.tokenizer, data, self.config.model.block_size, self.bos)
+        block = self.config.model.block_size
+        for name, split in splits.items():
+            examples = encode_conversations(self.tokenizer, template, split, block, self.bos) if chat else \
+                encode_pairs(self.tokenizer, split, block, self.bos)
+            self._note_cut(examples.truncated, len(examples), name)
+            if name == "train" and o.pack:
+                packed = pack(examples, block)
+                self.notes.append(f"packed {len(examples):,} training examples into {len(packed):,} rows")
+                examples = packed
+            self.splits[name] = examples
+
+    def _read_preferences(self) -> None:
+        """Preference pairs, their prompts as text or as messages for the init run's chat template."""
+        o = self.options
+        splits = self._read_splits(read_preferences, "pairs")
+        self.tokenizer = self._tokenizer([])
+        self.chat_template = self.chat_template or self._template_source(False)
+        chat = [isinstance(p.prompt, list) for part in splits.values() for p in part]
+        if any(chat) and not all(chat):
+            raise DataError(f"{o.train}: some prompts are text and some are messages",
+                            "give every prompt in one form")
+        template = ChatTemplate(self.chat_template or PLAIN_TEMPLATE, self.tokenizer) if any(chat) else None
+        end_ids = template.end_ids(self.tokenizer) if template is not None else []
+        self.splits = {}
+        for name, part in splits.items():
+            examples = encode_preferences(self.tokenizer, template, part, self.config.model.block_size, self.bos,
+                                          end_ids)
             self._note_cut(examples.truncated, len(examples), name)
             self.splits[name] = examples
+
+    def _read_splits(self, read: Callable[[str], list[Any]], unit: str) -> dict[str, list[Any]]:
+        """The training file read by ``read``, the validation file (or a seeded ``val_fraction`` of the training
+        examples held out) and the test file if given."""
+        o = self.options
+        data = read(o.train)
+        if o.val is not None:
+            val = read(o.val)
+        else:
+            if len(data) < 2:
+                raise DataError(f"{o.train} holds a single one of its {unit}: nothing to hold out for validation",
+                                f"give more {unit}, or a validation file with --val")
+            order = np.random.default_rng(0).permutation(len(data))
+            held = max(1, round(len(data) * o.val_fraction))
+            val = [data[i] for i in sorted(order[:held])]
+            data = [data[i] for i in sorted(order[held:])]
+            self.notes.append(f"held out {held:,} of {held + len(data):,} {unit} for validation (no --val given)")
+        splits = {"train": data, "val": val}
+        if o.test is not None:
+            splits["test"] = read(o.test)
+        return splits
+
+    def _template_source(self, chat: bool) -> str | None:
+        """The chat template the run will carry: --chat-template's file, else the init run's, else ChatML for
+        conversations (None: a run without one, which chats with the plain template)."""
+        o = self.options
+        if o.chat_template is not None:
+            path = Path(o.chat_template)
+            if not path.is_file():
+                raise DataError(f"chat template {path} does not exist", "give a Jinja file to --chat-template")
+            return path.read_text(encoding="utf-8")
+        source = o.init or o.arch
+        if source and (Path(source) / TEMPLATE_FILE).is_file():
+            return (Path(source) / TEMPLATE_FILE).read_text(encoding="utf-8")
+        return CHATML_TEMPLATE if chat else None
 
     # --- the trainer's task --------------------------------------------------------------------------------
 
@@ -209,6 +317,12 @@ class FinetuneTask:
         if config.train.fim_rate > 0:
             raise ConfigError(f"train.fim_rate={config.train.fim_rate} rearranges pre-training windows; fine-tuning "
                               "reads examples", "drop train.fim_rate")
+        self.added_tokens = max(0, self.tokenizer.vocab_size - config.model.vocab_size) \
+            if self.given_tokenizer is None and self.options.init is not None else 0
+        if self.added_tokens:  # the role tokens: the init run's embeddings grow by as many rows
+            config.model.vocab_size = self.tokenizer.vocab_size
+            self.notes.append(f"added {self.added_tokens} chat role token(s) to the vocabulary (new embedding rows "
+                              "start at the mean of the others)")
         fit_vocabulary(config, self.tokenizer)
         self.batch_size = config.train.batch_size
 
@@ -219,7 +333,10 @@ class FinetuneTask:
         backbone = build_model(config.model, sentences=self.bos)
         if o.init is not None and fresh:
             spec = LoadSpec.of(self.init_raw or {})
-            load_weights_as_written(backbone, spec, weights_path(Path(o.init), "best"))
+            if self.added_tokens:
+                load_with_new_tokens(backbone, config, spec, weights_path(Path(o.init), "best"), self.added_tokens)
+            else:
+                load_weights_as_written(backbone, spec, weights_path(Path(o.init), "best"))
         self.lora_parameters = add_lora(backbone, o.lora_rank, o.lora_alpha) if o.mode == "lora" else 0
         model: nn.Module = backbone
         if o.task == "classify" and self.word_ids is not None:
@@ -238,8 +355,20 @@ class FinetuneTask:
         return model
 
     def sampler(self, train: TrainConfig, rank: int, world_size: int) -> Sampler:
-        return ExampleBatches(self.splits["train"], train.batch_size, train.seed, self.tokenizer.pad_id, rank=rank,
+        return ExampleBatches(self.splits["train"], train.batch_size, train.seed, self.pad_id, rank=rank,
                               world_size=world_size)
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        """The model's own loss; for dpo, the preference loss against a frozen copy of the init run."""
+        if self.options.task != "dpo":
+            return LossModule(model)
+        reference = build_model(self.config.model, sentences=self.bos)
+        load_weights_as_written(reference, LoadSpec.of(self.init_raw or {}),
+                                weights_path(Path(self.options.init or ""), "best"))
+        o = self.options
+        self.objective = PreferenceObjective(model, reference.to(next(model.parameters()).device), o.beta, o.loss,
+                                             o.label_smoothing)
+        return self.objective
 
     def some_parameters_unused(self, model: nn.Module) -> bool:
         return self.options.task == "classify"  # e.g. the language model's output bias
@@ -252,7 +381,8 @@ class FinetuneTask:
     def evaluate(self, model: nn.Module, device: torch.device, autocast: Any, dist: Distributed) -> Validation:
         """The loss on the validation split (every process scores all of it), and accuracy / macro-F1."""
         figures = evaluate_split(model, self, "val", self.batch_size, device, autocast)
-        return Validation(figures["loss"], {k: figures[k] for k in ("accuracy", "macro_f1") if k in figures})
+        kept = ("accuracy", "macro_f1", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected")
+        return Validation(figures["loss"], {k: figures[k] for k in kept if k in figures})
 
     def write_samples(self, out: Path, model: nn.Module, train: TrainConfig, step: int, val: float) -> None:
         pass  # completions are scored once, with the best weights (results.json)
@@ -271,7 +401,8 @@ class FinetuneTask:
                              head="classifier" if o.task == "classify" else "lm").to_dict()}
 
     def describe_step(self, train: TrainConfig, block_size: int, world_size: int) -> str:
-        return f"{train.batch_size * train.grad_accum * world_size} examples/step"
+        unit = "pairs" if self.options.task == "dpo" else "examples"
+        return f"{train.batch_size * train.grad_accum * world_size} {unit}/step"
 
     def resume_command(self, out: Path) -> str:
         return f"glmlab finetune {self.options.task} --resume --out {out}"
@@ -293,13 +424,15 @@ def evaluate_split(model: nn.Module, task: FinetuneTask, split: str, batch_size:
                    amp: Any = None) -> dict[str, Any]:
     """Loss on a split (mean cross-entropy per example for classify, per completion token for sft), plus
     accuracy / macro-F1 / confusion matrix for classify."""
+    if task.options.task == "dpo":
+        return preference_figures(model, task, split, batch_size, device, amp)
     examples = task.splits[split]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     predicted = np.zeros(len(examples), dtype=np.int64)
     try:
-        for rows, x, y in examples.batches(batch_size, task.tokenizer.pad_id):
+        for rows, x, y in examples.batches(batch_size, task.pad_id):
             x, y = x.to(device), y.to(device)
             with amp or nullcontext():
                 if task.options.task == "classify":
@@ -320,3 +453,26 @@ def evaluate_split(model: nn.Module, task: FinetuneTask, split: str, batch_size:
     return out
 
 
+
+
+@torch.no_grad()
+def preference_figures(model: nn.Module, task: FinetuneTask, split: str, batch_size: int, device: torch.device,
+                       amp: Any = None) -> dict[str, Any]:
+    """The preference loss on a split's pairs and its figures: mean rewards of the chosen and rejected answers,
+    their margin and how often the chosen one is ahead (preference accuracy)."""
+    objective = task.objective
+    was_training = model.training
+    model.eval()
+    losses, chosen, rejected = [], [], []
+    try:
+        for _, x, y in task.splits[split].batches(batch_size, task.pad_id):
+            with amp or nullcontext():
+                loss, c, r = objective.pair_losses(x.to(device), y.to(device))
+            losses.append(loss.float().cpu())
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+    finally:
+        model.train(was_training)
+    loss_t, chosen_t, rejected_t = torch.cat(losses), torch.cat(chosen), torch.cat(rejected)
+    figures = {k: float(v) for k, v in reward_figures(chosen_t, rejected_t).items()}
+    return {"loss": float(loss_t.mean()), **figures, "pairs": len(loss_t)}

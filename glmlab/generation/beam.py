@@ -52,7 +52,8 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
         scores, flat = (logp + running_scores[:, None]).view(-1).topk(2 * nb)
         beams, tokens = (flat // vocab).tolist(), (flat % vocab).tolist()
         last_step = step + 1 == max_new
-        ends = torch.tensor([(t == eos and s.stop_at_eos) or last_step for t in tokens], device=device)
+        ends = torch.tensor([(t == eos and s.stop_at_eos) or t in s.stop_token_ids or last_step for t in tokens],
+                            device=device)
         candidates = [running[b] + [t] for b, t in zip(beams, tokens, strict=True)]
 
         # finished hypotheses: ended candidates among the top num_beams, length-normalised
@@ -95,7 +96,8 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
     for score, tokens in zip(finished_scores.tolist(), finished, strict=True):
         if tokens is None:
             continue
-        body = tokens[:-1] if tokens and tokens[-1] == eos and s.stop_at_eos else tokens
+        body = tokens[:-1] if tokens and ((tokens[-1] == eos and s.stop_at_eos) or tokens[-1] in s.stop_token_ids) \
+            else tokens
         reason = "stop" if len(body) < len(tokens) else "length"
         results.append(Completion(tokenizer.decode(body), body, reason, len(prompt_ids), score=score,
                                   ended_at_eos=reason == "stop"))

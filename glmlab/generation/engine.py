@@ -168,7 +168,8 @@ class Row:
         """Take the step's token for this row: the end of its text (``<eos>``, unless ignored), or one more
         token, after which its stop strings, ``max_new_tokens`` and deadline may end it. Returns the text delta
         the token makes safe to show ('' if none)."""
-        if token == eos_id and (self.settings.stop_at_eos or self.grammar is not None):
+        if (token == eos_id and (self.settings.stop_at_eos or self.grammar is not None)) or \
+                token in self.settings.stop_token_ids:
             self.done, self.finish_reason, self.ended_at_eos = True, "stop", True  # its text is not output, its
             return ""  # logprob is
         self.generated.append(token)

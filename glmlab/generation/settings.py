@@ -38,6 +38,8 @@ class GenerationSettings:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
     stop: list[str] = field(default_factory=list)  # stop strings; the stop text is not returned
     stop_at_eos: bool = True
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end a row as <eos> does (a chat
+    # template's end of turn, <|im_end|>): not output, logprob kept; they end it even when <eos> is ignored
     num_return_sequences: int = 1
     num_beams: int = 1
     length_penalty: float = 1.0  # beam score = sum of log-probs / generated length ** length_penalty
@@ -75,6 +77,8 @@ class GenerationSettings:
              f"logprobs={self.logprobs} must be between 0 and {MAX_LOGPROBS}"),
             (self.max_time is None or self.max_time > 0, f"max_time={self.max_time} must be positive"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty text"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids={self.stop_token_ids} must be token ids"),
             (self.num_beams == 1 or (self.logprobs is None and self.max_time is None and self.grammar is None),
              "beam search returns no logprobs and takes no max_time or grammar; use num_beams=1 for those"),
             (all(isinstance(s, str) and s for s in self.bad_words), "bad_words must be non-empty text"),

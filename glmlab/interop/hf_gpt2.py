@@ -212,7 +212,7 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_id,
         "torch_dtype": "float32", "glmlab_version": __version__})
     atomic.write_bytes(hf_dir / "tokenizer.json", (Path(run_dir) / TOKENIZER).read_bytes())
-    config = tokenizer_config(run.model, tok)
+    config = tokenizer_config(run.model, tok, run.chat_template.source)
     atomic.write_json(hf_dir / "tokenizer_config.json", config)
     atomic.write_json(hf_dir / "special_tokens_map.json", {k: v for k, v in config.items() if k.endswith("_token")})
     atomic.write_json(hf_dir / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos,

@@ -67,4 +67,6 @@ def initial_weights(path: str | Path, checkpoint: str = "best") -> InitialWeight
         raise GlmlabError(f"--init-checkpoint {checkpoint} picks a glmlab run's checkpoint, and {path} is a "
                           "Hugging Face directory", "drop --init-checkpoint")
     gpt2 = read_gpt2(path)
-    return InitialWeights(str(path), "hf", gpt2.model, gpt2.state, gpt2.tokenizer)
+    template = (_json(path / "tokenizer_config.json") or {}).get("chat_template")
+    return InitialWeights(str(path), "hf", gpt2.model, gpt2.state, gpt2.tokenizer,
+                          template if isinstance(template, str) else None)

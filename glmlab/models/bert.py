@@ -106,6 +106,8 @@ def _last_blank(idx: torch.Tensor) -> torch.Tensor:
 class BERT(FamilyModel):
     """The `bert` family: ``forward(idx)`` gives logits for every position of a bidirectionally read window."""
 
+    host_work = ("corrupt",)
+
     def __init__(self, config: BertConfig) -> None:
         if config.vocab_size <= 0:
             raise ConfigError("model.vocab_size is not set", "build the model from a data directory's tokenizer")
@@ -178,13 +180,12 @@ class BERT(FamilyModel):
 
     # --- training: BERT's masking ------------------------------------------------------------------------
 
-    @torch.compiler.disable
     def corrupt(self, seq: torch.Tensor, generator: torch.Generator | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT's masking of token ids (B, T): the inputs and the targets (-100 where nothing is predicted).
         Padding and special tokens other than ``<eos>`` are never chosen. Draws from ``generator`` (the global
         generator by default, which checkpoints save, so a resumed run masks as the uninterrupted one); eager under
-        torch.compile, whose own random numbers would mask other tokens than the eager run with the same seed."""
+        torch.compile (``host_work``), whose own random numbers would mask other tokens than the eager run."""
         c = self.config
         maskable = (seq >= FIRST_TEXT_ID) | (seq == EOS_ID)
         draw = torch.rand(seq.shape, generator=generator, device=seq.device)

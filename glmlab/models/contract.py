@@ -238,12 +238,23 @@ class FamilyModel(nn.Module):
     """The defaults of :class:`LanguageModel` every family starts from; ``declare`` is the family's own."""
 
     config: Any
+    # Methods doing host work inside ``loss`` — Python over a batch's rows, draws from the global generator (a
+    # masked family's corruption) — that torch.compile must leave eager (``keep_host_work_eager``, which the
+    # trainer calls when it compiles).
+    host_work: tuple[str, ...] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         self.traits = self.declare(config)
         self.stats: dict[str, torch.Tensor] = {}
+
+    def keep_host_work_eager(self) -> None:
+        """Before torch.compile traces ``loss``: the ``host_work`` methods of this instance run eagerly (dynamo
+        would trace their per-row Python into a new graph for nearly every batch, and inductor would draw other
+        random numbers than the eager run with the same seed). Only the compiled path pays for the wrapper."""
+        for name in self.host_work:
+            setattr(self, name, torch.compiler.disable(getattr(self, name)))
 
     @classmethod
     def declare(cls, config: Any) -> Traits:

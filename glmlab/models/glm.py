@@ -139,6 +139,8 @@ class GLM(FamilyModel):
     """The `glm` family. ``forward(idx)`` reads ``idx`` as a piece after an empty Part A (next-token logits);
     a prompt that holds ``<|startofpiece|>`` is read as Part A and the piece it opens."""
 
+    host_work = ("_corrupted", "_layout_tensors")
+
     def __init__(self, config: GLMConfig) -> None:
         if config.vocab_size <= 0:
             raise ConfigError("model.vocab_size is not set", "build the model from a data directory's tokenizer")
@@ -204,10 +206,9 @@ class GLM(FamilyModel):
         idx, positions, pieces, part_a, targets = self._layout_tensors(rows)
         return self._layout_forward(idx, positions, pieces, part_a), targets
 
-    @torch.compiler.disable
     def _layout_tensors(self, rows: list[Layout]) -> tuple[torch.Tensor, ...]:
         """Rows in GLM's layout as right-padded tensors on the model's device: tokens, positions, piece positions,
-        Part A's lengths and targets. Host work from Python lists, kept out of a compiled graph."""
+        Part A's lengths and targets. Host work from Python lists (``host_work``: eager under torch.compile)."""
         device = self.lm_head.weight.device
         L = max(len(r.tokens) for r in rows)
 
@@ -411,10 +412,9 @@ class GLM(FamilyModel):
         logits = self._layout_forward(idx, positions, pieces, part_a)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
-    @torch.compiler.disable
     def _corrupted(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The windows corrupted row by row in Python (eagerly under torch.compile: the draws and the layout are
-        host work whose branches differ per batch; only the forward pass is compiled), as layout tensors."""
+        """The windows corrupted row by row in Python, as layout tensors (``host_work``: under torch.compile the
+        draws and the layout stay eager, their branches differ per batch; only the forward pass is compiled)."""
         texts = torch.cat([x, y[:, -1:].clamp(min=0)], dim=1).tolist()
         real = torch.cat([torch.ones_like(x[:, :1], dtype=torch.bool), y != -100], dim=1).tolist()
         return self._layout_tensors([self.corrupt([t for t, r in zip(row, keep, strict=True) if r])

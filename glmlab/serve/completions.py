@@ -54,6 +54,9 @@ async def _checked(request: Request, served: Served, parse: Callable[..., P.Gene
     body = await served.body(request)
     served.check_model(Fields(body).string("model"))
     model = served.model
+    if parse is P.chat_request:
+        return P.chat_request(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits,
+                              model, served.run.chat_template)
     return parse(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits, model)
 
 

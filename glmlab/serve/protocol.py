@@ -17,7 +17,7 @@ from typing import Any
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
-from glmlab.generation.chat import CHAT_ROLES, CHAT_STOPS, render_chat
+from glmlab.generation.chat import CHAT_ROLES, PLAIN_TEMPLATE, ChatTemplate
 from glmlab.generation.grammar import Grammar, compiler
 from glmlab.generation.infill import prompt_ids
 from glmlab.generation.mask_predict import layout, unsupported
@@ -454,9 +454,12 @@ def chat_messages(value: Any) -> list[dict[str, str]]:
 
 
 def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vocab_size: int, start: int | None,
-                 limits: Limits, model: LanguageModel | None = None) -> GenerationRequest:
-    """``POST /v1/chat/completions``: the messages through :func:`render_chat`, then as a completion (a glm reads
-    the conversation as Part A). A masked LM (bert) writes no chat reply: a 400 saying what it can do."""
+                 limits: Limits, model: LanguageModel | None = None,
+                 template: ChatTemplate | None = None) -> GenerationRequest:
+    """``POST /v1/chat/completions``: the messages through the run's chat template (``template``; the plain one by
+    default), then as a completion that ends at the template's end of turn (a glm reads the conversation as Part
+    A). A masked LM (bert) writes no chat reply: a 400 saying what it can do."""
+    template = template or ChatTemplate(PLAIN_TEMPLATE, tokenizer)
     check_fields(body, chat=True)
     f = Fields(body)
     if model is not None and not model.traits.left_to_right:
@@ -466,7 +469,10 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
                           "unsupported_model")
     if "messages" not in body:
         raise bad_request("messages is required", "messages", "missing_field")
-    prompt = render_chat(chat_messages(body["messages"]))
+    try:
+        prompt = template.render(chat_messages(body["messages"]))
+    except GlmlabError as exc:  # a template that refuses these messages (raise_exception, a role it lacks)
+        raise bad_request(exc.problem, "messages", "invalid_value") from None
     settings = sampling_settings(f, limits, default_max_tokens=256)
     n = _n(f, limits, 1)
     top = f.integer("top_logprobs", None, 0, min(MAX_LOGPROBS, vocab_size))
@@ -474,7 +480,8 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
     if top is not None and logprobs is None:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
     settings.logprobs = logprobs
-    settings.stop = settings.stop + [s for s in CHAT_STOPS if s not in settings.stop]
+    settings.stop = settings.stop + [s for s in template.stops if s not in settings.stop]
+    settings.stop_token_ids = template.end_ids(tokenizer)
     settings.chat_reply = True  # stops apply to the reply after its leading whitespace; logprobs line up with it
     settings.grammar = structured_output(f, tokenizer, vocab_size)
     settings.logit_bias = logit_bias(f, vocab_size)

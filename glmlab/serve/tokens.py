@@ -17,7 +17,7 @@ router = APIRouter()
 
 @router.get("/tokenizer_info")
 async def tokenizer_info(served: ServedDep) -> JSONResponse:
-    return JSONResponse(tokenizer_config(served.model, served.tokenizer))
+    return JSONResponse(tokenizer_config(served.model, served.tokenizer, served.run.chat_template.source))
 
 
 @router.post("/tokenize")

@@ -24,6 +24,7 @@ import torch.nn as nn
 from glmlab.config import RunConfig, parse_overrides, resolve_config
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import ConfigError, DataError
+from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.models import get_family
 from glmlab.runs import load_run
 
@@ -39,6 +40,7 @@ class InitialWeights:
     model: dict[str, Any]
     state: dict[str, torch.Tensor]
     tokenizer: Tokenizer
+    chat_template: str | None = None  # the source's own (a run's chat_template.jinja, an HF tokenizer config's)
 
     def describe(self) -> dict[str, Any]:
         """What config.json records of it."""
@@ -49,7 +51,9 @@ def from_run(run_dir: str | Path, checkpoint: str = "best") -> InitialWeights:
     """A glmlab run's weights (``checkpoint``: best, last or step-N; adapters merged) as a starting point."""
     run = load_run(run_dir, checkpoint)
     state = {name: tensor.detach().clone() for name, tensor in run.model.state_dict().items()}
-    return InitialWeights(str(run_dir), "run", dataclasses.asdict(run.config.model), state, run.tokenizer)
+    template = Path(run_dir) / TEMPLATE_FILE
+    return InitialWeights(str(run_dir), "run", dataclasses.asdict(run.config.model), state, run.tokenizer,
+                          template.read_text(encoding="utf-8") if template.is_file() else None)
 
 
 def init_config(init: InitialWeights, base: dict[str, Any] | None, overrides: Sequence[str]) -> RunConfig:

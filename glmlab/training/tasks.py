@@ -24,6 +24,7 @@ from glmlab.data.tokenizer import ROLES, SPECIAL_TOKENS, Tokenizer
 from glmlab.errors import ConfigError, DataError, GlmlabError
 from glmlab.evaluation.latent import latent_report
 from glmlab.evaluation.likelihood import sum_nll, sum_nll_batches
+from glmlab.generation.chat import CHATML_TEMPLATE
 from glmlab.models import Traits, build_model, family_traits
 from glmlab.runs import LoadSpec
 from glmlab.training.adversarial import AdversarialPhase
@@ -31,6 +32,18 @@ from glmlab.training.distributed import Distributed
 from glmlab.training.initial import InitialWeights, check_tokenizer, load_initial
 from glmlab.training.phases import Phase
 from glmlab.training.samples import write_samples
+
+
+class LossModule(nn.Module):
+    """``forward(x, y) -> loss`` around a model, so DDP and torch.compile wrap the whole loss: a task's default
+    objective, the model's own ``loss``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(x, y)
 
 
 class Sampler(Protocol):
@@ -60,6 +73,7 @@ class Task(Protocol):
     tokenizer: Tokenizer
     notes: list[str]  # said before training starts
     starts_from_weights: bool  # the model starts from existing weights (a checkpoint at step 0 keeps them)
+    chat_template: str | None  # the chat template (Jinja) the run carries, or None (the plain one)
 
     def check(self, config: RunConfig) -> None:
         """Refuse a config that does not fit the data (and fill in what the data decides, e.g. vocab_size)."""
@@ -68,6 +82,10 @@ class Task(Protocol):
         """The model to train (``fresh``: a new run, not a resume whose checkpoint will overwrite it)."""
 
     def sampler(self, train: TrainConfig, rank: int, world_size: int) -> Sampler: ...
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        """What a step minimises, ``forward(x, y) -> loss`` around the model on its device (``LossModule``: the
+        model's own loss; preference tuning adds a frozen reference)."""
 
     def some_parameters_unused(self, model: nn.Module) -> bool:
         """Whether the loss leaves some trainable parameters without a gradient (DDP must then look for them)."""
@@ -112,6 +130,10 @@ class LanguageModelingTask:
         self.tokenizer = self.data.tokenizer
         self.init = init
         self.starts_from_weights = init is not None
+        # prepared for chat (glmlab prepare --chat: the role tokens are in the vocabulary), or the source's
+        chat = (self.data.meta.get("options") or {}).get("chat")
+        self.chat_template = init.chat_template if init is not None and init.chat_template else \
+            CHATML_TEMPLATE if chat else None
         self.notes: list[str] = []
         self.sentences = False
         self.fim_rate = 0.0
@@ -202,6 +224,9 @@ class LanguageModelingTask:
                               f"model.block_size={self.block_size} and were cut")
         return SentenceBatches(found, train.batch_size, train.seed, tok.bos_id, tok.pad_id, rank=rank,
                                world_size=world_size)
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return LossModule(model)
 
     def some_parameters_unused(self, model: nn.Module) -> bool:
         return bool(model.traits.auxiliary)  # e.g. a seqgan's discriminator: maximum likelihood does not train it

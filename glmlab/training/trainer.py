@@ -36,6 +36,7 @@ from glmlab import atomic
 from glmlab.config import RunConfig, resolve_config
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError, RunDirError
+from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.models import get_family
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, TOKENIZER, WEIGHTS, read_run_config, save_weights
 from glmlab.runtime import autocast, precision_name, resolve_precision, select_device, set_threads
@@ -47,7 +48,7 @@ from glmlab.training.metrics import MetricsLog, plot_losses
 from glmlab.training.optim import make_optimizer
 from glmlab.training.phases import MaximumLikelihood, Optimisation, Phase, RunLog
 from glmlab.training.progress import Progress
-from glmlab.training.tasks import LanguageModelingTask, Task
+from glmlab.training.tasks import LanguageModelingTask, LossModule, Task  # noqa: F401 (LossModule: the API)
 from glmlab.version import __version__
 
 
@@ -61,17 +62,6 @@ class TrainResult:
     elapsed: float
     tokens_per_sec: float
     main_process: bool = True  # False on the other ranks of a distributed run, which print nothing
-
-
-class LossModule(nn.Module):
-    """``forward(x, y) -> loss`` around a model, so DDP and torch.compile wrap the whole loss."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(x, y)
 
 
 class _StopFlag:
@@ -179,12 +169,14 @@ class Trainer:
         self.evaluated_at = -1
         if self.resume:
             self._restore(later)
-        step_module: nn.Module = LossModule(self.model)
+        step_module: nn.Module = self.task.loss_module(self.model)
         if self.dist.enabled:
             step_module = DistributedDataParallel(
                 step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.task.some_parameters_unused(self.model))
         use_compile = cfg.compile == "true" or (cfg.compile == "auto" and self.device.type == "cuda")
+        if use_compile:
+            self.model.keep_host_work_eager()
         self.step_module = torch.compile(step_module) if use_compile else step_module
         parts = Optimisation(self.model, self.step_module, self.optimizer, self.scaler, self.amp, self.dist,
                              self.device)
@@ -255,6 +247,8 @@ class Trainer:
             kept = read_run_config(self.out)[1]
         else:
             self.tokenizer.save(self.out / TOKENIZER)
+            if self.task.chat_template is not None:
+                atomic.write_text(self.out / TEMPLATE_FILE, self.task.chat_template)
         atomic.write_json(self.out / CONFIG, {**kept, **self.config.to_dict(), **self.task.run_files(),
                                               "world_size": self.dist.world_size, "glmlab_version": __version__})
 

@@ -1,5 +1,6 @@
-"""Under torch.compile (the trainer's default on CUDA) the masked families' corruption runs eagerly: the draws
-come from the same generator as without compile, and only the forward pass becomes a graph. Traced instead, glm's
+"""Under torch.compile (the trainer's default on CUDA) the masked families' corruption runs eagerly (their
+``host_work``): the draws come from the same generator as without compile, and only the forward pass becomes a
+graph. Traced instead, glm's
 per-row Python corruption recompiled on every batch (an H100 run never finished its pre-training) and bert's
 masks would come from inductor's own random numbers."""
 
@@ -35,6 +36,7 @@ def test_compiled_loss_draws_eagerly_and_does_not_recompile_per_batch(family):
         return gm.forward
 
     torch._dynamo.reset()
+    model.keep_host_work_eager()  # what the trainer does before it compiles the step
     compiled = torch.compile(model.loss, backend=recording_backend)
     first_batch = 0
     for step in range(6):

@@ -1,0 +1,147 @@
+"""Preference tuning: the losses against trl's DPOTrainer on given log-probabilities, and `glmlab finetune dpo` end
+to end on a task a tiny model learns in seconds (preferring the answer that repeats the asked word)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from glmlab.cli import main
+from glmlab.errors import GlmlabError
+from glmlab.finetune.preferences import preference_loss, read_preferences
+from glmlab.finetune.run import finetune
+from glmlab.finetune.tasks import FinetuneOptions
+from tests.conftest import metrics_records
+from tests.finetune.conftest import WORDS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def trl_loss(loss_type: str, beta: float, eps: float, policy: torch.Tensor, ref: torch.Tensor,
+             mask: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """trl's own DPOTrainer._compute_loss on a batch whose per-token log-probabilities are given: a stand-in model
+    returns them (zero outside the completion, as its fused LM head does with -100 labels)."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    metrics: defaultdict = defaultdict(lambda: defaultdict(list))
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    per_token = policy * mask[:, 1:]
+
+    def model(**kwargs):
+        return SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
+                               mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token).bool())
+
+    model.training = True
+    trainer = SimpleNamespace(model=model, accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
+                              precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
+                              loss_weights=[1.0], beta=beta, label_smoothing=eps, use_weighting=False,
+                              _metrics=metrics, _total_train_tokens=0, _tp_size=1)
+    chosen_ref, rejected_ref = ref.chunk(2)
+    inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+              "ref_chosen_logps": chosen_ref, "ref_rejected_logps": rejected_ref}
+    loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    return float(loss), {k: v[-1] for k, v in metrics["train"].items()}
+
+
+@pytest.mark.parametrize(("loss_type", "beta", "eps"), [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0),
+                                                         ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0),
+                                                         ("robust", 0.1, 0.1), ("robust", 0.3, 0.25)])
+def test_losses_and_rewards_equal_trls(loss_type, beta, eps):
+    pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+    pairs, width = 6, 12
+    mask = torch.zeros(2 * pairs, width, dtype=torch.long)
+    for row in range(2 * pairs):  # answers of different lengths after prompts of different lengths
+        start = int(torch.randint(1, 5, (1,), generator=g))
+        mask[row, start: start + int(torch.randint(2, width - start, (1,), generator=g))] = 1
+    policy = -torch.rand(2 * pairs, width - 1, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(2 * pairs, generator=g, dtype=torch.float64) * 20
+    theirs, figures = trl_loss(loss_type, beta, eps, policy, ref, mask)
+    sums, tokens = (policy * mask[:, 1:]).sum(1), mask[:, 1:].sum(1)
+    chosen, rejected = sums.chunk(2)
+    losses, r_chosen, r_rejected = preference_loss(chosen, rejected, *ref.chunk(2), beta, loss_type, eps,
+                                                   *tokens.chunk(2))
+    assert float(losses.mean()) == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+    assert float(r_chosen.mean()) == pytest.approx(figures["rewards/chosen"], rel=1e-9)
+    assert float(r_rejected.mean()) == pytest.approx(figures["rewards/rejected"], rel=1e-9)
+    assert float((r_chosen - r_rejected).mean()) == pytest.approx(figures["rewards/margins"], rel=1e-9)
+    assert float((r_chosen > r_rejected).double().mean()) == pytest.approx(figures["rewards/accuracies"])
+
+
+def test_hand_worked_values():
+    """DPO's loss at a margin of log-ratios Δ is log(1 + exp(-β Δ)); IPO's, (Δ̄ - 1/2β)²."""
+    c, r = torch.tensor([-2.0]), torch.tensor([-5.0])
+    rc, rr = torch.tensor([-3.0]), torch.tensor([-4.0])  # Δ = (−2 − −3) − (−5 − −4) = 2
+    loss, chosen, rejected = preference_loss(c, r, rc, rr, 0.5)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-1.0)))
+    assert float(chosen) == pytest.approx(0.5) and float(rejected) == pytest.approx(-0.5)
+    ipo, _, _ = preference_loss(c, r, rc, rr, 0.5, "ipo", chosen_tokens=torch.tensor([2]),
+                                rejected_tokens=torch.tensor([1]))
+    assert float(ipo) == pytest.approx((0.5 - -1.0 - 1.0) ** 2)
+
+
+def write_preferences(path: Path, n: int, seed: int) -> Path:
+    """Prompts "say W:"; the chosen answer is kind about W, the rejected one rude."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = rng.choice(WORDS)
+        rows.append({"prompt": f"say {w}:", "chosen": f" fair {w}", "rejected": f" foul {w}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_dpo_learns_the_preference_and_logs_rewards(pretrained, tmp_path):
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 160, 0)
+    out = tmp_path / "dpo"
+    options = FinetuneOptions(task="dpo", init=str(pretrained), train=str(prefs), beta=0.1)
+    _, results = finetune(options, out, overrides=["train.max_steps=120", "train.eval_interval=40",
+                                                   "train.threads=1", "train.lr=3e-3", "train.batch_size=16"],
+                          show_progress=False)
+    before, after = results["before"]["val"], results["val"]
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the reference
+    assert before["reward_accuracy"] == 0.0 and before["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert after["loss"] < 0.5 and after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 1.0
+    trained = metrics_records(out, "train")
+    assert {"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} <= set(trained[-1])
+    assert trained[-1]["reward_accuracy"] > trained[0]["reward_accuracy"]
+    val = metrics_records(out, "val")
+    assert val[-1]["reward_accuracy"] >= 0.9
+    assert main(["generate", str(out), "--prompt", "say moon:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+
+
+def test_dpo_on_messages_uses_the_chat_template_and_refuses_bad_pairs(pretrained, tmp_path, capsys):
+    rows = [{"prompt": [{"role": "user", "content": f"say {w}"}], "chosen": [{"role": "assistant", "content": w}],
+             "rejected": [{"role": "assistant", "content": "no"}]} for w in WORDS[:6]]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = read_preferences(chat)
+    assert pairs[0].prompt == [{"role": "user", "content": "say the"}] and pairs[0].chosen == "the"
+    code = main(["finetune", "dpo", "--init", str(pretrained), "--data", str(chat), "--out", str(tmp_path / "c"),
+                 "--quiet", "train.max_steps=2", "train.eval_interval=2", "train.threads=1"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "preference accuracy" in summary and "reward margin" in summary
+
+    def refused(row: dict, match: str) -> None:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(GlmlabError, match=match):
+            read_preferences(bad)
+
+    refused({"prompt": "p", "chosen": "same", "rejected": "same"}, "prefers nothing")
+    refused({"chosen": "a", "rejected": "b"}, "no prompt")
+    refused({"prompt": "p", "chosen": "", "rejected": "b"}, "chosen is missing or empty")
+    refused({"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "one assistant message")
+    for args, match in ((["--init", "none"], "needs --init"), (["--label-smoothing", "0.1"], "--loss robust"),
+                        (["--beta", "0"], "--beta > 0")):
+        code = main(["finetune", "dpo", "--data", str(chat), "--out", str(tmp_path / "x"),
+                     *(["--init", str(pretrained)] if args[0] != "--init" else []), *args])
+        assert code == 1 and match in capsys.readouterr().err
