@@ -36,7 +36,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                                    "token ids. With no INPUT, uses the bundled Tiny Shakespeare.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt files, directories of .txt, or .jsonl files")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="data directory to write")
-    p.add_argument("--tokenizer", default=None, choices=("char", "word", "bpe"),
+    p.add_argument("--tokenizer", default=None, choices=("char", "word", "bpe", "unigram"),
                    help="tokenizer kind to train on the corpus (default: char)")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary cap for word/bpe (default 20000/4096)")
     p.add_argument("--tokenizer-from", metavar="RUN_OR_HF_DIR",
@@ -227,6 +227,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to score (default test)")
     p.add_argument("--references", metavar="F", help="reference sentences, one per line (default: the test split)")
     p.add_argument("--samples", type=int, default=500, metavar="N", help="sentences generated per run (default 500)")
+    p.add_argument("--metric-tokenizer", default="auto", choices=("auto", "whitespace", "zh", "char"),
+                   help="units of BLEU, Self-BLEU and distinct-n: whitespace words, zh (each Chinese/unspaced "
+                        "character, as sacreBLEU's zh), char; auto (default): zh for unspaced text, else whitespace")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of a vae's z's (default 0)")
     p.add_argument("--iw-samples", type=int, default=50, metavar="K",
                    help="vae: samples of z per sentence for the importance-weighted NLL (default 50)")
@@ -246,7 +249,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare_runs(args.run_dirs, data_dir=args.data, split=args.split, references=args.references,
                           samples=args.samples, seed=args.seed, iw_samples=args.iw_samples,
                           max_sentences=args.max_sentences, batch_size=args.batch_size, checkpoint=args.checkpoint,
-                          device=args.device, progress=lambda message: print(message, file=sys.stderr))
+                          device=args.device, progress=lambda message: print(message, file=sys.stderr),
+                          metric_tokenizer=args.metric_tokenizer)
     paths = write_report(result, args.out)
     print(summary_markdown(result))
     print(f"\nwrote {paths['markdown']}, {paths['html']} and {paths['curves']}")

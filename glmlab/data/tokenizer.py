@@ -18,6 +18,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from glmlab import atomic
+from glmlab.data.scripts import ScriptProfile, profile
 from glmlab.errors import DataError, EncodingError, RunDirError
 
 # Declared once: every tokenizer glmlab builds has exactly these, at these ids (models that need them
@@ -40,8 +41,12 @@ BLANKS = (MASK_ID, SMASK_ID, GMASK_ID)  # the tokens that stand for a blank to f
 # fine-tuned for chat (glmlab prepare --chat; finetune sft on messages): not at fixed ids.
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 FIRST_TEXT_ID = len(SPECIAL_TOKENS)  # ids from here on are text, in every tokenizer glmlab trains
-KINDS = ("char", "word", "bpe")
-DEFAULT_VOCAB_SIZE = {"word": 20000, "bpe": 4096}
+KINDS = ("char", "word", "bpe", "unigram")
+DEFAULT_VOCAB_SIZE = {"word": 20000, "bpe": 4096, "unigram": 8000}
+# On text in unspaced scripts a subword vocabulary must first hold the characters themselves (byte-level BPE
+# spends three merges on each CJK character): the default becomes twice the distinct characters, within these.
+UNSPACED_VOCAB_RANGE = (8000, 32000)
+MAX_RUN_FOR_WORDS = 3.0  # unspaced characters per whitespace run above which a word tokenizer is refused
 
 # Word-level pieces: runs of non-space characters, and each line break as a token of its own.
 _WORD_PATTERN = r"\n|[^\s]+"
@@ -172,6 +177,8 @@ class Tokenizer:
 def _infer_kind(hf: HFTokenizer) -> str:
     spec = json.loads(hf.to_str())
     model_type = spec.get("model", {}).get("type")
+    if model_type == "Unigram":
+        return "unigram"
     if model_type == "WordLevel":
         decoder = spec.get("decoder") or {}
         return "char" if decoder.get("type") == "Fuse" else "word"
@@ -225,6 +232,21 @@ def train_word(texts: Iterator[str] | list[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(_with_specials(hf))
 
 
+def train_unigram(texts: Iterator[str] | list[str], vocab_size: int) -> Tokenizer:
+    """A unigram language-model tokenizer (Kudo 2018, SentencePiece's default algorithm): pieces chosen to
+    maximise the corpus likelihood, segmented by Viterbi; spaces as ``▁`` (Metaspace), each line break a token of
+    its own, so decoding gives back the text. Suits text without spaces between words. Characters never seen in
+    training become ``<unk>``."""
+    hf = HFTokenizer(models.Unigram())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+                                                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")])
+    hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), unk_token=UNK,
+                                      max_piece_length=8, show_progress=False)
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(_with_specials(hf))
+
+
 def train_bpe(texts: Iterator[str] | list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (GPT-2 style): encodes any text, never produces ``<unk>``."""
     hf = HFTokenizer(models.BPE())
@@ -242,14 +264,32 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int | None = None) 
         raise DataError(f"unknown tokenizer {kind!r}", f"use one of: {', '.join(KINDS)}")
     if kind == "char":
         return train_char(texts)
-    size = vocab_size or DEFAULT_VOCAB_SIZE[kind]
+    script = profile(texts)
+    if kind == "word" and script.unspaced and script.mean_run > MAX_RUN_FOR_WORDS:
+        raise DataError(f"{script.share:.0%} of the text's letters are in scripts written without spaces between "
+                        f"words (Chinese, Japanese, Thai, ...), {script.mean_run:.1f} characters per unspaced run: "
+                        "the word tokenizer would split it only at spaces, making each clause one rare 'word'",
+                        "use --tokenizer unigram (SentencePiece's algorithm), bpe or char; or segment the text "
+                        "into words with spaces first (e.g. with jieba for Chinese)")
+    size = vocab_size or default_vocab_size(kind, script)
     minimum = len(SPECIAL_TOKENS) + (256 if kind == "bpe" else 1)
     if size < minimum:
         raise DataError(f"--vocab-size {size} is too small for a {kind} tokenizer",
                         f"use at least {minimum}")
     if kind == "word":
         return train_word(iter_lines(texts), size)
+    if kind == "unigram":
+        return train_unigram(iter_lines(texts), size)
     return train_bpe(iter_lines(texts), size)
+
+
+def default_vocab_size(kind: str, script: ScriptProfile) -> int:
+    """The vocabulary a ``kind`` tokenizer gets when none is asked for: the kind's default, or for a subword
+    tokenizer on unspaced text twice its distinct characters, rounded up to a thousand (``UNSPACED_VOCAB_RANGE``)."""
+    if kind in ("bpe", "unigram") and script.unspaced:
+        low, high = UNSPACED_VOCAB_RANGE
+        return min(high, max(low, -(-2 * script.distinct // 1000) * 1000))
+    return DEFAULT_VOCAB_SIZE[kind]
 
 
 def iter_lines(texts: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[str]:

@@ -43,6 +43,7 @@ from glmlab.errors import GlmlabError
 from glmlab.evaluation.likelihood import sum_nll
 from glmlab.evaluation.report import evaluate_sentences, is_sentence_run
 from glmlab.evaluation.sample_metrics import SampleReport, sample_report
+from glmlab.evaluation.text_units import resolve
 from glmlab.generation.engine import row_seed
 from glmlab.generation.generate import GenerationSettings, generate_batch
 from glmlab.runs import METRICS, TOKENIZER, LoadedRun, load_run, read_metrics, read_run_config
@@ -111,6 +112,7 @@ class Comparison:
     checkpoint: str
     accounting: str  # the accounting of the NLL column's comparable rows
     warnings: list[str] = field(default_factory=list)
+    metric_tokenizer: str = "whitespace"  # the units of BLEU / Self-BLEU / distinct (text_units; auto resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -285,7 +287,7 @@ def _scored(first: _Run, data_dir: str | Path | None, split: str, max_sentences:
 
 
 def _compare_one(run: LoadedRun, name: str, scored: _Scored, split: str, samples: int, seed: int, iw_samples: int,
-                 batch_size: int, device: torch.device, say: Callable[[str], None]) -> RunComparison:
+                 batch_size: int, device: torch.device, say: Callable[[str], None], unit: str) -> RunComparison:
     """One run's row: its likelihood under its own accounting, its samples' metrics, its curves."""
     model, tokenizer, tokens = run.model, scored.tokenizer, scored.tokens
     other = sum(p.numel() for name_ in model.traits.auxiliary for p in model.get_submodule(name_).parameters())
@@ -310,7 +312,7 @@ def _compare_one(run: LoadedRun, name: str, scored: _Scored, split: str, samples
     say(f"{name}: generating {samples:,} samples")
     generated = generate_samples(run, samples, seed)
     say(f"{name}: sample metrics")
-    metrics = sample_report(generated, scored.references, ORDERS)
+    metrics = sample_report(generated, scored.references, ORDERS, unit=unit)
     train_curve, val_curve, elapsed, steps = _curves(run.run_dir)
     return RunComparison(
         name=name, run_dir=str(run.run_dir), family=run.config.model.family,
@@ -345,7 +347,7 @@ def compare_runs(run_dirs: Sequence[str | Path], data_dir: str | Path | None = N
                  references: str | Path | None = None, samples: int = SAMPLES, seed: int = 0,
                  iw_samples: int = IW_SAMPLES, max_sentences: int | None = None, batch_size: int = 16,
                  checkpoint: str = "best", device: str = "auto",
-                 progress: Callable[[str], None] | None = None) -> Comparison:
+                 progress: Callable[[str], None] | None = None, metric_tokenizer: str = "auto") -> Comparison:
     """Score and sample every run on one data directory (``data_dir``, default the first run's).
 
     Runs whose tokenizers differ are refused; runs trained on different data directories with the same
@@ -355,14 +357,15 @@ def compare_runs(run_dirs: Sequence[str | Path], data_dir: str | Path | None = N
     _check_options(samples, iw_samples, batch_size, max_sentences)
     checked, warnings = _check_runs(run_dirs)
     scored = _scored(checked[0], data_dir, split, max_sentences, references)
+    unit = resolve(metric_tokenizer, scored.references)  # characters for Chinese, words otherwise
     dev = select_device(device)
     results = []
     for run_info, name in zip(checked, _names([r.path for r in checked]), strict=True):
         say(f"{name}: loading")
         results.append(_compare_one(load_run(run_info.path, checkpoint=checkpoint, device=dev), name, scored, split,
-                                    samples, seed, iw_samples, batch_size, dev, say))
+                                    samples, seed, iw_samples, batch_size, dev, say, unit))
     main = _mark_accountings(results, warnings)
     return Comparison(runs=results, data_dir=scored.directory, split=split, sentences=scored.sentences,
                       split_sentences=scored.split_sentences, tokens=len(scored.tokens), references=scored.references,
                       references_source=scored.references_source, samples=samples, seed=seed, iw_samples=iw_samples,
-                      checkpoint=checkpoint, accounting=main, warnings=warnings)
+                      checkpoint=checkpoint, accounting=main, warnings=warnings, metric_tokenizer=unit)

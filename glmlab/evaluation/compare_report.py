@@ -91,12 +91,17 @@ def sample_rows(result: Comparison) -> tuple[list[str], list[list[str]]]:
                      *(_score(s.distinct.get(n)) for n in (1, 2))])
     return header, rows
 
+UNIT_NAMES = {"whitespace": "whitespace-separated words", "zh": "each Chinese/unspaced character a unit (as "
+              "sacreBLEU's zh), other text split at whitespace", "char": "each non-space character a unit"}
+
+
 def reference_line(result: Comparison) -> str:
     used = min(len(result.references), TEXYGEN_SAMPLE_SIZE)
     return (f"{result.samples:,} samples per run (temperature 1, seed {result.seed}); {len(result.references):,} "
             f"reference sentences from {result.references_source}, BLEU against the first {used:,} of them "
             f"(Texygen), Self-BLEU over the first {min(result.samples, TEXYGEN_SAMPLE_SIZE):,} samples of each "
-            f"run (nltk {result.runs[0].samples.nltk_version}, smoothing method 1, whitespace-separated words)")
+            f"run (nltk {result.runs[0].samples.nltk_version}, smoothing method 1, "
+            f"{UNIT_NAMES[result.metric_tokenizer]})")
 
 def evaluation_line(result: Comparison) -> str:
     capped = "" if result.sentences == result.split_sentences else \

@@ -11,7 +11,8 @@ The conventions are Texygen's (Zhu et al. 2018), so figures compare with the tex
 - **Self-BLEU-n** of each of the first 500 generated sentences against the other 499: high means
   the samples repeat each other (low diversity).
 - Tokens are whitespace-separated words (the benchmark sets are already tokenized and lower-cased;
-  Texygen's ``nltk.word_tokenize`` would need a downloaded model, which glmlab never fetches).
+  Texygen's ``nltk.word_tokenize`` would need a downloaded model, which glmlab never fetches), or the
+  units ``unit`` names (:mod:`glmlab.evaluation.text_units`: characters of Chinese, as sacreBLEU's ``zh``).
 - An empty generated sentence scores 0 (as Texygen scores an empty line), so emitting ``<eos>`` at
   once is never rewarded.
 - **distinct-n**: distinct n-grams / all n-grams over all generated sentences (Li et al. 2016).
@@ -31,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 import nltk
 from nltk.util import ngrams
 
+from glmlab.evaluation.text_units import resolve, units
+
 TEXYGEN_SAMPLE_SIZE = 500
 SMOOTHING_EPSILON = 0.1  # nltk's SmoothingFunction().method1: add 0.1 to a zero n-gram match count
 
@@ -44,6 +47,7 @@ class SampleReport:
     generated: int = 0  # sentences scored as hypotheses
     references: int = 0  # reference sentences used
     self_bleu_sentences: int = 0
+    units: str = "whitespace"  # what the n-grams are made of (text_units: whitespace, zh, char)
     nltk_version: str = nltk.__version__
 
     def to_dict(self) -> dict:
@@ -53,8 +57,9 @@ class SampleReport:
         def row(name: str, values: dict[int, float]) -> str:
             return f"  {name:<11}" + " ".join(f"{n}: {v:.3f}" for n, v in sorted(values.items()))
 
-        lines = [f"{self.generated} generated sentences, mean length {self.mean_length:.1f} words "
-                 f"(nltk {self.nltk_version}, smoothing method 1, whitespace tokens)"]
+        unit = "words" if self.units == "whitespace" else f"{self.units} units"
+        lines = [f"{self.generated} generated sentences, mean length {self.mean_length:.1f} {unit} "
+                 f"(nltk {self.nltk_version}, smoothing method 1, {self.units} tokens)"]
         if self.bleu:
             lines.append(row("BLEU", self.bleu) + f"   (against {self.references} references)")
         if self.self_bleu:
@@ -63,8 +68,8 @@ class SampleReport:
         return "\n".join(lines)
 
 
-def words(sentences: Sequence[str]) -> list[list[str]]:
-    return [s.split() for s in sentences]
+def words(sentences: Sequence[str], unit: str = "whitespace") -> list[list[str]]:
+    return [units(s, unit) for s in sentences]
 
 
 class _References:
@@ -124,10 +129,10 @@ def _weights(n: int) -> tuple[float, ...]:
 
 
 def bleu(generated: Sequence[str], references: Sequence[str], orders: Sequence[int] = (2, 3, 4, 5),
-         reference_limit: int | None = TEXYGEN_SAMPLE_SIZE) -> dict[int, float]:
+         reference_limit: int | None = TEXYGEN_SAMPLE_SIZE, unit: str = "whitespace") -> dict[int, float]:
     """BLEU-n of each generated sentence against the (first ``reference_limit``) references, averaged."""
-    refs = words(references[:reference_limit] if reference_limit else references)
-    hyps = words(generated)  # an empty sentence scores 0, as in Texygen
+    refs = words(references[:reference_limit] if reference_limit else references, unit)
+    hyps = words(generated, unit)  # an empty sentence scores 0, as in Texygen
     if not hyps or not refs:
         return {n: 0.0 for n in orders}
     table = _References(refs, max(orders))
@@ -135,9 +140,9 @@ def bleu(generated: Sequence[str], references: Sequence[str], orders: Sequence[i
 
 
 def self_bleu(generated: Sequence[str], orders: Sequence[int] = (2, 3, 4, 5),
-              limit: int | None = TEXYGEN_SAMPLE_SIZE) -> dict[int, float]:
+              limit: int | None = TEXYGEN_SAMPLE_SIZE, unit: str = "whitespace") -> dict[int, float]:
     """Self-BLEU-n: each of the first ``limit`` sentences against all the others among them."""
-    sample = words(generated[:limit] if limit else generated)
+    sample = words(generated[:limit] if limit else generated, unit)
     if len(sample) < 2:
         return {}
     table = _References(sample, max(orders))
@@ -145,10 +150,10 @@ def self_bleu(generated: Sequence[str], orders: Sequence[int] = (2, 3, 4, 5),
                    for i, h in enumerate(sample)) / len(sample) for n in orders}
 
 
-def distinct(generated: Sequence[str], orders: Sequence[int] = (1, 2)) -> dict[int, float]:
+def distinct(generated: Sequence[str], orders: Sequence[int] = (1, 2), unit: str = "whitespace") -> dict[int, float]:
     """Distinct n-grams over all n-grams of the generated sentences."""
     out = {}
-    tokenized = words(generated)
+    tokenized = words(generated, unit)
     for n in orders:
         grams = [tuple(s[i:i + n]) for s in tokenized for i in range(len(s) - n + 1)]
         out[n] = len(set(grams)) / len(grams) if grams else 0.0
@@ -157,14 +162,16 @@ def distinct(generated: Sequence[str], orders: Sequence[int] = (1, 2)) -> dict[i
 
 def sample_report(generated: Sequence[str], references: Sequence[str] | None = None,
                   orders: Sequence[int] = (2, 3, 4, 5), reference_limit: int | None = TEXYGEN_SAMPLE_SIZE,
-                  self_bleu_limit: int | None = TEXYGEN_SAMPLE_SIZE) -> SampleReport:
-    """Every sample metric of ``generated`` (BLEU only when ``references`` are given)."""
-    tokenized = words(generated)
-    report = SampleReport(distinct=distinct(generated), generated=len(generated),
-                          mean_length=sum(map(len, tokenized)) / max(1, len(tokenized)))
+                  self_bleu_limit: int | None = TEXYGEN_SAMPLE_SIZE, unit: str = "auto") -> SampleReport:
+    """Every sample metric of ``generated`` (BLEU only when ``references`` are given), counted in ``unit``s
+    (``auto``: characters for unspaced text, else whitespace words; the report says which)."""
+    unit = resolve(unit, references or generated)
+    tokenized = words(generated, unit)
+    report = SampleReport(distinct=distinct(generated, unit=unit), generated=len(generated),
+                          mean_length=sum(map(len, tokenized)) / max(1, len(tokenized)), units=unit)
     if references:
-        report.bleu = bleu(generated, references, orders, reference_limit)
+        report.bleu = bleu(generated, references, orders, reference_limit, unit)
         report.references = min(len(references), reference_limit or len(references))
-    report.self_bleu = self_bleu(generated, orders, self_bleu_limit)
+    report.self_bleu = self_bleu(generated, orders, self_bleu_limit, unit)
     report.self_bleu_sentences = min(len(generated), self_bleu_limit or len(generated))
     return report

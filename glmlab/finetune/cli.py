@@ -25,7 +25,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "default 16)")
     p.add_argument("--arch", metavar="RUN_DIR", help="with --init none: take the architecture and tokenizer of "
                    "this run (not its weights), so from-scratch and fine-tuned runs compare")
-    p.add_argument("--tokenizer", default="word", choices=("char", "word", "bpe"),
+    p.add_argument("--tokenizer", default="word", choices=("char", "word", "bpe", "unigram"),
                    help="with --init none and no --arch: tokenizer trained on the training texts (default word)")
     p.add_argument("--vocab-size", type=int, default=None, help="with --tokenizer: vocabulary cap")
 
@@ -86,9 +86,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "ChatML); the run carries it (chat_template.jinja) to serve, chat and export-hf")
     s.add_argument("--pack", action="store_true",
                    help="join short training examples into rows of up to model.block_size tokens")
+    s.add_argument("--metric-tokenizer", default="auto", choices=("auto", "whitespace", "zh", "char"),
+                   help="units of exact match, BLEU and ROUGE-L: whitespace words, zh (each Chinese/unspaced "
+                        "character, as sacreBLEU's zh), char; auto (default): zh for unspaced text")
     s.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0,  # classify's options
                    text_column=None, label_column="label", pattern=None, verbalizer=None)
-    c.set_defaults(chat_template=None, pack=False, beta=0.1, loss="sigmoid", label_smoothing=0.0)  # others' options
+    c.set_defaults(chat_template=None, pack=False, beta=0.1, loss="sigmoid", label_smoothing=0.0,  # others' options
+                   metric_tokenizer="auto")
     s.set_defaults(beta=0.1, loss="sigmoid", label_smoothing=0.0)
     d = tasks.add_parser("dpo", help="preference tuning (DPO) on chosen / rejected answers",
                          description="Direct Preference Optimization: JSONL {\"prompt\", \"chosen\", \"rejected\"} "
@@ -109,7 +113,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="for prompts given as messages (default: the --init run's template)")
     d.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0, text_column=None,
                    label_column="label", pattern=None, verbalizer=None, pack=False, eval_samples=0,
-                   max_new_tokens=None)
+                   max_new_tokens=None, metric_tokenizer="auto")
     r = tasks.add_parser("report", help="before/after table of fine-tunes of one task (report.md, metrics.png)")
     r.add_argument("run_dirs", nargs="+", metavar="RUN")
     r.add_argument("--out", required=True, metavar="REPORT_DIR")
@@ -153,7 +157,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens, pattern=args.pattern, verbalizer=args.verbalizer,
         chat_template=args.chat_template, pack=args.pack, beta=args.beta, loss=args.loss,
-        label_smoothing=args.label_smoothing)
+        label_smoothing=args.label_smoothing, metric_tokenizer=args.metric_tokenizer)
     result, results = finetune(options, args.out, read_yaml(args.config) if args.config else None, args.overrides,
                                resume=args.resume, show_progress=not args.quiet)
     if not result.main_process:

@@ -3,7 +3,11 @@ BLEU and ROUGE-L for generated completions."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from glmlab.evaluation.text_units import resolve, units
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -27,11 +31,6 @@ def classification_metrics(truth: np.ndarray, predicted: np.ndarray, n_classes: 
             "f1": f1.tolist(), "confusion": counts.tolist(), "examples": int(counts.sum())}
 
 
-def normalise(text: str) -> str:
-    """Whitespace-collapsed, stripped text: what exact match compares."""
-    return " ".join(text.split())
-
-
 def lcs_length(a: list[str], b: list[str]) -> int:
     """Length of the longest common subsequence of two token lists (dynamic programming, one row)."""
     if len(a) < len(b):
@@ -46,9 +45,9 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over whitespace tokens (Lin 2004, beta = 1)."""
-    c, r = candidate.split(), reference.split()
+def rouge_l(candidate: str, reference: str, unit: str = "whitespace") -> float:
+    """ROUGE-L F1 over whitespace tokens, or ``unit``s (Lin 2004, beta = 1)."""
+    c, r = units(candidate, unit), units(reference, unit)
     if not c or not r:
         return float(c == r)
     lcs = lcs_length(c, r)
@@ -58,13 +57,16 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def generation_metrics(candidates: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after whitespace normalisation), corpus BLEU-4 (nltk, smoothing method 1, whitespace
-    tokens) and mean ROUGE-L F1 of generated completions against their references."""
+def generation_metrics(candidates: list[str], references: list[str], unit: str = "auto") -> dict[str, Any]:
+    """Exact match (the same units: whitespace normalised), corpus BLEU-4 (nltk, smoothing method 1) and mean
+    ROUGE-L F1 of generated completions against their references, counted in ``unit``s (``auto``: characters of
+    unspaced text, else whitespace words; recorded as ``metric_tokenizer``)."""
     from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
-    exact = float(np.mean([normalise(c) == normalise(r) for c, r in zip(candidates, references, strict=True)]))
-    bleu = corpus_bleu([[r.split()] for r in references], [c.split() for c in candidates],
+    unit = resolve(unit, references)
+    exact = float(np.mean([units(c, unit) == units(r, unit) for c, r in zip(candidates, references, strict=True)]))
+    bleu = corpus_bleu([[units(r, unit)] for r in references], [units(c, unit) for c in candidates],
                        smoothing_function=SmoothingFunction().method1)
-    rouge = float(np.mean([rouge_l(c, r) for c, r in zip(candidates, references, strict=True)]))
-    return {"exact_match": exact, "bleu": float(bleu), "rouge_l": rouge, "examples": len(candidates)}
+    rouge = float(np.mean([rouge_l(c, r, unit) for c, r in zip(candidates, references, strict=True)]))
+    return {"exact_match": exact, "bleu": float(bleu), "rouge_l": rouge, "examples": len(candidates),
+            "metric_tokenizer": unit}

@@ -55,7 +55,7 @@ def score_completions(model: nn.Module, task: FinetuneTask, split: str) -> dict[
     generated: list[str] = []
     for begin in range(0, len(prompts), 32):
         generated += [c[0].text for c in generate_batch(model, task.tokenizer, prompts[begin:begin + 32], settings)]
-    figures = generation_metrics(generated, references)
+    figures = generation_metrics(generated, references, task.options.metric_tokenizer)
     figures["examples_shown"] = [{"prompt": p.prompt, "reference": p.completion, "generated": g}
                                  for p, g in zip(pairs[:5], generated[:5], strict=False)]
     return figures

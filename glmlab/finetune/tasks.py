@@ -82,6 +82,7 @@ class FinetuneOptions:
     beta: float = 0.1  # dpo: strength of the pull toward the reference (the KL penalty's coefficient)
     loss: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
     label_smoothing: float = 0.0  # dpo, robust: the probability that a pair's preference is flipped
+    metric_tokenizer: str = "auto"  # sft: the units of exact match, BLEU and ROUGE-L (text_units)
 
     def cloze(self) -> Cloze | None:
         """The cloze of ``pattern`` and ``verbalizer``; None for a classifier with a head."""

@@ -116,11 +116,11 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size:
 
 
 def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
-    """Token sequences to ban for each text; with a BPE tokenizer also its form after a space."""
+    """Token sequences to ban for each text; with a subword tokenizer also its form after a space."""
     if not words:
         return []
     ids = [tokenizer.encode(w) for w in words]
-    if tokenizer.kind == "bpe":
+    if tokenizer.kind in ("bpe", "unigram"):
         ids += [tokenizer.encode(" " + w) for w in words]
     return [seq for seq in ids if seq]
 
