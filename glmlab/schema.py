@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -76,7 +77,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if annotation is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan slips past every range check (nan < min is False)
+                raise ConfigError(f"{key}={value!r} is not a finite number", f"give {key} a finite value")
+            return number
         if annotation is str:
             if isinstance(value, (dict, list)):
                 raise ValueError

@@ -218,3 +218,30 @@ def test_output_cut_short_by_its_reader_ends_quietly(trained_run, stream):
              "| head -c 20 > /dev/null")
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["train.lr=nan"], "train.lr='nan' is not a finite number"),
+    (["train.beta1=nan"], "train.beta1='nan' is not a finite number"),
+    (["train.beta2=nan"], "train.beta2='nan' is not a finite number"),
+    (["model.dropout=nan"], "model.dropout='nan' is not a finite number"),
+    (["train.grad_clip=nan"], "train.grad_clip='nan' is not a finite number"),
+    (["train.weight_decay=inf"], "train.weight_decay='inf' is not a finite number"),
+    (["train.min_lr=nan"], "train.min_lr='nan' is not a finite number"),
+])
+def test_non_finite_config_values_are_refused_by_name(capsys, char_data, tmp_path, args, named):
+    """Issue 22, item 13: nan passed every range check (nan < min is False) and surfaced as a traceback or a
+    non-finite loss, or was accepted silently (grad_clip)."""
+    code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", *args)
+    assert code == 1 and named in err and not (tmp_path / "r").exists()
+
+
+def test_nan_split_negative_seed_and_nan_length_penalty_are_one_clear_line(capsys, shakespeare_excerpt, trained_run,
+                                                                         tmp_path):
+    """Issue 22, items 13 and 14: a traceback for --split nan,... and --seed -1; --length-penalty nan printed []."""
+    code, _, err = run_cli(capsys, "prepare", shakespeare_excerpt, "--out", tmp_path / "d", "--split", "nan,0.5,0.5")
+    assert code == 1 and "three fractions summing to 1" in err
+    code, out, err = run_cli(capsys, "generate", trained_run, "--seed", "-1", "--max-new-tokens", "3")
+    assert code == 1 and "seed=-1 must be between 0 and 2**63 - 1" in err
+    code, out, err = run_cli(capsys, "generate", trained_run, "--num-beams", "2", "--length-penalty", "nan")
+    assert code == 1 and "length_penalty=nan must be a finite number" in err and out == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -147,7 +148,8 @@ def parse_split(spec: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in spec.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6 or parts[0] <= 0:
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or abs(sum(parts) - 1) > 1e-6 \
+            or parts[0] <= 0:
         raise DataError(f"--split {spec!r} is not three fractions summing to 1 with train > 0",
                         "write e.g. --split 0.9,0.05,0.05")
     return parts  # type: ignore[return-value]

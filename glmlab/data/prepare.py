@@ -74,6 +74,12 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
     With ``sentences``, each line is one example (document), ended by ``<eos>``. With ``existing``, the corpus
     is encoded with that tokenizer (a run's, a Hugging Face model's) instead of a new one trained on it."""
     started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory", "choose another --out")
+    if (out / "config.json").is_file():  # its tokenizer.json would be replaced under its weights
+        raise DataError(f"--out {out} holds a run (config.json), not a data directory",
+                        "choose another --out for the data")
     fractions = dict(zip(SPLIT_NAMES, parse_split(split), strict=True))
     sources = list(inputs) or [default_corpus_path()]
     corpus = read_corpus(sources, text_field, errors, sentences)
@@ -101,9 +107,6 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
         tok = train_tokenizer(tokenizer, splits["train"], vocab_size)
     if chat:  # the chat template's role tokens, so a model trained on this data can be fine-tuned to chat
         tok = tok.with_special_tokens(CHAT_TOKENS)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a directory", "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     stats: dict[str, SplitStats] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from glmlab.errors import GlmlabError
@@ -76,6 +77,8 @@ class GenerationSettings:
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs={self.logprobs} must be between 0 and {MAX_LOGPROBS}"),
             (self.max_time is None or self.max_time > 0, f"max_time={self.max_time} must be positive"),
+            (math.isfinite(self.length_penalty), f"length_penalty={self.length_penalty} must be a finite number"),
+            (self.seed is None or 0 <= self.seed < 2**63, f"seed={self.seed} must be between 0 and 2**63 - 1"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty text"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              f"stop_token_ids={self.stop_token_ids} must be token ids"),

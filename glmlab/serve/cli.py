@@ -24,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every "
-                   "endpoint but /health (default: $GLMLAB_API_KEY, else none)")
+                   "endpoint but /health (default: $GLMLAB_API_KEY, else none). A key on the command line shows in "
+                   "the process list: prefer the GLMLAB_API_KEY environment variable. Printable ASCII; surrounding "
+                   "spaces are dropped")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run "
                    "directory's name)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
@@ -66,6 +68,11 @@ def _check(args: argparse.Namespace) -> None:
         raise GlmlabError(f"--threads {args.threads} must be >= 0", "use 0 for PyTorch's default")
     if args.api_key is not None and not args.api_key.strip():
         raise GlmlabError("--api-key is empty", "give a key, or drop --api-key to serve without one")
+    key = args.api_key if args.api_key is not None else os.environ.get("GLMLAB_API_KEY")
+    if key:
+        from glmlab.serve.context import checked_api_key
+
+        checked_api_key(key)  # before the model loads
 
 
 def _warn_if_exposed(host: str, api_key: str | None) -> None:

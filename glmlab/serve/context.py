@@ -45,6 +45,24 @@ class ServeOptions:
     decode_weights: str = "native"  # what the engine process decodes with (glmlab serve --decode-weights)
     engine_device: str | None = None  # where the engine process decodes; None: the served model's device
 
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            object.__setattr__(self, "api_key", checked_api_key(self.api_key))
+
+
+def checked_api_key(key: str) -> str:
+    """The key as clients can send it: without surrounding whitespace (clients and the guard strip what they
+    send), and only printable ASCII, which is what an HTTP header (and the openai client) carries."""
+    stripped = key.strip()
+    if not stripped:
+        raise GlmlabError("the API key is empty", "give a key, or serve without one")
+    bad = sorted({c for c in stripped if not (" " <= c <= "~")})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad[:5])
+        raise GlmlabError(f"the API key holds characters an HTTP header cannot carry ({shown}); no client could "
+                          "send it", "use printable ASCII characters only")
+    return stripped
+
 
 @dataclass
 class Served:

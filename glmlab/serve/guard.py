@@ -65,11 +65,11 @@ class Guard:
         key, path = self.options.api_key, scope["path"]
         if key is None or path in OPEN_PATHS or path == "/" or path.startswith(STATIC_PREFIXES):
             return None
-        given = headers.get("authorization", "")
-        if not given.startswith("Bearer "):
+        scheme, _, presented = headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():  # the scheme is case-insensitive (RFC 7235)
             return APIError(401, "this server needs an API key: send the header 'Authorization: Bearer KEY'",
                               "invalid_request_error", code="missing_api_key")
-        if not secrets.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
+        if not secrets.compare_digest(presented.strip().encode("latin-1"), key.encode()):
             return APIError(401, "the API key is wrong: send the key given to glmlab serve --api-key",
                               "invalid_request_error", code="invalid_api_key")
         return None

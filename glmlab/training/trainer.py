@@ -98,6 +98,12 @@ def _check_run_dir(out: Path, resume: bool) -> None:
         raise RunDirError(f"{out} exists and is not a directory", "choose another --out")
     if (out / CONFIG).exists():
         raise RunDirError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if others:  # the user's files: samples.txt or loss.png there would be overwritten
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise RunDirError(f"{out} is not empty ({shown}) and holds no run: training would overwrite files there",
+                              "choose a new or empty --out directory")
 
 
 def _probe_writable(out: Path) -> None:

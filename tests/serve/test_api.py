@@ -9,6 +9,9 @@ import threading
 import httpx2 as httpx  # the HTTP client the openai package ships with
 import pytest
 
+from glmlab.cli import main
+from glmlab.errors import GlmlabError
+from glmlab.serve.context import ServeOptions
 from glmlab.serve.fields import Limits
 from tests.serve.conftest import metric, parallel_and_sequential, wait_for
 
@@ -238,6 +241,30 @@ def test_an_api_key_guards_everything_but_health(make_server):
     assert client.completions.create(model="tiny", prompt="First", max_tokens=2).choices
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_api_keys_are_normalised_at_start_up_and_the_scheme_is_case_insensitive(make_server, trained_run,
+                                                                                   capsys, monkeypatch):
+    """Issue 22, item 8: a configured key with surrounding spaces matched nothing (the presented key is stripped);
+    a non-ASCII key could never be sent; 'bearer' was refused."""
+    server = make_server(api_key="s3cret ")
+    for header in ("Bearer s3cret", "bearer s3cret", "BEARER   s3cret", "Bearer  s3cret"):
+        assert httpx.get(server.url + "/v1/models", headers={"Authorization": header}).status_code == 200, header
+    for header in ("Bearer", "Basic s3cret", "Bearers3cret", "Bearer s3cre"):
+        assert httpx.get(server.url + "/v1/models", headers={"Authorization": header}).status_code == 401, header
+    assert openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0).models.list().data
+    with pytest.raises(GlmlabError, match="HTTP header cannot carry"):
+        ServeOptions(api_key="clé")
+    with pytest.raises(GlmlabError, match="empty"):
+        ServeOptions(api_key="  ")
+    assert main(["serve", str(trained_run), "--api-key", "clé", "--port", "0"]) == 1
+    assert "HTTP header cannot carry" in capsys.readouterr().err
+    monkeypatch.setenv("GLMLAB_API_KEY", "n\u00e9e")
+    assert main(["serve", str(trained_run), "--port", "0"]) == 1  # the environment's key is checked as well
+    assert "HTTP header cannot carry" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "GLMLAB_API_KEY environment variable" in " ".join(capsys.readouterr().out.split())
 
 
 def test_metrics_are_prometheus_text(live, client):

@@ -51,6 +51,31 @@ def test_existing_run_is_not_overwritten(trained_run, char_data):
     assert (trained_run / "model.safetensors").read_bytes() == before
 
 
+def test_the_users_files_and_runs_are_not_overwritten(trained_run, char_data, tmp_path):
+    """Issue 22, item 9: train --out over a directory of other files overwrote samples.txt / loss.png there, and
+    prepare --out RUN replaced the run's tokenizer.json."""
+    import shutil
+
+    from glmlab.data.prepare import prepare
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "samples.txt").write_text("my notes")
+    with pytest.raises(RunDirError, match="not empty .*samples.txt.* holds no run"):
+        train(tiny_config("train.max_steps=2"), char_data, mine, show_progress=False)
+    assert (mine / "samples.txt").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == \
+        ["samples.txt"]
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".lock").write_text("")  # what a run whose set-up failed leaves: training there is fine
+    train(tiny_config("train.max_steps=2", "train.sample_tokens=0"), char_data, hidden, show_progress=False)
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    before = (run / "tokenizer.json").read_bytes()
+    with pytest.raises(DataError, match="holds a run"):
+        prepare([], run, tokenizer="word")
+    assert (run / "tokenizer.json").read_bytes() == before and not (run / "train.bin").exists()
+
+
 def test_resume_of_a_finished_run_says_how_to_extend(trained_run, char_data):
     with pytest.raises(GlmlabError, match="train.max_steps=80"):
         train(tiny_config("train.max_steps=40"), char_data, trained_run, resume=True, show_progress=False)
