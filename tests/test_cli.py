@@ -245,3 +245,11 @@ def test_nan_split_negative_seed_and_nan_length_penalty_are_one_clear_line(capsy
     assert code == 1 and "seed=-1 must be between 0 and 2**63 - 1" in err
     code, out, err = run_cli(capsys, "generate", trained_run, "--num-beams", "2", "--length-penalty", "nan")
     assert code == 1 and "length_penalty=nan must be a finite number" in err and out == ""
+
+
+def test_vocab_size_zero_is_refused_not_read_as_the_default(capsys, shakespeare_excerpt, tmp_path):
+    """Issue 22, item 14: --vocab-size 0 silently meant the default while -5 was refused."""
+    for size in ("0", "-5"):
+        code, _, err = run_cli(capsys, "prepare", shakespeare_excerpt, "--out", tmp_path / "d", "--tokenizer", "bpe",
+                               "--vocab-size", size)
+        assert code == 1 and f"--vocab-size {size} is too small" in err and not (tmp_path / "d").exists()

@@ -271,7 +271,7 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int | None = None) 
                         "the word tokenizer would split it only at spaces, making each clause one rare 'word'",
                         "use --tokenizer unigram (SentencePiece's algorithm), bpe or char; or segment the text "
                         "into words with spaces first (e.g. with jieba for Chinese)")
-    size = vocab_size or default_vocab_size(kind, script)
+    size = default_vocab_size(kind, script) if vocab_size is None else vocab_size  # 0 is refused below, not a default
     minimum = len(SPECIAL_TOKENS) + (256 if kind == "bpe" else 1)
     if size < minimum:
         raise DataError(f"--vocab-size {size} is too small for a {kind} tokenizer",
