@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autoencoding import SHARED, sst2  # noqa: E402 — the same fine-tune as the autoencoding table
+from autoencoding import SHARED, sst2, steps_done  # noqa: E402 — the same fine-tune as the autoencoding table
 
 from glmlab.data.prepare import prepare  # noqa: E402
 from glmlab.interop.sources import initial_weights, tokenizer_from  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
         print(f"continued pre-training: {result.step} steps, val loss {result.best_val_loss:.4f}", flush=True)
     accuracy = {name: sst2(work, args.shared, run, name, args.sst2_steps, args.seed, args.threads, pooling="last")
                 for name, run in (("base", args.base), ("continued", continued))}
-    steps = max(json.loads(line).get("step", 0) for line in (continued / "metrics.jsonl").read_text().splitlines())
+    steps = steps_done(continued)
     print(f"\nSST-2 dev accuracy after {args.sst2_steps} fine-tuning steps (head on the last token), seed {args.seed}; "
           f"continuation: {steps} steps in {args.minutes:g} min on SST-2's training text\n")
     print("| start | SST-2 dev accuracy |\n|---|---|")

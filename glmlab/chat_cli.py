@@ -72,7 +72,7 @@ class Conversation:
         seed = self.settings["seed"]
         settings = GenerationSettings(**{k: v for k, v in self.settings.items() if k != "seed"},
                                       seed=None if seed is None else seed + self.turn, stop=list(template.stops),
-                                      stop_token_ids=template.end_ids(self.run.tokenizer), chat_reply=True)
+                                      stop_token_ids=list(template.end_ids), chat_reply=True)
         self.turn += 1
         parts: list[str] = []
         try:

@@ -16,7 +16,10 @@ COLUMNS = {  # task: (key, heading, format) of each metric column
     "classify": [("accuracy", "accuracy", "{:.2%}"), ("macro_f1", "macro-F1", "{:.3f}"), ("loss", "CE loss", "{:.3f}")],
     "sft": [("loss", "NLL/token", "{:.3f}"), ("exact_match", "exact match", "{:.2%}"), ("bleu", "BLEU-4", "{:.3f}"),
             ("rouge_l", "ROUGE-L", "{:.3f}")],
+    "dpo": [("loss", "preference loss", "{:.4f}"), ("reward_accuracy", "preference accuracy", "{:.2%}"),
+            ("reward_margin", "reward margin", "{:.3f}")],
 }
+HEADLINE = {"classify": "accuracy", "sft": "rouge_l", "dpo": "reward_accuracy"}  # what metrics.png plots per run
 
 
 def _read(run_dir: Path) -> dict[str, Any]:
@@ -69,14 +72,15 @@ def write_report(run_dirs: list[str | Path], out: str | Path, split: str = "val"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title or 'Fine-tuning: before and after'}", "",
-             f"Task `{task}`, figures on the **{split}** split ({results[0][split].get('examples', '?')} examples). "
+             f"Task `{task}`, figures on the **{split}** split "
+             f"({results[0][split].get('examples', results[0][split].get('pairs', '?'))} examples). "
              "Each row: the best validation checkpoint of one run.", *flags, "",
              "| run | start | trainable params | of total | train time | steps | "
              + " | ".join(c[1] for c in columns) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(columns)]
     shown_before = set()
     for r in results:
-        if task == "sft" and r.get("before") and r["init"] not in shown_before:  # the init model, once
+        if task != "classify" and r.get("before") and r["init"] not in shown_before:  # the init model, once
             shown_before.add(r["init"])
             before = r["before"].get(split, {})
             lines.append(f"| (before) {Path(r['init']).name} | pre-trained, not fine-tuned | 0 | — | — | 0 | "
@@ -112,7 +116,8 @@ def _plot(runs: list[Path], results: list[dict[str, Any]], task: str, split: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, heading = ("accuracy", "accuracy") if task == "classify" else ("rouge_l", "ROUGE-L")
+    key = HEADLINE[task]
+    heading = next(name for k, name, _ in COLUMNS[task] if k == key)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
         left.scatter(max(r["trainable_parameters"], 1), r[split].get(key, float("nan")), s=40)

@@ -244,7 +244,7 @@ class FinetuneTask:
         if self.chat_template == CHATML_TEMPLATE and self.given_tokenizer is None:
             self.tokenizer = self.tokenizer.with_special_tokens(CHAT_TOKENS)
         template = ChatTemplate(self.chat_template or PLAIN_TEMPLATE, self.tokenizer)
-        self.stop_token_ids = template.end_ids(self.tokenizer) if chat else []
+        self.stop_token_ids = list(template.end_ids) if chat else []
         self.pairs = {name: [c.last_turn(template) for c in split] if chat else split for name, split in splits.items()}
         self.splits = {}
         block = self.config.model.block_size
@@ -269,7 +269,7 @@ class FinetuneTask:
             raise DataError(f"{o.train}: some prompts are text and some are messages",
                             "give every prompt in one form")
         template = ChatTemplate(self.chat_template or PLAIN_TEMPLATE, self.tokenizer) if any(chat) else None
-        end_ids = template.end_ids(self.tokenizer) if template is not None else []
+        end_ids = template.end_ids if template is not None else []
         self.splits = {}
         for name, part in splits.items():
             examples = encode_preferences(self.tokenizer, template, part, self.config.model.block_size, self.bos,

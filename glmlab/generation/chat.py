@@ -52,7 +52,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 class ChatTemplate:
     """A compiled chat template and what it implies for generation: the special tokens that end a reply
-    (``end_tokens``) and, for the plain template, the stop strings."""
+    (``end_tokens``, and their ids in ``tokenizer``: ``end_ids``) and, for the plain template, the stop strings."""
 
     def __init__(self, source: str, tokenizer: Tokenizer | None = None) -> None:
         self.source = source
@@ -65,6 +65,7 @@ class ChatTemplate:
         self.plain = source == PLAIN_TEMPLATE
         self.stops = list(CHAT_STOPS) if self.plain else []
         self.end_tokens = self._end_tokens(tokenizer) if tokenizer is not None else []
+        self.end_ids = [tokenizer.hf.token_to_id(t) for t in self.end_tokens] if tokenizer is not None else []
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The text for ``messages`` (each ``{"role", "content"}``), with the assistant's opening when
@@ -93,9 +94,6 @@ class ChatTemplate:
         tail = text[text.rfind("\x00a") + 2:] if "\x00a" in text else ""
         specials = [t.content for t in tokenizer.hf.get_added_tokens_decoder().values() if t.special]
         return [token for token in specials if token and tail.startswith(token)][:1]
-
-    def end_ids(self, tokenizer: Tokenizer) -> list[int]:
-        return [i for i in (tokenizer.hf.token_to_id(t) for t in self.end_tokens) if i is not None]
 
     def assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """The whole conversation's text and the character span of each assistant reply in it (its content and

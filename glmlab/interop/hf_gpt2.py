@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
@@ -114,11 +115,11 @@ def hf_tokenizer(hf_dir: str | Path) -> Tokenizer:
 
 @dataclass
 class GPT2Checkpoint:
-    """A Hugging Face GPT-2 directory read as glmlab's `gpt`: its model section, weights (glmlab's names; the
-    LM head left to the tie) and tokenizer with its roles."""
+    """A Hugging Face GPT-2 directory read as glmlab's `gpt`: its model section, the model holding its weights
+    (the LM head tied to the embeddings) and its tokenizer with its roles."""
 
-    model: dict[str, Any]
-    state: dict[str, torch.Tensor]
+    section: dict[str, Any]
+    model: nn.Module
     tokenizer: Tokenizer
 
 
@@ -161,7 +162,7 @@ def read_gpt2(hf_dir: str | Path) -> GPT2Checkpoint:
     if missing or unexpected:
         raise GlmlabError(f"the weights in {hf_dir} do not fit a GPT-2 of this config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return GPT2Checkpoint(section, state, hf_tokenizer(hf_dir))
+    return GPT2Checkpoint(section, model, hf_tokenizer(hf_dir))
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
@@ -170,12 +171,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     if (out / CONFIG).exists():
         raise GlmlabError(f"{out} already holds a run", "choose another --out")
     checkpoint = read_gpt2(hf_dir)
-    run_config = resolve_config({"model": checkpoint.model})
-    model = build_model(run_config.model)
-    model.load_state_dict(checkpoint.state, strict=False)  # the LM head is tied to the embeddings
+    run_config = resolve_config({"model": checkpoint.section})
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.tokenizer.save(out / TOKENIZER)
-    save_weights(model, out / WEIGHTS)
+    save_weights(checkpoint.model, out / WEIGHTS)
     atomic.write_json(out / CONFIG, {**run_config.to_dict(), "special_tokens": checkpoint.tokenizer.special_tokens,
                                      "load": LoadSpec().to_dict(), "imported_from": str(hf_dir.resolve()),
                                      "glmlab_version": __version__})

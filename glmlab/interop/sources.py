@@ -68,5 +68,5 @@ def initial_weights(path: str | Path, checkpoint: str = "best") -> InitialWeight
                           "Hugging Face directory", "drop --init-checkpoint")
     gpt2 = read_gpt2(path)
     template = (_json(path / "tokenizer_config.json") or {}).get("chat_template")
-    return InitialWeights(str(path), "hf", gpt2.model, gpt2.state, gpt2.tokenizer,
+    return InitialWeights(str(path), "hf", gpt2.section, gpt2.model.state_dict(), gpt2.tokenizer,
                           template if isinstance(template, str) else None)

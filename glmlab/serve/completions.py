@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -45,7 +46,8 @@ async def completions(request: Request, served: ServedDep) -> Response:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, served: ServedDep) -> Response:
-    return await _answer(request, await _checked(request, served, P.chat_request), served)
+    return await _answer(request, await _checked(request, served, functools.partial(
+        P.chat_request, template=served.run.chat_template)), served)
 
 
 async def _checked(request: Request, served: Served, parse: Callable[..., P.GenerationRequest],
@@ -54,9 +56,6 @@ async def _checked(request: Request, served: Served, parse: Callable[..., P.Gene
     body = await served.body(request)
     served.check_model(Fields(body).string("model"))
     model = served.model
-    if parse is P.chat_request:
-        return P.chat_request(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits,
-                              model, served.run.chat_template)
     return parse(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits, model)
 
 

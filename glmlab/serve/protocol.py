@@ -481,7 +481,7 @@ def chat_request(body: dict[str, Any], tokenizer: Tokenizer, block_size: int, vo
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
     settings.logprobs = logprobs
     settings.stop = settings.stop + [s for s in template.stops if s not in settings.stop]
-    settings.stop_token_ids = template.end_ids(tokenizer)
+    settings.stop_token_ids = list(template.end_ids)
     settings.chat_reply = True  # stops apply to the reply after its leading whitespace; logprobs line up with it
     settings.grammar = structured_output(f, tokenizer, vocab_size)
     settings.logit_bias = logit_bias(f, vocab_size)

@@ -48,7 +48,7 @@ from glmlab.training.metrics import MetricsLog, plot_losses
 from glmlab.training.optim import make_optimizer
 from glmlab.training.phases import MaximumLikelihood, Optimisation, Phase, RunLog
 from glmlab.training.progress import Progress
-from glmlab.training.tasks import LanguageModelingTask, LossModule, Task  # noqa: F401 (LossModule: the API)
+from glmlab.training.tasks import LanguageModelingTask, Task
 from glmlab.version import __version__
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-import torch
 
 from glmlab.data.dataset import IGNORE_INDEX
 from glmlab.data.tokenizer import CHAT_TOKENS, Tokenizer
@@ -25,7 +24,7 @@ from glmlab.errors import GlmlabError
 from glmlab.finetune.conversations import Conversation, encode_conversations, pack
 from glmlab.finetune.run import finetune, resolve_finetune_config
 from glmlab.finetune.tasks import FinetuneOptions, FinetuneTask
-from glmlab.generation.chat import CHATML_TEMPLATE, PLAIN_TEMPLATE, TEMPLATE_FILE, ChatTemplate, render_chat
+from glmlab.generation.chat import CHAT_STOPS, CHATML_TEMPLATE, PLAIN_TEMPLATE, TEMPLATE_FILE, ChatTemplate, render_chat
 from glmlab.generation.generate import generate_batch
 from glmlab.generation.settings import GenerationSettings
 from glmlab.interop.hf_gpt2 import export_hf
@@ -121,7 +120,7 @@ def test_chat_finetune_grows_the_vocabulary_and_the_run_chats_in_chatml(pretrain
     prompt = template.render(messages)
     assert prompt == ("<|im_start|>user\nsay moon<|im_end|>\n<|im_start|>assistant\nmoon moon<|im_end|>\n"
                       "<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n")
-    settings = GenerationSettings(max_new_tokens=20, temperature=0, stop_token_ids=template.end_ids(run.tokenizer),
+    settings = GenerationSettings(max_new_tokens=20, temperature=0, stop_token_ids=template.end_ids,
                                   logprobs=0)
     [reply] = generate_batch(run.model, run.tokenizer, [prompt], settings)[0]
     assert reply.finish_reason == "stop" and reply.ended_at_eos and "<|im_end|>" not in reply.text
@@ -173,7 +172,7 @@ def test_plain_template_is_the_python_rendering():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]
     assert ChatTemplate(PLAIN_TEMPLATE).render(messages) == render_chat(messages)
-    assert ChatTemplate(PLAIN_TEMPLATE).stops and torch.is_tensor(torch.zeros(1))
+    assert ChatTemplate(PLAIN_TEMPLATE).stops == CHAT_STOPS
 
 
 def read_until(fd: int, marker: str, timeout: float = 60.0) -> str:

@@ -16,6 +16,7 @@ import torch
 from glmlab.cli import main
 from glmlab.errors import GlmlabError
 from glmlab.finetune.preferences import preference_loss, read_preferences
+from glmlab.finetune.report import write_report
 from glmlab.finetune.run import finetune
 from glmlab.finetune.tasks import FinetuneOptions
 from tests.conftest import metrics_records
@@ -115,6 +116,9 @@ def test_dpo_learns_the_preference_and_logs_rewards(pretrained, tmp_path):
     val = metrics_records(out, "val")
     assert val[-1]["reward_accuracy"] >= 0.9
     assert main(["generate", str(out), "--prompt", "say moon:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    report = write_report([out], tmp_path / "report").read_text()  # a dpo run reads as one: no KeyError 'dpo'
+    assert "preference accuracy" in report and "(before)" in report and f"{after['reward_accuracy']:.2%}" in report
+    assert (tmp_path / "report" / "metrics.png").is_file()
 
 
 def test_dpo_on_messages_uses_the_chat_template_and_refuses_bad_pairs(pretrained, tmp_path, capsys):

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from glmlab.cli import main
 from glmlab.data.dataset import RandomWindows, open_data_dir
 from glmlab.runs import load_run
-from tests.conftest import TINY_MODEL, TINY_TRAIN
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -173,4 +172,3 @@ def test_refusals(capsys, hf_dir, hf_data, trained_run, char_data, shakespeare_e
     assert "--init cannot be combined with --resume" in out
     out = refused("train", "--data", hf_data, "--out", tmp_path / "i", "--init", hf_dir, "--init-checkpoint", "last")
     assert "--init-checkpoint" in out
-    assert TINY_MODEL and TINY_TRAIN  # the shared tiny shapes stay importable for the other tests

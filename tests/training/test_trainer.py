@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from glmlab.errors import DataError, GlmlabError, RunDirError
 from glmlab.runs import load_run
-from glmlab.training.tasks import LanguageModelingTask
-from glmlab.training.trainer import LossModule, Trainer, train
+from glmlab.training.tasks import LanguageModelingTask, LossModule
+from glmlab.training.trainer import Trainer, train
 from tests.conftest import metrics_records, tiny_config
 
 
