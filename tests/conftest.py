@@ -13,6 +13,13 @@ from glmlab.data.corpus import default_corpus_path
 from glmlab.data.prepare import prepare
 from glmlab.training.trainer import train
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-examples", type=int, default=40, metavar="N",
+                     help="request bodies the server's fuzz test tries (default 40, a few seconds; e.g. 2000 for a "
+                          "long search with fresh random cases)")
+
+
 TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0"]
 TINY_TRAIN = ["train.batch_size=8", "train.eval_interval=20", "train.log_interval=5", "train.warmup_steps=5",
               "train.lr=3e-3", "train.sample_tokens=20", "train.eval_tokens=2048"]

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -130,9 +131,11 @@ class Tokenizer:
 
     def unencodable(self, text: str) -> list[str]:
         """The pieces of ``text`` (characters, or words for a word tokenizer) that map to ``<unk>``."""
+        return self._unknown(text, self.hf.encode(text, add_special_tokens=False))
+
+    def _unknown(self, text: str, enc: Any) -> list[str]:
         if self.unk_id is None:
             return []
-        enc = self.hf.encode(text, add_special_tokens=False)
         bad: list[str] = []
         for token_id, (start, end) in zip(enc.ids, enc.offsets, strict=True):
             piece = text[start:end]
@@ -141,15 +144,33 @@ class Tokenizer:
         return bad
 
     def encode_checked(self, text: str, what: str = "prompt") -> list[int]:
-        """Encode ``text``, refusing with a clear error if any part of it would become ``<unk>``."""
-        bad = self.unencodable(text)
+        """Encode ``text``, refusing with a clear error if any part of it would become ``<unk>``. Encoded once,
+        through ``encode_batch``, which releases the interpreter lock: a long text does not hold up the other
+        threads of a server meanwhile (``encode`` holds it)."""
+        enc = self.hf.encode_batch([text], add_special_tokens=False)[0]
+        bad = self._unknown(text, enc)
         if bad:
             shown = ", ".join(repr(p) for p in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
             unit = "words" if self.kind == "word" else "characters"
             raise EncodingError(f"the {what} contains {unit} this {self.kind} tokenizer cannot encode: {shown}",
                                 f"remove or replace them (the tokenizer knows {self.vocab_size} tokens from its "
                                 "training text), or prepare data with --tokenizer bpe, which encodes any text")
-        return self.encode(text)
+        return enc.ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int | None:
+        """The most characters one token can stand for (its longest vocabulary entry; a byte-level entry's
+        length is its bytes, at least its characters), so a text of ``n`` characters has at least
+        ``n / max_token_chars`` tokens: a bound on a text's length checked before encoding it. Known for a char
+        tokenizer and a BPE (byte-level or not: its unknown token stands for one character); None when the
+        tokenizer normalises text first (a normalizer may contract characters) or an unknown token may cover a
+        run of characters (a word, unigram or WordPiece tokenizer's: such text is refused as unencodable anyway,
+        but only after encoding)."""
+        model = json.loads(self.hf.to_str()).get("model", {})
+        bounded = self.kind == "char" or (model.get("type") == "BPE" and not model.get("fuse_unk"))
+        if self.hf.normalizer is not None or not bounded:
+            return None
+        return max(len(piece) for piece in self.hf.get_vocab(with_added_tokens=True))
 
     def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
         """A copy with ``tokens`` added as special tokens (new ids after the vocabulary) where they are missing."""

@@ -1,6 +1,6 @@
 """A run's model card for the playground and ``GET /v1/models/{id}``: family, size, tokenizer, training
 data and the latest training figures, read from the run directory, and what it can do (infill, decode left to
-right)."""
+right). It names files and folders, never where they are on the server's disk (no local paths in responses)."""
 
 from __future__ import annotations
 
@@ -30,18 +30,25 @@ def _metrics(run_dir: Path) -> dict[str, Any]:
 
 def _data(raw: dict[str, Any]) -> dict[str, Any]:
     data = dict(raw.get("data") or {})
-    meta_path = Path(data["dir"]) / "meta.json" if data.get("dir") else None
+    meta_path = Path(data["dir"]) / "meta.json" if isinstance(data.get("dir"), str) and data["dir"] else None
+    if "dir" in data:
+        data["dir"] = _name(data["dir"])
     if meta_path is not None and meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             meta = {}
         sources = meta.get("sources") or []
-        data["sources"] = [s.get("path", s) if isinstance(s, dict) else s for s in sources][:10]
+        data["sources"] = [_name(s.get("path", s) if isinstance(s, dict) else s) for s in sources][:10]
         splits = meta.get("splits") or {}
         if isinstance(splits, dict) and isinstance(splits.get("train"), dict):
             data["train_tokens"] = splits["train"].get("tokens")
     return data
+
+
+def _name(path: Any) -> Any:
+    """A path's last part (a file's or folder's name); anything else as it is."""
+    return Path(path).name if isinstance(path, str) and path else path
 
 
 def model_card(run: LoadedRun, name: str, checkpoint: str) -> dict[str, Any]:
@@ -56,7 +63,7 @@ def model_card(run: LoadedRun, name: str, checkpoint: str) -> dict[str, Any]:
         "training_data": _data(run.raw_config),
         "metrics": _metrics(run.run_dir),
         "checkpoint": checkpoint,
-        "run_dir": str(run.run_dir),
+        "run_dir": run.run_dir.resolve().name,
         "sentence_level": model.traits.sentence_level,
         "latent": model.traits.latent_dim > 0,
         # how it fills the middle before a completions request's suffix: "fim" (a gpt trained with

@@ -38,6 +38,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default 2048)")
     p.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) (default 16)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-header-bytes", type=int, default=32 * 1024, help="largest request line and headers, "
+                   "together; more is answered 431 (default 32 KiB)")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client may take to send a request's "
+                   "line and headers, and may pause inside its body; then 408 (default 10)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAME[,NAME...]",
+                   help="host names requests may carry in Host and Origin ('*': any). Default: on a loopback "
+                        "--host, localhost, 127.0.0.1 and ::1 only, so no web page, and no name pointed at this "
+                        "machine by another site (DNS rebinding), can use the server; on any other --host, any")
     p.add_argument("--checkpoint", default="best", metavar="best|last|step-N",
                    help="which weights to serve: best, last or a checkpoint's name (step-N), checked against its "
                         "checksum first")
@@ -49,6 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "HTTP server's never wait for each other's interpreter lock (the server keeps a second "
                         "copy of the model, on the CPU, for echo log-probabilities and the vae tools); thread: "
                         "one process (a bert run, which writes by mask-predict, is always served in one process)")
+    p.add_argument("--engine-restarts", type=int, default=3, metavar="N",
+                   help="an engine process that dies (e.g. killed for memory) fails the requests it held (503) and "
+                        "is started again, up to N times within a minute; one more and glmlab serve exits with an "
+                        "error, for a supervisor to act on (default 3; 0: exit at the first)")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (default 0: PyTorch's choice)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default warning)")
@@ -58,12 +70,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> None:
     positive = {"--port": args.port, "--max-batch": args.max_batch, "--max-queue": args.max_queue,
                 "--max-prompt-tokens": args.max_prompt_tokens, "--max-tokens": args.max_tokens,
-                "--max-n": args.max_n, "--max-body-bytes": args.max_body_bytes}
+                "--max-n": args.max_n, "--max-body-bytes": args.max_body_bytes,
+                "--max-header-bytes": args.max_header_bytes}
     for flag, value in positive.items():
         if value < 1 and not (flag == "--port" and value == 0):
             raise GlmlabError(f"{flag} {value} must be at least 1", f"give {flag} a positive number")
     if not 0 <= args.port <= 65535:
         raise GlmlabError(f"--port {args.port} is not a TCP port", "use a port between 1 and 65535")
+    if not args.read_timeout > 0 or args.read_timeout == float("inf"):
+        raise GlmlabError(f"--read-timeout {args.read_timeout} must be a positive number of seconds", "e.g. 10")
+    if args.engine_restarts < 0:
+        raise GlmlabError(f"--engine-restarts {args.engine_restarts} must be >= 0", "use 0 to exit at the first death")
     if args.threads < 0:
         raise GlmlabError(f"--threads {args.threads} must be >= 0", "use 0 for PyTorch's default")
     if args.api_key is not None and not args.api_key.strip():
@@ -75,12 +92,28 @@ def _check(args: argparse.Namespace) -> None:
         checked_api_key(key)  # before the model loads
 
 
-def _warn_if_exposed(host: str, api_key: str | None) -> None:
+def _loopback(host: str) -> bool:
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = host == "localhost"
-    if not loopback and api_key is None:
+        return host == "localhost"
+
+
+def allowed_hosts(flag: str | None, host: str) -> tuple[str, ...]:
+    """The Host/Origin names to accept: ``--allowed-hosts``, else this machine's names on a loopback --host (with
+    --host itself), else any."""
+    from glmlab.serve.context import ANY_HOST, LOOPBACK_HOSTS
+
+    if flag is not None:
+        names = tuple(name.strip() for name in flag.split(",") if name.strip())
+        if not names:
+            raise GlmlabError("--allowed-hosts is empty", "give host names separated by commas, or '*' for any")
+        return names
+    return tuple(dict.fromkeys((*LOOPBACK_HOSTS, host))) if _loopback(host) else (ANY_HOST,)
+
+
+def _warn_if_exposed(host: str, api_key: str | None) -> None:
+    if not _loopback(host) and api_key is None:
         print(f"glmlab serve: note: listening on {host} without --api-key: anyone who can reach this address "
               "can use the model", file=sys.stderr)
 
@@ -115,6 +148,7 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     from glmlab.runtime import select_device
     from glmlab.serve.app import ServeOptions, create_app
     from glmlab.serve.fields import Limits
+    from glmlab.serve.http import ConnectionLimits, server_config
     from glmlab.serve.scheduler import SchedulerStopped
 
     api_key = args.api_key if args.api_key is not None else (os.environ.get("GLMLAB_API_KEY") or None)
@@ -133,7 +167,9 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
                            limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                          max_n=args.max_n, max_body_bytes=args.max_body_bytes),
                            checkpoint=args.checkpoint, engine=args.engine, decode_weights=args.decode_weights,
-                           engine_device=str(device))
+                           engine_device=str(device), engine_restarts=args.engine_restarts,
+                           allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+                           connection=ConnectionLimits(args.max_header_bytes, args.read_timeout))
     app = create_app(run, options)
     if app.state.served.engine == "process":  # load the engine's copy now: an error here, not in uvicorn's startup
         try:
@@ -147,8 +183,14 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"glmlab serve: {name} ({run.config.model.family}) on http://{shown}:{port}/  "
           f"(playground at /, API at /v1, metrics at /metrics; Ctrl-C stops)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(server_config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    scheduler = app.state.scheduler
+    if app.state.served.engine == "process":  # an engine that keeps dying stops the server (a supervisor restarts it)
+        scheduler.on_give_up = lambda: setattr(server, "should_exit", True)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it stopped on: the normal end
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
+    if getattr(scheduler, "gave_up", False):
+        raise GlmlabError(f"the server stopped: {scheduler.failure}", "the log above says why the engine died "
+                          "(often memory: a smaller --max-batch, or --decode-weights int8 on a CPU)")
     print("glmlab serve: stopped", file=sys.stderr)
     return 0

@@ -52,11 +52,13 @@ async def chat_completions(request: Request, served: ServedDep) -> Response:
 
 async def _checked(request: Request, served: Served, parse: Callable[..., P.GenerationRequest],
                    ) -> P.GenerationRequest:
-    """The request's body read, its model name checked, and parsed by ``parse`` (completions' or chat's)."""
+    """The request's body read, its model name checked, and parsed by ``parse`` (completions' or chat's) on a
+    worker thread: encoding a long prompt takes a while, and the event loop serves every other stream meanwhile."""
     body = await served.body(request)
     served.check_model(Fields(body).string("model"))
     model = served.model
-    return parse(body, served.tokenizer, model.block_size, model.vocab_size, served.start, served.limits, model)
+    return await asyncio.to_thread(parse, body, served.tokenizer, model.block_size, model.vocab_size, served.start,
+                                   served.limits, model)
 
 
 async def _answer(request: Request, req: P.GenerationRequest, served: Served) -> Response:

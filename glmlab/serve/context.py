@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
+from starlette.requests import ClientDisconnect
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
@@ -25,9 +27,13 @@ from glmlab.runs import LoadedRun
 from glmlab.serve.card import model_card
 from glmlab.serve.engine_process import EngineSpec, ProcessScheduler
 from glmlab.serve.fields import APIError, Limits, bad_request, parse_json, too_large
+from glmlab.serve.http import ConnectionLimits
 from glmlab.serve.metrics import Metrics, server_metrics
 from glmlab.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped
 
+log = logging.getLogger("glmlab.serve")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the names a browser uses for this machine
+ANY_HOST = "*"
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -44,10 +50,17 @@ class ServeOptions:
     # a model that does not decode left to right, a bert, has nothing to decode there: its thread runs mask-predict)
     decode_weights: str = "native"  # what the engine process decodes with (glmlab serve --decode-weights)
     engine_device: str | None = None  # where the engine process decodes; None: the served model's device
+    engine_restarts: int = 3  # deaths of the engine process within a minute that are restarted; then it gives up
+    connection: ConnectionLimits = ConnectionLimits()  # a request's head size and read timeouts
+    # the Host (and Origin) names requests may carry: a page on another site, or a name rebound to this address,
+    # cannot use a server meant for this machine; ("*",) allows any (glmlab serve --allowed-hosts)
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
 
     def __post_init__(self) -> None:
         if self.api_key is not None:
             object.__setattr__(self, "api_key", checked_api_key(self.api_key))
+        object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower().strip("[]") for h in self.allowed_hosts
+                                                        if h.strip()))
 
 
 def checked_api_key(key: str) -> str:
@@ -83,7 +96,8 @@ class Served:
         if self.engine == "process":
             spec = EngineSpec(str(run.run_dir), options.checkpoint, options.engine_device or str(run.device),
                               options.decode_weights, torch.get_num_threads())
-            self.scheduler = ProcessScheduler(spec, options.max_batch, options.max_queue, self.deliver)
+            self.scheduler = ProcessScheduler(spec, options.max_batch, options.max_queue, self.deliver,
+                                              max_restarts=options.engine_restarts)
         elif self.engine == "thread":
             self.scheduler = Scheduler(run.model, run.tokenizer, options.max_batch, options.max_queue, self.deliver)
         else:
@@ -128,13 +142,27 @@ class Served:
     # --- for the endpoints --------------------------------------------------------------------------------
 
     async def body(self, request: Request) -> dict[str, Any]:
-        """The request's JSON object, read within the body-size limit."""
+        """The request's JSON object, read within the body-size limit. Only a body sent as JSON is read: a form
+        or ``text/plain`` POST is what any web page may send to this machine without asking (a "simple request").
+        A client that goes away before its body ends is answered 499 (nobody reads it), one log line."""
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise APIError(415, f"the request body must be JSON sent as 'Content-Type: application/json', not "
+                                f"{media_type or 'without a Content-Type'} (curl: -H 'Content-Type: application/json')",
+                           code="unsupported_media_type")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.limits.max_body_bytes:
-                raise too_large(self.limits)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.limits.max_body_bytes:
+                    raise too_large(self.limits)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            if request.scope.get("glmlab.timed_out"):  # the connection answered 408 already (glmlab.serve.http)
+                raise APIError(408, "the request body stopped arriving", code="request_timeout") from None
+            log.warning("a client went away before sending its whole body (%s of %s bytes): 499", size,
+                     request.headers.get("content-length", "?"))
+            raise APIError(499, "the client closed the connection", code="client_closed_request") from None
         return parse_json(b"".join(chunks), self.limits)
 
     def check_model(self, name: str | None) -> None:
@@ -176,9 +204,13 @@ class Served:
                           "rate_limit_error", code="queue_full",
                           headers={"Retry-After": str(self.options.retry_after)})
 
-    def unavailable(self, exc: BaseException) -> APIError:
-        return APIError(503, f"the model is not available: {exc}", "server_error", code="unavailable",
-                          headers={"Retry-After": str(self.options.retry_after)})
+    def unavailable(self, exc: BaseException, logged: bool = True) -> APIError:
+        """A 503 for a request the model could not serve: what went wrong goes to the log, not to the client."""
+        if logged:
+            log.warning("a request failed: the model is not available: %s", exc)
+        return APIError(503, f"the model is not available right now; retry after {self.options.retry_after} s "
+                             "(the server's log says why)", "server_error", code="unavailable",
+                        headers={"Retry-After": str(self.options.retry_after)})
 
 
 def _put_all(pairs: list[tuple[Job, Any]]) -> None:

@@ -20,6 +20,10 @@ process, when their events arrive.
 
 Work that is not decoding (a prompt's log-probabilities for ``echo``, a VAE's latent tools) runs in the
 server's process on its own copy of the model, one call at a time (:meth:`ProcessScheduler.call`).
+
+An engine that dies (killed for memory, a crash) fails the requests it held with a 503 and is started again; one
+that dies more than ``max_restarts`` times within :data:`RESTART_WINDOW` seconds is not, and the server is told
+(:attr:`ProcessScheduler.on_give_up`: ``glmlab serve`` then exits non-zero, so a supervisor can act).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import multiprocessing
 import signal
 import threading
@@ -40,6 +45,9 @@ from glmlab.generation.continuous import RowEvent
 from glmlab.serve.metrics import Metrics
 from glmlab.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped, account
 
+log = logging.getLogger("glmlab.serve")
+MAX_RESTARTS = 3  # engine deaths within RESTART_WINDOW that are restarted (glmlab serve --engine-restarts)
+RESTART_WINDOW = 60.0  # seconds
 STARTUP_TIMEOUT = 600.0  # seconds for the engine to import PyTorch and load the run
 
 
@@ -146,8 +154,10 @@ class ProcessScheduler:
     on whatever they close over (the server's own copy of the model)."""
 
     def __init__(self, spec: EngineSpec, slots: int, max_queue: int,
-                 deliver: Callable[[list[tuple[Job, Any]]], None], metrics: Metrics | None = None) -> None:
+                 deliver: Callable[[list[tuple[Job, Any]]], None], metrics: Metrics | None = None,
+                 max_restarts: int = MAX_RESTARTS) -> None:
         self.spec, self.slots, self.max_queue, self.deliver = spec, slots, max_queue, deliver
+        self.max_restarts = max_restarts
         self.metrics = metrics
         self.failure: str | None = None
         self._jobs: dict[int, Job] = {}  # requests in the engine, by the key they travel under
@@ -163,6 +173,10 @@ class ProcessScheduler:
         self._stopping = False
         self._calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glmlab-calls")
         self._pending_calls = 0
+        self._deaths: list[float] = []  # when the engine died, within the last RESTART_WINDOW seconds
+        self.restarts = 0
+        self.gave_up = False  # the engine died too often: no more restarts
+        self.on_give_up: Callable[[], None] | None = None  # called (from the reader thread) when it gives up
 
     # --- Scheduler's interface ------------------------------------------------------------------------------
 
@@ -313,6 +327,44 @@ class ProcessScheduler:
         stopped = SchedulerStopped(self.failure or "the server is shutting down")
         if left:
             self.deliver([(job, stopped) for job in left])
+        if not self._stopping:
+            self._restart()
+
+    def _restart(self) -> None:
+        """Start a new engine after the old one died (its zombie reaped), unless it died too often."""
+        if self._process is not None:
+            self._process.join(timeout=5)
+        code = self._process.exitcode if self._process is not None else None
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW] + [now]
+        if len(self._deaths) > self.max_restarts:
+            deaths = len(self._deaths)
+            self._give_up(f"the engine process died {deaths} time{'s' if deaths > 1 else ''} within "
+                          f"{RESTART_WINDOW:.0f} s, more than the {self.max_restarts} restarts allowed (glmlab serve "
+                          f"--engine-restarts); last exit code {code}")
+            return
+        log.warning("the engine process exited (code %s); starting a new one", code)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        self._process = self._reader = None
+        self._depth = self._active = 0
+        try:
+            self.start()
+        except SchedulerStopped as exc:
+            self._give_up(f"the engine process died and could not be started again: {exc}")
+            return
+        if self._stopping:  # the server stopped while the new engine loaded
+            self.stop()
+            return
+        self.restarts += 1
+        self.failure = None
+        log.warning("the engine process is running again (restart %d)", self.restarts)
+
+    def _give_up(self, why: str) -> None:
+        self.failure, self.gave_up = why, True
+        log.error("glmlab serve: %s", why)
+        if self.on_give_up is not None:
+            self.on_give_up()
 
     def _arrived(self, items: list[tuple[int, Any]], stats: tuple) -> None:
         depth, active, steps, cancelled = stats

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +40,60 @@ class Limits:
     max_stop: int = 16
 
 
+MAX_DEPTH = 64  # nesting of JSON arrays and objects: messages need 5, a JSON schema for response_format more
+
+
 def parse_json(raw: bytes, limits: Limits) -> dict[str, Any]:
-    """The request body as a JSON object; 413 when too large, 400 when not JSON or not an object."""
+    """The request body as a JSON object; 413 when too large, 400 when not JSON, not an object, nested deeper
+    than :data:`MAX_DEPTH`, holding a number Python will not read (over 4,300 digits) or a string that is not
+    Unicode text (a lone surrogate such as ``"\\ud800"``, which no tokenizer can read)."""
     if len(raw) > limits.max_body_bytes:
         raise too_large(limits)
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        body = None  # deeper than the parser goes: refused below with the shallower ones
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        raise bad_request(f"the request body is not valid JSON ({str(exc)[:200]})", code="invalid_json") from None
+    if body is None or _depth(body) > MAX_DEPTH:
+        raise bad_request(f"the request body nests arrays and objects more than {MAX_DEPTH} deep", code="invalid_json")
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    if b"\\u" in raw or b"\\U" in raw:  # only an escape can spell a lone surrogate in valid UTF-8
+        where = _surrogate(body, "")
+        if where is not None:
+            raise bad_request(f"{where or 'a key'} holds a lone UTF-16 surrogate (an escape such as \"\\ud800\" "
+                              "with no pair), which is not text", where or None, "invalid_text")
     return body
+
+
+def _depth(value: Any) -> int:
+    """How deep ``value``'s arrays and objects nest (walked without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _surrogate(value: Any, where: str) -> str | None:
+    """The field path of the first string (or key) in ``value`` holding a lone surrogate; None if there is none."""
+    if isinstance(value, str):
+        return where if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return where or "a key"
+        found = _surrogate(item, path)
+        if found is not None:
+            return found
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def too_large(limits: Limits) -> APIError:
@@ -71,8 +115,15 @@ class Fields:
         value = self.body.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise bad_request(f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad_request(f"{name} must be a number, got {json.dumps(value)[:80]}", name, "invalid_type")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            raise bad_request(f"{name} must be a finite number, got {json.dumps(value)[:80]}", name, "invalid_type")
+        value = number
         if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
             raise bad_request(f"{name}={value} is out of range: it must be {_range(lo, hi, lo_open)}", name,
                               "invalid_value")

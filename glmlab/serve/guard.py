@@ -1,9 +1,11 @@
-"""What every request passes through before an endpoint: the API key and body-size checks, per-request metrics
-(:class:`Guard`, a plain ASGI middleware that leaves streaming alone), and how errors are answered: OpenAI's
-shape, a 4xx status for the client's mistakes and 5xx only for the server's own faults."""
+"""What every request passes through before an endpoint: the Host and Origin, API key and body-size checks,
+per-request metrics (:class:`Guard`, a plain ASGI middleware that leaves streaming alone), and how errors are
+answered: OpenAI's shape, a 4xx status for the client's mistakes and 5xx only for the server's own faults, whose
+details go to the log, never to the client."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -13,10 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glmlab.serve.context import ServeOptions
+from glmlab.serve.context import ANY_HOST, ServeOptions
 from glmlab.serve.fields import APIError, too_large
 from glmlab.serve.metrics import Metrics
 
+log = logging.getLogger("glmlab.serve")
 OPEN_PATHS = ("/health",)  # answered without an API key
 STATIC_PREFIXES = ("/static/",)  # the playground's files: no data in them; its API calls carry the key
 ENDPOINTS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
@@ -59,6 +62,9 @@ class Guard:
 
     def _refusal(self, scope: dict) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        foreign = self._foreign(headers)
+        if foreign is not None:
+            return foreign
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.options.limits.max_body_bytes:
             return too_large(self.options.limits)
@@ -73,6 +79,38 @@ class Guard:
             return APIError(401, "the API key is wrong: send the key given to glmlab serve --api-key",
                               "invalid_request_error", code="invalid_api_key")
         return None
+
+    def _foreign(self, headers: dict[str, str]) -> APIError | None:
+        """A 403 for a request naming a host this server is not (DNS rebinding: a site's name pointed at this
+        machine), or sent by a page of another site (its ``Origin``): without a key, such a page could use a model
+        served on ``localhost``."""
+        allowed = self.options.allowed_hosts
+        if ANY_HOST in allowed:
+            return None
+        for header in ("host", "origin"):
+            value = headers.get(header)
+            if value is None:
+                continue
+            name = host_name(value, header == "origin")
+            if name not in allowed:
+                return APIError(403, f"this server answers requests for {', '.join(allowed)}, not the {header} "
+                                     f"{value[:100]!r} (glmlab serve --allowed-hosts NAME adds a name)",
+                                code="host_not_allowed")
+        return None
+
+
+def host_name(value: str, origin: bool) -> str:
+    """The lower-cased host name of a ``Host`` header (``name[:port]``, ``[v6][:port]``) or an ``Origin``
+    (``scheme://host[:port]``; ``null`` for pages with no origin)."""
+    value = value.strip().lower()
+    if origin:
+        scheme, sep, value = value.partition("://")
+        if not sep:
+            return value  # "null"
+        value = value.split("/", 1)[0]
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
 
 
 def answer_errors(app: FastAPI) -> None:
@@ -93,5 +131,6 @@ def answer_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(APIError(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
-                                         code="internal_error"))
+        # the client learns that it failed, not how: the traceback goes to the log (uvicorn writes it)
+        return error_response(APIError(500, "internal server error: the request failed in the server (its log says "
+                                            "why)", "server_error", code="internal_error"))

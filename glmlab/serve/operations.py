@@ -17,7 +17,7 @@ router = APIRouter()
 async def health(served: ServedDep) -> JSONResponse:
     scheduler = served.scheduler
     if not scheduler.alive:
-        raise served.unavailable(RuntimeError(scheduler.failure or "the model thread is not running"))
+        raise served.unavailable(RuntimeError(scheduler.failure or "the model thread is not running"), logged=False)
     return JSONResponse({"status": "ok", "model": served.options.model_name})
 
 

@@ -103,11 +103,11 @@ def logit_bias(f: Fields, vocab_size: int) -> dict[int, float]:
                           "invalid_type")
     out = {}
     for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12 else -1
         if not 0 <= token < vocab_size or isinstance(bias, bool) or not isinstance(bias, int | float) \
                 or not -100 <= bias <= 100:
-            raise bad_request(f"logit_bias[{json.dumps(key)}]={json.dumps(bias)}: keys are token ids of this model "
-                              f"(0..{vocab_size - 1}), values biases between -100 and 100", "logit_bias",
+            raise bad_request(f"logit_bias[{json.dumps(key)[:40]}]={json.dumps(bias)[:40]}: keys are token ids of "
+                              f"this model (0..{vocab_size - 1}), values biases between -100 and 100", "logit_bias",
                               "invalid_value")
         out[token] = float(bias)
     return out
@@ -224,6 +224,7 @@ def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab
     if isinstance(prompt, str):
         if not prompt and not may_be_empty:
             raise bad_request(f"{param} is empty; give some text to continue", param, "empty_prompt")
+        check_length(tokenizer, prompt, limits, param)
         try:
             ids = tokenizer.encode_checked(prompt)
         except GlmlabError as exc:
@@ -247,6 +248,16 @@ def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab
     return Prompt(text, ids[-keep:], len(ids), ids, added, isinstance(prompt, str), prompt)
 
 
+def check_length(tokenizer: Tokenizer, text: str, limits: Limits, param: str) -> None:
+    """Refuse a text too long for --max-prompt-tokens by its characters alone, before the work of encoding it:
+    a token stands for at most ``tokenizer.max_token_chars`` characters."""
+    most = tokenizer.max_token_chars
+    if most is not None and len(text) > limits.max_prompt_tokens * most:
+        raise bad_request(f"{param} has {len(text)} characters, so more than {limits.max_prompt_tokens} tokens (a "
+                          f"token of this tokenizer is at most {most} characters); this server accepts at most "
+                          f"{limits.max_prompt_tokens} (glmlab serve --max-prompt-tokens)", param, "prompt_too_long")
+
+
 def check_suffix(f: Fields, model: LanguageModel | None, tokenizer: Tokenizer, limits: Limits) -> str | None:
     """``suffix`` (OpenAI's insertion: the text after the one to write), checked: a string this tokenizer
     encodes, within --max-prompt-tokens, for a run that can fill in the middle (a gpt trained with
@@ -260,6 +271,7 @@ def check_suffix(f: Fields, model: LanguageModel | None, tokenizer: Tokenizer, l
         raise bad_request(f"suffix: {what} cannot fill in the middle (only a glm, a bert or a gpt trained with "
                           "train.fim_rate > 0 can); drop suffix to continue the prompt", "suffix",
                           "unsupported_parameter")
+    check_length(tokenizer, suffix, limits, "suffix")
     try:
         ids = tokenizer.encode_checked(suffix, "suffix")
     except GlmlabError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,8 @@ from glmlab.generation.continuous import RowEvent
 from glmlab.generation.engine import TokenLogprob
 from glmlab.generation.text import IncrementalText, text_offsets
 from glmlab.serve.protocol import GenerationRequest, Prompt
+
+log = logging.getLogger("glmlab.serve")
 
 
 def new_id(prefix: str) -> str:
@@ -156,9 +159,10 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
         while not queue.empty() and not isinstance(items, BaseException):  # a slow reader: send what piled up
             more = queue.get_nowait()
             items = more if isinstance(more, BaseException) else items + more
-        if isinstance(items, BaseException):
-            yield sse({"error": {"message": f"generation failed: {items}", "type": "server_error", "param": None,
-                                   "code": "generation_failed"}})
+        if isinstance(items, BaseException):  # what failed goes to the log, not to the client
+            log.warning("a streamed request failed: %s", items)
+            yield sse({"error": {"message": "generation failed in the server (its log says why); retry the request",
+                                 "type": "server_error", "param": None, "code": "generation_failed"}})
             break
         for r, event in merge_events(items):
             generated += len(event.token_ids)

@@ -4,6 +4,8 @@ tokenizer reads, so it needs no copy of the tokenizer and no hub)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -32,15 +34,21 @@ async def tokenize(request: Request, served: ServedDep) -> JSONResponse:
     if not isinstance(text, str):
         raise bad_request("prompt must be a string", "prompt", "invalid_type")
     tokenizer = served.tokenizer
-    try:
+    start = served.start if f.boolean("add_special_tokens", True) else None
+    f.boolean("return_token_strs", False)  # token_strs come with every answer
+
+    def tokenized() -> JSONResponse:  # on a worker thread, off the event loop: a long text takes a while
         ids = tokenizer.encode_checked(text)
+        if start is not None:
+            ids = [start, *ids]
+        texts = {i: tokenizer.decode([i], skip_special_tokens=False) for i in set(ids)}  # each distinct id once
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": served.model.block_size,
+                             "token_strs": [texts[i] for i in ids]})  # rendered here too
+
+    try:
+        return await asyncio.to_thread(tokenized)
     except GlmlabError as exc:
         raise bad_request(exc.problem, "prompt", "unencodable_prompt") from None
-    if f.boolean("add_special_tokens", True) and served.start is not None:
-        ids = [served.start, *ids]
-    f.boolean("return_token_strs", False)  # token_strs come with every answer
-    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": served.model.block_size,
-                         "token_strs": [tokenizer.decode([i], skip_special_tokens=False) for i in ids]})
 
 
 @router.post("/detokenize")

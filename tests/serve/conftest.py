@@ -18,6 +18,7 @@ from glmlab.data.prepare import prepare
 from glmlab.runs import load_run
 from glmlab.serve.app import ServeOptions, create_app
 from glmlab.serve.fields import Limits
+from glmlab.serve.http import server_config
 from glmlab.training.trainer import train
 
 OPTIONS = ServeOptions(model_name="tiny", max_batch=8, max_queue=64, limits=Limits(max_prompt_tokens=200,
@@ -30,8 +31,8 @@ class LiveServer:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False, timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(server_config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                   timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -215,16 +215,19 @@ def test_overload_is_answered_429_with_retry_after(make_server):
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 2}).status_code == 200
 
 
-def test_a_failed_decoding_step_is_a_503_and_the_server_goes_on(make_server):
+def test_a_failed_decoding_step_is_a_503_and_the_server_goes_on(make_server, capsys):
     server = make_server()
     batch = server.scheduler.batch
 
     def broken(publish=None):
-        raise RuntimeError("simulated failure")
+        raise RuntimeError("simulated failure in /home/someone/glmlab/model.py")
 
     batch.step = broken  # this batch fails; the scheduler starts a fresh one after it
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 3}, timeout=60)
-    assert r.status_code == 503 and "simulated failure" in r.json()["error"]["message"]
+    # the client learns that it failed and when to retry; what failed, and where, goes to the log only
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "simulated" not in r.text and "/home" not in r.text and "retry" in r.json()["error"]["message"]
+    assert "simulated failure" in capsys.readouterr().err
     assert server.scheduler.batch is not batch
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200 and httpx.get(server.url + "/health").status_code == 200

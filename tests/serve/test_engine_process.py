@@ -4,8 +4,6 @@ the one-process server, and its failures are clear."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
 from dataclasses import replace
 
 import httpx2 as httpx
@@ -94,17 +92,6 @@ def test_an_engine_that_cannot_load_the_run_is_a_clear_error(tmp_path):
     with pytest.raises(SchedulerStopped, match="could not load the run: .*does not exist"):
         scheduler.start()
     assert not scheduler.alive
-
-
-def test_a_dead_engine_is_a_503_with_the_reason(trained_run, make_server):
-    server = make_server(engine="process")
-    assert httpx.get(server.url + "/health").status_code == 200
-    os.kill(server.scheduler.pid, signal.SIGKILL)
-    wait_for(lambda: not server.scheduler.alive)
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 2}, timeout=30)
-    assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"]
-    health = httpx.get(server.url + "/health")
-    assert health.status_code == 503 and "engine process exited" in health.json()["error"]["message"]
 
 
 def test_overload_is_answered_429_by_the_server_process(make_server):

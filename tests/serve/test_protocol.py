@@ -40,7 +40,7 @@ def test_a_prompt_longer_than_the_context_keeps_its_end():
     ({"prompt": "ab", "n": 2, "best_of": 3}, "best_of", "not supported"),
     ({"prompt": ["ab"] * 4, "n": 2}, "n", "at most 6"),
     ({"prompt": "ab", "max_tokens": True}, "max_tokens", "must be an integer"),
-    ({"prompt": "ab", "temperature": float("nan")}, "temperature", "must be a number"),
+    ({"prompt": "ab", "temperature": float("nan")}, "temperature", "must be a finite number"),
     ({"prompt": "ab", "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
     ({"prompt": "ab", "stop": ["x"] * 17}, "stop", "at most 16"),
     ({"prompt": "ab", "min_tokens": 20, "max_tokens": 10}, "min_tokens", "<= 10"),
