@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give ``path`` the permissions a new file gets (0666 less the umask)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically."""
@@ -43,6 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
+        usual_permissions(tmp_path)  # again: a writer may have replaced the file (safetensors writes 0600)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -66,5 +73,25 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Atomically write ``path`` with a function that writes to a given (temporary) path."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, os_errors(path):
         writer(tmp)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def os_errors(path: str | Path) -> Iterator[None]:
+    """A library's own exception that reports an operating-system error (safetensors' ``SafetensorError: ... I/O
+    error: No space left on device (os error 28)``) raised as the :class:`OSError` it is, so a full disk gets the
+    one clear message every other write gets."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        match = _OS_ERROR.search(str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc

@@ -399,10 +399,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise GlmlabError(f"--{flag.replace('_', '-')} applies to lm-eval tasks", "add --tasks NAMES, or drop it")
     from glmlab.evaluation.report import SentenceReport, evaluate_run
 
+    notes: list[str] = []
     report, label = evaluate_run(args.run_dir, split=args.split, file=args.file, data_dir=args.data,
                                  stride=args.stride, batch_size=args.batch_size, checkpoint=args.checkpoint,
                                  device=args.device, samples=args.samples, bleu_sentences=args.bleu_sentences,
-                                 seed=args.seed)
+                                 seed=args.seed, notes=notes)
+    for note in notes:
+        print(f"glmlab eval: warning: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps({"target": label, **report.to_dict()}, indent=2))
     elif isinstance(report, SentenceReport):  # a block that names its target

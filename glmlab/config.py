@@ -111,6 +111,10 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a dict, with clear errors for missing or malformed files."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a directory, not a YAML file",
+                          "give the config file itself (a run's settings are in RUN/config.json: train --init RUN "
+                          "or --resume reads them)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", "check the path given to --config")
     try:

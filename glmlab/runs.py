@@ -239,9 +239,13 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
                           "point to a directory written by glmlab train")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return config_from_dict(raw), raw
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RunDirError(f"{path} is corrupted (not JSON)", "restore it from a backup or retrain") from None
+    if not isinstance(raw, dict):
+        raise RunDirError(f"{path} holds JSON of the wrong shape ({type(raw).__name__}, not an object of config "
+                          "sections)", "restore it from a backup or retrain")
+    try:
+        return config_from_dict(raw), raw
     except GlmlabError as exc:
         raise RunDirError(f"{path} holds an invalid config: {exc.problem}", "restore it or retrain") from None
 
@@ -380,6 +384,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     model = build_model(config.model, sentences=spec.sentence_level)
     if spec.fim_rate > 0:
         model.traits = model.traits.filling_in_the_middle()
+    if tokenizer.vocab_size > model.vocab_size:  # its ids past the model's would fail mid-request, not here
+        raise RunDirError(f"{run_dir / TOKENIZER} has {tokenizer.vocab_size} ids but the model's vocabulary has "
+                          f"{model.vocab_size}: the two do not belong together",
+                          "restore the run's own tokenizer.json (the data directory it was trained on has it)")
     load_weights_as_written(model, spec, weights_path(run_dir, checkpoint))
     model.to(device).eval()
     return LoadedRun(model, tokenizer, config, run_dir, raw)

@@ -14,7 +14,12 @@ def select_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA if present, else CPU; an explicit device that is not there is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # PyTorch lists two dozen backends: say which ones glmlab runs on
+        raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"glmlab does not run on {device.type!r} devices", "use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for but CUDA is not available here",
                           "use train.device=auto or cpu")

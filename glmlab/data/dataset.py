@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,12 @@ class DataDir:
     path: Path
     meta: dict[str, Any]
     tokenizer: Tokenizer
+    checked: set[str] = field(default_factory=set)  # splits whose ids were found within the vocabulary
 
     def tokens(self, split: str) -> np.ndarray:
+        """A split's ids as a memmap, checked once: its file's size against meta.json's count, and every id
+        against the vocabulary (a vectorised max: a file holding ids past it crashed training mid-run, or went
+        unnoticed)."""
         if split not in self.meta["splits"]:
             raise DataError(f"data directory {self.path} has no split '{split}'",
                             f"use one of: {', '.join(self.meta['splits'])}")
@@ -38,7 +42,15 @@ class DataDir:
         if not file.is_file() or file.stat().st_size != expected:
             raise DataError(f"{file} is missing or truncated (expected {expected:,} bytes)",
                             "re-run glmlab prepare for this data directory")
-        return np.memmap(file, dtype=self.meta["dtype"], mode="r")
+        ids = np.memmap(file, dtype=self.meta["dtype"], mode="r")
+        if split not in self.checked:
+            top = int(ids.max())
+            if top >= self.tokenizer.vocab_size:
+                raise DataError(f"{file} holds token id {top}, outside the vocabulary of {self.tokenizer.vocab_size} "
+                                f"ids (tokenizer.json): it was not written with this tokenizer, or is damaged",
+                                "re-run glmlab prepare for this data directory")
+            self.checked.add(split)
+        return ids
 
     def split_stats(self, split: str) -> dict[str, int]:
         return self.meta["splits"][split]
@@ -57,10 +69,35 @@ def open_data_dir(path: str | Path) -> DataDir:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{meta_file} is corrupted", "re-run glmlab prepare") from None
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise DataError(f"{meta_file} is not what glmlab prepare writes: {problem}", "re-run glmlab prepare")
     if meta.get("version") != META_VERSION:
         raise DataError(f"{path} was prepared by another glmlab version (format {meta.get('version')})",
                         "re-run glmlab prepare")
-    return DataDir(path, meta, Tokenizer.from_file(path / "tokenizer.json", meta.get("special_token_roles")))
+    tokenizer = Tokenizer.from_file(path / "tokenizer.json", meta.get("special_token_roles"))
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise DataError(f"{meta_file} says the vocabulary has {meta['vocab_size']} ids, its tokenizer.json has "
+                        f"{tokenizer.vocab_size}: they are not from the same prepare", "re-run glmlab prepare")
+    return DataDir(path, meta, tokenizer)
+
+
+def meta_problem(meta: Any) -> str | None:
+    """What is wrong with the shape of a meta.json's content (None: nothing)."""
+    if not isinstance(meta, dict):
+        return f"a {type(meta).__name__}, not an object"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits or not all(
+            isinstance(s, dict) and isinstance(s.get("tokens"), int) and s["tokens"] >= 0 for s in splits.values()):
+        return "its 'splits' are not {name: {\"tokens\": count, ...}}"
+    vocab = meta.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        return f"vocab_size {vocab!r} is not a positive integer"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {meta.get('dtype')!r} is not uint16 or uint32"
+    if meta["dtype"] == "uint16" and vocab > 65536:
+        return f"dtype uint16 cannot hold the ids of a {vocab}-token vocabulary"
+    return None
 
 
 class RandomWindows:

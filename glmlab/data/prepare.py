@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,22 +49,65 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
 
 
+BATCH_CHARS = 1 << 20  # characters encoded at once: the tokenizer's per-token records of one batch stay small
+
+
+def encoded_batches(tokenizer: Tokenizer, documents: Iterable[str]) -> Iterator[np.ndarray]:
+    """The documents' ids, each document followed by ``<eos>``, in arrays of about :data:`BATCH_CHARS`
+    characters' worth: memory stays bounded whatever the corpus's size or its lines' lengths (a whole 20 MB line
+    encoded at once held 7.7 GB of the tokenizer's per-token records)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    chunks: list[str] = []
+    ends: list[bool] = []  # whether each chunk ends its document
+    size = 0
+
+    def flush() -> np.ndarray:
+        parts: list[np.ndarray] = []
+        for ids, last in zip(tokenizer.encode_batch(chunks), ends, strict=True):
+            parts.append(np.asarray(ids, dtype=dtype))
+            if last:
+                parts.append(eos)
+        chunks.clear()
+        ends.clear()
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    for doc in documents:
+        pieces = list(iter_lines([doc])) or [""]
+        for i, piece in enumerate(pieces):
+            chunks.append(piece)
+            ends.append(i == len(pieces) - 1)
+            size += len(piece)
+            if size >= BATCH_CHARS:
+                yield flush()
+                size = 0
+    if chunks:
+        yield flush()
+
+
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
     """All documents as one id stream, each document followed by ``<eos>``."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    parts: list[np.ndarray] = []
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    for doc in documents:
-        chunks = list(iter_lines([doc]))
-        for ids in tokenizer.encode_batch(chunks):
-            parts.append(np.asarray(ids, dtype=dtype))
-        parts.append(eos)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    batches = list(encoded_batches(tokenizer, documents))
+    return np.concatenate(batches) if batches else np.zeros(0, dtype=token_dtype(tokenizer.vocab_size))
 
 
-def write_tokens(path: Path, ids: np.ndarray) -> None:
-    """Write ids as a raw little-endian array that ``np.memmap(path, dtype)`` reads back."""
-    atomic.write_with(path, lambda tmp: ids.astype(ids.dtype.newbyteorder("<"), copy=False).tofile(tmp))
+def write_tokens(path: Path, batches: Iterable[np.ndarray]) -> None:
+    """Write the ids of ``batches`` as one raw little-endian array that ``np.memmap(path, dtype)`` reads back,
+    a batch at a time (atomically: a failure leaves no partial file)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for ids in batches:
+                ids.astype(ids.dtype.newbyteorder("<"), copy=False).tofile(f)
+
+    atomic.write_with(path, write)
+
+
+def counted(batches: Iterable[np.ndarray], unk_id: int | None, into: dict[str, int]) -> Iterator[np.ndarray]:
+    """``batches`` passed through, their tokens and ``unk_id``s added to ``into`` on the way."""
+    for ids in batches:
+        into["tokens"] += int(ids.size)
+        into["unk"] += int((ids == unk_id).sum()) if unk_id is not None else 0
+        yield ids
 
 
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
@@ -112,12 +156,11 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char", 
     stats: dict[str, SplitStats] = {}
     for name in SPLIT_NAMES:
         docs = splits.get(name, [])
-        ids = encode_documents(tok, docs)
-        write_tokens(out / f"{name}.bin", ids)
-        unk = int((ids == tok.unk_id).sum()) if tok.unk_id is not None else 0
+        count = {"tokens": 0, "unk": 0}
+        write_tokens(out / f"{name}.bin", counted(encoded_batches(tok, docs), tok.unk_id, count))
         stats[name] = SplitStats(documents=len(docs), characters=sum(len(d) for d in docs),
-                                 bytes=sum(len(d.encode("utf-8")) for d in docs), tokens=int(ids.size),
-                                 unk_tokens=unk)
+                                 bytes=sum(len(d.encode("utf-8")) for d in docs), tokens=count["tokens"],
+                                 unk_tokens=count["unk"])
     tok.save(out / "tokenizer.json")
     meta = {
         "version": META_VERSION,

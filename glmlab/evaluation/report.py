@@ -121,7 +121,7 @@ def is_sentence_run(run: LoadedRun) -> bool:
 def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path | None = None,
                  data_dir: str | Path | None = None, stride: int | None = None, batch_size: int = 16,
                  checkpoint: str = "best", device: str = "auto", samples: int | None = None,
-                 bleu_sentences: int = BLEU_SENTENCES, seed: int = 0,
+                 bleu_sentences: int = BLEU_SENTENCES, seed: int = 0, notes: list[str] | None = None,
                  ) -> tuple[LikelihoodReport | SentenceReport, str]:
     """Score every token of ``split`` (default val) or of ``file``; returns the report and what was scored.
 
@@ -146,6 +146,9 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path
     if file is not None:
         corpus = read_corpus([file], sentences=sentence_mode)
         tokens = encode_documents(tok, corpus.documents)
+        unknown = tok.unknown_note([tokens], ["".join(corpus.documents)], "tokens of the file")
+        if unknown is not None and notes is not None:  # scored as <unk>, as prepare's data are: said, not hidden
+            notes.append(unknown)
         chars = corpus.characters
         num_bytes = sum(len(d.encode("utf-8")) for d in corpus.documents)
         label = str(file)

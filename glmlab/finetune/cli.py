@@ -213,12 +213,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     classifier = load_classifier(args.run_dir, checkpoint=args.checkpoint)
     metrics = None
-    if args.text:
+    if args.text:  # a text given on the command line is refused, as generate refuses a prompt, if it cannot be read
         texts = list(args.text)
+        for i, text in enumerate(texts):
+            classifier.tokenizer.encode_checked(text, "text" if len(texts) == 1 else f"text {i + 1}")
         predictions = classifier.predict(texts, args.batch_size)
     else:
         texts, predictions, metrics = predict_file(classifier, args.file, args.text_column, args.label_column,
                                                    args.batch_size)
+    if classifier.unknown:
+        print(f"warning: {classifier.unknown}", file=sys.stderr)
     if classifier.truncated:
         print(f"warning: {classifier.truncated} of {len(texts)} texts are longer than the context "
               f"({classifier.model.block_size} tokens) and were truncated", file=sys.stderr)

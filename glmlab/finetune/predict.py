@@ -29,7 +29,8 @@ class Prediction:
 
 @dataclass
 class Classifier:
-    """A classifier run: ``predict(texts)``; ``truncated`` counts the texts of the last call cut to the context."""
+    """A classifier run: ``predict(texts)``; ``truncated`` counts the texts of the last call cut to the context,
+    ``unknown`` says how many of their tokens were <unk>."""
 
     model: BackboneClassifier
     tokenizer: Tokenizer
@@ -38,11 +39,13 @@ class Classifier:
     run_dir: Path
     truncated: int = 0
     cloze: Cloze | None = None  # a cloze classifier's pattern and verbalizer
+    unknown: str | None = None  # the last call's note on characters (words) read as <unk>, if any
 
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 64) -> list[Prediction]:
         encode = self.cloze.encode if self.cloze is not None else encode_texts
         ids, self.truncated = encode(self.tokenizer, texts, self.model.block_size, self.bos)
+        self.unknown = self.tokenizer.unknown_note(ids, texts, "texts")
         probabilities = np.zeros((len(texts), len(self.labels)))
         device = next(self.model.parameters()).device
         for rows, x, _ in Examples(ids, labels=[0] * len(ids)).batches(batch_size, self.tokenizer.pad_id):

@@ -193,6 +193,11 @@ class FinetuneTask:
             return Tokenizer.from_file(Path(source) / TOKENIZER, (self.init_raw or {}).get("special_tokens"))
         return train_tokenizer(self.options.tokenizer, texts, self.options.vocab_size)
 
+    def _note_unknown(self, sequences: list[list[int]], texts: list[str], split: str) -> None:
+        note = self.tokenizer.unknown_note(sequences, texts, f"{split} examples")
+        if note is not None:
+            self.notes.append(note)
+
     def _note_cut(self, cut: int, total: int, split: str) -> None:
         if cut:
             self.notes.append(f"{cut:,} of {total:,} {split} texts are longer than the context "
@@ -226,6 +231,7 @@ class FinetuneTask:
         for name, data in splits.items():
             ids, cut = encode(self.tokenizer, data.texts, self.config.model.block_size, self.bos)
             self._note_cut(cut, len(ids), name)
+            self._note_unknown(ids, data.texts, name)
             self.splits[name] = Examples(ids, labels=[index[label] for label in data.labels], truncated=cut)
         counts = np.bincount(self.splits["train"].labels, minlength=len(self.labels))
         self.class_counts = counts.tolist()
@@ -252,6 +258,8 @@ class FinetuneTask:
             examples = encode_conversations(self.tokenizer, template, split, block, self.bos) if chat else \
                 encode_pairs(self.tokenizer, split, block, self.bos)
             self._note_cut(examples.truncated, len(examples), name)
+            self._note_unknown(examples.inputs, [" ".join(m["content"] for m in c.messages) for c in split] if chat
+                               else [p.prompt + " " + p.completion for p in split], name)
             if name == "train" and o.pack:
                 packed = pack(examples, block)
                 self.notes.append(f"packed {len(examples):,} training examples into {len(packed):,} rows")
@@ -275,6 +283,11 @@ class FinetuneTask:
             examples = encode_preferences(self.tokenizer, template, part, self.config.model.block_size, self.bos,
                                           end_ids)
             self._note_cut(examples.truncated, len(examples), name)
+            prompts = [p.prompt if isinstance(p.prompt, str) else " ".join(m["content"] for m in p.prompt)
+                       for p in part]
+            self._note_unknown(examples.chosen.inputs + examples.rejected.inputs,
+                               [f"{q} {p.chosen}" for q, p in zip(prompts, part, strict=True)]
+                               + [f"{q} {p.rejected}" for q, p in zip(prompts, part, strict=True)], name)
             self.splits[name] = examples
 
     def _read_splits(self, read: Callable[[str], list[Any]], unit: str) -> dict[str, list[Any]]:

@@ -14,13 +14,16 @@ class IncrementalText:
     whose decoding is plain concatenation (``Tokenizer.pieces``) appends the token's text directly.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, keep_special: bool = False) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0  # start of the context window that is re-decoded
         self._read = 0  # tokens before this are already in self.text
+        self._skip_special = not keep_special  # keep_special: special tokens are text too (an echoed prompt's)
         self._pieces = tokenizer.pieces
+        if keep_special and self._pieces is not None:
+            self._pieces = [p or tokenizer.decode([i], skip_special_tokens=False) for i, p in enumerate(self._pieces)]
 
     def push(self, token: int) -> str:
         """Add a token; returns the text it completed ('' while a character is still incomplete)."""
@@ -29,8 +32,8 @@ class IncrementalText:
             delta = self._pieces[token] if 0 <= token < len(self._pieces) else ""
             self.text += delta
             return delta
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        after = self.tokenizer.decode(self.ids[self._prefix:])
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], self._skip_special)
+        after = self.tokenizer.decode(self.ids[self._prefix:], self._skip_special)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         delta = after[len(before):]
@@ -58,11 +61,11 @@ def held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-def text_offsets(tokenizer: Tokenizer, ids: list[int], base: int = 0) -> list[int]:
+def text_offsets(tokenizer: Tokenizer, ids: list[int], base: int = 0, keep_special: bool = False) -> list[int]:
     """Where each token's text starts in the decoded text of ``ids`` (plus ``base``): OpenAI's ``text_offset``.
-    A token that adds no text (a special token, the first byte of a character not whole yet) starts where the
-    next text does."""
-    text, offsets = IncrementalText(tokenizer), []
+    A token that adds no text (a special token, unless ``keep_special``; the first byte of a character not whole
+    yet) starts where the next text does."""
+    text, offsets = IncrementalText(tokenizer, keep_special), []
     for token in ids:
         offsets.append(base + len(text.text))
         text.push(token)

@@ -165,6 +165,17 @@ def read_gpt2(hf_dir: str | Path) -> GPT2Checkpoint:
     return GPT2Checkpoint(section, model, hf_tokenizer(hf_dir))
 
 
+def output_directory(path: Path) -> None:
+    """Create the directory a command writes into; a file of that name is a clear error, not a traceback."""
+    if path.exists() and not path.is_dir():
+        raise GlmlabError(f"{path} is a file, not a directory", "give a directory to write into (it is created)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GlmlabError(f"cannot create {path}: {exc.strerror or exc}", "check the path and its permissions") \
+            from None
+
+
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Turn a local Hugging Face GPT-2 directory into a glmlab run directory."""
     hf_dir, out = Path(hf_dir), Path(out)
@@ -172,7 +183,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise GlmlabError(f"{out} already holds a run", "choose another --out")
     checkpoint = read_gpt2(hf_dir)
     run_config = resolve_config({"model": checkpoint.section})
-    out.mkdir(parents=True, exist_ok=True)
+    output_directory(out)
     checkpoint.tokenizer.save(out / TOKENIZER)
     save_weights(checkpoint.model, out / WEIGHTS)
     atomic.write_json(out / CONFIG, {**run_config.to_dict(), "special_tokens": checkpoint.tokenizer.special_tokens,
@@ -192,7 +203,7 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
     hf_dir = Path(hf_dir)
     if hf_dir.resolve() == Path(run_dir).resolve() or (hf_dir / CONFIG).exists():
         raise GlmlabError(f"{hf_dir} already holds a model (config.json)", "export into a new directory")
-    hf_dir.mkdir(parents=True, exist_ok=True)
+    output_directory(hf_dir)
     if architecture == hf_bert.ARCHITECTURE:
         return hf_bert.write_bert(run, hf_dir)
     tok = run.tokenizer

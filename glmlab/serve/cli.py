@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
         scheduler.on_give_up = lambda: setattr(server, "should_exit", True)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it stopped on: the normal end
         server.run(sockets=[sock])
-    if getattr(scheduler, "gave_up", False):
+    if scheduler.gave_up:
         raise GlmlabError(f"the server stopped: {scheduler.failure}", "the log above says why the engine died "
                           "(often memory: a smaller --max-batch, or --decode-weights int8 on a CPU)")
     print("glmlab serve: stopped", file=sys.stderr)

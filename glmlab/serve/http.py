@@ -50,11 +50,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     limits = ConnectionLimits()
     counted: Callable[[int], None] | None = None  # told the status of every refusal (the server's metrics)
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._head_bytes = 0  # bytes received since the current request's head began
         self._awaiting_head = True
         self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
         self._arm(self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -113,7 +116,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._timer = self.loop.call_later(self.limits.read_timeout, handler)
 
     def _disarm(self) -> None:
-        if getattr(self, "_timer", None) is not None:
+        if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 

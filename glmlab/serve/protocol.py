@@ -237,7 +237,7 @@ def encode(tokenizer: Tokenizer, prompt: str | list[int], block_size: int, vocab
         if bad:
             raise bad_request(f"{param} token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})", param,
                               "invalid_value")
-        ids, text = list(prompt), tokenizer.decode(prompt)
+        ids, text = list(prompt), tokenizer.decode(prompt, skip_special_tokens=False)  # echoed as sent, specials too
     if len(ids) > limits.max_prompt_tokens:
         raise bad_request(f"{param} has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens} "
                           "(glmlab serve --max-prompt-tokens)", param, "prompt_too_long")

@@ -126,7 +126,7 @@ def _echo_offsets(tokenizer: Tokenizer, prompt: Prompt, echoed: list[TokenLogpro
         starts = [start for start, _ in tokenizer.hf.encode(prompt.text, add_special_tokens=False).offsets]
         if len(starts) == len(echoed):
             return starts
-    return text_offsets(tokenizer, [e.token_id for e in echoed])
+    return text_offsets(tokenizer, [e.token_id for e in echoed], keep_special=True)  # as the prompt's text has them
 
 
 async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: list, name: str,

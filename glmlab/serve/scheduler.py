@@ -98,6 +98,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.failure: str | None = None
+        self.gave_up = False  # stopped for good after its engine kept dying (only an engine process does)
         self.batch: ContinuousBatch | None = None
 
     # --- the event loop's side -----------------------------------------------------------------------------

@@ -82,9 +82,12 @@ def verify(directory: Path) -> str | None:
     if not manifest_path.is_file():
         return "no manifest (the write did not finish)"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        if not (isinstance(files, dict) and files and all(
+                isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+                for e in files.values())):
+            raise ValueError("files is not {name: {sha256, bytes}}")
+    except (ValueError, KeyError, TypeError):  # not JSON (or not UTF-8), or JSON of another shape
         return "the manifest is damaged"
     for name, expected in files.items():
         path = directory / name
@@ -110,7 +113,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], keep
             if int(stale.name[len(CHECKPOINT_PREFIX):]) > state["step"]:
                 os.replace(stale, root / f"damaged-{stale.name}")
         tmp.mkdir()
-        save_model(model, str(tmp / WEIGHTS))
+        with atomic.os_errors(tmp / WEIGHTS):
+            save_model(model, str(tmp / WEIGHTS))
+        atomic.usual_permissions(tmp / WEIGHTS)  # safetensors writes 0600; every other file is 0666 less the umask
         buffer = io.BytesIO()
         torch.save(state, buffer)
         (tmp / TRAINER_STATE).write_bytes(buffer.getvalue())
@@ -153,9 +158,15 @@ def load_checkpoint(run_dir: Path, model: nn.Module) -> tuple[dict[str, Any], li
     for directory in candidates:
         problem = verify(directory)
         if problem is None:
-            state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
-            load_weights(model, directory / WEIGHTS, verify=False)  # verified with its manifest just now
-            return state, [(d.name, why) for d, why in problems]
+            try:  # weights_only: a trainer state holding anything but tensors and plain data is not read
+                state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                    raise ValueError("not a trainer state")
+            except Exception as exc:  # noqa: BLE001 — unpickling errors have many types; the file is what failed
+                problem = f"{TRAINER_STATE} cannot be read ({type(exc).__name__})"
+            else:
+                load_weights(model, directory / WEIGHTS, verify=False)  # verified with its manifest just now
+                return state, [(d.name, why) for d, why in problems]
         problems.append((directory, problem))
     listing = "; ".join(f"{d.name}: {why}" for d, why in problems)
     raise RunDirError(f"no intact checkpoint in {run_dir / CHECKPOINTS} ({listing})",

@@ -22,6 +22,7 @@ import torch.nn as nn
 from glmlab.config import TrainConfig
 from glmlab.errors import GlmlabError
 from glmlab.models.contract import TrainingHook
+from glmlab.runs import checkpoint_dirs
 from glmlab.training.distributed import Distributed
 from glmlab.training.metrics import MetricsLog
 from glmlab.training.optim import budget_used, learning_rate
@@ -243,10 +244,13 @@ class MaximumLikelihood:
         step = int(self.bad_step)
         if not self.parts.dist.any(step >= 0, self.parts.device):
             return
-        raise GlmlabError(f"the training loss became non-finite at step {step}; stopped. The last checkpoint "
-                          f"(before step {step}) in {self.out} is intact",
+        saved = checkpoint_dirs(self.out)
+        kept = (f"The last checkpoint ({saved[0].name}, before step {step}) in {self.out} is intact" if saved else
+                "No checkpoint had been written yet")
+        then = "; then --resume" if saved else "; then start again"
+        raise GlmlabError(f"the training loss became non-finite at step {step}; stopped. {kept}",
                           "lower train.lr or raise train.warmup_steps, use train.precision=fp32, or skip such "
-                          "batches with train.on_nonfinite=skip; then --resume")
+                          f"batches with train.on_nonfinite=skip{then}")
 
     def settle(self, state: dict[str, Any]) -> None:
         self._guard(state)

@@ -269,3 +269,17 @@ def test_an_engine_that_keeps_dying_stops_the_server_with_an_error(trained_run):
             proc.kill()
     rest = proc.stderr.read()
     assert code == 1 and "the server stopped: the engine process died 1 time within" in rest and "Traceback" not in rest
+
+
+def test_echoed_special_tokens_are_in_the_text_their_offsets_index(live):
+    """Issue 22, item 15: a prompt of token ids with special tokens was echoed without them, so their
+    text_offsets pointed at other text."""
+    ids = httpx.post(live.url + "/tokenize", json={"prompt": "First"}).json()["tokens"]
+    prompt = [ids[0], 0, 1, 2, 3, *ids[1:]]  # <pad> <unk> <bos> <eos> inside the prompt
+    choice = httpx.post(live.url + "/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1,
+                                                           "max_tokens": 2, "seed": 1}).json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    echoed = len(prompt)
+    assert text.startswith("F<pad><unk><bos><eos>irst")
+    assert all(text[offset:].startswith(token) for offset, token in
+               zip(lp["text_offset"][:echoed], lp["tokens"][:echoed], strict=True))

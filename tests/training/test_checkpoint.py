@@ -1,5 +1,6 @@
 """Crash safety: checkpoints committed by a manifest, damaged ones skipped (and reported), writes that fail cleanly."""
 
+import argparse
 import errno
 import json
 import shutil
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from glmlab.errors import GlmlabError, RunDirError
+from glmlab.runs import file_sha256
 from glmlab.training.checkpoint import MANIFEST, checkpoint_dirs, save_checkpoint, verify
 from glmlab.training.tasks import LanguageModelingTask
 from glmlab.training.trainer import Trainer, train
@@ -31,22 +33,36 @@ def test_checkpoints_rotate_and_top_level_files_follow_the_newest(char_data, tmp
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "manifest-a-list", "manifest-without-bytes",
+                                    "state-not-weights-only"])
 def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(char_data, tmp_path, damage):
     out = tmp_path / "run"
     _run(char_data, out, "train.max_steps=10")
     newest = checkpoint_dirs(out)[0]
     weights = newest / "model.safetensors"
     data = weights.read_bytes()
+    manifest = json.loads((newest / MANIFEST).read_text())
     if damage == "flip":
         weights.unlink()  # break the hard link so only the checkpoint's copy is damaged
         weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     elif damage == "truncate":
         weights.unlink()
         weights.write_bytes(data[: len(data) // 2])
-    else:
+    elif damage == "no-manifest":
         (newest / MANIFEST).unlink()
-    assert verify(newest) is not None
+    elif damage == "manifest-a-list":  # JSON, but not a manifest's shape (issue 22, item 13)
+        (newest / MANIFEST).write_text("[1]")
+    elif damage == "manifest-without-bytes":
+        del manifest["files"]["model.safetensors"]["bytes"]
+        (newest / MANIFEST).write_text(json.dumps(manifest))
+    else:  # a trainer state that weights-only loading refuses, its manifest rewritten to match (issue 22, item 13)
+        state = newest / "trainer_state.pt"
+        state.unlink()
+        torch.save({"step": 10, "extra": argparse.Namespace(x=1)}, state)
+        manifest["files"]["trainer_state.pt"] = {"sha256": file_sha256(state), "bytes": state.stat().st_size}
+        (newest / MANIFEST).write_text(json.dumps(manifest))
+    if damage != "state-not-weights-only":
+        assert verify(newest) is not None
     trainer = Trainer(tiny_config("train.checkpoint_interval=5", "train.eval_interval=10", "train.max_steps=12"),
                       LanguageModelingTask(char_data), out, resume=True, show_progress=False)
     assert trainer.state["step"] == 5
@@ -103,6 +119,31 @@ def test_read_only_output_is_refused_before_training(char_data, tmp_path):
             _run(char_data, mount / "run", "train.max_steps=5")
     finally:
         _umount(mount)
+
+
+def test_a_full_disk_while_writing_best_weights_is_one_clear_error(char_data, tmp_path, monkeypatch):
+    """Issue 22, item 13: safetensors reports a full disk as its own SafetensorError (a traceback before); the
+    write of best/ now fails as every other write does. The error is safetensors' own, from a real full tmpfs."""
+    from safetensors.torch import save_model
+
+    mount = tmp_path / "full"
+    _mount_tmpfs(mount, "size=4k")
+    try:
+        monkeypatch.setattr("glmlab.runs.save_model", lambda model, path: save_model(model, str(mount / "w")))
+        with pytest.raises(GlmlabError, match="disk is full"):
+            _run(char_data, tmp_path / "run", "train.max_steps=10")
+    finally:
+        _umount(mount)
+
+
+def test_weights_get_the_permissions_of_every_other_file(char_data, tmp_path):
+    """Issue 22, item 15: safetensors writes 0600; the run's other files are 0666 less the umask."""
+    out = tmp_path / "run"
+    _run(char_data, out, "train.max_steps=10")
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    step = f"checkpoints/step-{10:08d}/model.safetensors"
+    assert modes["best/model.safetensors"] == modes["config.json"] == modes[step]
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_full_disk_mid_run_keeps_the_last_good_checkpoint(char_data, tmp_path):

@@ -75,6 +75,8 @@ def test_data_without_fim_tokens_is_refused(char_data, tmp_path):
     hf.decoder = decoders.Fuse()
     hf.add_special_tokens(list(SPECIAL_TOKENS[:4]))
     hf.save(str(old / "tokenizer.json"))
+    meta["vocab_size"] = hf.get_vocab_size()  # as prepare wrote it with that tokenizer
+    (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="fill-in-the-middle tokens") as err:
         train(tiny_config("train.fim_rate=0.5"), old, tmp_path / "run", show_progress=False)
     assert "<|fim_prefix|>, <|fim_middle|>, <|fim_suffix|>" in str(err.value)

@@ -1,0 +1,269 @@
+"""The DPO paper's first experiment, controlled sentiment generation, at CPU scale (issue 21; Rafailov et al.,
+2023, section 6.1): make a language model continue movie-review prefixes positively, and measure what that
+costs in KL divergence from where it started.
+
+1. **Reward**: a sentiment classifier (``glmlab finetune classify`` on SST-2 from the base run; ``--reward RUN``
+   reuses one); the reward of a text is its probability of the positive class.
+2. **SFT policy**: the base run fine-tuned (``finetune sft``) to continue SST-2 phrases: prompt = the first 2-4
+   words of a training phrase of 8 or more words, completion = the rest.
+3. **Preference pairs**: two samples (temperature 1) from the SFT policy for each of ``--pairs`` training
+   prefixes, the one with the higher reward chosen (pairs whose texts or rewards tie are dropped).
+4. **DPO** from the SFT policy (its frozen reference) at each ``--betas`` value (``finetune dpo``).
+5. **Evaluation** on prefixes of held-out phrases (the 2,000 the SST-2 fine-tunes hold out, never trained on):
+   ``--samples`` completions per prefix from each policy; the positive rate (reward > 0.5), the mean reward and
+   the mean per-token KL to the SFT policy, sum over sampled tokens of log pi(y_t) - log pi_sft(y_t) over the
+   tokens (a Monte-Carlo estimate; the end-of-text token counted where it was sampled). Against **best-of-N**
+   from the SFT policy (N = 1, 2, 4, ..., ``--best-of``): the sample of highest reward among N, its KL the
+   analytic log N - (N - 1) / N per sequence (Stiennon et al., 2020), per token over the chosen samples' mean
+   length. The table goes to stdout, the reward-KL plot to ``WORK/reward_kl.png``.
+
+Every stage is kept in ``--work`` and skipped when present, so a run can be continued.
+
+    python benchmarks/dpo_sentiment.py --base /work/bench-ae/gpt-1337 --reward /work/bench-ae/sst2-gpt-head-1337
+    python benchmarks/dpo_sentiment.py --base RUN --pairs 200 --eval-prefixes 50 --sft-steps 50 --dpo-steps 30  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from glmlab.finetune import load_classifier
+from glmlab.finetune.run import FinetuneOptions, finetune
+from glmlab.generation.engine import start_id
+from glmlab.runs import load_run
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def phrases(shared: Path, held_out: int = 2000) -> tuple[list[str], list[str]]:
+    """SST-2's training phrases of 8 or more words: (training, held out), the held-out ones the 2,000 the
+    SST-2 fine-tunes of benchmarks/autoencoding.py keep for validation (same shuffle)."""
+    lines = (shared / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    random.Random(0).shuffle(lines)
+    texts = [line.split("\t")[0].strip() for line in lines]
+    long = [(i, t) for i, t in enumerate(texts) if len(t.split()) >= 8]
+    return [t for i, t in long if i >= held_out], [t for i, t in long if i < held_out]
+
+
+def split_prefix(text: str, rng: random.Random) -> tuple[str, str]:
+    words = text.split()
+    k = rng.randint(2, 4)
+    return " ".join(words[:k]), " " + " ".join(words[k:])
+
+
+def reward_model(args: argparse.Namespace, train_tsv: Path, val_tsv: Path):
+    if args.reward is not None:
+        return load_classifier(args.reward)
+    out = args.work / "reward"
+    if not (out / "results.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        finetune(FinetuneOptions(task="classify", init=str(args.base), train=str(train_tsv), val=str(val_tsv)),
+                 out, overrides=["train.max_steps=1500", "train.eval_interval=250", "train.lr=1e-4",
+                                 "train.batch_size=32", f"train.threads={args.threads}"], show_progress=False)
+    return load_classifier(out)
+
+
+def rewards(classifier, texts: list[str]) -> list[float]:
+    return [p.probabilities["1"] for p in classifier.predict(texts)]
+
+
+def sft_policy(args: argparse.Namespace, train: list[str]) -> Path:
+    out = args.work / "sft"
+    if not (out / "results.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        rng = random.Random(1)
+        path = args.work / "sft.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for text in train:
+                prompt, completion = split_prefix(text, rng)
+                f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+        finetune(FinetuneOptions(task="sft", init=str(args.base), train=str(path), val_fraction=0.02,
+                                 eval_samples=50), out,
+                 overrides=[f"train.max_steps={args.sft_steps}", "train.eval_interval=250", "train.lr=1e-4",
+                            "train.batch_size=32", f"train.threads={args.threads}", "train.warmup_steps=50"],
+                 show_progress=False)
+    return out
+
+
+def sample(run_dir: Path, prompts: list[str], n: int, seed: int, max_new_tokens: int) -> list[list]:
+    """``n`` completions (temperature 1, nothing truncated) of each prompt, seeded."""
+    run = load_run(run_dir)
+    out = []
+    for begin in range(0, len(prompts), 64):
+        out += run.complete(prompts[begin:begin + 64], temperature=1.0, max_new_tokens=max_new_tokens,
+                            num_return_sequences=n, seed=seed + begin)
+    return out
+
+
+def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], classifier) -> Path:
+    path = args.work / "prefs.jsonl"
+    if path.is_file():
+        return path
+    rng = random.Random(2)
+    prompts = [split_prefix(t, rng)[0] for t in rng.sample(train, args.pairs)]
+    samples = sample(sft, prompts, 2, seed=11, max_new_tokens=args.max_new_tokens)
+    scores = rewards(classifier, [p + c.text for p, pair in zip(prompts, samples, strict=True) for c in pair])
+    kept = 0
+    with path.open("w", encoding="utf-8") as f:
+        for i, (prompt, (a, b)) in enumerate(zip(prompts, samples, strict=True)):
+            ra, rb = scores[2 * i], scores[2 * i + 1]
+            if a.text == b.text or abs(ra - rb) < 1e-3:
+                continue
+            chosen, rejected = (a, b) if ra > rb else (b, a)
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text}) + "\n")
+            kept += 1
+    print(f"preference pairs: {kept} of {len(prompts)} prefixes (ties dropped)", flush=True)
+    return path
+
+
+def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) -> Path:
+    out = args.work / f"dpo-beta{beta:g}"
+    if not (out / "results.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        finetune(FinetuneOptions(task="dpo", init=str(sft), train=str(prefs), beta=beta, val_fraction=0.05), out,
+                 overrides=[f"train.max_steps={args.dpo_steps}", "train.eval_interval=100", "train.lr=1e-5",
+                            "train.batch_size=16", f"train.threads={args.threads}", "train.warmup_steps=20"],
+                 show_progress=False)
+    return out
+
+
+@torch.no_grad()
+def sequence_logprobs(run, prompts: list[str], completions: list) -> list[tuple[float, int]]:
+    """Each completion's summed log-probability under ``run``'s model given its prompt, and its token count
+    (the end-of-text token included where it was sampled)."""
+    model, tokenizer = run.model, run.tokenizer
+    start = start_id(model, tokenizer)
+    rows, spans = [], []
+    for prompt, c in zip(prompts, completions, strict=True):
+        head = ([start] if start is not None else []) + tokenizer.encode(prompt)
+        tail = list(c.token_ids) + ([tokenizer.eos_id] if c.ended_at_eos else [])
+        rows.append(head + tail)
+        spans.append((len(head), len(tail)))
+    out = []
+    for begin in range(0, len(rows), 64):
+        batch = rows[begin:begin + 64]
+        width = max(len(r) for r in batch)
+        x = torch.tensor([r + [0] * (width - len(r)) for r in batch])
+        logp = model(x[:, :-1]).float().log_softmax(-1)
+        for j, row in enumerate(batch):
+            head, n = spans[begin + j]
+            targets = torch.tensor(row[head:head + n])
+            picked = logp[j, head - 1:head - 1 + n].gather(-1, targets[:, None]).sum()
+            out.append((float(picked), n))
+    return out
+
+
+def evaluate(args: argparse.Namespace, policy: Path, sft_run, prompts: list[str], classifier, n: int, seed: int
+             ) -> dict:
+    samples = sample(policy, prompts, n, seed, args.max_new_tokens)
+    flat_prompts = [p for p, row in zip(prompts, samples, strict=True) for _ in row]
+    flat = [c for row in samples for c in row]
+    scores = rewards(classifier, [p + c.text for p, c in zip(flat_prompts, flat, strict=True)])
+    mine = sequence_logprobs(load_run(policy), flat_prompts, flat)
+    ref = sequence_logprobs(sft_run, flat_prompts, flat)
+    tokens = sum(t for _, t in mine)
+    kl = sum(a - b for (a, _), (b, _) in zip(mine, ref, strict=True)) / max(tokens, 1)
+    return {"positive": sum(s > 0.5 for s in scores) / len(scores), "reward": sum(scores) / len(scores),
+            "kl_per_token": kl, "tokens_per_sample": tokens / len(flat), "scores": scores, "samples": flat}
+
+
+def best_of_n(sft_eval: dict, per_prefix: int, ns: list[int]) -> list[dict]:
+    """Best-of-N from the SFT policy's own samples (``per_prefix`` of them for each prefix, in order)."""
+    scores, samples = sft_eval["scores"], sft_eval["samples"]
+    rows = []
+    for n in ns:
+        chosen, lengths = [], []
+        for begin in range(0, len(scores), per_prefix):
+            best = max(range(begin, begin + n), key=lambda i: scores[i])
+            chosen.append(scores[best])
+            lengths.append(len(samples[best].token_ids) + int(samples[best].ended_at_eos))
+        kl = (math.log(n) - (n - 1) / n) / (sum(lengths) / len(lengths))
+        rows.append({"name": f"best-of-{n}", "positive": sum(s > 0.5 for s in chosen) / len(chosen),
+                     "reward": sum(chosen) / len(chosen), "kl_per_token": kl})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    best = [r for r in rows if r["name"].startswith("best-of")]
+    ax.plot([r["kl_per_token"] for r in best], [r["positive"] for r in best], "o-", label="best-of-N (SFT)")
+    for r in rows:
+        if r["name"].startswith("dpo") or r["name"] == "sft":
+            ax.plot(r["kl_per_token"], r["positive"], "s", label=r["name"])
+    ax.set_xlabel("KL to the SFT policy (nats per token)")
+    ax.set_ylabel("positive rate (reward > 0.5)")
+    ax.axhline(0.9, color="grey", linewidth=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, required=True, help="the pre-trained run to start from")
+    parser.add_argument("--reward", type=Path, default=None, help="a classifier run to use as the reward")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dpo-sentiment"))
+    parser.add_argument("--shared", type=Path, default=SHARED)
+    parser.add_argument("--betas", default="0.05,0.1,0.5")
+    parser.add_argument("--pairs", type=int, default=4000, help="training prefixes sampled twice for pairs")
+    parser.add_argument("--eval-prefixes", type=int, default=300)
+    parser.add_argument("--samples", type=int, default=4, help="completions per held-out prefix per policy")
+    parser.add_argument("--best-of", type=int, default=16)
+    parser.add_argument("--sft-steps", type=int, default=1000)
+    parser.add_argument("--dpo-steps", type=int, default=600)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    train, held = phrases(args.shared)
+    tsv_train, tsv_val = args.work / "sst2-train.tsv", args.work / "sst2-val.tsv"
+    if args.reward is None and not tsv_val.is_file():  # the classifier's data: every phrase, the 2,000 held out
+        lines = (args.shared / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
+        header, rows = lines[0], lines[1:]
+        random.Random(0).shuffle(rows)
+        tsv_train.write_text("\n".join([header, *rows[2000:]]) + "\n")
+        tsv_val.write_text("\n".join([header, *rows[:2000]]) + "\n")
+    classifier = reward_model(args, tsv_train, tsv_val)
+    sft = sft_policy(args, train)
+    prefs = preference_pairs(args, sft, train, classifier)
+    policies = {"sft": sft} | {f"dpo beta={b}": dpo_policy(args, sft, prefs, float(b)) for b in args.betas.split(",")}
+    rng = random.Random(3)
+    prompts = [split_prefix(t, rng)[0] for t in rng.sample(held, args.eval_prefixes)]
+    sft_run = load_run(sft)
+    rows = []
+    sft_eval = evaluate(args, sft, sft_run, prompts, classifier, args.best_of, seed=101)
+    rows.append({"name": "sft", **{k: sft_eval[k] for k in ("positive", "reward", "kl_per_token")}})
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.best_of]
+    rows += best_of_n(sft_eval, args.best_of, ns)
+    for name, policy in policies.items():
+        if name == "sft":
+            continue
+        result = evaluate(args, policy, sft_run, prompts, classifier, args.samples, seed=202)
+        rows.append({"name": name, **{k: result[k] for k in ("positive", "reward", "kl_per_token")}})
+        example = next(c.text for c in result["samples"])
+        print(f"{name}: e.g. {prompts[0]!r} -> {example!r}", flush=True)
+    print(f"\n{len(prompts)} held-out prefixes; reward: {args.reward or args.work / 'reward'}\n")
+    print("| policy | positive rate | mean reward | KL to SFT (nats/token) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['positive']:.3f} | {r['reward']:.3f} | {r['kl_per_token']:.4f} |")
+    (args.work / "results.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, args.work / "reward_kl.png")
+    print(f"\nplot: {args.work / 'reward_kl.png'}")
+
+
+if __name__ == "__main__":
+    main()
