@@ -1,0 +1,170 @@
+"""glmlab against nanoGPT itself, end to end, on nanoGPT's CPU recipe for Tiny Shakespeare (issue 23).
+
+nanoGPT runs from ``../shared/peers/nanoGPT`` as it is (its ``train.py``, ``model.py`` and
+``configurator.py``; nothing of it is copied into glmlab): a work folder gets its data in nanoGPT's own format
+(``data/shakespeare_char/{train,val}.bin`` and ``meta.pkl``: the characters of the bundled Tiny Shakespeare,
+sorted, the first 90% for training, the rest for validation) and a link to its ``configurator.py``, which
+``train.py`` reads from the current folder. glmlab gets the same two texts through ``glmlab prepare`` (char
+tokenizer). Both train the recipe of nanoGPT's README — 4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000
+iterations, lr 1e-3 with 100 warm-up steps and a cosine to 1e-4, AdamW (0.9, 0.99), weight decay 0.1, clipping
+at 1.0, no dropout, no biases, an evaluation of 20 batches every 250 steps — each in a process of its own, the
+two alternating for ``--rounds`` rounds. Printed per run: wall time of the whole process (start-up, data,
+evaluations and checkpoints included), tokens per second over it (iterations x batch x block / wall time), and
+the final model's validation loss, measured the same way for both by this script (mean cross-entropy over
+every non-overlapping window of 64 characters of the validation text, each model with its own ids); then the
+median ratio.
+
+    python benchmarks/train_vs_nanogpt.py                  # 3 rounds of the full recipe
+    python benchmarks/train_vs_nanogpt.py --iters 250 --rounds 1   # a smoke run (nanoGPT saves at evaluations)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "peers" / "nanoGPT"
+SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
+BATCH, EVAL_ITERS = 12, 20
+
+
+def nanogpt_data(folder: Path, text: str) -> tuple[np.ndarray, dict]:
+    """nanoGPT's shakespeare_char data (as its prepare.py writes it); the validation ids and the vocabulary."""
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    cut = int(len(text) * 0.9)
+    data = folder / "data" / "shakespeare_char"
+    data.mkdir(parents=True, exist_ok=True)
+    train = np.array([stoi[c] for c in text[:cut]], dtype=np.uint16)
+    val = np.array([stoi[c] for c in text[cut:]], dtype=np.uint16)
+    train.tofile(data / "train.bin")
+    val.tofile(data / "val.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    (folder / "configurator.py").unlink(missing_ok=True)
+    (folder / "configurator.py").symlink_to(PEER / "configurator.py")  # train.py reads it from the current folder
+    return val.astype(np.int64), stoi
+
+
+def glmlab_data(folder: Path, text: str) -> Path:
+    cut = int(len(text) * 0.9)
+    (folder / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (folder / "val.txt").write_text(text[cut:], encoding="utf-8")
+    out = folder / "data"
+    subprocess.run([sys.executable, "-m", "glmlab", "prepare", str(folder / "train.txt"), "--val",
+                    str(folder / "val.txt"), "--split", "1,0,0", "--tokenizer", "char", "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+def run_nanogpt(folder: Path, iters: int, threads: int) -> tuple[float, Path]:
+    out = folder / f"out-{time.time_ns()}"
+    argv = [sys.executable, str(PEER / "train.py"), str(PEER / "config" / "train_shakespeare_char.py"),
+            "--device=cpu", "--compile=False", f"--eval_iters={EVAL_ITERS}", "--log_interval=1",
+            f"--block_size={SHAPE['block_size']}", f"--batch_size={BATCH}", f"--n_layer={SHAPE['n_layer']}",
+            f"--n_head={SHAPE['n_head']}", f"--n_embd={SHAPE['n_embd']}", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}", "--dropout=0.0", f"--out_dir={out}", "--always_save_checkpoint=True"]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    started = time.perf_counter()
+    subprocess.run(argv, cwd=folder, check=True, capture_output=True, env=env)
+    return time.perf_counter() - started, out / "ckpt.pt"
+
+
+def run_glmlab(data: Path, out: Path, iters: int, threads: int, extra: list[str]) -> float:
+    argv = [sys.executable, "-m", "glmlab", "train", "--data", str(data), "--out", str(out),
+            *(f"model.{k}={v}" for k, v in SHAPE.items()), "model.dropout=0.0", "model.bias=false",
+            f"train.batch_size={BATCH}", f"train.max_steps={iters}", "train.lr=1e-3", "train.min_lr=1e-4",
+            "train.warmup_steps=100", "train.beta2=0.99", "train.weight_decay=0.1", "train.grad_clip=1.0",
+            "train.eval_interval=250", f"train.eval_tokens={EVAL_ITERS * BATCH * SHAPE['block_size']}",
+            f"train.threads={threads}", *extra]
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def window_loss(forward, ids: np.ndarray, block: int) -> float:
+    """Mean cross-entropy over every non-overlapping window of ``block`` targets (each predicted from the
+    window's earlier tokens): the same accounting for both models."""
+    windows = (len(ids) - 1) // block
+    x = torch.from_numpy(ids[:windows * block].reshape(windows, block))
+    y = torch.from_numpy(ids[1:windows * block + 1].reshape(windows, block))
+    total = 0.0
+    for begin in range(0, windows, 64):
+        logits = forward(x[begin:begin + 64])
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                         y[begin:begin + 64].reshape(-1), reduction="sum"))
+    return total / (windows * block)
+
+
+def nanogpt_val_loss(checkpoint: Path, val: np.ndarray) -> float:
+    sys.path.insert(0, str(PEER))
+    try:
+        from model import GPT, GPTConfig  # nanoGPT's own model class, where it is
+    finally:
+        sys.path.remove(str(PEER))
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = GPT(GPTConfig(**saved["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()})
+    model.eval()
+    return window_loss(lambda x: model(x, x)[0], val, SHAPE["block_size"])  # targets given: logits at every position
+
+
+def glmlab_val_loss(run_dir: Path, text_val: str) -> float:
+    from glmlab.runs import load_run
+
+    run = load_run(run_dir, checkpoint="last")
+    ids = np.array(run.tokenizer.encode(text_val), dtype=np.int64)
+    return window_loss(run.model, ids, SHAPE["block_size"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: PyTorch's default)")
+    parser.add_argument("--glmlab-extra", default="", help="more glmlab config overrides, space-separated")
+    args = parser.parse_args()
+    from glmlab.data.corpus import default_corpus_path
+
+    text = default_corpus_path().read_text(encoding="utf-8")
+    rows = {"nanoGPT": [], "glmlab": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        val_ids, _ = nanogpt_data(folder, text)
+        data = glmlab_data(folder, text)
+        tokens = args.iters * BATCH * SHAPE["block_size"]
+        print(f"nanoGPT's recipe, {args.iters} iterations x {BATCH} x {SHAPE['block_size']} tokens; "
+              f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}\n")
+        print("| round | run | wall s | tokens/s | val loss |\n|---|---|---|---|---|")
+        for r in range(args.rounds):
+            wall, checkpoint = run_nanogpt(folder, args.iters, args.threads)
+            loss = nanogpt_val_loss(checkpoint, val_ids)
+            rows["nanoGPT"].append((wall, loss))
+            print(f"| {r + 1} | nanoGPT | {wall:.1f} | {tokens / wall:,.0f} | {loss:.4f} |", flush=True)
+            out = folder / f"glmlab-{r}"
+            wall = run_glmlab(data, out, args.iters, args.threads, args.glmlab_extra.split())
+            loss = glmlab_val_loss(out, text[int(len(text) * 0.9):])
+            rows["glmlab"].append((wall, loss))
+            print(f"| {r + 1} | glmlab | {wall:.1f} | {tokens / wall:,.0f} | {loss:.4f} |", flush=True)
+    ratio = statistics.median(n[0] / g[0] for n, g in zip(rows["nanoGPT"], rows["glmlab"], strict=True))
+    losses = {name: statistics.median(v for _, v in runs) for name, runs in rows.items()}
+    print(f"\nmedian wall-time ratio nanoGPT / glmlab: {ratio:.3f}x; median val loss nanoGPT {losses['nanoGPT']:.4f}, "
+          f"glmlab {losses['glmlab']:.4f}")
+    print(json.dumps({k: [{"wall": w, "val_loss": v} for w, v in runs] for k, runs in rows.items()}))
+
+
+if __name__ == "__main__":
+    main()
