@@ -7,7 +7,8 @@ costs in KL divergence from where it started.
 2. **SFT policy**: the base run fine-tuned (``finetune sft``) to continue SST-2 phrases: prompt = the first 2-4
    words of a training phrase of 8 or more words, completion = the rest.
 3. **Preference pairs**: two samples (temperature 1) from the SFT policy for each of ``--pairs`` training
-   prefixes, the one with the higher reward chosen (pairs whose texts or rewards tie are dropped).
+   prefixes, the one with the higher reward chosen (pairs whose texts or rewards tie, or with an empty answer,
+   are dropped).
 4. **DPO** from the SFT policy (its frozen reference) at each ``--betas`` value (``finetune dpo``).
 5. **Evaluation** on prefixes of held-out phrases (the 2,000 the SST-2 fine-tunes hold out, never trained on):
    ``--samples`` completions per prefix from each policy; the positive rate (reward > 0.5), the mean reward and
@@ -114,12 +115,12 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
     with path.open("w", encoding="utf-8") as f:
         for i, (prompt, (a, b)) in enumerate(zip(prompts, samples, strict=True)):
             ra, rb = scores[2 * i], scores[2 * i + 1]
-            if a.text == b.text or abs(ra - rb) < 1e-3:
-                continue
+            if a.text == b.text or abs(ra - rb) < 1e-3 or not a.text.strip() or not b.text.strip():
+                continue  # DPO refuses a pair whose answers are equal or empty
             chosen, rejected = (a, b) if ra > rb else (b, a)
             f.write(json.dumps({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text}) + "\n")
             kept += 1
-    print(f"preference pairs: {kept} of {len(prompts)} prefixes (ties dropped)", flush=True)
+    print(f"preference pairs: {kept} of {len(prompts)} prefixes (ties and empty answers dropped)", flush=True)
     return path
 
 
@@ -128,7 +129,7 @@ def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) ->
     if not (out / "results.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
         finetune(FinetuneOptions(task="dpo", init=str(sft), train=str(prefs), beta=beta, val_fraction=0.05), out,
-                 overrides=[f"train.max_steps={args.dpo_steps}", "train.eval_interval=100", "train.lr=1e-5",
+                 overrides=[f"train.max_steps={args.dpo_steps}", "train.eval_interval=100", f"train.lr={args.dpo_lr}",
                             "train.batch_size=16", f"train.threads={args.threads}", "train.warmup_steps=20"],
                  show_progress=False)
     return out
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, default=16)
     parser.add_argument("--sft-steps", type=int, default=1000)
     parser.add_argument("--dpo-steps", type=int, default=600)
+    parser.add_argument("--dpo-lr", type=float, default=1e-5)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
