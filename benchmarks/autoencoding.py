@@ -136,17 +136,34 @@ def fill_mask_top1(run, row: str, texts: list[list[int]], seed: int) -> float:
     return right / max(count, 1)
 
 
+HELD_OUT = 2000  # SST-2 training phrases every fine-tune here holds out for validation
+
+
+def sst2_rows(shared: Path) -> tuple[str, list[str]]:
+    """SST-2's training TSV: its header and its rows in the fixed shuffled order whose first HELD_OUT rows are
+    held out (what the SST-2 fine-tunes of every benchmark here validate on)."""
+    lines = (shared / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0], lines[1:]
+    random.Random(0).shuffle(rows)
+    return header, rows
+
+
+def write_sst2_split(work: Path, shared: Path) -> tuple[Path, Path]:
+    """``work/sst2-train.tsv`` and ``work/sst2-val.tsv`` (the held-out rows)."""
+    header, rows = sst2_rows(shared)
+    train, val = work / "sst2-train.tsv", work / "sst2-val.tsv"
+    train.write_text("\n".join([header, *rows[HELD_OUT:]]) + "\n")
+    val.write_text("\n".join([header, *rows[:HELD_OUT]]) + "\n")
+    return train, val
+
+
 def sst2(work: Path, shared: Path, run_dir: Path, name: str, steps: int, seed: int, threads: int,
          **kw) -> float:
     out = work / f"sst2-{name}-{seed}"
     results = out / "results.json"
     if not results.is_file():
         shutil.rmtree(out, ignore_errors=True)
-        lines = (shared / "sst2" / "train.tsv").read_text().splitlines()
-        header, rows = lines[0], lines[1:]
-        random.Random(0).shuffle(rows)
-        (work / "sst2-train.tsv").write_text("\n".join([header, *rows[2000:]]) + "\n")
-        (work / "sst2-val.tsv").write_text("\n".join([header, *rows[:2000]]) + "\n")
+        write_sst2_split(work, shared)
         options = FinetuneOptions(task="classify", init=str(run_dir), train=str(work / "sst2-train.tsv"),
                                   val=str(work / "sst2-val.tsv"), test=str(shared / "sst2" / "dev.tsv"), **kw)
         finetune(options, out, overrides=[f"train.max_steps={steps}", "train.eval_interval=250", "train.lr=1e-4",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autoencoding import SHARED, sst2, steps_done  # noqa: E402 — the same fine-tune as the autoencoding table
+from autoencoding import HELD_OUT, SHARED, sst2, sst2_rows, steps_done  # noqa: E402 — the same fine-tune as the autoencoding table
 
 from glmlab.data.prepare import prepare  # noqa: E402
 from glmlab.interop.sources import initial_weights, tokenizer_from  # noqa: E402
@@ -44,10 +43,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    lines = (args.shared / "sst2" / "train.tsv").read_text().splitlines()[1:]
-    random.Random(0).shuffle(lines)  # as autoencoding.sst2 holds out its validation phrases
+    _, lines = sst2_rows(args.shared)  # as autoencoding.sst2 holds out its validation phrases
     text = work / "sst2-text.jsonl"
-    text.write_text("".join(json.dumps({"text": line.split("\t")[0].strip()}) + "\n" for line in lines[2000:]))
+    text.write_text("".join(json.dumps({"text": line.split("\t")[0].strip()}) + "\n" for line in lines[HELD_OUT:]))
     data, continued = work / "data-sst2", work / "continued"
     if not (data / "meta.json").is_file():
         prepare([text], data, existing=tokenizer_from(args.base))

@@ -31,6 +31,7 @@ import json
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -40,17 +41,17 @@ from glmlab.finetune.run import FinetuneOptions, finetune
 from glmlab.generation.engine import start_id
 from glmlab.runs import load_run
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from autoencoding import HELD_OUT, SHARED, sst2_rows, write_sst2_split  # noqa: E402 — the same SST-2 split
 
 
-def phrases(shared: Path, held_out: int = 2000) -> tuple[list[str], list[str]]:
-    """SST-2's training phrases of 8 or more words: (training, held out), the held-out ones the 2,000 the
-    SST-2 fine-tunes of benchmarks/autoencoding.py keep for validation (same shuffle)."""
-    lines = (shared / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    random.Random(0).shuffle(lines)
-    texts = [line.split("\t")[0].strip() for line in lines]
+def phrases(shared: Path) -> tuple[list[str], list[str]]:
+    """SST-2's training phrases of 8 or more words: (training, held out), the held-out ones among those the
+    SST-2 fine-tunes of benchmarks/autoencoding.py keep for validation."""
+    _, rows = sst2_rows(shared)
+    texts = [row.split("\t")[0].strip() for row in rows]
     long = [(i, t) for i, t in enumerate(texts) if len(t.split()) >= 8]
-    return [t for i, t in long if i >= held_out], [t for i, t in long if i < held_out]
+    return [t for i, t in long if i >= HELD_OUT], [t for i, t in long if i < HELD_OUT]
 
 
 def split_prefix(text: str, rng: random.Random) -> tuple[str, str]:
@@ -59,12 +60,13 @@ def split_prefix(text: str, rng: random.Random) -> tuple[str, str]:
     return " ".join(words[:k]), " " + " ".join(words[k:])
 
 
-def reward_model(args: argparse.Namespace, train_tsv: Path, val_tsv: Path):
+def reward_model(args: argparse.Namespace):
     if args.reward is not None:
         return load_classifier(args.reward)
     out = args.work / "reward"
     if not (out / "results.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
+        train_tsv, val_tsv = write_sst2_split(args.work, args.shared)  # every phrase; the held-out ones validate
         finetune(FinetuneOptions(task="classify", init=str(args.base), train=str(train_tsv), val=str(val_tsv)),
                  out, overrides=["train.max_steps=1500", "train.eval_interval=250", "train.lr=1e-4",
                                  "train.batch_size=32", f"train.threads={args.threads}"], show_progress=False)
@@ -93,9 +95,8 @@ def sft_policy(args: argparse.Namespace, train: list[str]) -> Path:
     return out
 
 
-def sample(run_dir: Path, prompts: list[str], n: int, seed: int, max_new_tokens: int) -> list[list]:
-    """``n`` completions (temperature 1, nothing truncated) of each prompt, seeded."""
-    run = load_run(run_dir)
+def sample(run, prompts: list[str], n: int, seed: int, max_new_tokens: int) -> list[list]:
+    """``n`` completions (temperature 1, nothing truncated) of each prompt from a loaded run, seeded."""
     out = []
     for begin in range(0, len(prompts), 64):
         out += run.complete(prompts[begin:begin + 64], temperature=1.0, max_new_tokens=max_new_tokens,
@@ -109,7 +110,7 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
         return path
     rng = random.Random(2)
     prompts = [split_prefix(t, rng)[0] for t in rng.sample(train, args.pairs)]
-    samples = sample(sft, prompts, 2, seed=11, max_new_tokens=args.max_new_tokens)
+    samples = sample(load_run(sft), prompts, 2, seed=11, max_new_tokens=args.max_new_tokens)
     scores = rewards(classifier, [p + c.text for p, pair in zip(prompts, samples, strict=True) for c in pair])
     kept = 0
     with path.open("w", encoding="utf-8") as f:
@@ -163,11 +164,12 @@ def sequence_logprobs(run, prompts: list[str], completions: list) -> list[tuple[
 
 def evaluate(args: argparse.Namespace, policy: Path, sft_run, prompts: list[str], classifier, n: int, seed: int
              ) -> dict:
-    samples = sample(policy, prompts, n, seed, args.max_new_tokens)
+    run = load_run(policy)
+    samples = sample(run, prompts, n, seed, args.max_new_tokens)
     flat_prompts = [p for p, row in zip(prompts, samples, strict=True) for _ in row]
     flat = [c for row in samples for c in row]
     scores = rewards(classifier, [p + c.text for p, c in zip(flat_prompts, flat, strict=True)])
-    mine = sequence_logprobs(load_run(policy), flat_prompts, flat)
+    mine = sequence_logprobs(run, flat_prompts, flat)
     ref = sequence_logprobs(sft_run, flat_prompts, flat)
     tokens = sum(t for _, t in mine)
     kl = sum(a - b for (a, _), (b, _) in zip(mine, ref, strict=True)) / max(tokens, 1)
@@ -232,14 +234,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     train, held = phrases(args.shared)
-    tsv_train, tsv_val = args.work / "sst2-train.tsv", args.work / "sst2-val.tsv"
-    if args.reward is None and not tsv_val.is_file():  # the classifier's data: every phrase, the 2,000 held out
-        lines = (args.shared / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
-        header, rows = lines[0], lines[1:]
-        random.Random(0).shuffle(rows)
-        tsv_train.write_text("\n".join([header, *rows[2000:]]) + "\n")
-        tsv_val.write_text("\n".join([header, *rows[:2000]]) + "\n")
-    classifier = reward_model(args, tsv_train, tsv_val)
+    classifier = reward_model(args)
     sft = sft_policy(args, train)
     prefs = preference_pairs(args, sft, train, classifier)
     policies = {"sft": sft} | {f"dpo beta={b}": dpo_policy(args, sft, prefs, float(b)) for b in args.betas.split(",")}

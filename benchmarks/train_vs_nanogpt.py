@@ -115,7 +115,7 @@ def nanogpt_val_loss(checkpoint: Path, val: np.ndarray) -> float:
         from model import GPT, GPTConfig  # nanoGPT's own model class, where it is
     finally:
         sys.path.remove(str(PEER))
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors and plain data: no code runs
     model = GPT(GPTConfig(**saved["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()})
     model.eval()

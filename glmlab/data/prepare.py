@@ -55,7 +55,7 @@ BATCH_CHARS = 1 << 20  # characters encoded at once: the tokenizer's per-token r
 def encoded_batches(tokenizer: Tokenizer, documents: Iterable[str]) -> Iterator[np.ndarray]:
     """The documents' ids, each document followed by ``<eos>``, in arrays of about :data:`BATCH_CHARS`
     characters' worth: memory stays bounded whatever the corpus's size or its lines' lengths (a whole 20 MB line
-    encoded at once held 7.7 GB of the tokenizer's per-token records)."""
+    encoded at once held 7.6 GB of the tokenizer's per-token records)."""
     dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     chunks: list[str] = []

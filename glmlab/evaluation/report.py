@@ -146,7 +146,9 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, file: str | Path
     if file is not None:
         corpus = read_corpus([file], sentences=sentence_mode)
         tokens = encode_documents(tok, corpus.documents)
-        unknown = tok.unknown_note([tokens], ["".join(corpus.documents)], "tokens of the file")
+        ends = np.flatnonzero(tokens == tok.eos_id) + 1  # each document is followed by <eos>
+        unknown = tok.unknown_note(np.split(tokens, ends)[:len(corpus.documents)], corpus.documents,
+                                   "documents of the file")
         if unknown is not None and notes is not None:  # scored as <unk>, as prepare's data are: said, not hidden
             notes.append(unknown)
         chars = corpus.characters

@@ -36,7 +36,7 @@ def test_a_run_without_spaces_is_cut_at_the_chunk_size():
 
 
 def test_bpe_pre_tokens_are_capped_so_training_on_an_unbroken_run_stays_linear():
-    """Each merge rescans the words it touches: one 200,000-character word made training take 14 s (1 MB: 9 min).
+    """Each merge rescans the words it touches: prepare on 1 M unbroken letters took 539 s.
     With the cap no pre-token is longer than MAX_PIECE_CHARS; ordinary words are pre-tokenized as before."""
     letters = "".join(random.Random(0).choice("abcdefghij") for _ in range(20_000))
     tokenizer = train_tokenizer("bpe", ["\n".join(excerpt_lines(5_000)) + "\n" + letters], 600)
@@ -51,7 +51,7 @@ def test_bpe_pre_tokens_are_capped_so_training_on_an_unbroken_run_stays_linear()
 
 def test_prepare_encodes_a_long_line_in_bounded_batches(flat_text, tmp_path, monkeypatch):
     """A document of one long line is encoded in batches of about BATCH_CHARS characters (a 20 MB line encoded at
-    once held 7.7 GB), and the token file holds the ids of encoding it whole."""
+    once held 7.6 GB), and the token file holds the ids of encoding it whole."""
     path = tmp_path / "flat.txt"
     path.write_text(flat_text, encoding="utf-8")  # one document: a text file is one
     calls: list[int] = []

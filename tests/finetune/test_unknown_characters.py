@@ -51,4 +51,4 @@ def test_eval_of_a_file_says_how_many_characters_became_unk(trained_run, tmp_pat
     text.write_text(f"First Citizen: {FOREIGN}{FOREIGN} we proceed\n")
     assert main(["eval", str(trained_run), "--file", str(text)]) == 0
     err = capsys.readouterr().err
-    assert "warning: 4 tokens in 1 of 1 tokens of the file are <unk>" in err and "'ж'" in err
+    assert "warning: 4 tokens in 1 of 1 documents of the file are <unk>" in err and "'ж'" in err
