@@ -65,13 +65,17 @@ def prepared(work: Path, shared: Path) -> Path:
 
 def pretrained(work: Path, data: Path, row: str, minutes: float, steps: int, seed: int, threads: int) -> Path:
     """The row's pre-trained run: a wall-clock budget (the cosine spans it), or --steps (the cosine spans the steps;
-    --minutes then only caps the time)."""
-    out = work / f"{row}-{seed}"
-    budget = [f"train.max_steps={steps}"] if steps else []
-    if not (out / "best" / "model.safetensors").is_file():
-        shutil.rmtree(out, ignore_errors=True)
+    --minutes then only caps the time). A run interrupted part-way resumes from its last checkpoint."""
+    out, budget = work / f"{row}-{seed}", [f"train.max_steps={steps}"] if steps else []
+    done = out / "pretrained.done"  # written once train() returns: a killed run has checkpoints but no marker
+    if not done.is_file():
+        checkpoints = out / "checkpoints"
+        resume = checkpoints.is_dir() and any(checkpoints.iterdir())
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)
         train(resolve_config({}, [*SHAPE, *ROWS[row], *budget, f"train.max_time={minutes * 60}", f"train.seed={seed}",
-                                  f"train.threads={threads}"]), data, out, show_progress=False)
+                                  f"train.threads={threads}"]), data, out, resume=resume, show_progress=False)
+        done.write_text(f"{steps_done(out)}\n")
     return out
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from glmlab.models.gpt import GPT, GPTConfig
 from glmlab.runtime import autocast, cpu_has_fast_bf16, resolve_precision
-from glmlab.training.trainer import LossModule
+from glmlab.training.tasks import LossModule
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size)
     "nanoGPT CPU recipe (4x128, block 64, batch 12)": (4, 4, 128, 64, 12),

@@ -12,10 +12,20 @@ two alternating for ``--rounds`` rounds. Printed per run: wall time of the whole
 evaluations and checkpoints included), tokens per second over it (iterations x batch x block / wall time), and
 the final model's validation loss, measured the same way for both by this script (mean cross-entropy over
 every non-overlapping window of 64 characters of the validation text, each model with its own ids); then the
-median ratio.
+median ratio. glmlab runs the recipe with nanoGPT's exact (erf) GELU, ``model.activation=gelu``: the same model.
 
-    python benchmarks/train_vs_nanogpt.py                  # 3 rounds of the full recipe
-    python benchmarks/train_vs_nanogpt.py --iters 250 --rounds 1   # a smoke run (nanoGPT saves at evaluations)
+Then the loop: glmlab's bare training step at the recipe's shape (``LossModule`` forward, backward, clipping,
+fused AdamW, as ``benchmarks/train_throughput.py`` times it), timed in this process, against the glmlab runs'
+tokens/s over their training steps (the median of their logged windows, evaluations excluded) and over the
+whole run (evaluations included).
+
+Then glmlab's best configuration (``--best``, default ``configs/shakespeare-char-83s.yaml``) against the
+recipe: its validation loss when its whole process gets nanoGPT's median wall time (``train.max_time`` = that
+wall time less glmlab's measured start-up and final evaluation), and the shortest run whose validation loss
+reaches nanoGPT's median (a bisection on ``train.max_time``, ``--probes`` runs).
+
+    python benchmarks/train_vs_nanogpt.py                  # 3 rounds of the full recipe, the loop, the best config
+    python benchmarks/train_vs_nanogpt.py --iters 250 --rounds 1 --probes 1   # a smoke run
 """
 
 from __future__ import annotations
@@ -85,6 +95,7 @@ def run_nanogpt(folder: Path, iters: int, threads: int) -> tuple[float, Path]:
 def run_glmlab(data: Path, out: Path, iters: int, threads: int, extra: list[str]) -> float:
     argv = [sys.executable, "-m", "glmlab", "train", "--data", str(data), "--out", str(out),
             *(f"model.{k}={v}" for k, v in SHAPE.items()), "model.dropout=0.0", "model.bias=false",
+            "model.activation=gelu",
             f"train.batch_size={BATCH}", f"train.max_steps={iters}", "train.lr=1e-3", "train.min_lr=1e-4",
             "train.warmup_steps=100", "train.beta2=0.99", "train.weight_decay=0.1", "train.grad_clip=1.0",
             "train.eval_interval=250", f"train.eval_tokens={EVAL_ITERS * BATCH * SHAPE['block_size']}",
@@ -122,6 +133,59 @@ def nanogpt_val_loss(checkpoint: Path, val: np.ndarray) -> float:
     return window_loss(lambda x: model(x, x)[0], val, SHAPE["block_size"])  # targets given: logits at every position
 
 
+def run_best(data: Path, out: Path, config: Path, seconds: float, threads: int) -> float:
+    """Wall time of a ``glmlab train --config CONFIG`` process given ``seconds`` of training (its evaluations
+    score as many tokens as the recipe's: this script measures the final loss itself)."""
+    argv = [sys.executable, "-m", "glmlab", "train", "--data", str(data), "--out", str(out), "--config", str(config),
+            f"train.max_time={seconds:.2f}", f"train.threads={threads}",
+            f"train.eval_tokens={EVAL_ITERS * BATCH * SHAPE['block_size']}"]
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def loop_rates(run_dir: Path, tokens: int) -> tuple[float, float]:
+    """A glmlab run's tokens/s over its training steps (median of its logged windows, which leave evaluations
+    out) and over the whole run (training tokens / the run's final elapsed time, evaluations in)."""
+    records = run_records(run_dir)
+    windows = [r["tokens_per_sec"] for r in records if r.get("split") == "train"]
+    return statistics.median(windows), tokens / records[-1]["elapsed"]
+
+
+def bare_step_rate(threads: int, steps: int) -> float:
+    """Tokens/s of glmlab's bare training step at the recipe's shape (the median of 5 timings of ``steps``)."""
+    from glmlab.models.gpt import GPT, GPTConfig
+    from glmlab.training.tasks import LossModule
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, dropout=0.0, bias=False, activation="gelu", **SHAPE)).train()
+    loss_fn, optimizer = LossModule(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 65, (2, BATCH, SHAPE["block_size"]), generator=gen) for _ in range(8)]
+
+    def step(batch: torch.Tensor) -> None:
+        loss_fn(batch[0], batch[1]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch in batches[:3]:
+        step(batch)
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        times.append(time.perf_counter() - started)
+    return steps * BATCH * SHAPE["block_size"] / statistics.median(times)
+
+
 def glmlab_val_loss(run_dir: Path, text_val: str) -> float:
     from glmlab.runs import load_run
 
@@ -130,16 +194,55 @@ def glmlab_val_loss(run_dir: Path, text_val: str) -> float:
     return window_loss(run.model, ids, SHAPE["block_size"])
 
 
+def best_config_table(args: argparse.Namespace, folder: Path, data: Path, text_val: str, budget: float,
+                      target: float, overhead: float) -> None:
+    """glmlab's best configuration at nanoGPT's wall time, and the shortest run reaching nanoGPT's val loss."""
+    print(f"\nglmlab's best configuration ({args.best.name}) against the recipe's median wall time {budget:.1f} s "
+          f"and val loss {target:.4f} (glmlab's start-up and final evaluation: {overhead:.1f} s)\n")
+    print("| run | train.max_time s | wall s | val loss | wall / nanoGPT's |\n|---|---|---|---|---|")
+    runs = 0
+
+    def probe(seconds: float, what: str) -> tuple[float, float]:
+        nonlocal runs
+        runs += 1
+        out = folder / f"best-{runs}"
+        wall = run_best(data, out, args.best, seconds, args.threads)
+        loss = glmlab_val_loss(out, text_val)
+        print(f"| {what} | {seconds:.1f} | {wall:.1f} | {loss:.4f} | {wall / budget:.2f} |", flush=True)
+        return wall, loss
+
+    probe(budget - overhead, "equal wall time")
+    low, high, reached = 1.0, budget - overhead, None
+    for _ in range(args.probes):  # the shortest max_time whose run ends at or below nanoGPT's val loss
+        middle = (low + high) / 2
+        wall, loss = probe(middle, "bisection")
+        if loss <= target:
+            high, reached = middle, (wall, loss)
+        else:
+            low = middle
+    if reached:
+        print(f"\ntime to nanoGPT's val loss {target:.4f}: {reached[0]:.1f} s, {reached[0] / budget:.2f} of "
+              f"nanoGPT's {budget:.1f} s ({budget / reached[0]:.2f}x)")
+    else:
+        print(f"\nno probe reached nanoGPT's val loss {target:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: PyTorch's default)")
     parser.add_argument("--glmlab-extra", default="", help="more glmlab config overrides, space-separated")
+    parser.add_argument("--bare-steps", type=int, default=200, help="steps per timing of the bare step (0: skip)")
+    parser.add_argument("--best", type=Path, default=ROOT / "configs" / "shakespeare-char-83s.yaml",
+                        help="glmlab's best configuration for the second table")
+    parser.add_argument("--probes", type=int, default=4, help="bisection runs for the time to nanoGPT's val loss "
+                                                              "(0 with --best none: skip the second table)")
     args = parser.parse_args()
     from glmlab.data.corpus import default_corpus_path
 
     text = default_corpus_path().read_text(encoding="utf-8")
+    text_val = text[int(len(text) * 0.9):]
     rows = {"nanoGPT": [], "glmlab": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -149,6 +252,7 @@ def main() -> None:
         print(f"nanoGPT's recipe, {args.iters} iterations x {BATCH} x {SHAPE['block_size']} tokens; "
               f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}\n")
         print("| round | run | wall s | tokens/s | val loss |\n|---|---|---|---|---|")
+        overheads, loops = [], []
         for r in range(args.rounds):
             wall, checkpoint = run_nanogpt(folder, args.iters, args.threads)
             loss = nanogpt_val_loss(checkpoint, val_ids)
@@ -156,14 +260,26 @@ def main() -> None:
             print(f"| {r + 1} | nanoGPT | {wall:.1f} | {tokens / wall:,.0f} | {loss:.4f} |", flush=True)
             out = folder / f"glmlab-{r}"
             wall = run_glmlab(data, out, args.iters, args.threads, args.glmlab_extra.split())
-            loss = glmlab_val_loss(out, text[int(len(text) * 0.9):])
+            loss = glmlab_val_loss(out, text_val)
             rows["glmlab"].append((wall, loss))
+            overheads.append(wall - run_records(out)[-1]["elapsed"])
+            loops.append(loop_rates(out, tokens))
             print(f"| {r + 1} | glmlab | {wall:.1f} | {tokens / wall:,.0f} | {loss:.4f} |", flush=True)
-    ratio = statistics.median(n[0] / g[0] for n, g in zip(rows["nanoGPT"], rows["glmlab"], strict=True))
-    losses = {name: statistics.median(v for _, v in runs) for name, runs in rows.items()}
-    print(f"\nmedian wall-time ratio nanoGPT / glmlab: {ratio:.3f}x; median val loss nanoGPT {losses['nanoGPT']:.4f}, "
-          f"glmlab {losses['glmlab']:.4f}")
-    print(json.dumps({k: [{"wall": w, "val_loss": v} for w, v in runs] for k, runs in rows.items()}))
+        ratio = statistics.median(n[0] / g[0] for n, g in zip(rows["nanoGPT"], rows["glmlab"], strict=True))
+        losses = {name: statistics.median(v for _, v in runs) for name, runs in rows.items()}
+        print(f"\nmedian wall-time ratio nanoGPT / glmlab: {ratio:.3f}x; median val loss nanoGPT "
+              f"{losses['nanoGPT']:.4f}, glmlab {losses['glmlab']:.4f}")
+        print(json.dumps({k: [{"wall": w, "val_loss": v} for w, v in runs] for k, runs in rows.items()}))
+        if args.bare_steps:
+            bare = bare_step_rate(args.threads, args.bare_steps)
+            steps_rate = statistics.median(rate for rate, _ in loops)
+            run_rate = statistics.median(rate for _, rate in loops)
+            print(f"\nthe loop: bare step {bare:,.0f} tokens/s; glmlab runs over their steps {steps_rate:,.0f} "
+                  f"({steps_rate / bare:.1%} of the bare step), over the whole run with its "
+                  f"{args.iters // 250} evaluations {run_rate:,.0f} ({run_rate / bare:.1%})")
+        if args.probes and args.best.name != "none":
+            budget = statistics.median(w for w, _ in rows["nanoGPT"])
+            best_config_table(args, folder, data, text_val, budget, losses["nanoGPT"], statistics.median(overheads))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ from glmlab.runs import CONFIG, TOKENIZER, WEIGHTS, LoadSpec, load_run, save_wei
 from glmlab.version import __version__
 
 ARCHITECTURE = "GPT2LMHeadModel"
-SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Hugging Face's activation names → glmlab's model.activation (the tanh approximations are one function)
+ACTIVATIONS_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                       "gelu": "gelu"}
+SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS_FROM_HF)
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
@@ -146,7 +149,8 @@ def read_gpt2(hf_dir: str | Path) -> GPT2Checkpoint:
     section = {"family": "gpt", "vocab_size": config["vocab_size"], "block_size": config.get("n_positions", 1024),
                "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
                "dropout": config.get("resid_pdrop", 0.1), "bias": True,
-               "layer_norm_epsilon": config.get("layer_norm_epsilon", 1e-5)}
+               "layer_norm_epsilon": config.get("layer_norm_epsilon", 1e-5),
+               "activation": ACTIVATIONS_FROM_HF[activation]}
     model = build_model(resolve_config({"model": section}).model)
     state = {}
     for name, tensor in _load_state(hf_dir).items():
@@ -216,8 +220,9 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best")
     atomic.write_json(hf_dir / "config.json", {
         "architectures": [ARCHITECTURE], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "n_head": cfg.n_head, "n_inner": None, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "activation_function": "gelu" if cfg.activation == "gelu" else "gelu_new",
         "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_id,
         "torch_dtype": "float32", "glmlab_version": __version__})

@@ -28,7 +28,7 @@ from glmlab.models.gpt_decode import (
     scripted_prefill_rows,
     unoptimised_graphs,
 )
-from glmlab.models.transformer import Block, BlockShape, SelfAttention
+from glmlab.models.transformer import ACTIVATIONS, Block, BlockShape, SelfAttention
 from glmlab.schema import field
 
 
@@ -45,9 +45,13 @@ class GPTConfig:
     dropout: float = field(0.2, "dropout on embeddings, attention and residual branches", min=0.0, max=0.99)
     bias: bool = field(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
     layer_norm_epsilon: float = field(1e-5, "LayerNorm epsilon (GPT-2: 1e-5)", min=0.0)
+    activation: str = field("gelu_tanh", "MLP activation: gelu_tanh (GPT-2's tanh approximation) or gelu (the "
+                            "exact erf GELU, as nanoGPT and BERT have it: about 3x cheaper on CPU)",
+                            choices=tuple(ACTIVATIONS))
 
     def block_shape(self) -> BlockShape:
-        return BlockShape(self.n_embd, self.n_head, self.dropout, self.bias, self.layer_norm_epsilon)
+        return BlockShape(self.n_embd, self.n_head, self.dropout, self.bias, self.layer_norm_epsilon,
+                          activation=self.activation)
 
     def validate(self) -> None:
         if self.n_embd % self.n_head:
@@ -300,7 +304,8 @@ class GPT(FamilyModel):
                                b.attn.c_proj.weight, bias(b.attn.c_proj), b.ln_2.weight, bias(b.ln_2),
                                b.mlp.c_fc.weight, bias(b.mlp.c_fc), b.mlp.c_proj.weight, bias(b.mlp.c_proj))
                   for b in t.h]
-        return DecodeWeights(t.wte.weight, t.wpe.weight, t.ln_f.weight, bias(t.ln_f), self.lm_head.weight, layers)
+        return DecodeWeights(t.wte.weight, t.wpe.weight, t.ln_f.weight, bias(t.ln_f), self.lm_head.weight, layers,
+                             self.config.activation == "gelu")
 
     def set_decode_weights(self, fmt: str) -> None:
         """``"native"`` (the model's own dtype) or ``"int8"`` (int8 matrices for token-by-token decoding on a

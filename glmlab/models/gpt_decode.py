@@ -49,12 +49,16 @@ class DecodeWeights(NamedTuple):
     ln_f_bias: torch.Tensor
     head: torch.Tensor
     layers: list[LayerWeights]
+    exact_gelu: bool  # the MLP's GELU: the exact (erf) one, else GPT-2's tanh approximation
 
 
-def gelu_rows(h: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh GELU of ``h`` (rows, features). From 8 rows on, computed as h * sigmoid(2u) (the same
-    function: 0.5 * (1 + tanh(u)) = sigmoid(2u)), whose vectorised kernels beat this PyTorch build's
-    tanh-GELU kernel: 11.5 vs 17.9 us at 16 x 512, 30 vs 68 us at 64 x 512 (one thread, this CPU)."""
+def gelu_rows(h: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """GPT-2's tanh GELU of ``h`` (rows, features), or the exact one. From 8 rows on, the tanh GELU is computed as
+    h * sigmoid(2u) (the same function: 0.5 * (1 + tanh(u)) = sigmoid(2u)), whose vectorised kernels beat this
+    PyTorch build's tanh-GELU kernel: 11.5 vs 17.9 us at 16 x 512, 30 vs 68 us at 64 x 512 (one thread, this
+    CPU)."""
+    if exact:
+        return F.gelu(h)
     if h.size(0) < 8:
         return F.gelu(h, approximate="tanh")
     k = 1.5957691216057308  # 2 * sqrt(2 / pi), a literal: TorchScript reads no module constants
@@ -62,10 +66,10 @@ def gelu_rows(h: torch.Tensor) -> torch.Tensor:
         .mul_(h).sigmoid_().mul_(h)
 
 
-def _mlp(x: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:
+def _mlp(x: torch.Tensor, w: LayerWeights, eps: float, exact_gelu: bool) -> torch.Tensor:
     """The block's second half: x + MLP(ln_2(x)), on 2-D activations."""
     h = gelu_rows(torch.addmm(w.fc_bias, torch.layer_norm(x, [x.size(1)], w.ln_2_weight, w.ln_2_bias, eps),
-                              w.fc_weight))
+                              w.fc_weight), exact_gelu)
     return torch.addmm(w.mlp_proj_bias, h, w.mlp_proj_weight).add_(x)
 
 
@@ -83,7 +87,8 @@ def decode_layers(tokens: torch.Tensor, pos: int, kv_layers: list[torch.Tensor],
         kv.select(3, pos).copy_(qkv[:, 1:, :, 0])  # k and v stored together
         keys = kv.narrow(3, 0, end)
         y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, 0], keys[:, 1])
-        x = _mlp(torch.addmm(layer.attn_proj_bias, y.view(B, C), layer.attn_proj_weight).add_(x), layer, eps)
+        x = _mlp(torch.addmm(layer.attn_proj_bias, y.view(B, C), layer.attn_proj_weight).add_(x), layer, eps,
+                 w.exact_gelu)
     return F.linear(torch.layer_norm(x, [C], w.ln_f_weight, w.ln_f_bias, eps), w.head)
 
 
@@ -110,7 +115,8 @@ def decode_rows(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tens
         kv.view(-1, hs).index_copy_(0, where, qkv[:, 1:].reshape(-1, hs).to(kv.dtype))  # k and v together
         keys = kv.narrow(0, 0, B).narrow(3, 0, span) if in_place else kv.narrow(3, 0, span).index_select(0, slots)
         y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, 0], keys[:, 1], attn_mask=mask)
-        x = _mlp(torch.addmm(layer.attn_proj_bias, y.view(B, C), layer.attn_proj_weight).add_(x), layer, eps)
+        x = _mlp(torch.addmm(layer.attn_proj_bias, y.view(B, C), layer.attn_proj_weight).add_(x), layer, eps,
+                 w.exact_gelu)
     return F.linear(torch.layer_norm(x, [C], w.ln_f_weight, w.ln_f_bias, eps), w.head)
 
 
@@ -142,7 +148,8 @@ def prefill_rows(idx: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, 
         y = y.transpose(1, 2).reshape(B * T, C)
         if padded:
             y = y.index_select(0, packed)
-        x = _mlp(torch.addmm(layer.attn_proj_bias, y, layer.attn_proj_weight).add_(x), layer, eps)
+        x = _mlp(torch.addmm(layer.attn_proj_bias, y, layer.attn_proj_weight).add_(x), layer, eps,
+                 w.exact_gelu)
     x = x.index_select(0, lengths.cumsum(0) - 1)  # each prompt's last token
     return F.linear(torch.layer_norm(x, [C], w.ln_f_weight, w.ln_f_bias, eps), w.head)
 
@@ -212,7 +219,7 @@ def decode_rows_int8(tokens: torch.Tensor, slots: list[int], positions: list[int
         y = F.scaled_dot_product_attention(qkv[:, 0], keys[:, 0], keys[:, 1], attn_mask=mask)
         x = layer.attn_proj_weight(y.view(B, C)).add_(x)
         h = F.gelu(layer.fc_weight(torch.layer_norm(x, shape, layer.ln_2_weight, layer.ln_2_bias, eps)),
-                   approximate="tanh")
+                   approximate="none" if w.exact_gelu else "tanh")
         x = layer.mlp_proj_weight(h).add_(x)
     return w.head(torch.layer_norm(x, shape, w.ln_f_weight, w.ln_f_bias, eps))
 

@@ -40,15 +40,15 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Training loss (each log line) and validation loss (each evaluation) against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Training loss (each log line) and validation loss (each evaluation) against step, as a PNG. Drawn with
+    matplotlib's object API (no pyplot state) and fixed margins: a run redraws it at every evaluation, and
+    pyplot's figure manager with ``tight_layout`` cost twice the time (0.2 vs 0.09 s a plot on this VM)."""
+    from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and math.isfinite(r["loss"])]
     val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and math.isfinite(r["loss"])]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train", alpha=0.7, linewidth=1)
     if val:
@@ -59,7 +59,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    if train or val:
+        ax.legend()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
     atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)

@@ -148,3 +148,33 @@ def test_a_run_without_biases_exports_with_zero_biases(char_data, tmp_path):
     ids = run.tokenizer.encode("First Citizen")
     with torch.no_grad():
         assert (run.model(torch.tensor([ids]))[0] - hf(torch.tensor([ids])).logits[0]).abs().max() < 1e-4
+
+
+def test_an_exact_gelu_gpt2_round_trips_with_its_activation(hf_dir, tmp_path):
+    """activation_function "gelu" (the erf GELU, nanoGPT's) imports as model.activation=gelu, computes what
+    transformers computes, and exports as "gelu" again; with GPT-2's tanh GELU the logits would differ."""
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, activation_function="gelu",
+        **{k: json.loads((hf_dir / "config.json").read_text())[k] for k in ("bos_token_id", "eos_token_id")})).eval()
+    with torch.no_grad():  # pre-activations well away from 0, where the two GELUs part
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    source = tmp_path / "exact"
+    hf.save_pretrained(source)
+    for name in ("vocab.json", "merges.txt"):
+        (source / name).write_bytes((hf_dir / name).read_bytes())
+    run = load_run(import_hf(source, tmp_path / "run"))
+    assert run.model.config.activation == "gelu"
+    ids = run.tokenizer.encode("The quick brown fox")
+    with torch.no_grad():
+        ours = run.model(torch.tensor([ids]))[0]
+        hf.config.activation_function = "gelu_new"
+        tanh = transformers.GPT2LMHeadModel(hf.config).eval()
+        tanh.load_state_dict(hf.state_dict())
+    assert (ours - _hf_logits(hf, ids)).abs().max() < 1e-4
+    assert (ours - _hf_logits(tanh, ids)).abs().max() > 1e-3
+    out = export_hf(tmp_path / "run", tmp_path / "exported")
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
+    again = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert (_hf_logits(again, ids) - ours).abs().max() < 1e-4

@@ -1,7 +1,7 @@
 """The `gpt` family's fast paths against its one forward pass (``GPT.forward`` without a cache): the compiled
 decoding steps (rows at one position in consecutive slots, rows at several positions in scattered slots, the
 server's prefill of right-padded prompts) and the int8 step, at every kind of input each accepts, with and
-without biases; eager and compiled forms give the same numbers."""
+without biases, with either GELU; eager and compiled forms give the same numbers."""
 
 from __future__ import annotations
 
@@ -25,10 +25,15 @@ VOCAB, BLOCK = 50, 16
 CPU = torch.device("cpu")
 
 
-def model_with(bias: bool) -> GPT:
+# the model variants every fast path is checked on: (biases, MLP activation)
+VARIANTS = {"bias": (True, "gelu_tanh"), "no-bias": (False, "gelu_tanh"), "exact-gelu": (True, "gelu")}
+
+
+def model_with(variant: str) -> GPT:
+    bias, activation = VARIANTS[variant]
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, dropout=0.0,
-                          bias=bias)).eval()
+                          bias=bias, activation=activation)).eval()
     with torch.no_grad():  # weights away from their initial values: LayerNorms other than 1 and 0, real biases
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -89,10 +94,10 @@ DECODES = [
 ]
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("capacity", "slots", "lengths"), DECODES)
-def test_decode_rows_is_the_forward_pass(bias, capacity, slots, lengths):
-    model = model_with(bias)
+def test_decode_rows_is_the_forward_pass(variant, capacity, slots, lengths):
+    model = model_with(variant)
     rows = sequences(len(slots), lengths)
     cache = filled(model, capacity, slots, rows)
     general = filled(model, capacity, slots, rows)
@@ -107,13 +112,13 @@ def test_decode_rows_is_the_forward_pass(bias, capacity, slots, lengths):
         torch.testing.assert_close(cache.kv[:, s, :, :, :n], general.kv[:, s, :, :, :n], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("slots", "lengths"), [([6, 1, 3], [5, 2, 4]), ([0, 1, 2], [5, 5, 5]), ([1], [BLOCK]),
                                                 ([0, 1, 2, 3, 4, 5, 6, 7, 8], [1, 5, 1, 3, 9, 2, 2, 7, 4])])
-def test_prefill_rows_is_the_forward_pass(bias, slots, lengths, monkeypatch):
+def test_prefill_rows_is_the_forward_pass(variant, slots, lengths, monkeypatch):
     """Right-padded prompts of different (or equal: nothing to pack) lengths into scattered empty slots: each
     prompt's next-token logits, its keys and values and its fill level; then a decode step reads them."""
-    model = model_with(bias)
+    model = model_with(variant)
     rows = sequences(len(slots), lengths, seed=2)
     width = max(lengths)
     idx = torch.tensor([r + [0] * (width - len(r)) for r in rows])
@@ -140,7 +145,7 @@ def test_prefill_rows_is_the_forward_pass(bias, slots, lengths, monkeypatch):
 
 def test_the_eager_steps_equal_the_compiled_ones():
     """Bit for bit, with TorchScript's graph optimisation off as glmlab runs them (it fuses operations)."""
-    model = model_with(True)
+    model = model_with("bias")
     rows = sequences(3, [4, 9, 6])
     for slots in ([0, 1, 2], [2, 0, 1]):
         results = []
@@ -160,10 +165,10 @@ def test_the_eager_steps_equal_the_compiled_ones():
     assert torch.equal(*results)
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("capacity", "slots", "lengths"), DECODES)
-def test_int8_decoding_stays_close_to_the_forward_pass(bias, capacity, slots, lengths):
-    model = model_with(bias)
+def test_int8_decoding_stays_close_to_the_forward_pass(variant, capacity, slots, lengths):
+    model = model_with(variant)
     rows = sequences(len(slots), lengths)
     exact = reference(model, rows)
     model.set_decode_weights("int8")
@@ -175,7 +180,7 @@ def test_int8_decoding_stays_close_to_the_forward_pass(bias, capacity, slots, le
 
 
 def test_int8_weights_follow_weight_changes_and_only_known_formats():
-    model = model_with(True)
+    model = model_with("bias")
     rows = sequences(2, [10, 10])
     model.set_decode_weights("int8")
 
@@ -193,7 +198,7 @@ def test_int8_weights_follow_weight_changes_and_only_known_formats():
 
 
 def test_the_fast_paths_step_aside_where_they_do_not_apply():
-    model = model_with(True)
+    model = model_with("bias")
     cache = model.new_cache(4, CPU)
     with torch.no_grad():
         model(torch.tensor([[5, 6]]), cache, rows=[2])
