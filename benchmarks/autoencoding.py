@@ -259,10 +259,12 @@ def main() -> None:
     if "glm" in table and "gpt+fim" in table:
         glm, fim = sum(table["glm"]["infill_nll"]), sum(min(p, s) for p, s in zip(
             table["gpt+fim"]["infill_nll"], table["gpt+fim"]["infill_nll_spm"], strict=True))
-        print(f"glm infill vs gpt+FIM (its better order): {100 * (1 - glm / fim):+.1f}% lower (target >= 10%)")
+        change = 100 * (glm / fim - 1)
+        print(f"glm's infill NLL against gpt+FIM's (its better order): {abs(change):.1f}% "
+              f"{'lower' if change < 0 else 'higher'} (target: at least 10% lower)")
     if "glm" in table and "gpt" in table:
         ratio = sum(table["glm"]["lm_nll"]) / sum(table["gpt"]["lm_nll"])
-        print(f"glm L2R vs gpt: {100 * (ratio - 1):+.1f}% (target within 5%)")
+        print(f"glm's L2R NLL against gpt's: {100 * (ratio - 1):+.1f}% (target: within 5%)")
 
 
 if __name__ == "__main__":
