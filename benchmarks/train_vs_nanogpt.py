@@ -157,33 +157,21 @@ def loop_rates(run_dir: Path, tokens: int) -> tuple[float, float]:
 
 
 def bare_step_rate(threads: int, steps: int) -> float:
-    """Tokens/s of glmlab's bare training step at the recipe's shape (the median of 5 timings of ``steps``)."""
+    """Tokens/s of glmlab's bare training step at the recipe's shape, timed as ``train_throughput.py`` times it
+    (its ``make_step`` and ``measure``): the median of 5 timings of ``steps``."""
+    from train_throughput import make_step, measure  # this folder is on the path of a script run from it
+
     from glmlab.models.gpt import GPT, GPTConfig
-    from glmlab.training.tasks import LossModule
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, dropout=0.0, bias=False, activation="gelu", **SHAPE)).train()
-    loss_fn, optimizer = LossModule(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = make_step(model, hf=False, dtype=None)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 65, (2, BATCH, SHAPE["block_size"]), generator=gen) for _ in range(8)]
-
-    def step(batch: torch.Tensor) -> None:
-        loss_fn(batch[0], batch[1]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for batch in batches[:3]:
-        step(batch)
-    times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        for i in range(steps):
-            step(batches[i % len(batches)])
-        times.append(time.perf_counter() - started)
-    return steps * BATCH * SHAPE["block_size"] / statistics.median(times)
+    batches = [tuple(torch.randint(0, 65, (2, BATCH, SHAPE["block_size"]), generator=gen)) for _ in range(8)]
+    measure(step, batches, 3)  # warm-up
+    return steps * BATCH * SHAPE["block_size"] / statistics.median(measure(step, batches, steps) for _ in range(5))
 
 
 def glmlab_val_loss(run_dir: Path, text_val: str) -> float:
@@ -237,8 +225,10 @@ def main() -> None:
     parser.add_argument("--best", type=Path, default=ROOT / "configs" / "shakespeare-char-83s.yaml",
                         help="glmlab's best configuration for the second table")
     parser.add_argument("--probes", type=int, default=4, help="bisection runs for the time to nanoGPT's val loss "
-                                                              "(0 with --best none: skip the second table)")
+                                                              "(0: skip the second table)")
     args = parser.parse_args()
+    if args.probes and not args.best.is_file():
+        parser.error(f"--best {args.best}: no such config file (give a glmlab YAML config, or --probes 0)")
     from glmlab.data.corpus import default_corpus_path
 
     text = default_corpus_path().read_text(encoding="utf-8")
@@ -277,7 +267,7 @@ def main() -> None:
             print(f"\nthe loop: bare step {bare:,.0f} tokens/s; glmlab runs over their steps {steps_rate:,.0f} "
                   f"({steps_rate / bare:.1%} of the bare step), over the whole run with its "
                   f"{args.iters // 250} evaluations {run_rate:,.0f} ({run_rate / bare:.1%})")
-        if args.probes and args.best.name != "none":
+        if args.probes:
             budget = statistics.median(w for w, _ in rows["nanoGPT"])
             best_config_table(args, folder, data, text_val, budget, losses["nanoGPT"], statistics.median(overheads))
 
