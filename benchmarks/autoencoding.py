@@ -167,9 +167,9 @@ def sst2(work: Path, shared: Path, run_dir: Path, name: str, steps: int, seed: i
     results = out / "results.json"
     if not results.is_file():
         shutil.rmtree(out, ignore_errors=True)
-        write_sst2_split(work, shared)
-        options = FinetuneOptions(task="classify", init=str(run_dir), train=str(work / "sst2-train.tsv"),
-                                  val=str(work / "sst2-val.tsv"), test=str(shared / "sst2" / "dev.tsv"), **kw)
+        train_tsv, val_tsv = write_sst2_split(work, shared)
+        options = FinetuneOptions(task="classify", init=str(run_dir), train=str(train_tsv), val=str(val_tsv),
+                                  test=str(shared / "sst2" / "dev.tsv"), **kw)
         finetune(options, out, overrides=[f"train.max_steps={steps}", "train.eval_interval=250", "train.lr=1e-4",
                                           "train.batch_size=32", f"train.seed={seed}", f"train.threads={threads}",
                                           "train.warmup_steps=50"], show_progress=False)
