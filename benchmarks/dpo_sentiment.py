@@ -105,31 +105,39 @@ def sample(run, prompts: list[str], n: int, seed: int, max_new_tokens: int) -> l
 
 
 def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], classifier) -> Path:
+    """``--pair-samples`` completions of each of ``--pairs`` training prefixes from the SFT policy; the one of
+    highest reward is chosen, the one of lowest rejected (with two samples, the DPO paper's pairs), and a pair
+    whose rewards differ by less than ``--min-margin`` is dropped, as are ties and empty answers."""
     path = args.work / "prefs.jsonl"
     if path.is_file():
         return path
     rng = random.Random(2)
     prompts = [split_prefix(t, rng)[0] for t in rng.sample(train, args.pairs)]
-    samples = sample(load_run(sft), prompts, 2, seed=11, max_new_tokens=args.max_new_tokens)
-    scores = rewards(classifier, [p + c.text for p, pair in zip(prompts, samples, strict=True) for c in pair])
+    k = args.pair_samples
+    samples = sample(load_run(sft), prompts, k, seed=11, max_new_tokens=args.max_new_tokens)
+    scores = rewards(classifier, [p + c.text for p, row in zip(prompts, samples, strict=True) for c in row])
     kept = 0
     with path.open("w", encoding="utf-8") as f:
-        for i, (prompt, (a, b)) in enumerate(zip(prompts, samples, strict=True)):
-            ra, rb = scores[2 * i], scores[2 * i + 1]
-            if a.text == b.text or abs(ra - rb) < 1e-3 or not a.text.strip() or not b.text.strip():
-                continue  # DPO refuses a pair whose answers are equal or empty
-            chosen, rejected = (a, b) if ra > rb else (b, a)
-            f.write(json.dumps({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text}) + "\n")
+        for i, (prompt, row) in enumerate(zip(prompts, samples, strict=True)):
+            ranked = sorted((s, j) for j, s in enumerate(scores[k * i:k * i + k]) if row[j].text.strip())
+            if len(ranked) < 2:
+                continue  # DPO refuses an empty answer
+            (low, worst), (high, best) = ranked[0], ranked[-1]
+            if row[best].text == row[worst].text or high - low < max(args.min_margin, 1e-3):
+                continue  # equal answers carry no preference
+            f.write(json.dumps({"prompt": prompt, "chosen": row[best].text, "rejected": row[worst].text}) + "\n")
             kept += 1
-    print(f"preference pairs: {kept} of {len(prompts)} prefixes (ties and empty answers dropped)", flush=True)
+    print(f"preference pairs: {kept} of {len(prompts)} prefixes ({k} samples each; ties, margins under "
+          f"{args.min_margin} and empty answers dropped)", flush=True)
     return path
 
 
 def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) -> Path:
-    out = args.work / f"dpo-beta{beta:g}"
+    out = args.work / (f"dpo-beta{beta:g}" + (f"-rpo{args.rpo_alpha:g}" if args.rpo_alpha else ""))
     if not (out / "results.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        finetune(FinetuneOptions(task="dpo", init=str(sft), train=str(prefs), beta=beta, val_fraction=0.05), out,
+        finetune(FinetuneOptions(task="dpo", init=str(sft), train=str(prefs), beta=beta, val_fraction=0.05,
+                                 rpo_alpha=args.rpo_alpha), out,
                  overrides=[f"train.max_steps={args.dpo_steps}", "train.eval_interval=100", f"train.lr={args.dpo_lr}",
                             "train.batch_size=16", f"train.threads={args.threads}", "train.warmup_steps=20"],
                  show_progress=False)
@@ -221,12 +229,18 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--betas", default="0.05,0.1,0.5")
     parser.add_argument("--pairs", type=int, default=4000, help="training prefixes sampled twice for pairs")
+    parser.add_argument("--pair-samples", type=int, default=2,
+                        help="completions per training prefix; the best and the worst make the pair (default 2)")
+    parser.add_argument("--min-margin", type=float, default=0.0,
+                        help="drop pairs whose rewards differ by less (default 0: only ties)")
     parser.add_argument("--eval-prefixes", type=int, default=300)
     parser.add_argument("--samples", type=int, default=4, help="completions per held-out prefix per policy")
     parser.add_argument("--best-of", type=int, default=16)
     parser.add_argument("--sft-steps", type=int, default=1000)
     parser.add_argument("--dpo-steps", type=int, default=600)
     parser.add_argument("--dpo-lr", type=float, default=1e-5)
+    parser.add_argument("--rpo-alpha", type=float, default=0.0,
+                        help="finetune dpo --rpo-alpha: weight of the chosen answers' NLL (default 0: DPO alone)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -237,7 +251,9 @@ def main() -> None:
     classifier = reward_model(args)
     sft = sft_policy(args, train)
     prefs = preference_pairs(args, sft, train, classifier)
-    policies = {"sft": sft} | {f"dpo beta={b}": dpo_policy(args, sft, prefs, float(b)) for b in args.betas.split(",")}
+    rpo = f" rpo={args.rpo_alpha:g}" if args.rpo_alpha else ""
+    policies = {"sft": sft} | {f"dpo beta={b}{rpo}": dpo_policy(args, sft, prefs, float(b))
+                               for b in args.betas.split(",")}
     rng = random.Random(3)
     prompts = [split_prefix(t, rng)[0] for t in rng.sample(held, args.eval_prefixes)]
     sft_run = load_run(sft)

@@ -91,9 +91,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "character, as sacreBLEU's zh), char; auto (default): zh for unspaced text")
     s.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0,  # classify's options
                    text_column=None, label_column="label", pattern=None, verbalizer=None)
-    c.set_defaults(chat_template=None, pack=False, beta=0.1, loss="sigmoid", label_smoothing=0.0,  # others' options
-                   metric_tokenizer="auto")
-    s.set_defaults(beta=0.1, loss="sigmoid", label_smoothing=0.0)
+    c.set_defaults(chat_template=None, pack=False, beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.0,
+                   metric_tokenizer="auto")  # others' options
+    s.set_defaults(beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.0)
     d = tasks.add_parser("dpo", help="preference tuning (DPO) on chosen / rejected answers",
                          description="Direct Preference Optimization: JSONL {\"prompt\", \"chosen\", \"rejected\"} "
                                      "(texts; or the prompt as messages for the --init run's chat template and each "
@@ -109,6 +109,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "--label-smoothing (default sigmoid)")
     d.add_argument("--label-smoothing", type=float, default=0.0,
                    help="--loss robust: the probability that a pair's preference is wrong (default 0)")
+    d.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="add this times the chosen answers' mean NLL to the loss (RPO; trl's loss_type "
+                        "[sigmoid, sft]): keeps the policy near the chosen answers (default 0: DPO alone)")
     d.add_argument("--chat-template", metavar="FILE.jinja", default=None,
                    help="for prompts given as messages (default: the --init run's template)")
     d.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0, text_column=None,
@@ -157,7 +160,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens, pattern=args.pattern, verbalizer=args.verbalizer,
         chat_template=args.chat_template, pack=args.pack, beta=args.beta, loss=args.loss,
-        label_smoothing=args.label_smoothing, metric_tokenizer=args.metric_tokenizer)
+        label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha, metric_tokenizer=args.metric_tokenizer)
     result, results = finetune(options, args.out, read_yaml(args.config) if args.config else None, args.overrides,
                                resume=args.resume, show_progress=not args.quiet)
     if not result.main_process:

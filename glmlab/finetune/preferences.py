@@ -10,6 +10,13 @@ over the completion's tokens (and the token that ends it), and Δ = r(chosen) �
 * ``ipo`` (Azar et al., 2023): (Δ̄ − 1 / 2β)², Δ̄ the difference of the per-token mean log-ratios;
 * ``robust`` (rDPO, Chowdhury et al., 2024: labels flipped with probability ε = ``label_smoothing``):
   (−(1−ε) log σ(β Δ) + ε log σ(−β Δ)) / (1 − 2ε).
+
+``rpo_alpha`` > 0 adds α times the mean negative log-likelihood of the chosen answers' tokens (RPO, Pang et al.,
+2024; trl's ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, α]``): DPO alone can raise the margin by
+lowering both answers, moving mass to text neither of them resembles; the likelihood term keeps it on the chosen.
+
+The reference is frozen, so each answer's reference log-probability is computed once and remembered (trl's
+``precompute_ref_log_probs``, done lazily): after the first epoch a step runs the policy alone.
 """
 
 from __future__ import annotations
@@ -176,31 +183,74 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: to
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """RPO's likelihood term: the mean negative log-probability of the chosen answers' tokens (over all tokens of
+    the batch, as trl averages it)."""
+    return -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+
+
+class ReferenceCache:
+    """Summed log-probabilities of scored answers under a frozen model, remembered by row content: a row is its
+    tokens up to its last scored target (padding on the right cannot change them under causal attention)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.known: dict[bytes, float] = {}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scored = (y != IGNORE_INDEX).cpu()
+        ends = torch.where(scored.any(1), scored.shape[1] - scored.flip(1).int().argmax(1), 0).tolist()
+        xs, ys = x.cpu().numpy(), y.cpu().numpy()
+        keys = [xs[i, :n].tobytes() + b"|" + ys[i, :n].tobytes() for i, n in enumerate(ends)]
+        todo: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self.known:
+                todo.setdefault(key, i)
+        unique = list(todo.values())
+        if unique:
+            width = max(max(ends[i] for i in unique), 1)
+            rows = torch.tensor(unique, device=x.device)
+            logps, _ = sequence_logps(self.model, x[rows, :width], y[rows, :width])
+            for i, value in zip(unique, logps.tolist(), strict=True):
+                self.known[keys[i]] = value
+        return torch.tensor([self.known[k] for k in keys], dtype=torch.float32, device=x.device)
+
+
 class PreferenceObjective(nn.Module):
     """``forward(x, y)`` → the mean preference loss of a batch of pairs (chosen rows, then rejected rows) for the
-    policy, against the frozen ``reference``; the batch's rewards, margins and accuracy go to the policy's
-    ``stats`` (averaged into each training record)."""
+    policy, against the frozen ``reference`` (plus ``rpo_alpha`` times the chosen answers' NLL); the batch's
+    rewards, margins and accuracy go to the policy's ``stats`` (averaged into each training record)."""
 
     def __init__(self, policy: nn.Module, reference: nn.Module, beta: float, loss: str,
-                 label_smoothing: float) -> None:
+                 label_smoothing: float, rpo_alpha: float = 0.0) -> None:
         super().__init__()
         self.model, self.reference = policy, reference.eval().requires_grad_(False)
-        self.beta, self.loss_type, self.label_smoothing = beta, loss, label_smoothing
+        self.reference_logps = ReferenceCache(self.reference)
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss, label_smoothing, rpo_alpha
 
-    def pair_losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pair_losses(self, x: torch.Tensor, y: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair losses, the chosen and rejected rewards, and the chosen answers' summed log-probabilities and
+        token counts (RPO's term)."""
         logps, tokens = sequence_logps(self.model, x, y)
-        with torch.no_grad():
-            ref_logps, _ = sequence_logps(self.reference, x, y)
+        ref_logps = self.reference_logps(x, y).to(logps.dtype)
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
-        return preference_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type,
-                               self.label_smoothing, chosen_tokens, rejected_tokens)
+        losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta,
+                                                       self.loss_type, self.label_smoothing, chosen_tokens,
+                                                       rejected_tokens)
+        return losses, r_chosen, r_rejected, chosen, chosen_tokens
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        losses, chosen, rejected = self.pair_losses(x, y)
-        self.model.stats = reward_figures(chosen, rejected)
-        return losses.mean()
+        losses, r_chosen, r_rejected, chosen, chosen_tokens = self.pair_losses(x, y)
+        self.model.stats = reward_figures(r_chosen, r_rejected)
+        if not self.rpo_alpha:
+            return losses.mean()
+        nll = chosen_nll(chosen, chosen_tokens)
+        self.model.stats["chosen_nll"] = nll.detach()
+        return losses.mean() + self.rpo_alpha * nll
 
 
 def reward_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:

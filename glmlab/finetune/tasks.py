@@ -37,6 +37,7 @@ from glmlab.finetune.metrics import classification_metrics
 from glmlab.finetune.preferences import (
     LOSSES,
     PreferenceObjective,
+    chosen_nll,
     encode_preferences,
     read_preferences,
     reward_figures,
@@ -82,6 +83,7 @@ class FinetuneOptions:
     beta: float = 0.1  # dpo: strength of the pull toward the reference (the KL penalty's coefficient)
     loss: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
     label_smoothing: float = 0.0  # dpo, robust: the probability that a pair's preference is flipped
+    rpo_alpha: float = 0.0  # dpo: weight of the chosen answers' NLL added to the loss (RPO)
     metric_tokenizer: str = "auto"  # sft: the units of exact match, BLEU and ROUGE-L (text_units)
 
     def cloze(self) -> Cloze | None:
@@ -104,6 +106,9 @@ class FinetuneOptions:
                 raise ConfigError(f"dpo with --beta {self.beta}, --loss {self.loss} and --label-smoothing "
                                   f"{self.label_smoothing}", f"use --beta > 0, --loss one of {', '.join(LOSSES)} and "
                                   "--label-smoothing in [0, 0.5)")
+            if not self.rpo_alpha >= 0:
+                raise ConfigError(f"--rpo-alpha {self.rpo_alpha}: the weight of the chosen answers' NLL",
+                                  "use --rpo-alpha >= 0 (0: DPO alone; 1: RPO's usual weight)")
             if self.label_smoothing and self.loss != "robust":
                 raise ConfigError(f"--label-smoothing is the robust loss's flip probability, and --loss is {self.loss}",
                                   "add --loss robust, or drop --label-smoothing")
@@ -381,7 +386,7 @@ class FinetuneTask:
                                 weights_path(Path(self.options.init or ""), "best"))
         o = self.options
         self.objective = PreferenceObjective(model, reference.to(next(model.parameters()).device), o.beta, o.loss,
-                                             o.label_smoothing)
+                                             o.label_smoothing, o.rpo_alpha)
         return self.objective
 
     def some_parameters_unused(self, model: nn.Module) -> bool:
@@ -395,7 +400,8 @@ class FinetuneTask:
     def evaluate(self, model: nn.Module, device: torch.device, autocast: Any, dist: Distributed) -> Validation:
         """The loss on the validation split (every process scores all of it), and accuracy / macro-F1."""
         figures = evaluate_split(model, self, "val", self.batch_size, device, autocast)
-        kept = ("accuracy", "macro_f1", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected")
+        kept = ("accuracy", "macro_f1", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected",
+                "chosen_nll")
         return Validation(figures["loss"], {k: figures[k] for k in kept if k in figures})
 
     def write_samples(self, out: Path, model: nn.Module, train: TrainConfig, step: int, val: float) -> None:
@@ -477,16 +483,19 @@ def preference_figures(model: nn.Module, task: FinetuneTask, split: str, batch_s
     objective = task.objective
     was_training = model.training
     model.eval()
-    losses, chosen, rejected = [], [], []
+    losses, chosen, rejected, logps, tokens = [], [], [], [], []
     try:
         for _, x, y in task.splits[split].batches(batch_size, task.pad_id):
             with amp or nullcontext():
-                loss, c, r = objective.pair_losses(x.to(device), y.to(device))
-            losses.append(loss.float().cpu())
-            chosen.append(c.float().cpu())
-            rejected.append(r.float().cpu())
+                loss, c, r, logp, n = objective.pair_losses(x.to(device), y.to(device))
+            for kept, value in zip((losses, chosen, rejected, logps, tokens), (loss, c, r, logp, n), strict=True):
+                kept.append(value.float().cpu())
     finally:
         model.train(was_training)
     loss_t, chosen_t, rejected_t = torch.cat(losses), torch.cat(chosen), torch.cat(rejected)
     figures = {k: float(v) for k, v in reward_figures(chosen_t, rejected_t).items()}
-    return {"loss": float(loss_t.mean()), **figures, "pairs": len(loss_t)}
+    total = float(loss_t.mean())
+    if objective.rpo_alpha:
+        figures["chosen_nll"] = float(chosen_nll(torch.cat(logps), torch.cat(tokens)))
+        total += objective.rpo_alpha * figures["chosen_nll"]
+    return {"loss": total, **figures, "pairs": len(loss_t)}

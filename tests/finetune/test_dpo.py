@@ -15,7 +15,13 @@ import torch
 
 from glmlab.cli import main
 from glmlab.errors import GlmlabError
-from glmlab.finetune.preferences import preference_loss, read_preferences
+from glmlab.finetune.preferences import (
+    ReferenceCache,
+    chosen_nll,
+    preference_loss,
+    read_preferences,
+    sequence_logps,
+)
 from glmlab.finetune.report import write_report
 from glmlab.finetune.run import finetune
 from glmlab.finetune.tasks import FinetuneOptions
@@ -26,10 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trl_loss(loss_type: str, beta: float, eps: float, policy: torch.Tensor, ref: torch.Tensor,
-             mask: torch.Tensor) -> tuple[float, dict[str, float]]:
+             mask: torch.Tensor, sft_weight: float = 0.0) -> tuple[float, dict[str, float]]:
     """trl's own DPOTrainer._compute_loss on a batch whose per-token log-probabilities are given: a stand-in model
     returns them (zero outside the completion, as its fused LM head does with -100 labels)."""
     from trl.trainer.dpo_trainer import DPOTrainer
+
+    loss_types, loss_weights = ([loss_type, "sft"], [1.0, sft_weight]) if sft_weight else ([loss_type], [1.0])
 
     metrics: defaultdict = defaultdict(lambda: defaultdict(list))
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
@@ -41,8 +49,8 @@ def trl_loss(loss_type: str, beta: float, eps: float, policy: torch.Tensor, ref:
 
     model.training = True
     trainer = SimpleNamespace(model=model, accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
-                              precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-                              loss_weights=[1.0], beta=beta, label_smoothing=eps, use_weighting=False,
+                              precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types,
+                              loss_weights=loss_weights, beta=beta, label_smoothing=eps, use_weighting=False,
                               _metrics=metrics, _total_train_tokens=0, _tp_size=1)
     chosen_ref, rejected_ref = ref.chunk(2)
     inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
@@ -51,10 +59,12 @@ def trl_loss(loss_type: str, beta: float, eps: float, policy: torch.Tensor, ref:
     return float(loss), {k: v[-1] for k, v in metrics["train"].items()}
 
 
-@pytest.mark.parametrize(("loss_type", "beta", "eps"), [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0),
-                                                         ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0),
-                                                         ("robust", 0.1, 0.1), ("robust", 0.3, 0.25)])
-def test_losses_and_rewards_equal_trls(loss_type, beta, eps):
+@pytest.mark.parametrize(("loss_type", "beta", "eps", "alpha"),
+                         [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0), ("ipo", 0.1, 0.0, 0.0),
+                          ("ipo", 0.5, 0.0, 0.0), ("robust", 0.1, 0.1, 0.0), ("robust", 0.3, 0.25, 0.0),
+                          ("sigmoid", 0.1, 0.0, 1.0), ("robust", 0.5, 0.1, 0.3)])
+def test_losses_and_rewards_equal_trls(loss_type, beta, eps, alpha):
+    """Every loss, and RPO's (the loss plus alpha times the chosen answers' NLL: trl's [loss, "sft"])."""
     pytest.importorskip("trl")
     g = torch.Generator().manual_seed(0)
     pairs, width = 6, 12
@@ -64,12 +74,13 @@ def test_losses_and_rewards_equal_trls(loss_type, beta, eps):
         mask[row, start: start + int(torch.randint(2, width - start, (1,), generator=g))] = 1
     policy = -torch.rand(2 * pairs, width - 1, generator=g, dtype=torch.float64) * 3
     ref = -torch.rand(2 * pairs, generator=g, dtype=torch.float64) * 20
-    theirs, figures = trl_loss(loss_type, beta, eps, policy, ref, mask)
+    theirs, figures = trl_loss(loss_type, beta, eps, policy, ref, mask, alpha)
     sums, tokens = (policy * mask[:, 1:]).sum(1), mask[:, 1:].sum(1)
     chosen, rejected = sums.chunk(2)
     losses, r_chosen, r_rejected = preference_loss(chosen, rejected, *ref.chunk(2), beta, loss_type, eps,
                                                    *tokens.chunk(2))
-    assert float(losses.mean()) == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+    ours = losses.mean() + alpha * chosen_nll(chosen, tokens.chunk(2)[0])
+    assert float(ours) == pytest.approx(theirs, rel=1e-9, abs=1e-12)
     assert float(r_chosen.mean()) == pytest.approx(figures["rewards/chosen"], rel=1e-9)
     assert float(r_rejected.mean()) == pytest.approx(figures["rewards/rejected"], rel=1e-9)
     assert float((r_chosen - r_rejected).mean()) == pytest.approx(figures["rewards/margins"], rel=1e-9)
@@ -86,6 +97,30 @@ def test_hand_worked_values():
     ipo, _, _ = preference_loss(c, r, rc, rr, 0.5, "ipo", chosen_tokens=torch.tensor([2]),
                                 rejected_tokens=torch.tensor([1]))
     assert float(ipo) == pytest.approx((0.5 - -1.0 - 1.0) ** 2)
+
+
+def test_reference_cache_scores_each_answer_once_and_as_the_model_does():
+    """The frozen reference's log-probabilities are remembered by content: the same rows padded to another width
+    (a later epoch's batch) are not run again, and every value equals the model's own on that row."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20))  # position-wise: causal too
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    x = torch.randint(1, 20, (4, 6))
+    y = torch.full((4, 6), -100)
+    y[0, 2:4], y[1, 1:6], y[2, 3:5], y[3, 2:4] = x[0, 3:5], torch.tensor(x[1, 2:6].tolist() + [5]), x[2, 4:6], x[0, 3:5]
+    x[3] = x[0]  # row 3 is row 0 again: scored once
+    cache = ReferenceCache(model)
+    first = cache(x, y)
+    direct, _ = sequence_logps(model, x, y)
+    assert torch.allclose(first, direct, atol=1e-5) and len(calls) == 2 and calls[0][0] == 3
+    wider_x = torch.cat([x, torch.zeros(4, 3, dtype=torch.long)], 1)  # padded further: the same answers
+    wider_y = torch.cat([y, torch.full((4, 3), -100)], 1)
+    again = cache(wider_x[[2, 0, 1]], wider_y[[2, 0, 1]])
+    assert len(calls) == 2 and torch.equal(again, first[[2, 0, 1]])
+    y2 = y.clone()
+    y2[0, 4] = 7  # another target is another answer
+    assert float(cache(x[:1], y2[:1])) != pytest.approx(float(first[0])) and len(calls) == 3
 
 
 def write_preferences(path: Path, n: int, seed: int) -> Path:
@@ -121,6 +156,20 @@ def test_dpo_learns_the_preference_and_logs_rewards(pretrained, tmp_path):
     assert (tmp_path / "report" / "metrics.png").is_file()
 
 
+def test_rpo_adds_the_chosen_answers_nll(pretrained, tmp_path):
+    """--rpo-alpha: the chosen answers' NLL is logged, enters the validation loss and falls as the policy learns."""
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 80, 1)
+    out = tmp_path / "rpo"
+    assert main(["finetune", "dpo", "--init", str(pretrained), "--data", str(prefs), "--out", str(out), "--quiet",
+                 "--rpo-alpha", "1", "train.max_steps=30", "train.eval_interval=30", "train.threads=1",
+                 "train.lr=3e-3", "train.batch_size=16"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    before, after = results["before"]["val"], results["val"]
+    assert before["loss"] == pytest.approx(math.log(2) + before["chosen_nll"], abs=1e-5)
+    assert after["chosen_nll"] < before["chosen_nll"] - 0.5 and after["reward_accuracy"] >= 0.9
+    assert "chosen_nll" in metrics_records(out, "train")[-1]
+
+
 def test_dpo_on_messages_uses_the_chat_template_and_refuses_bad_pairs(pretrained, tmp_path, capsys):
     rows = [{"prompt": [{"role": "user", "content": f"say {w}"}], "chosen": [{"role": "assistant", "content": w}],
              "rejected": [{"role": "assistant", "content": "no"}]} for w in WORDS[:6]]
@@ -145,7 +194,7 @@ def test_dpo_on_messages_uses_the_chat_template_and_refuses_bad_pairs(pretrained
     refused({"prompt": "p", "chosen": "", "rejected": "b"}, "chosen is missing or empty")
     refused({"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "one assistant message")
     for args, match in ((["--init", "none"], "needs --init"), (["--label-smoothing", "0.1"], "--loss robust"),
-                        (["--beta", "0"], "--beta > 0")):
+                        (["--beta", "0"], "--beta > 0"), (["--rpo-alpha", "-1"], "--rpo-alpha >= 0")):
         code = main(["finetune", "dpo", "--data", str(chat), "--out", str(tmp_path / "x"),
                      *(["--init", str(pretrained)] if args[0] != "--init" else []), *args])
         assert code == 1 and match in capsys.readouterr().err
