@@ -3,7 +3,7 @@ gpt shape trained for the same wall-clock time each, compared on what is compara
 
 Data: ../shared/data/songci/songci.jsonl (21,050 Song-dynasty ci, 1.8 M characters; the poem text only), split
 by whole poems (seed 1337, 90/5/5), so every tokenizer sees the same poems in each split. Tokenizers at their
-defaults for this script (char: every character of the training split; bpe and unigram: twice the distinct
+defaults for this script (char: every character of the training split; bpe and unigram: four times the distinct
 characters, see glmlab/data/tokenizer.py) or --vocab-size.
 
 Model: gpt, 4 layers x 4 heads x 256, context 128 tokens, batches of 32, AdamW lr 1e-3 cosine over --minutes of

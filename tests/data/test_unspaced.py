@@ -74,7 +74,7 @@ def test_the_word_tokenizer_is_refused_on_unspaced_text_and_says_what_to_use():
 def test_subword_vocabulary_defaults_follow_the_script():
     chinese = ScriptProfile(share=0.99, mean_run=5.0, distinct=6123)
     english = profile(["the quick brown fox jumps over the lazy dog"])
-    assert default_vocab_size("bpe", chinese) == 13000 and default_vocab_size("unigram", chinese) == 13000
+    assert default_vocab_size("bpe", chinese) == 25000 and default_vocab_size("unigram", chinese) == 25000
     assert default_vocab_size("bpe", ScriptProfile(0.99, 5.0, 100)) == 8000  # at least
     assert default_vocab_size("bpe", ScriptProfile(0.99, 5.0, 50_000)) == 32000  # at most
     assert default_vocab_size("bpe", english) == 4096 and default_vocab_size("unigram", english) == 8000
