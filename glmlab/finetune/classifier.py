@@ -4,6 +4,7 @@ real token, or the mean over real tokens), then dropout and a linear head."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 
 from glmlab.errors import GlmlabError
 from glmlab.models.contract import LanguageModel, TrainingHook
+
+if TYPE_CHECKING:
+    from glmlab.data.tokenizer import Tokenizer
 
 POOLINGS = ("last", "mean")
 MODES = ("full", "probe", "lora")
@@ -50,16 +54,26 @@ class BackboneClassifier(nn.Module):
         return F.cross_entropy(self(x).float(), y, reduction="sum")
 
 
+def padding_of(tokenizer: Tokenizer) -> tuple[int, bool]:
+    """The id classification rows are right-padded with, and whether it is also the end-of-text token every
+    encoded text ends with (a tokenizer without a pad token, GPT-2's: rows are padded with ``<|endoftext|>``)."""
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id, False
+    return tokenizer.eos_id, True
+
+
 class SequenceClassifier(BackboneClassifier):
     """``backbone`` (a family model with features: ``features(idx) -> (B, T, traits.feature_width)``) + pooling +
     linear head.
 
-    Inputs are right-padded with ``pad_id``; the protocol is the trainer's: ``loss(x, y)`` with class ids
-    ``y`` (weighted by ``class_weights`` if given), ``nll(x, y)`` summed and unweighted.
+    Inputs are right-padded with ``pad_id``; ``pad_ends_texts``: the pad id is also the token each text ends with
+    (see :func:`padding_of`), so a row's last real token is the first of its trailing run of pad ids. The protocol
+    is the trainer's: ``loss(x, y)`` with class ids ``y`` (weighted by ``class_weights`` if given),
+    ``nll(x, y)`` summed and unweighted.
     """
 
     def __init__(self, backbone: LanguageModel, n_classes: int, pooling: str, pad_id: int, dropout: float = 0.1,
-                 frozen: bool = False, lm_weight: float = 0.0) -> None:
+                 frozen: bool = False, lm_weight: float = 0.0, pad_ends_texts: bool = False) -> None:
         if pooling not in POOLINGS:
             raise GlmlabError(f"unknown pooling {pooling!r}", f"use one of: {', '.join(POOLINGS)}")
         check_backbone(backbone)
@@ -68,6 +82,7 @@ class SequenceClassifier(BackboneClassifier):
                               f"{backbone.traits.family} model does not have", "drop --lm-weight")
         super().__init__(backbone, n_classes)
         self.pooling, self.pad_id, self.frozen, self.lm_weight = pooling, pad_id, frozen, lm_weight
+        self.pad_ends_texts = pad_ends_texts
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.traits.feature_width, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -85,9 +100,17 @@ class SequenceClassifier(BackboneClassifier):
         with torch.no_grad() if self.frozen else nullcontext():
             return self.backbone.features(x)
 
+    def real_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) True at each row's real tokens (a prefix: rows are right-padded)."""
+        positions = torch.arange(x.size(1), device=x.device)
+        length = torch.where(x != self.pad_id, positions, -1).amax(1) + 1  # one past the last non-pad id
+        if self.pad_ends_texts:  # ... which is the text's own end token, padded with its like
+            length = (length + 1).clamp(max=x.size(1))
+        return positions[None, :] < length[:, None]
+
     def pooled(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """One vector (B, C) per right-padded row of token ids (``h``: their hidden states, if computed)."""
-        real = x != self.pad_id
+        real = self.real_tokens(x)
         h = self.hidden(x) if h is None else h
         if self.pooling == "last":
             last = real.sum(1).clamp(min=1) - 1
@@ -106,7 +129,7 @@ class SequenceClassifier(BackboneClassifier):
         loss = F.cross_entropy(self.head(self.drop(self.pooled(x, h))).float(), y, weight=self.class_weights)
         if self.lm_weight > 0:
             logits = self.backbone.features_to_logits(h)
-            targets = x[:, 1:].masked_fill(x[:, 1:] == self.pad_id, -100)
+            targets = x[:, 1:].masked_fill(~self.real_tokens(x)[:, 1:], -100)
             loss = loss + self.lm_weight * F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                                                            targets.reshape(-1), ignore_index=-100)
         return loss

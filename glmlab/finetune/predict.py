@@ -12,7 +12,7 @@ import torch
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import DataError, RunDirError
-from glmlab.finetune.classifier import BackboneClassifier, SequenceClassifier
+from glmlab.finetune.classifier import BackboneClassifier, SequenceClassifier, padding_of
 from glmlab.finetune.cloze import Cloze, ClozeClassifier
 from glmlab.finetune.examples import Examples, encode_texts, read_labelled, sort_labels
 from glmlab.finetune.metrics import classification_metrics
@@ -48,7 +48,7 @@ class Classifier:
         self.unknown = self.tokenizer.unknown_note(ids, texts, "texts")
         probabilities = np.zeros((len(texts), len(self.labels)))
         device = next(self.model.parameters()).device
-        for rows, x, _ in Examples(ids, labels=[0] * len(ids)).batches(batch_size, self.tokenizer.pad_id):
+        for rows, x, _ in Examples(ids, labels=[0] * len(ids)).batches(batch_size, padding_of(self.tokenizer)[0]):
             probabilities[rows] = torch.softmax(self.model(x.to(device)).float(), -1).cpu().numpy()
         return [Prediction(self.labels[int(p.argmax())], dict(zip(self.labels, p.tolist(), strict=True)))
                 for p in probabilities]
@@ -84,8 +84,9 @@ def load_classifier(run_dir: str | Path, checkpoint: str = "best", device: str |
     if cloze is not None:
         model: BackboneClassifier = ClozeClassifier(backbone, cloze.word_ids(tokenizer, labels))
     else:
-        model = SequenceClassifier(backbone, len(labels), task["pooling"], tokenizer.pad_id,
-                                   frozen=task.get("mode") == "probe")
+        pad_id, pad_ends_texts = padding_of(tokenizer)
+        model = SequenceClassifier(backbone, len(labels), task["pooling"], pad_id, frozen=task.get("mode") == "probe",
+                                   pad_ends_texts=pad_ends_texts)
     load_weights(model, weights_path(run_dir, checkpoint))
     merge_lora(model)
     model.to(device).eval()

@@ -21,7 +21,7 @@ import torch.nn as nn
 from glmlab.config import RunConfig, TrainConfig
 from glmlab.data.tokenizer import CHAT_TOKENS, Tokenizer, train_tokenizer
 from glmlab.errors import ConfigError, DataError
-from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier
+from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier, padding_of
 from glmlab.finetune.cloze import Cloze, ClozeClassifier
 from glmlab.finetune.conversations import encode_conversations, is_conversations, pack, read_conversations
 from glmlab.finetune.examples import (
@@ -186,7 +186,7 @@ class FinetuneTask:
             self._read_preferences()
         else:
             self._read_sft()
-        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
+        self.pad_id = padding_of(self.tokenizer)[0]
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -361,8 +361,9 @@ class FinetuneTask:
         if o.task == "classify" and self.word_ids is not None:
             model = ClozeClassifier(backbone, self.word_ids)
         elif o.task == "classify":
-            model = SequenceClassifier(backbone, len(self.labels), o.pooling, self.tokenizer.pad_id,
-                                       dropout=config.model.dropout, frozen=o.mode == "probe", lm_weight=o.lm_weight)
+            pad_id, pad_ends_texts = padding_of(self.tokenizer)
+            model = SequenceClassifier(backbone, len(self.labels), o.pooling, pad_id, dropout=config.model.dropout,
+                                       frozen=o.mode == "probe", lm_weight=o.lm_weight, pad_ends_texts=pad_ends_texts)
             if o.class_weights == "balanced":
                 counts = torch.tensor(self.class_counts, dtype=torch.float32)
                 model.class_weights.copy_(counts.sum() / (len(counts) * counts.clamp(min=1)))

@@ -172,3 +172,32 @@ def test_refusals(capsys, hf_dir, hf_data, trained_run, char_data, shakespeare_e
     assert "--init cannot be combined with --resume" in out
     out = refused("train", "--data", hf_data, "--out", tmp_path / "i", "--init", hf_dir, "--init-checkpoint", "last")
     assert "--init-checkpoint" in out
+
+
+def test_classifying_with_gpt2s_tokenizer_pools_at_each_texts_end(capsys, hf_dir, hf_data, tmp_path):
+    """GPT-2's tokenizer has no pad token: rows are padded with <|endoftext|>, the token each text also ends with,
+    so the classifier's last real token is the first of the trailing run, not the last non-pad one (and not a
+    crash on a missing pad id)."""
+    from glmlab.finetune import load_classifier
+    from glmlab.finetune.examples import encode_texts
+    from tests.finetune.conftest import write_task
+
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--data", hf_data, "--out", run, "--init", hf_dir, "model.block_size=32",
+               *ONE_STEP)[0] == 0
+    train_tsv, val_tsv = write_task(tmp_path / "train.tsv", 120, 0), write_task(tmp_path / "val.tsv", 40, 1)
+    code, out = cli(capsys, "finetune", "classify", "--init", run, "--train", train_tsv, "--val", val_tsv, "--out",
+                    tmp_path / "cls", "--quiet", "train.max_steps=60", "train.eval_interval=60", "train.lr=3e-3",
+                    "train.batch_size=16", "train.threads=1")
+    assert code == 0, out
+    classifier = load_classifier(tmp_path / "cls")
+    texts = ["good", "the king and evil night", "fair"]
+    ids, _ = encode_texts(classifier.tokenizer, texts, 32, classifier.bos)
+    eos = classifier.tokenizer.eos_id
+    assert all(row[-1] == eos for row in ids)
+    width = max(map(len, ids))
+    x = torch.tensor([row + [eos] * (width - len(row)) for row in ids])
+    assert classifier.model.real_tokens(x).sum(1).tolist() == [len(row) for row in ids]
+    accuracy = json.loads((tmp_path / "cls" / "results.json").read_text())["val"]["accuracy"]
+    assert accuracy >= 0.75  # 'good' vs 'evil' is learnt through the pooled end token
+    assert classifier.predict(["the good king"])[0].label in ("0", "1")
