@@ -134,7 +134,12 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
 
 def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) -> Path:
     out = args.work / (f"dpo-beta{beta:g}" + (f"-rpo{args.rpo_alpha:g}" if args.rpo_alpha else ""))
-    if not (out / "results.json").is_file():
+    if (out / "results.json").is_file():  # a finished run is reused only if it was trained as asked
+        train = json.loads((out / "config.json").read_text())["train"]
+        if (train["lr"], train["max_steps"]) != (args.dpo_lr, args.dpo_steps):
+            sys.exit(f"{out} was trained at lr {train['lr']:g} for {train['max_steps']} steps, not --dpo-lr "
+                     f"{args.dpo_lr:g} --dpo-steps {args.dpo_steps}: give another --work, or remove it")
+    else:
         shutil.rmtree(out, ignore_errors=True)
         finetune(FinetuneOptions(task="dpo", init=str(sft), train=str(prefs), beta=beta, val_fraction=0.05,
                                  rpo_alpha=args.rpo_alpha), out,

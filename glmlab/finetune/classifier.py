@@ -108,9 +108,11 @@ class SequenceClassifier(BackboneClassifier):
             length = (length + 1).clamp(max=x.size(1))
         return positions[None, :] < length[:, None]
 
-    def pooled(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """One vector (B, C) per right-padded row of token ids (``h``: their hidden states, if computed)."""
-        real = self.real_tokens(x)
+    def pooled(self, x: torch.Tensor, h: torch.Tensor | None = None, real: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """One vector (B, C) per right-padded row of token ids (``h``: their hidden states, ``real``: their
+        :meth:`real_tokens`, if computed)."""
+        real = self.real_tokens(x) if real is None else real
         h = self.hidden(x) if h is None else h
         if self.pooling == "last":
             last = real.sum(1).clamp(min=1) - 1
@@ -125,11 +127,11 @@ class SequenceClassifier(BackboneClassifier):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the classes, plus ``lm_weight`` x the language-modelling loss of the texts
         (GPT-1's auxiliary objective, which keeps the features a language model's)."""
-        h = self.hidden(x)
-        loss = F.cross_entropy(self.head(self.drop(self.pooled(x, h))).float(), y, weight=self.class_weights)
+        h, real = self.hidden(x), self.real_tokens(x)
+        loss = F.cross_entropy(self.head(self.drop(self.pooled(x, h, real))).float(), y, weight=self.class_weights)
         if self.lm_weight > 0:
             logits = self.backbone.features_to_logits(h)
-            targets = x[:, 1:].masked_fill(~self.real_tokens(x)[:, 1:], -100)
+            targets = x[:, 1:].masked_fill(~real[:, 1:], -100)
             loss = loss + self.lm_weight * F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                                                            targets.reshape(-1), ignore_index=-100)
         return loss

@@ -243,14 +243,22 @@ class PreferenceObjective(nn.Module):
                                                        rejected_tokens)
         return losses, r_chosen, r_rejected, chosen, chosen_tokens
 
+    def total(self, losses: torch.Tensor, chosen: torch.Tensor, chosen_tokens: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of pairs (their mean preference loss, plus ``rpo_alpha`` times the chosen answers' NLL) and
+        that NLL (None without RPO): a batch's in training, a whole split's in evaluation."""
+        if not self.rpo_alpha:
+            return losses.mean(), None
+        nll = chosen_nll(chosen, chosen_tokens)
+        return losses.mean() + self.rpo_alpha * nll, nll
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         losses, r_chosen, r_rejected, chosen, chosen_tokens = self.pair_losses(x, y)
         self.model.stats = reward_figures(r_chosen, r_rejected)
-        if not self.rpo_alpha:
-            return losses.mean()
-        nll = chosen_nll(chosen, chosen_tokens)
-        self.model.stats["chosen_nll"] = nll.detach()
-        return losses.mean() + self.rpo_alpha * nll
+        loss, nll = self.total(losses, chosen, chosen_tokens)
+        if nll is not None:
+            self.model.stats["chosen_nll"] = nll.detach()
+        return loss
 
 
 def reward_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:

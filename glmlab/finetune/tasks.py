@@ -37,7 +37,6 @@ from glmlab.finetune.metrics import classification_metrics
 from glmlab.finetune.preferences import (
     LOSSES,
     PreferenceObjective,
-    chosen_nll,
     encode_preferences,
     read_preferences,
     reward_figures,
@@ -495,8 +494,7 @@ def preference_figures(model: nn.Module, task: FinetuneTask, split: str, batch_s
         model.train(was_training)
     loss_t, chosen_t, rejected_t = torch.cat(losses), torch.cat(chosen), torch.cat(rejected)
     figures = {k: float(v) for k, v in reward_figures(chosen_t, rejected_t).items()}
-    total = float(loss_t.mean())
-    if objective.rpo_alpha:
-        figures["chosen_nll"] = float(chosen_nll(torch.cat(logps), torch.cat(tokens)))
-        total += objective.rpo_alpha * figures["chosen_nll"]
-    return {"loss": total, **figures, "pairs": len(loss_t)}
+    total, nll = objective.total(loss_t, torch.cat(logps), torch.cat(tokens))
+    if nll is not None:
+        figures["chosen_nll"] = float(nll)
+    return {"loss": float(total), **figures, "pairs": len(loss_t)}
