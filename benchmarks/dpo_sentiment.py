@@ -108,8 +108,13 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
     """``--pair-samples`` completions of each of ``--pairs`` training prefixes from the SFT policy; the one of
     highest reward is chosen, the one of lowest rejected (with two samples, the DPO paper's pairs), and a pair
     whose rewards differ by less than ``--min-margin`` is dropped, as are ties and empty answers."""
-    path = args.work / "prefs.jsonl"
-    if path.is_file():
+    path, made_with = args.work / "prefs.jsonl", args.work / "prefs-settings.json"
+    settings = {"pairs": args.pairs, "pair_samples": args.pair_samples, "min_margin": args.min_margin,
+                "max_new_tokens": args.max_new_tokens}
+    if path.is_file():  # reused only if made as asked (pairs from before this record are taken as they are)
+        if made_with.is_file() and json.loads(made_with.read_text()) != settings:
+            sys.exit(f"{path} was made with {made_with.read_text().strip()}, not {json.dumps(settings)}: give another "
+                     "--work, or remove it")
         return path
     rng = random.Random(2)
     prompts = [split_prefix(t, rng)[0] for t in rng.sample(train, args.pairs)]
@@ -127,6 +132,7 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
                 continue  # equal answers carry no preference
             f.write(json.dumps({"prompt": prompt, "chosen": row[best].text, "rejected": row[worst].text}) + "\n")
             kept += 1
+    made_with.write_text(json.dumps(settings))
     print(f"preference pairs: {kept} of {len(prompts)} prefixes ({k} samples each; ties, margins under "
           f"{args.min_margin} and empty answers dropped)", flush=True)
     return path
