@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -31,6 +31,9 @@ from glmlab.errors import GlmlabError
 from glmlab.generation.engine import row_seed, start_id, start_token_id
 from glmlab.generation.generate import GenerationSettings, generate_batch
 from glmlab.runs import LoadedRun
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 # gen_kwargs a task may give, and the GenerationSettings field each becomes; any other is refused
 GEN_KWARGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -175,20 +178,32 @@ class HarnessOptions:
     log_samples: bool = False
 
 
+def task_manager(include_path: str | None, tasks: list[str]) -> TaskManager:
+    """lm-evaluation-harness's TaskManager for ``tasks``: indexing its ~15,000 bundled task files takes ~10 s, so
+    when every name is a plain task (not a group or tag, which may name bundled tasks) defined under
+    ``include_path``, only that directory is indexed."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        own = TaskManager(include_path=include_path, include_defaults=False)
+        if all(name in own.all_subtasks for name in tasks):
+            return own
+    return TaskManager(include_path=include_path)
+
+
 def run_tasks(run: LoadedRun, options: HarnessOptions) -> dict[str, Any]:
     """lm-evaluation-harness's ``simple_evaluate`` of ``options.tasks`` on ``run``: its results dict (per-task
     metrics under "results", per-item records under "samples" when ``log_samples``)."""
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # no downloads at run time: fail fast, offline
         os.environ.setdefault(name, "1")
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task notes are for its own CLI
 
     if options.include_path is not None and not Path(options.include_path).is_dir():
         raise GlmlabError(f"--include-path {options.include_path} is not a directory",
                           "give the directory that holds your task YAML files")
-    manager = TaskManager(include_path=options.include_path)
+    manager = task_manager(options.include_path, options.tasks)
     unknown = [t for t in options.tasks if t not in manager.all_tasks]
     if unknown:
         raise GlmlabError(f"lm-evaluation-harness knows no task {', '.join(map(repr, unknown))}",

@@ -31,8 +31,9 @@ def _evaluate(model, **kwargs) -> dict:
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return lm_eval.simple_evaluate(model=model, tasks=NAMES, task_manager=TaskManager(include_path=str(TASKS)),
-                                   log_samples=True, bootstrap_iters=0, **kwargs)
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)  # the bundled ~15,000 are not needed
+    return lm_eval.simple_evaluate(model=model, tasks=NAMES, task_manager=manager, log_samples=True,
+                                   bootstrap_iters=0, **kwargs)
 
 
 def _items(results: dict) -> dict[tuple, object]:
@@ -135,3 +136,23 @@ def test_generations_decode_at_most_batch_size_rows_together_and_sampling_follow
     assert GlmlabLM(run, batch_size=9, seed=0).generate_until(requests) == first  # not the batching
     assert GlmlabLM(run, batch_size=4, seed=1).generate_until(requests) != first
     assert len(set(first)) > 1  # each request draws its own
+
+
+def test_the_task_index_reads_only_the_include_path_when_it_defines_every_task(monkeypatch):
+    """Indexing lm-eval's bundled tasks takes ~10 s: skipped when --include-path defines every name asked for,
+    never when a name may be a bundled task or a group (whose members may be bundled)."""
+    import lm_eval.tasks
+
+    from glmlab.evaluation.harness import task_manager
+
+    made = []
+
+    class Recording:
+        def __init__(self, include_path=None, include_defaults=True):
+            made.append(include_defaults)
+            self.all_subtasks = ["mine"] + ([] if not include_defaults else ["arc_easy"])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recording)
+    assert "arc_easy" not in task_manager("tasks", ["mine"]).all_subtasks and made == [False]
+    assert "arc_easy" in task_manager("tasks", ["mine", "arc_easy"]).all_subtasks and made[1:] == [False, True]
+    assert "arc_easy" in task_manager(None, ["arc_easy"]).all_subtasks and made[3:] == [True]
