@@ -9,7 +9,8 @@ costs in KL divergence from where it started.
 3. **Preference pairs**: two samples (temperature 1) from the SFT policy for each of ``--pairs`` training
    prefixes, the one with the higher reward chosen (pairs whose texts or rewards tie, or with an empty answer,
    are dropped).
-4. **DPO** from the SFT policy (its frozen reference) at each ``--betas`` value (``finetune dpo``).
+4. **DPO** from the SFT policy (its frozen reference) at each ``--betas`` value (``finetune dpo``; ``--loss ipo``
+   for IPO, whose tau is the beta, ``--rpo-alpha`` for RPO's likelihood term).
 5. **Evaluation** on prefixes of held-out phrases (the 2,000 the SST-2 fine-tunes hold out, never trained on):
    ``--samples`` completions per prefix from each policy; the positive rate (reward > 0.5), the mean reward and
    the mean per-token KL to the SFT policy, sum over sampled tokens of log pi(y_t) - log pi_sft(y_t) over the
@@ -139,7 +140,8 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
 
 
 def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) -> Path:
-    out = args.work / (f"dpo-beta{beta:g}" + (f"-rpo{args.rpo_alpha:g}" if args.rpo_alpha else ""))
+    out = args.work / (f"dpo-beta{beta:g}" + (f"-rpo{args.rpo_alpha:g}" if args.rpo_alpha else "")
+                       + (f"-{args.loss}" if args.loss != "sigmoid" else ""))
     if (out / "results.json").is_file():  # a finished run is reused only if it was trained as asked
         train = json.loads((out / "config.json").read_text())["train"]
         if (train["lr"], train["max_steps"]) != (args.dpo_lr, args.dpo_steps):
@@ -148,7 +150,7 @@ def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) ->
     else:
         shutil.rmtree(out, ignore_errors=True)
         finetune(FinetuneOptions(task="dpo", init=str(sft), train=str(prefs), beta=beta, val_fraction=0.05,
-                                 rpo_alpha=args.rpo_alpha), out,
+                                 loss=args.loss, rpo_alpha=args.rpo_alpha), out,
                  overrides=[f"train.max_steps={args.dpo_steps}", "train.eval_interval=100", f"train.lr={args.dpo_lr}",
                             "train.batch_size=16", f"train.threads={args.threads}", "train.warmup_steps=20"],
                  show_progress=False)
@@ -222,7 +224,7 @@ def plot(rows: list[dict], path: Path) -> None:
     best = [r for r in rows if r["name"].startswith("best-of")]
     ax.plot([r["kl_per_token"] for r in best], [r["positive"] for r in best], "o-", label="best-of-N (SFT)")
     for r in rows:
-        if r["name"].startswith("dpo") or r["name"] == "sft":
+        if not r["name"].startswith("best-of"):
             ax.plot(r["kl_per_token"], r["positive"], "s", label=r["name"])
     ax.set_xlabel("KL to the SFT policy (nats per token)")
     ax.set_ylabel("positive rate (reward > 0.5)")
@@ -250,6 +252,8 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=1000)
     parser.add_argument("--dpo-steps", type=int, default=600)
     parser.add_argument("--dpo-lr", type=float, default=1e-5)
+    parser.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo"),
+                        help="finetune dpo --loss: sigmoid (DPO) or ipo (IPO: beta is its tau)")
     parser.add_argument("--rpo-alpha", type=float, default=0.0,
                         help="finetune dpo --rpo-alpha: weight of the chosen answers' NLL (default 0: DPO alone)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -263,7 +267,8 @@ def main() -> None:
     sft = sft_policy(args, train)
     prefs = preference_pairs(args, sft, train, classifier)
     rpo = f" rpo={args.rpo_alpha:g}" if args.rpo_alpha else ""
-    policies = {"sft": sft} | {f"dpo beta={b}{rpo}": dpo_policy(args, sft, prefs, float(b))
+    name = "dpo" if args.loss == "sigmoid" else args.loss
+    policies = {"sft": sft} | {f"{name} beta={b}{rpo}": dpo_policy(args, sft, prefs, float(b))
                                for b in args.betas.split(",")}
     rng = random.Random(3)
     prompts = [split_prefix(t, rng)[0] for t in rng.sample(held, args.eval_prefixes)]
