@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from glmlab import atomic
 from glmlab.config import resolve_config
 from glmlab.data.dataset import open_data_dir
 from glmlab.data.fim import fim_prompt
@@ -153,11 +154,12 @@ def sst2_rows(shared: Path) -> tuple[str, list[str]]:
 
 
 def write_sst2_split(work: Path, shared: Path) -> tuple[Path, Path]:
-    """``work/sst2-train.tsv`` and ``work/sst2-val.tsv`` (the held-out rows)."""
+    """``work/sst2-train.tsv`` and ``work/sst2-val.tsv`` (the held-out rows), each written whole at once: two
+    seeds may run in two processes on one ``--work``."""
     header, rows = sst2_rows(shared)
     train, val = work / "sst2-train.tsv", work / "sst2-val.tsv"
-    train.write_text("\n".join([header, *rows[HELD_OUT:]]) + "\n")
-    val.write_text("\n".join([header, *rows[:HELD_OUT]]) + "\n")
+    atomic.write_text(train, "\n".join([header, *rows[HELD_OUT:]]) + "\n")
+    atomic.write_text(val, "\n".join([header, *rows[:HELD_OUT]]) + "\n")
     return train, val
 
 
