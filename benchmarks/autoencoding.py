@@ -27,6 +27,7 @@ import json
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ from glmlab.training.trainer import train
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # --shared replaces it
 SHAPE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=128", "model.dropout=0.1",
          "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=200", "train.max_steps=1000000",
-         "train.eval_interval=500", "train.eval_tokens=16384", "train.sample_tokens=0"]
+         "train.eval_interval=500", "train.eval_tokens=16384", "train.sample_tokens=0",
+         "train.checkpoint_interval=100"]  # a run stopped part-way loses at most 100 steps
 ROWS = {"gpt": ["model.family=gpt"], "gpt+fim": ["model.family=gpt", "train.fim_rate=0.5"],
         "glm": ["model.family=glm"], "bert": ["model.family=bert"]}
 
@@ -66,7 +68,8 @@ def prepared(work: Path, shared: Path) -> Path:
 
 def pretrained(work: Path, data: Path, row: str, minutes: float, steps: int, seed: int, threads: int) -> Path:
     """The row's pre-trained run: a wall-clock budget (the cosine spans it), or --steps (the cosine spans the steps;
-    --minutes then only caps the time). A run interrupted part-way resumes from its last checkpoint."""
+    --minutes then only caps the time). A run interrupted part-way (killed, or stopped by Ctrl-C / SIGTERM, which
+    save a checkpoint and end the script) resumes from its last checkpoint."""
     out, budget = work / f"{row}-{seed}", [f"train.max_steps={steps}"] if steps else []
     done = out / "pretrained.done"  # written once train() returns: a killed run has checkpoints but no marker
     if not done.is_file():
@@ -74,8 +77,11 @@ def pretrained(work: Path, data: Path, row: str, minutes: float, steps: int, see
         resume = checkpoints.is_dir() and any(checkpoints.iterdir())
         if not resume:
             shutil.rmtree(out, ignore_errors=True)
-        train(resolve_config({}, [*SHAPE, *ROWS[row], *budget, f"train.max_time={minutes * 60}", f"train.seed={seed}",
-                                  f"train.threads={threads}"]), data, out, resume=resume, show_progress=False)
+        result = train(resolve_config({}, [*SHAPE, *ROWS[row], *budget, f"train.max_time={minutes * 60}",
+                                           f"train.seed={seed}", f"train.threads={threads}"]),
+                       data, out, resume=resume, show_progress=False)
+        if result.stopped_by == "interrupted":  # Ctrl-C / SIGTERM: checkpoint saved, the run is not finished
+            sys.exit(f"{out} interrupted at step {steps_done(out)}: the same command continues it")
         done.write_text(f"{steps_done(out)}\n")
     return out
 
