@@ -92,13 +92,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0,  # classify's options
                    text_column=None, label_column="label", pattern=None, verbalizer=None)
     c.set_defaults(chat_template=None, pack=False, beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.0,
-                   metric_tokenizer="auto")  # others' options
-    s.set_defaults(beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.0)
+                   reference=None, metric_tokenizer="auto")  # others' options
+    s.set_defaults(beta=0.1, loss="sigmoid", label_smoothing=0.0, rpo_alpha=0.0, reference=None)
     d = tasks.add_parser("dpo", help="preference tuning (DPO) on chosen / rejected answers",
                          description="Direct Preference Optimization: JSONL {\"prompt\", \"chosen\", \"rejected\"} "
                                      "(texts; or the prompt as messages for the --init run's chat template and each "
                                      "answer as [{\"role\": \"assistant\", \"content\": ...}]). The --init run "
-                                     "is the starting policy and the frozen reference. Logged: the loss, the rewards "
+                                     "is the starting policy and, unless --reference names another, the frozen "
+                                     "reference. Logged: the loss, the rewards "
                                      "beta * log(pi / pi_ref) of chosen and rejected answers, their margin and the "
                                      "preference accuracy, on training batches and the validation split.")
     _common(d)
@@ -112,6 +113,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--rpo-alpha", type=float, default=0.0,
                    help="add this times the chosen answers' mean NLL to the loss (RPO; trl's loss_type "
                         "[sigmoid, sft]): keeps the policy near the chosen answers (default 0: DPO alone)")
+    d.add_argument("--reference", metavar="RUN", default=None,
+                   help="the frozen reference the KL penalty pulls toward (default: the --init run); e.g. the SFT "
+                        "run when --init is the policy of an earlier DPO round (iterated DPO). Same architecture "
+                        "and tokenizer as --init")
     d.add_argument("--chat-template", metavar="FILE.jinja", default=None,
                    help="for prompts given as messages (default: the --init run's template)")
     d.set_defaults(handler=cmd_finetune, pooling="last", class_weights="none", lm_weight=0.0, text_column=None,
@@ -160,7 +165,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens, pattern=args.pattern, verbalizer=args.verbalizer,
         chat_template=args.chat_template, pack=args.pack, beta=args.beta, loss=args.loss,
-        label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha, metric_tokenizer=args.metric_tokenizer)
+        label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha, reference=args.reference,
+        metric_tokenizer=args.metric_tokenizer)
     result, results = finetune(options, args.out, read_yaml(args.config) if args.config else None, args.overrides,
                                resume=args.resume, show_progress=not args.quiet)
     if not result.main_process:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from glmlab.config import RunConfig, TrainConfig
 from glmlab.data.tokenizer import CHAT_TOKENS, Tokenizer, train_tokenizer
-from glmlab.errors import ConfigError, DataError
+from glmlab.errors import ConfigError, DataError, RunDirError
 from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier, padding_of
 from glmlab.finetune.cloze import Cloze, ClozeClassifier
 from glmlab.finetune.conversations import encode_conversations, is_conversations, pack, read_conversations
@@ -44,7 +44,7 @@ from glmlab.finetune.preferences import (
 from glmlab.generation.chat import CHATML_TEMPLATE, PLAIN_TEMPLATE, TEMPLATE_FILE, ChatTemplate
 from glmlab.models import build_model, family_traits
 from glmlab.models.lora import add_lora
-from glmlab.runs import TOKENIZER, LoadSpec, file_sha256, load_weights_as_written, weights_path
+from glmlab.runs import TOKENIZER, LoadSpec, file_sha256, load_weights_as_written, read_run_config, weights_path
 from glmlab.training.distributed import Distributed
 from glmlab.training.phases import Phase
 from glmlab.training.tasks import LossModule, Sampler, Validation, fit_vocabulary
@@ -83,6 +83,7 @@ class FinetuneOptions:
     loss: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
     label_smoothing: float = 0.0  # dpo, robust: the probability that a pair's preference is flipped
     rpo_alpha: float = 0.0  # dpo: weight of the chosen answers' NLL added to the loss (RPO)
+    reference: str | None = None  # dpo: the frozen reference run (None: the init run)
     metric_tokenizer: str = "auto"  # sft: the units of exact match, BLEU and ROUGE-L (text_units)
 
     def cloze(self) -> Cloze | None:
@@ -134,6 +135,8 @@ class FinetuneOptions:
                 raise ConfigError("a cloze reads the blank: --pooling and --lm-weight are for a head",
                                   "drop --pooling/--lm-weight, or --pattern/--verbalizer")
             self.cloze()  # refuse a malformed pattern or verbalizer before anything is read
+        if self.reference is not None and self.task != "dpo":
+            raise ConfigError("--reference is dpo's frozen reference model", "drop --reference")
         if self.task != "sft" and (self.chat_template is not None or self.pack):
             raise ConfigError("--chat-template and --pack are for sft", "drop them")
         if not 0 < self.val_fraction < 1:
@@ -182,6 +185,7 @@ class FinetuneTask:
         if options.task == "classify":
             self._read_classification()
         elif options.task == "dpo":
+            self._check_reference()
             self._read_preferences()
         else:
             self._read_sft()
@@ -206,6 +210,27 @@ class FinetuneTask:
         if cut:
             self.notes.append(f"{cut:,} of {total:,} {split} texts are longer than the context "
                               f"(model.block_size={self.config.model.block_size}) and were truncated")
+
+    def _check_reference(self) -> None:
+        """A --reference other than the init run must read text as the init run does: the same model section
+        (dropout aside) and the same tokenizer file. (A resumed run was checked when it started.)"""
+        o = self.options
+        if o.reference is None or self.given_tokenizer is not None:
+            return
+        _, raw = read_run_config(Path(o.reference))
+        if LoadSpec.of(raw).head == "classifier":
+            raise RunDirError(f"--reference {o.reference} is a fine-tuned classifier, not a language model",
+                              "give the run the policy was fine-tuned from (e.g. the SFT run)")
+        theirs, ours = ({k: v for k, v in r["model"].items() if k != "dropout"} for r in (raw, self.init_raw or {}))
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        if differ:
+            raise RunDirError(f"--reference {o.reference} is another model than --init {o.init} (model.{differ[0]}: "
+                              f"{theirs.get(differ[0])} against {ours.get(differ[0])})",
+                              "give a reference of the init run's architecture (the run it was fine-tuned from)")
+        mine, other = (Path(d) / TOKENIZER for d in (o.init or "", o.reference))
+        if not other.is_file() or file_sha256(other) != file_sha256(mine):
+            raise RunDirError(f"--reference {o.reference} reads text with another tokenizer than --init {o.init}",
+                              "give a reference that shares the init run's tokenizer.json")
 
     def _read_classification(self) -> None:
         o = self.options
@@ -378,13 +403,16 @@ class FinetuneTask:
                               world_size=world_size)
 
     def loss_module(self, model: nn.Module) -> nn.Module:
-        """The model's own loss; for dpo, the preference loss against a frozen copy of the init run."""
+        """The model's own loss; for dpo, the preference loss against a frozen copy of the reference run (by
+        default the init run)."""
         if self.options.task != "dpo":
             return LossModule(model)
-        reference = build_model(self.config.model, sentences=self.bos)
-        load_weights_as_written(reference, LoadSpec.of(self.init_raw or {}),
-                                weights_path(Path(self.options.init or ""), "best"))
         o = self.options
+        source, raw = Path(o.init or ""), self.init_raw or {}
+        if o.reference is not None:
+            source, raw = Path(o.reference), read_run_config(Path(o.reference))[1]
+        reference = build_model(self.config.model, sentences=self.bos)
+        load_weights_as_written(reference, LoadSpec.of(raw), weights_path(source, "best"))
         self.objective = PreferenceObjective(model, reference.to(next(model.parameters()).device), o.beta, o.loss,
                                              o.label_smoothing, o.rpo_alpha)
         return self.objective

@@ -198,3 +198,42 @@ def test_dpo_on_messages_uses_the_chat_template_and_refuses_bad_pairs(pretrained
         code = main(["finetune", "dpo", "--data", str(chat), "--out", str(tmp_path / "x"),
                      *(["--init", str(pretrained)] if args[0] != "--init" else []), *args])
         assert code == 1 and match in capsys.readouterr().err
+
+
+def test_a_second_round_keeps_the_first_rounds_reference(pretrained, tmp_path, capsys):
+    """--reference: iterated DPO starts round 2 from round 1's policy and still pulls toward the original run, so
+    round 2 starts where round 1 ended (not at log 2, as it would against itself); a reference that reads text
+    otherwise than --init is refused."""
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 80, 2)
+    train = ["train.max_steps=30", "train.eval_interval=30", "train.threads=1", "train.lr=3e-3",
+             "train.batch_size=16"]
+    first = tmp_path / "round1"
+    assert main(["finetune", "dpo", "--init", str(pretrained), "--data", str(prefs), "--out", str(first),
+                 "--quiet", *train]) == 0
+    ended = json.loads((first / "results.json").read_text())["val"]["loss"]
+    assert ended < math.log(2) - 0.1
+    second = tmp_path / "round2"
+    assert main(["finetune", "dpo", "--init", str(first), "--reference", str(pretrained), "--data", str(prefs),
+                 "--out", str(second), "--quiet", "train.max_steps=2", "train.eval_interval=2",
+                 "train.threads=1"]) == 0
+    results = json.loads((second / "results.json").read_text())
+    assert results["before"]["val"]["loss"] == pytest.approx(ended, abs=1e-5)
+    assert json.loads((second / "config.json").read_text())["finetune"]["reference"] == str(pretrained)
+
+    other_model, other_tokenizer = tmp_path / "other-model", tmp_path / "other-tokenizer"
+    for copy in (other_model, other_tokenizer):
+        copy.mkdir()
+        for f in pretrained.iterdir():
+            if f.is_file():
+                (copy / f.name).write_bytes(f.read_bytes())
+    config = json.loads((other_model / "config.json").read_text())
+    config["model"]["n_layer"] += 1
+    (other_model / "config.json").write_text(json.dumps(config))
+    (other_tokenizer / "tokenizer.json").write_text((pretrained / "tokenizer.json").read_text() + "\n")
+    for reference, match in ((tmp_path / "missing", "does not exist"), (other_model, "is another model"),
+                             (other_tokenizer, "another tokenizer")):
+        code = main(["finetune", "dpo", "--init", str(first), "--reference", str(reference), "--data", str(prefs),
+                     "--out", str(tmp_path / "x"), "--quiet", "train.max_steps=1"])
+        assert code == 1 and match in capsys.readouterr().err
+    with pytest.raises(GlmlabError, match="dpo's frozen reference"):
+        FinetuneOptions(task="sft", init=str(pretrained), train=str(prefs), reference=str(pretrained)).check()
