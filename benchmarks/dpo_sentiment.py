@@ -10,7 +10,9 @@ costs in KL divergence from where it started.
    prefixes, the one with the higher reward chosen (pairs whose texts or rewards tie, or with an empty answer,
    are dropped).
 4. **DPO** from the SFT policy (its frozen reference) at each ``--betas`` value (``finetune dpo``; ``--loss ipo``
-   for IPO, whose tau is the beta, ``--rpo-alpha`` for RPO's likelihood term).
+   for IPO, whose tau is the beta, ``--rpo-alpha`` for RPO's likelihood term). ``--rounds R`` iterates it
+   (on-policy pairs): round r samples pairs on fresh prefixes from round r - 1's policy and trains from it, with
+   the SFT policy kept as the reference.
 5. **Evaluation** on prefixes of held-out phrases (the 2,000 the SST-2 fine-tunes hold out, never trained on):
    ``--samples`` completions per prefix from each policy; the positive rate (reward > 0.5), the mean reward and
    the mean per-token KL to the SFT policy, sum over sampled tokens of log pi(y_t) - log pi_sft(y_t) over the
@@ -105,11 +107,13 @@ def sample(run, prompts: list[str], n: int, seed: int, max_new_tokens: int) -> l
     return out
 
 
-def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], classifier) -> Path:
-    """``--pair-samples`` completions of each of ``--pairs`` training prefixes from the SFT policy; the one of
-    highest reward is chosen, the one of lowest rejected (with two samples, the DPO paper's pairs), and a pair
-    whose rewards differ by less than ``--min-margin`` is dropped, as are ties and empty answers."""
-    path, made_with = args.work / "prefs.jsonl", args.work / "prefs-settings.json"
+def preference_pairs(args: argparse.Namespace, policy: Path, train: list[str], classifier, name: str = "prefs",
+                     prefix_seed: int = 2) -> Path:
+    """``--pair-samples`` completions of each of ``--pairs`` training prefixes (drawn with ``prefix_seed``) from
+    ``policy`` (the SFT policy; a later round's, the last round's policy); the one of highest reward is chosen, the
+    one of lowest rejected (with two samples, the DPO paper's pairs), and a pair whose rewards differ by less than
+    ``--min-margin`` is dropped, as are ties and empty answers. Kept as ``WORK/NAME.jsonl``."""
+    path, made_with = args.work / f"{name}.jsonl", args.work / f"{name}-settings.json"
     settings = {"pairs": args.pairs, "pair_samples": args.pair_samples, "min_margin": args.min_margin,
                 "max_new_tokens": args.max_new_tokens}
     if path.is_file():  # reused only if made as asked (pairs from before this record are taken as they are)
@@ -117,10 +121,10 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
             sys.exit(f"{path} was made with {made_with.read_text().strip()}, not {json.dumps(settings)}: give another "
                      "--work, or remove it")
         return path
-    rng = random.Random(2)
+    rng = random.Random(prefix_seed)
     prompts = [split_prefix(t, rng)[0] for t in rng.sample(train, args.pairs)]
     k = args.pair_samples
-    samples = sample(load_run(sft), prompts, k, seed=11, max_new_tokens=args.max_new_tokens)
+    samples = sample(load_run(policy), prompts, k, seed=11, max_new_tokens=args.max_new_tokens)
     scores = rewards(classifier, [p + c.text for p, row in zip(prompts, samples, strict=True) for c in row])
     kept = 0
     with path.open("w", encoding="utf-8") as f:
@@ -134,14 +138,17 @@ def preference_pairs(args: argparse.Namespace, sft: Path, train: list[str], clas
             f.write(json.dumps({"prompt": prompt, "chosen": row[best].text, "rejected": row[worst].text}) + "\n")
             kept += 1
     made_with.write_text(json.dumps(settings))
-    print(f"preference pairs: {kept} of {len(prompts)} prefixes ({k} samples each; ties, margins under "
-          f"{args.min_margin} and empty answers dropped)", flush=True)
+    print(f"preference pairs from {policy.name}: {kept} of {len(prompts)} prefixes ({k} samples each; ties, margins "
+          f"under {args.min_margin} and empty answers dropped)", flush=True)
     return path
 
 
-def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) -> Path:
+def dpo_policy(args: argparse.Namespace, init: Path, prefs: Path, beta: float, round_: int = 1,
+               reference: Path | None = None) -> Path:
+    """DPO (or ``--loss``) at ``beta`` from ``init`` on ``prefs``, against ``reference`` (default: ``init``)."""
     out = args.work / (f"dpo-beta{beta:g}" + (f"-rpo{args.rpo_alpha:g}" if args.rpo_alpha else "")
-                       + (f"-{args.loss}" if args.loss != "sigmoid" else ""))
+                       + (f"-{args.loss}" if args.loss != "sigmoid" else "")
+                       + (f"-round{round_}" if round_ > 1 else ""))
     if (out / "results.json").is_file():  # a finished run is reused only if it was trained as asked
         train = json.loads((out / "config.json").read_text())["train"]
         if (train["lr"], train["max_steps"]) != (args.dpo_lr, args.dpo_steps):
@@ -149,8 +156,9 @@ def dpo_policy(args: argparse.Namespace, sft: Path, prefs: Path, beta: float) ->
                      f"{args.dpo_lr:g} --dpo-steps {args.dpo_steps}: give another --work, or remove it")
     else:
         shutil.rmtree(out, ignore_errors=True)
-        finetune(FinetuneOptions(task="dpo", init=str(sft), train=str(prefs), beta=beta, val_fraction=0.05,
-                                 loss=args.loss, rpo_alpha=args.rpo_alpha), out,
+        finetune(FinetuneOptions(task="dpo", init=str(init), train=str(prefs), beta=beta, val_fraction=0.05,
+                                 loss=args.loss, rpo_alpha=args.rpo_alpha,
+                                 reference=None if reference is None else str(reference)), out,
                  overrides=[f"train.max_steps={args.dpo_steps}", "train.eval_interval=100", f"train.lr={args.dpo_lr}",
                             "train.batch_size=16", f"train.threads={args.threads}", "train.warmup_steps=20"],
                  show_progress=False)
@@ -256,9 +264,15 @@ def main() -> None:
                         help="finetune dpo --loss: sigmoid (DPO) or ipo (IPO: beta is its tau)")
     parser.add_argument("--rpo-alpha", type=float, default=0.0,
                         help="finetune dpo --rpo-alpha: weight of the chosen answers' NLL (default 0: DPO alone)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="iterated DPO: each later round samples --pairs fresh prefixes from the last round's "
+                             "policy, ranks them by the reward and trains from that policy, the SFT policy still its "
+                             "reference (finetune dpo --reference)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 (plain DPO) or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -268,8 +282,12 @@ def main() -> None:
     prefs = preference_pairs(args, sft, train, classifier)
     rpo = f" rpo={args.rpo_alpha:g}" if args.rpo_alpha else ""
     name = "dpo" if args.loss == "sigmoid" else args.loss
-    policies = {"sft": sft} | {f"{name} beta={b}{rpo}": dpo_policy(args, sft, prefs, float(b))
-                               for b in args.betas.split(",")}
+    policies = {"sft": sft}
+    for b in args.betas.split(","):
+        policy = policies[f"{name} beta={b}{rpo}"] = dpo_policy(args, sft, prefs, float(b))
+        for r in range(2, args.rounds + 1):  # iterated: pairs from the last policy, the SFT policy still the reference
+            fresh = preference_pairs(args, policy, train, classifier, name=f"prefs-{policy.name}", prefix_seed=2 + r)
+            policy = policies[f"{name} beta={b}{rpo} round {r}"] = dpo_policy(args, policy, fresh, float(b), r, sft)
     rng = random.Random(3)
     prompts = [split_prefix(t, rng)[0] for t in rng.sample(held, args.eval_prefixes)]
     sft_run = load_run(sft)

@@ -217,12 +217,13 @@ class FinetuneTask:
         o = self.options
         if o.reference is None or self.given_tokenizer is not None:
             return
-        _, raw = read_run_config(Path(o.reference))
+        reference, raw = read_run_config(Path(o.reference))
         if LoadSpec.of(raw).head == "classifier":
             raise RunDirError(f"--reference {o.reference} is a fine-tuned classifier, not a language model",
                               "give the run the policy was fine-tuned from (e.g. the SFT run)")
-        theirs, ours = ({k: v for k, v in r["model"].items() if k != "dropout"} for r in (raw, self.init_raw or {}))
-        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        # resolved configs, so that a run written before a key existed compares by that key's default
+        theirs, ours = (dataclasses.asdict(c.model) for c in (reference, read_run_config(Path(o.init or ""))[0]))
+        differ = sorted(k for k in theirs.keys() | ours.keys() if k != "dropout" and theirs.get(k) != ours.get(k))
         if differ:
             raise RunDirError(f"--reference {o.reference} is another model than --init {o.init} (model.{differ[0]}: "
                               f"{theirs.get(differ[0])} against {ours.get(differ[0])})",

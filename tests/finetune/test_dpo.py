@@ -220,8 +220,8 @@ def test_a_second_round_keeps_the_first_rounds_reference(pretrained, tmp_path, c
     assert results["before"]["val"]["loss"] == pytest.approx(ended, abs=1e-5)
     assert json.loads((second / "config.json").read_text())["finetune"]["reference"] == str(pretrained)
 
-    other_model, other_tokenizer = tmp_path / "other-model", tmp_path / "other-tokenizer"
-    for copy in (other_model, other_tokenizer):
+    other_model, other_tokenizer, older = tmp_path / "other-model", tmp_path / "other-tokenizer", tmp_path / "older"
+    for copy in (other_model, other_tokenizer, older):
         copy.mkdir()
         for f in pretrained.iterdir():
             if f.is_file():
@@ -230,6 +230,11 @@ def test_a_second_round_keeps_the_first_rounds_reference(pretrained, tmp_path, c
     config["model"]["n_layer"] += 1
     (other_model / "config.json").write_text(json.dumps(config))
     (other_tokenizer / "tokenizer.json").write_text((pretrained / "tokenizer.json").read_text() + "\n")
+    config = json.loads((older / "config.json").read_text())
+    del config["model"]["activation"]  # written before the key existed: its default, the same model
+    (older / "config.json").write_text(json.dumps(config))
+    assert main(["finetune", "dpo", "--init", str(first), "--reference", str(older), "--data", str(prefs),
+                 "--out", str(tmp_path / "older-ref"), "--quiet", "train.max_steps=1", "train.threads=1"]) == 0
     for reference, match in ((tmp_path / "missing", "does not exist"), (other_model, "is another model"),
                              (other_tokenizer, "another tokenizer")):
         code = main(["finetune", "dpo", "--init", str(first), "--reference", str(reference), "--data", str(prefs),
