@@ -7,10 +7,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
+from glmlab.cli_args import add_checkpoint
 from glmlab.errors import GlmlabError
-from glmlab.runs import CHECKPOINT_HELP, LoadedRun
+
+if TYPE_CHECKING:
+    from glmlab.runs import LoadedRun
 
 HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits"
 
@@ -27,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed: the same conversation gives the same replies")
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_chat)
 

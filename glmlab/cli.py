@@ -19,10 +19,10 @@ from pathlib import Path
 from glmlab.atomic import WRITE_ERRNOS, write_error
 from glmlab.bench.cli import add_parser as add_bench_parser
 from glmlab.chat_cli import add_parser as add_chat_parser
+from glmlab.cli_args import add_checkpoint
 from glmlab.errors import GlmlabError
 from glmlab.finetune.cli import add_parsers as add_finetune_parsers
 from glmlab.latent_cli import add_parser as add_vae_parser
-from glmlab.runs import CHECKPOINT_HELP
 from glmlab.serve.cli import add_parser as add_serve_parser
 from glmlab.version import __version__
 
@@ -118,7 +118,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="int8: int8 matrices for token-by-token decoding on a CPU (faster for large models; "
                         "logits move by a few percent)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_generate)
 
@@ -135,7 +135,7 @@ def _add_fill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
     p.add_argument("--json", action="store_true", help="print the fill-mask pipeline's JSON: a list of candidates "
                    "(score, token, token_str, sequence) for one mask, a list per mask for several")
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_fill)
 
@@ -154,7 +154,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DATA_DIR", help="data directory (default: the one the run was trained on)")
     p.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: block size)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--samples", type=int, default=None, metavar="K",
@@ -190,7 +190,7 @@ def _add_interop(sub: argparse._SubParsersAction) -> None:
                                    "AutoTokenizer.from_pretrained.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("hf_dir", metavar="HF_DIR")
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.set_defaults(handler=cmd_export_hf)
 
 
@@ -236,7 +236,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sentences", type=int, default=None, metavar="N",
                    help="score only the first N sentences of the split (default: all)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=cmd_compare)
 

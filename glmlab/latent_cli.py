@@ -8,8 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from glmlab.cli_args import add_checkpoint
 from glmlab.errors import GlmlabError
-from glmlab.runs import CHECKPOINT_HELP
 
 
 def _add_vae_decoding(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -22,7 +22,7 @@ def _add_vae_decoding(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest sentence decoded, in tokens (default and cap: the model's block_size - 1)")
-    p.add_argument("--checkpoint", default="best", metavar="best|last|step-N", help=CHECKPOINT_HELP)
+    add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 

@@ -61,8 +61,6 @@ LOSS_PLOT = "loss.png"
 SAMPLES = "samples.txt"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
-CHECKPOINT_HELP = ("which weights: best (lowest validation loss), last (newest checkpoint) or a checkpoint's name "
-                   "(step-N, in RUN_DIR/checkpoints); each is checked against its checksum before it is loaded")
 MANIFEST = "manifest.json"
 CHECKSUM_SUFFIX = ".sha256"
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "glmlab"
 LAYERS = [
     ["errors", "version"], ["atomic"], ["schema"], ["data"], ["models"], ["config"], ["runtime"],
     ["generation", "embeddings"], ["runs"], ["evaluation"], ["training"], ["finetune"], ["bench"], ["interop"],
-    ["serve"], ["cli", "latent_cli", "chat_cli"],
+    ["serve"], ["cli", "latent_cli", "chat_cli", "cli_args"],
     ["__main__", "glmlab"],
 ]
 

@@ -61,6 +61,16 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0 and result.stdout.startswith("glmlab ")
 
 
+def test_the_command_line_and_prepare_start_without_pytorch(shakespeare_excerpt, tmp_path):
+    """Importing PyTorch takes seconds: --help, a mistyped flag and glmlab prepare must not wait for it."""
+    code = ("import sys; from glmlab.cli import main; "
+            f"rc = main(['prepare', {str(shakespeare_excerpt)!r}, '--out', {str(tmp_path / 'data')!r}, "
+            "'--tokenizer', 'char']); print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split()[-2:] == ["0", "False"], result.stderr
+    assert (tmp_path / "data" / "meta.json").is_file()
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(char_data, tmp_path):
     run = tmp_path / "run"
