@@ -24,7 +24,7 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import ConfigError, GlmlabError, RunDirError
 from glmlab.finetune.metrics import generation_metrics
 from glmlab.finetune.report import RESULTS
-from glmlab.finetune.tasks import FinetuneOptions, FinetuneTask, evaluate_split
+from glmlab.finetune.tasks import MODEL_KEYS_TUNABLE, FinetuneOptions, FinetuneTask, evaluate_split
 from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.generation.generate import generate_batch
 from glmlab.generation.settings import GenerationSettings
@@ -39,7 +39,6 @@ __all__ = ["FinetuneOptions", "FinetuneTask", "finetune", "measure", "resolve_fi
 TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": 1000, "warmup_steps": 50, "eval_interval": 100, "patience": 5,
                                   "weight_decay": 0.01, "sample_tokens": 0, "log_interval": 10}
 MODE_LR = {"full": 1e-4, "probe": 1e-3, "lora": 1e-3}
-MODEL_KEYS_TUNABLE = ("dropout",)  # what a fine-tune may change in a pre-trained run's model section
 
 
 @torch.no_grad()

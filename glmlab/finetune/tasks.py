@@ -7,6 +7,7 @@ pre-training loop: progress bar, metrics.jsonl, checkpoints, Ctrl-C, resume.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from glmlab.config import RunConfig, TrainConfig
+from glmlab.config import RunConfig, TrainConfig, config_from_dict
 from glmlab.data.tokenizer import CHAT_TOKENS, Tokenizer, train_tokenizer
 from glmlab.errors import ConfigError, DataError, RunDirError
 from glmlab.finetune.classifier import MODES, POOLINGS, SequenceClassifier, padding_of
@@ -48,8 +49,12 @@ from glmlab.runs import TOKENIZER, LoadSpec, file_sha256, load_weights_as_writte
 from glmlab.training.distributed import Distributed
 from glmlab.training.phases import Phase
 from glmlab.training.tasks import LossModule, Sampler, Validation, fit_vocabulary
+from glmlab.training.trainer import config_changes
 
 TASKS = ("classify", "sft", "dpo")
+
+
+MODEL_KEYS_TUNABLE = ("dropout",)  # what a fine-tune may change in a pre-trained run's model section
 
 
 @dataclass
@@ -211,27 +216,37 @@ class FinetuneTask:
             self.notes.append(f"{cut:,} of {total:,} {split} texts are longer than the context "
                               f"(model.block_size={self.config.model.block_size}) and were truncated")
 
+    @functools.cached_property
+    def reference_run(self) -> tuple[Path, dict[str, Any]]:
+        """dpo's frozen reference: its run directory and raw config (``--reference``, else the init run)."""
+        o = self.options
+        if o.reference is None:
+            return Path(o.init or ""), self.init_raw or {}
+        return Path(o.reference), read_run_config(Path(o.reference))[1]
+
     def _check_reference(self) -> None:
-        """A --reference other than the init run must read text as the init run does: the same model section
-        (dropout aside) and the same tokenizer file. (A resumed run was checked when it started.)"""
+        """A --reference other than the init run must read text as the init run does: the same model (what a
+        fine-tune may change aside), the same tokenizer file, and weights to load. (A resumed run was checked
+        when it started.)"""
         o = self.options
         if o.reference is None or self.given_tokenizer is not None:
             return
-        reference, raw = read_run_config(Path(o.reference))
+        path, raw = self.reference_run
         if LoadSpec.of(raw).head == "classifier":
             raise RunDirError(f"--reference {o.reference} is a fine-tuned classifier, not a language model",
                               "give the run the policy was fine-tuned from (e.g. the SFT run)")
         # resolved configs, so that a run written before a key existed compares by that key's default
-        theirs, ours = (dataclasses.asdict(c.model) for c in (reference, read_run_config(Path(o.init or ""))[0]))
-        differ = sorted(k for k in theirs.keys() | ours.keys() if k != "dropout" and theirs.get(k) != ours.get(k))
-        if differ:
-            raise RunDirError(f"--reference {o.reference} is another model than --init {o.init} (model.{differ[0]}: "
-                              f"{theirs.get(differ[0])} against {ours.get(differ[0])})",
+        changed = [k for k in config_changes(config_from_dict(self.init_raw or {}), config_from_dict(raw))
+                   if k.removeprefix("model.") not in MODEL_KEYS_TUNABLE]
+        if changed:
+            raise RunDirError(f"--reference {o.reference} is another model than --init {o.init} "
+                              f"({', '.join(changed)} differ)",
                               "give a reference of the init run's architecture (the run it was fine-tuned from)")
-        mine, other = (Path(d) / TOKENIZER for d in (o.init or "", o.reference))
-        if not other.is_file() or file_sha256(other) != file_sha256(mine):
+        mine, theirs = Path(o.init or "") / TOKENIZER, path / TOKENIZER
+        if not theirs.is_file() or file_sha256(theirs) != file_sha256(mine):
             raise RunDirError(f"--reference {o.reference} reads text with another tokenizer than --init {o.init}",
                               "give a reference that shares the init run's tokenizer.json")
+        weights_path(path, "best")  # refuses a run with no weights now, not after the data are read
 
     def _read_classification(self) -> None:
         o = self.options
@@ -409,9 +424,7 @@ class FinetuneTask:
         if self.options.task != "dpo":
             return LossModule(model)
         o = self.options
-        source, raw = Path(o.init or ""), self.init_raw or {}
-        if o.reference is not None:
-            source, raw = Path(o.reference), read_run_config(Path(o.reference))[1]
+        source, raw = self.reference_run
         reference = build_model(self.config.model, sentences=self.bos)
         load_weights_as_written(reference, LoadSpec.of(raw), weights_path(source, "best"))
         self.objective = PreferenceObjective(model, reference.to(next(model.parameters()).device), o.beta, o.loss,

@@ -27,13 +27,12 @@ NAMES = ["glmlab_cloze", "glmlab_passages", "glmlab_starts"]
 
 
 def _evaluate(model, **kwargs) -> dict:
-    from lm_eval.tasks import TaskManager
+    from glmlab.evaluation.harness import task_manager
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    manager = TaskManager(include_path=str(TASKS), include_defaults=False)  # the bundled ~15,000 are not needed
-    return lm_eval.simple_evaluate(model=model, tasks=NAMES, task_manager=manager, log_samples=True,
-                                   bootstrap_iters=0, **kwargs)
+    return lm_eval.simple_evaluate(model=model, tasks=NAMES, task_manager=task_manager(str(TASKS), NAMES),
+                                   log_samples=True, bootstrap_iters=0, **kwargs)
 
 
 def _items(results: dict) -> dict[tuple, object]:

@@ -235,8 +235,12 @@ def test_a_second_round_keeps_the_first_rounds_reference(pretrained, tmp_path, c
     (older / "config.json").write_text(json.dumps(config))
     assert main(["finetune", "dpo", "--init", str(first), "--reference", str(older), "--data", str(prefs),
                  "--out", str(tmp_path / "older-ref"), "--quiet", "train.max_steps=1", "train.threads=1"]) == 0
-    for reference, match in ((tmp_path / "missing", "does not exist"), (other_model, "is another model"),
-                             (other_tokenizer, "another tokenizer")):
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (no_weights / name).write_bytes((pretrained / name).read_bytes())
+    for reference, match in ((tmp_path / "missing", "does not exist"), (other_model, "model.n_layer differ"),
+                             (other_tokenizer, "another tokenizer"), (no_weights, "has no model weights")):
         code = main(["finetune", "dpo", "--init", str(first), "--reference", str(reference), "--data", str(prefs),
                      "--out", str(tmp_path / "x"), "--quiet", "train.max_steps=1"])
         assert code == 1 and match in capsys.readouterr().err

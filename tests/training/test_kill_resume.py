@@ -35,15 +35,19 @@ def _glmlab(argv: list[str], log: str) -> None:
 def _train(char_data, out, resume=False, extra=()):
     argv = ["train", "--out", str(out), *ARGS, *extra]
     argv += ["--resume"] if resume else ["--data", str(char_data)]
-    proc = FORKSERVER.Process(target=_glmlab, args=(argv, str(out) + ".log"))
+    proc = FORKSERVER.Process(target=_glmlab, args=(argv, str(_log(out))))
     proc.start()
     return proc
 
 
+def _log(out):
+    """Where the run in ``out`` writes its stdout and stderr (all its processes, one after another)."""
+    return out.parent / (out.name + ".log")
+
+
 def _finished(proc, out) -> None:
     proc.join(timeout=300)
-    log = out.parent / (out.name + ".log")
-    assert proc.exitcode == 0, log.read_text() if log.exists() else proc.exitcode
+    assert proc.exitcode == 0, _log(out).read_text() if _log(out).exists() else proc.exitcode
 
 
 def _last_step(out):
