@@ -22,6 +22,7 @@ from glmlab.generation import processors as P
 from glmlab.generation.engine import Completion, bad_word_ids, context_tail
 from glmlab.generation.infill import end_id, slides
 from glmlab.generation.settings import GenerationSettings
+from glmlab.generation.text import continuation
 
 NEG = -1.0e9
 
@@ -99,6 +100,6 @@ def beam_search(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
         body = tokens[:-1] if tokens and ((tokens[-1] == eos and s.stop_at_eos) or tokens[-1] in s.stop_token_ids) \
             else tokens
         reason = "stop" if len(body) < len(tokens) else "length"
-        results.append(Completion(tokenizer.decode(body), body, reason, len(prompt_ids), score=score,
-                                  ended_at_eos=reason == "stop"))
+        results.append(Completion(continuation(tokenizer, prompt_ids, body), body, reason, len(prompt_ids),
+                                  score=score, ended_at_eos=reason == "stop"))
     return results[: s.num_return_sequences]

@@ -28,7 +28,7 @@ from glmlab.generation import grammar as G
 from glmlab.generation import processors as P
 from glmlab.generation.sampling import UniformStream, inverse_cdf
 from glmlab.generation.settings import GenerationSettings
-from glmlab.generation.text import IncrementalText, find_stop, held_back
+from glmlab.generation.text import IncrementalText, continuation, find_stop, held_back
 
 
 @dataclass
@@ -145,7 +145,8 @@ class Row:
         self.max_new_tokens = settings.max_new_tokens
         self.done = False
         self.finish_reason = "length"
-        self.text = IncrementalText(tokenizer) if settings.stop or deltas or settings.chat_reply else None
+        self.text = IncrementalText(tokenizer, context=prompt_ids) if settings.stop or deltas or settings.chat_reply \
+            else None
         self.emitted = ""  # text already handed out as deltas
         self.final_text: str | None = None  # text cut at a stop string
         self.ended_at_eos = False
@@ -222,7 +223,8 @@ class Row:
     def finish(self, tokenizer: Tokenizer) -> tuple[Completion, str, list[TokenLogprob]]:
         """The row's completion, the text no delta has shown yet (what the stop-string hold-back kept) and the
         log-probability entries not reported yet (a chat reply's, decided once its text is final)."""
-        text = self.final_text if self.final_text is not None else tokenizer.decode(self.generated)
+        text = self.final_text if self.final_text is not None else continuation(tokenizer, self.prompt_ids,
+                                                                                  self.generated)
         if self.settings.chat_reply:
             text = text.lstrip()
         tail = text[len(self.emitted):] if text.startswith(self.emitted) else ""

@@ -23,7 +23,7 @@ from glmlab.generation import processors as P
 from glmlab.generation.engine import Completion, row_seed, token_ids
 from glmlab.generation.sampling import inverse_cdf
 from glmlab.generation.settings import GenerationSettings
-from glmlab.generation.text import find_stop
+from glmlab.generation.text import continuation, find_stop
 
 ITERATIONS = 10  # Ghazvininejad et al.'s T for most of their results
 
@@ -110,7 +110,7 @@ def mask_predict(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[
         finish = "length"
         if settings.stop_at_eos and tokenizer.eos_id in written:
             written, finish = written[: written.index(tokenizer.eos_id)], "stop"
-        text = tokenizer.decode(written)
+        text = continuation(tokenizer, seq[:slots[0]], written)
         cut = find_stop(text, settings.stop)
         if cut >= 0:
             text, finish = text[:cut], "stop"

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from glmlab.data.tokenizer import Tokenizer
+
+
+def continuation(tokenizer: Tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text ``ids`` add after ``context`` (a prompt's ids): what appended to the prompt's text gives the whole
+    text. Decoding the new ids alone loses what their first token owes its left neighbour — the space a word,
+    WordPiece or unigram tokenizer puts between two words ("the game" + "place" read "the gameplace") —, so the
+    last context token is decoded with them (one token is enough, as for :class:`IncrementalText`)."""
+    head = list(context[-1:])
+    if not head:
+        return tokenizer.decode(ids)
+    before, after = tokenizer.decode(head), tokenizer.decode([*head, *ids])
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(ids)
 
 
 class IncrementalText:
@@ -12,14 +26,16 @@ class IncrementalText:
     spacing and byte-level merges come out exactly as a full decode would); while the newest tokens
     end in an incomplete UTF-8 sequence, nothing is added until the character is whole. A tokenizer
     whose decoding is plain concatenation (``Tokenizer.pieces``) appends the token's text directly.
+    ``context``: the ids the text continues (a prompt's), whose last token starts the window, so the text is the
+    :func:`continuation` of them (a word tokenizer's first token brings its space).
     """
 
-    def __init__(self, tokenizer: Tokenizer, keep_special: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, keep_special: bool = False, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context[-1:])
         self.text = ""
         self._prefix = 0  # start of the context window that is re-decoded
-        self._read = 0  # tokens before this are already in self.text
+        self._read = len(self.ids)  # tokens before this are already in self.text (or are the context)
         self._skip_special = not keep_special  # keep_special: special tokens are text too (an echoed prompt's)
         self._pieces = tokenizer.pieces
         if keep_special and self._pieces is not None:

@@ -44,10 +44,11 @@ def completion_logprobs(entries: list[TokenLogprob], offsets: list[int]) -> dict
 
 class Offsets:
     """A choice's ``text_offset`` as its tokens arrive: where each starts in the returned text (after the
-    echoed prompt, whose own offsets come from decoding its tokens)."""
+    echoed prompt, whose own offsets come from decoding its tokens). ``context``: the prompt's ids, which the
+    completion's text continues (see :func:`~glmlab.generation.text.continuation`)."""
 
-    def __init__(self, tokenizer: Tokenizer, base: int = 0) -> None:
-        self.text, self.base = IncrementalText(tokenizer), base
+    def __init__(self, tokenizer: Tokenizer, base: int = 0, context: list[int] | None = None) -> None:
+        self.text, self.base = IncrementalText(tokenizer, context=context or []), base
 
     def of(self, entries: list[TokenLogprob]) -> list[int]:
         out = []
@@ -108,7 +109,7 @@ def completion_body(req: GenerationRequest, results: dict[int, Any], prompt_lp: 
             logprobs = None
             if req.logprobs is not None:
                 echoed = prompt_lp[r // req.n] if req.echo else []
-                offsets = Offsets(tokenizer, len(prompt.text) if req.echo else 0)
+                offsets = Offsets(tokenizer, len(prompt.text) if req.echo else 0, prompt.ids)
                 logprobs = completion_logprobs(echoed + list(c.logprobs or []),
                                                _echo_offsets(tokenizer, prompt, echoed) + offsets.of(c.logprobs or []))
             choice = {"text": text, "index": r, "logprobs": logprobs, "finish_reason": c.finish_reason}
@@ -143,7 +144,8 @@ async def event_stream(req: GenerationRequest, queue: asyncio.Queue, prompt_lp: 
 
     text_chunk = text_chunk_format(rid, kind, created, name, req.chat, req.include_usage)
 
-    offsets = [Offsets(tokenizer, len(req.prompts[r // req.n].text) if req.echo else 0) for r in range(rows)]
+    offsets = [Offsets(tokenizer, len(req.prompts[r // req.n].text) if req.echo else 0, req.prompts[r // req.n].ids)
+               for r in range(rows)]
     for r in range(rows):
         if req.chat:
             yield chunk({"index": r, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

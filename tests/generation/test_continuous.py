@@ -159,7 +159,9 @@ def test_int8_decode_weights_are_what_a_batch_decodes_with(lm, one_thread, monke
     assert len(calls) == 11  # every step after the prompt's
     for a, b in zip(native, quantized, strict=True):
         first_a, first_b = a[0].logprobs[0].logprob, b[0].logprobs[0].logprob
-        assert first_a == first_b  # the first token's log-probability comes from the full-precision prefill
+        # the first token's log-probability comes from the full-precision prefill: equal to rounding (the two
+        # calls may take different fp32 kernels), where int8 weights move log-probabilities by 1e-3 and more
+        assert abs(first_a - first_b) < 1e-5
         diffs = []
         for x, y in zip(a[0].logprobs[1:], b[0].logprobs[1:], strict=True):
             if x.token_id != y.token_id:  # greedy paths may part; compare while they agree

@@ -7,8 +7,8 @@ import torch
 
 from glmlab.data.tokenizer import train_tokenizer
 from glmlab.generation.beam import beam_search
-from glmlab.generation.generate import GenerationSettings, generate_batch
-from glmlab.generation.text import IncrementalText
+from glmlab.generation.generate import GenerationSettings, generate_batch, stream
+from glmlab.generation.text import IncrementalText, continuation
 from glmlab.models.gpt import GPT, GPTConfig
 from glmlab.runs import load_run
 
@@ -88,6 +88,32 @@ def test_word_level_incremental_text_matches_a_full_decode():
     ids = tok.encode("to be or\n\nnot to be\nthat")
     inc = IncrementalText(tok)
     assert "".join(inc.push(i) for i in ids) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["word", "unigram", "bpe", "char"])
+def test_a_continuation_appended_to_its_prompt_reads_as_the_whole_text(kind):
+    corpus = ["the game was played in the rain and the crowd went home\nthe end"] * 30
+    tok = train_tokenizer(kind, corpus, vocab_size={"char": None, "bpe": 300}.get(kind, 60))
+    prompt, rest = tok.encode("the game"), tok.encode("the game was played\nthe end")[len(tok.encode("the game")):]
+    whole = tok.decode(prompt + rest)
+    assert tok.decode(prompt) + continuation(tok, prompt, rest) == whole
+    inc = IncrementalText(tok, context=prompt)
+    assert tok.decode(prompt) + "".join(inc.push(i) for i in rest) == whole
+    if kind == "word":  # decoded alone, the first word would lose its space
+        assert tok.decode(prompt) + tok.decode(rest) != whole
+
+
+def test_generated_text_keeps_the_space_between_the_prompt_and_the_first_word():
+    tok = train_tokenizer("word", ["the game was played in the rain and the crowd went home"] * 5, vocab_size=60)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    settings = GenerationSettings(max_new_tokens=4, seed=3, stop_at_eos=False)
+    [[done]] = generate_batch(model, tok, ["the game"], settings)
+    [beam] = beam_search(model, tok, tok.encode("the game"), GenerationSettings(max_new_tokens=4, num_beams=2))
+    for completion in (done, beam):
+        assert completion.text.startswith(" ") and "the game" + completion.text == tok.decode(
+            tok.encode("the game") + completion.token_ids)
+    assert "".join(stream(model, tok, "the game", settings)) == done.text
 
 
 def _tiny_pair(vocab=40):
