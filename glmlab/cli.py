@@ -67,9 +67,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init", metavar="RUN_OR_HF_DIR",
-                   help="start from these weights (a glmlab run, or a Hugging Face GPT-2 directory) with their "
-                        "architecture: continued pre-training; the data must be prepared with --tokenizer-from the "
-                        "same directory")
+                   help="start from these weights (a glmlab run, or a Hugging Face GPT-2 or BERT directory) with "
+                        "their architecture: continued pre-training; the data must be prepared with --tokenizer-from "
+                        "the same directory")
     p.add_argument("--init-checkpoint", default="best", metavar="best|last|step-N",
                    help="which weights of an --init run (default: best)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -177,9 +177,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_interop(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import-hf", help="turn a local Hugging Face GPT-2 directory into a glmlab run",
+    p = sub.add_parser("import-hf", help="turn a local Hugging Face GPT-2 or BERT (masked LM) directory into a "
+                       "glmlab gpt or bert run",
                        description="Read config.json, model.safetensors (or pytorch_model.bin, weights only) and "
-                                   "tokenizer.json (or vocab.json + merges.txt) from a local directory. No download.")
+                                   "tokenizer.json (or GPT-2's vocab.json + merges.txt, BERT's vocab.txt) from a "
+                                   "local directory. No download. A BERT's vocabulary is renumbered so that its "
+                                   "special tokens sit at glmlab's ids; glmlab adds no [CLS]/[SEP] to a text: write "
+                                   "them where the model expects them.")
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.set_defaults(handler=cmd_import_hf)
@@ -455,6 +459,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
     out = import_hf(args.hf_dir, args.out)
     print(f"imported {args.hf_dir} -> {out}")
+    if json.loads((out / "config.json").read_text())["model"]["family"] == "bert":
+        print("note: glmlab adds no [CLS] / [SEP] around a text; write them where this BERT expects them, e.g. "
+              f'glmlab fill {out} "[CLS] paris is the [MASK] of france. [SEP]"')
     return 0
 
 

@@ -225,6 +225,8 @@ def _infer_kind(hf: HFTokenizer) -> str:
     model_type = spec.get("model", {}).get("type")
     if model_type == "Unigram":
         return "unigram"
+    if model_type == "WordPiece":  # an imported BERT's (glmlab trains none)
+        return "wordpiece"
     if model_type == "WordLevel":
         decoder = spec.get("decoder") or {}
         return "char" if decoder.get("type") == "Fuse" else "word"

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 checkpoints in and out: ``glmlab import-hf`` and ``glmlab export-hf``.
+"""Hugging Face GPT-2 checkpoints in and out: ``glmlab import-hf`` and ``glmlab export-hf`` (which hand a BERT to
+:mod:`glmlab.interop.hf_bert`).
 
 glmlab's `gpt` family uses GPT-2's parameter names and layouts, so weights cross by a plain copy
 (the causal-mask buffers of old checkpoints are dropped, a missing ``transformer.`` prefix added,
@@ -8,17 +9,12 @@ export loads offline with ``GPT2LMHeadModel.from_pretrained`` and ``AutoTokenize
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 from glmlab import atomic
 from glmlab.config import resolve_config
@@ -26,6 +22,7 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
 from glmlab.generation.engine import start_token_id
 from glmlab.interop import hf_bert
+from glmlab.interop.hf_files import HFCheckpoint, load_state, load_tokenizer, model_type, named_tokens, read_json
 from glmlab.interop.tokenizer_config import tokenizer_config
 from glmlab.models import build_model
 from glmlab.models.transformer import Conv1D
@@ -40,44 +37,11 @@ SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS_FROM_HF)
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GlmlabError(f"cannot read {path}: {exc}", "give a Hugging Face model directory") from None
-
-
-def _load_state(hf_dir: Path) -> dict[str, torch.Tensor]:
-    if (hf_dir / "model.safetensors").is_file():
-        try:
-            return load_file(str(hf_dir / "model.safetensors"))
-        except (SafetensorError, OSError) as exc:
-            raise GlmlabError(f"{hf_dir / 'model.safetensors'} cannot be read ({exc})") from None
-    if (hf_dir / "pytorch_model.bin").is_file():
-        try:
-            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling refuses anything but tensors
-            raise GlmlabError(f"{hf_dir / 'pytorch_model.bin'} cannot be loaded as plain weights "
-                              f"({type(exc).__name__})", "convert it to model.safetensors") from None
-    raise GlmlabError(f"{hf_dir} has no model.safetensors or pytorch_model.bin",
-                      "give a directory saved by save_pretrained")
-
-
 def _special_tokens(hf_dir: Path, config: dict[str, Any], tok: HFTokenizer) -> dict[str, str]:
     """Which tokens play glmlab's roles (eos, bos, pad, unk) in an imported tokenizer. GPT-2 names its one
     ``<|endoftext|>`` as eos, bos and unk; a byte-level tokenizer never produces an unknown token, so an unk that
     is the end-of-text token is left out (it would count every document end as unknown)."""
-    roles: dict[str, str] = {}
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = hf_dir / name
-        if path.is_file():
-            data = _read_json(path)
-            for role in ("eos", "bos", "pad", "unk"):
-                value = data.get(f"{role}_token")
-                if isinstance(value, dict):
-                    value = value.get("content")
-                if isinstance(value, str) and tok.token_to_id(value) is not None:
-                    roles.setdefault(role, value)
+    roles = named_tokens(hf_dir, tok, ("eos", "bos", "pad", "unk"))
     for role in ("eos", "bos", "pad"):
         token_id = config.get(f"{role}_token_id")
         if role not in roles and isinstance(token_id, int) and tok.id_to_token(token_id) is not None:
@@ -90,50 +54,35 @@ def _special_tokens(hf_dir: Path, config: dict[str, Any], tok: HFTokenizer) -> d
     return roles
 
 
-def _load_tokenizer(hf_dir: Path) -> HFTokenizer:
-    if (hf_dir / "tokenizer.json").is_file():
-        try:
-            return HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))
-        except Exception as exc:  # tokenizers raises plain Exception on malformed JSON
-            raise GlmlabError(f"{hf_dir / 'tokenizer.json'} is not a valid tokenizer.json "
-                              f"({str(exc).splitlines()[0]})", "save it again with tokenizer.save_pretrained") from None
-    vocab, merges = hf_dir / "vocab.json", hf_dir / "merges.txt"
-    if vocab.is_file() and merges.is_file():
-        tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        return tok
-    raise GlmlabError(f"{hf_dir} has no tokenizer.json, nor vocab.json + merges.txt",
-                      "save the tokenizer next to the model (tokenizer.save_pretrained)")
-
-
 def hf_tokenizer(hf_dir: str | Path) -> Tokenizer:
     """The tokenizer of a Hugging Face model directory, with the tokens that play glmlab's roles (from its
-    tokenizer_config.json, special_tokens_map.json or config.json)."""
+    tokenizer_config.json, special_tokens_map.json or config.json). A BERT's is renumbered as its import is
+    (:func:`glmlab.interop.hf_bert.bert_tokenizer`), so data it encodes fits the imported model."""
     hf_dir = Path(hf_dir)
-    config = _read_json(hf_dir / "config.json") if (hf_dir / "config.json").is_file() else {}
-    tok = _load_tokenizer(hf_dir)
+    if hf_bert.is_bert(hf_dir):
+        return hf_bert.bert_tokenizer(hf_dir)[0]
+    config = read_json(hf_dir / "config.json") if (hf_dir / "config.json").is_file() else {}
+    tok = load_tokenizer(hf_dir)
     return Tokenizer(tok, _special_tokens(hf_dir, config, tok))
 
 
-@dataclass
-class GPT2Checkpoint:
-    """A Hugging Face GPT-2 directory read as glmlab's `gpt`: its model section, the model holding its weights
-    (the LM head tied to the embeddings) and its tokenizer with its roles."""
+def read_hf(hf_dir: str | Path) -> HFCheckpoint:
+    """A local Hugging Face GPT-2 or BERT (masked LM) directory as a glmlab `gpt` or `bert`, by config.json's
+    ``model_type``."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise GlmlabError(f"{hf_dir} is not a directory", "give the directory a model was saved to")
+    return hf_bert.read_bert(hf_dir) if model_type(hf_dir) == "bert" else read_gpt2(hf_dir)
 
-    section: dict[str, Any]
-    model: nn.Module
-    tokenizer: Tokenizer
 
-
-def read_gpt2(hf_dir: str | Path) -> GPT2Checkpoint:
+def read_gpt2(hf_dir: str | Path) -> HFCheckpoint:
     """Read a local Hugging Face GPT-2 directory, refusing what glmlab's `gpt` cannot hold."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise GlmlabError(f"{hf_dir} is not a directory", "give the directory a model was saved to")
-    config = _read_json(hf_dir / "config.json")
+    config = read_json(hf_dir / "config.json")
     if config.get("model_type") != "gpt2":
-        raise GlmlabError(f"{hf_dir} holds a {config.get('model_type')!r} model; glmlab reads GPT-2 models",
+        raise GlmlabError(f"{hf_dir} holds a {config.get('model_type')!r} model; glmlab reads GPT-2 and BERT models",
                           "convert the model to GPT-2 or use transformers directly")
     activation = config.get("activation_function", "gelu_new")
     if activation not in SUPPORTED_ACTIVATIONS:
@@ -153,7 +102,7 @@ def read_gpt2(hf_dir: str | Path) -> GPT2Checkpoint:
                "activation": ACTIVATIONS_FROM_HF[activation]}
     model = build_model(resolve_config({"model": section}).model)
     state = {}
-    for name, tensor in _load_state(hf_dir).items():
+    for name, tensor in load_state(hf_dir).items():
         if name.endswith(_BUFFERS) or name == "lm_head.weight":
             continue
         state[name if name.startswith("transformer.") else f"transformer.{name}"] = tensor
@@ -166,7 +115,7 @@ def read_gpt2(hf_dir: str | Path) -> GPT2Checkpoint:
     if missing or unexpected:
         raise GlmlabError(f"the weights in {hf_dir} do not fit a GPT-2 of this config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return GPT2Checkpoint(section, model, hf_tokenizer(hf_dir))
+    return HFCheckpoint(section, model, hf_tokenizer(hf_dir))
 
 
 def output_directory(path: Path) -> None:
@@ -181,11 +130,11 @@ def output_directory(path: Path) -> None:
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Turn a local Hugging Face GPT-2 directory into a glmlab run directory."""
+    """Turn a local Hugging Face GPT-2 or BERT (masked LM) directory into a glmlab run directory."""
     hf_dir, out = Path(hf_dir), Path(out)
     if (out / CONFIG).exists():
         raise GlmlabError(f"{out} already holds a run", "choose another --out")
-    checkpoint = read_gpt2(hf_dir)
+    checkpoint = read_hf(hf_dir)
     run_config = resolve_config({"model": checkpoint.section})
     output_directory(out)
     checkpoint.tokenizer.save(out / TOKENIZER)

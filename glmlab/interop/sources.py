@@ -1,5 +1,6 @@
 """What ``--init`` and ``--tokenizer-from`` point at: a glmlab run, a glmlab data directory (tokenizer only) or a
-Hugging Face model directory (GPT-2 weights; any ``tokenizer.json`` or GPT-2 ``vocab.json`` + ``merges.txt``),
+Hugging Face model directory (GPT-2 or BERT weights; any ``tokenizer.json``, GPT-2's ``vocab.json`` + ``merges.txt``
+or BERT's ``vocab.txt``),
 told apart by the files they hold."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 from glmlab.data.prepare import ExistingTokenizer
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
-from glmlab.interop.hf_gpt2 import hf_tokenizer, read_gpt2
+from glmlab.interop.hf_gpt2 import hf_tokenizer, read_hf
 from glmlab.training.initial import InitialWeights, from_run
 
 WHAT = "a glmlab run (glmlab train), a data directory (glmlab prepare) or a Hugging Face model directory"
@@ -35,9 +36,10 @@ def _kind(path: Path) -> str:
     if (path / "meta.json").is_file() and (path / "tokenizer.json").is_file():
         return "data"
     if (config is not None and "model_type" in config) or (path / "tokenizer.json").is_file() or \
-            ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+            ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()) or (path / "vocab.txt").is_file():
         return "hf"
-    raise GlmlabError(f"{path} holds no tokenizer glmlab can read (no tokenizer.json, nor vocab.json + merges.txt)",
+    raise GlmlabError(f"{path} holds no tokenizer glmlab can read (no tokenizer.json, nor vocab.json + merges.txt, "
+                      "nor vocab.txt)",
                       f"give {WHAT}")
 
 
@@ -55,7 +57,7 @@ def tokenizer_from(path: str | Path) -> ExistingTokenizer:
 
 
 def initial_weights(path: str | Path, checkpoint: str = "best") -> InitialWeights:
-    """The weights a run starts from: a glmlab run's (``checkpoint``) or a Hugging Face GPT-2's."""
+    """The weights a run starts from: a glmlab run's (``checkpoint``) or a Hugging Face GPT-2's or BERT's."""
     path = Path(path)
     kind = _kind(path)
     if kind == "data":
@@ -66,7 +68,7 @@ def initial_weights(path: str | Path, checkpoint: str = "best") -> InitialWeight
     if checkpoint != "best":
         raise GlmlabError(f"--init-checkpoint {checkpoint} picks a glmlab run's checkpoint, and {path} is a "
                           "Hugging Face directory", "drop --init-checkpoint")
-    gpt2 = read_gpt2(path)
+    source = read_hf(path)
     template = (_json(path / "tokenizer_config.json") or {}).get("chat_template")
-    return InitialWeights(str(path), "hf", gpt2.section, gpt2.model.state_dict(), gpt2.tokenizer,
+    return InitialWeights(str(path), "hf", source.section, source.model.state_dict(), source.tokenizer,
                           template if isinstance(template, str) else None)

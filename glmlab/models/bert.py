@@ -78,8 +78,9 @@ class MaskedLMHead(nn.Module):
 
 def word_starts(tokenizer: Tokenizer) -> torch.Tensor:
     """(vocab,) True for tokens that begin a word, for whole-word masking: a byte-level BPE token that starts with
-    a space or a line break (or a whole word of a word tokenizer); a char tokenizer's whitespace and punctuation
-    (a word then runs from the space before it to its last letter). Special tokens begin one of their own."""
+    a space or a line break (or a whole word of a word tokenizer, a WordPiece token without ``##``); a char
+    tokenizer's whitespace and punctuation (a word then runs from the space before it to its last letter). Special
+    tokens begin one of their own."""
     starts = torch.ones(tokenizer.vocab_size, dtype=torch.bool)
     if tokenizer.kind == "word":
         return starts
@@ -89,6 +90,8 @@ def word_starts(tokenizer: Tokenizer) -> torch.Tensor:
             continue
         if tokenizer.kind == "bpe":
             starts[i] = token[0] in "ĠĊĉ" or not token[0].isalnum()
+        elif tokenizer.kind == "wordpiece":  # an imported BERT's: "##" continues a word
+            starts[i] = not token.startswith("##")
         else:
             starts[i] = not token.isalnum()
     return starts

@@ -1,7 +1,8 @@
 """Starting a run from weights that already exist (``glmlab train --init``): continued pre-training.
 
 An :class:`InitialWeights` is a model section, its weights and its tokenizer — read from a glmlab run here, or
-from a Hugging Face GPT-2 directory by :mod:`glmlab.interop.hf_gpt2` (the CLI picks by what the directory holds).
+from a Hugging Face GPT-2 or BERT directory by :mod:`glmlab.interop.hf_gpt2` (the CLI picks by what the directory
+holds).
 The new run takes the source's architecture: :func:`init_config` builds its config from the source's model
 section and refuses a change to it, apart from what does not change the function the weights compute —
 dropout, the family's resumable keys — and a shorter context, which keeps the first rows of a learnt position
