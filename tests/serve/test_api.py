@@ -279,3 +279,33 @@ def test_metrics_are_prometheus_text(live, client):
         assert name in text
     assert "# TYPE glmlab_time_to_first_token_seconds histogram" in text
     assert metric(live, "glmlab_generated_tokens_total") >= 3
+
+
+@pytest.fixture(scope="module")
+def word_run(tmp_path_factory, shakespeare_excerpt):
+    """A tiny gpt over a word tokenizer, a few steps."""
+    from glmlab.data.prepare import prepare
+    from glmlab.training.trainer import train
+    from tests.conftest import tiny_config
+
+    base = tmp_path_factory.mktemp("serve-word")
+    prepare([shakespeare_excerpt], base / "data", tokenizer="word", vocab_size=300)
+    train(tiny_config("train.max_steps=4", "train.eval_interval=4"), base / "data", base / "run", show_progress=False)
+    return base / "run"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_word_level_completion_continues_its_prompt_with_its_spaces(make_server, word_run, stream):
+    """The text a completion adds reads after its prompt (it lost the space before its first word), and each
+    text_offset indexes its token's word in that text."""
+    server = make_server(word_run)
+    body = {"prompt": "First Citizen:", "max_tokens": 6, "seed": 2, "logprobs": 1, "stream": stream,
+            "extra_body": {"ignore_eos": True}}
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    out = oai.completions.create(model="tiny", **body)
+    chunks = list(out) if stream else [out]
+    text = "".join(c.choices[0].text for c in chunks)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert len(tokens) == 6 and text.startswith(" ") and text.split() == [t for t in tokens if t.strip()]
+    assert all(text[o:].lstrip(" ").startswith(t) for o, t in zip(offsets, tokens, strict=True))
