@@ -5,7 +5,7 @@ the same fused AdamW, clipping and loss; their steps are interleaved in rounds s
 both alike. Also measured: this machine's matmul peak (1024² fp32 and bf16) and each row's model FLOP
 utilisation (MFU) against the peak of its precision, and glmlab with ``torch.compile``.
 
-    python benchmarks/train_throughput.py                       # both shapes, fp32 (and bf16 on AMX), eager + compiled
+    python benchmarks/train_throughput.py              # both shapes, fp32 (and bf16 where fast), eager + compiled
     python benchmarks/train_throughput.py --rounds 3 --no-compile
 """
 
@@ -96,13 +96,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per model per round")
     parser.add_argument("--precisions", default="fp32,bf16" if cpu_has_fast_bf16() else "fp32",
-                        help="comma-separated; bf16 by default only where the CPU has native bf16 (AMX): elsewhere "
-                             "it is emulated (1 GFLOP/s on an AVX2 EPYC) and its rows take most of an hour")
+                        help="comma-separated; bf16 by default only where bf16 matmuls run fast here (AMX, or "
+                             "measured 1.5x fp32's): elsewhere bf16 is slow or emulated (1 GFLOP/s on an AVX2 EPYC) "
+                             "and its rows take most of an hour")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args()
     default = resolve_precision("auto", torch.device("cpu"))
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, AMX: {cpu_has_fast_bf16()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast bf16: {cpu_has_fast_bf16()}, "
           f"glmlab default precision on this CPU: {'bf16' if default else 'fp32'}")
     print(f"peak (1024² matmul): fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
     print("| shape | precision | glmlab tokens/s | glmlab compiled tokens/s | HF GPT-2 tokens/s | glmlab / HF | "

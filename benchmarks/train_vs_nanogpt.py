@@ -157,17 +157,19 @@ def loop_rates(run_dir: Path, tokens: int) -> tuple[float, float]:
 
 
 def bare_step_rate(threads: int, steps: int) -> float:
-    """Tokens/s of glmlab's bare training step at the recipe's shape, timed as ``train_throughput.py`` times it
-    (its ``make_step`` and ``measure``): the median of 5 timings of ``steps``."""
+    """Tokens/s of glmlab's bare training step at the recipe's shape and glmlab's automatic precision (as the runs
+    train), timed as ``train_throughput.py`` times it (its ``make_step`` and ``measure``): the median of 5 timings
+    of ``steps``."""
     from train_throughput import make_step, measure  # this folder is on the path of a script run from it
 
     from glmlab.models.gpt import GPT, GPTConfig
+    from glmlab.runtime import resolve_precision
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, dropout=0.0, bias=False, activation="gelu", **SHAPE)).train()
-    step = make_step(model, hf=False, dtype=None)
+    step = make_step(model, hf=False, dtype=resolve_precision("auto", torch.device("cpu")))  # as the runs train
     gen = torch.Generator().manual_seed(0)
     batches = [tuple(torch.randint(0, 65, (2, BATCH, SHAPE["block_size"]), generator=gen)) for _ in range(8)]
     measure(step, batches, 3)  # warm-up
@@ -230,6 +232,7 @@ def main() -> None:
     if args.probes and not args.best.is_file():
         parser.error(f"--best {args.best}: no such config file (give a glmlab YAML config, or --probes 0)")
     from glmlab.data.corpus import default_corpus_path
+    from glmlab.runtime import precision_name, resolve_precision
 
     text = default_corpus_path().read_text(encoding="utf-8")
     text_val = text[int(len(text) * 0.9):]
@@ -239,8 +242,10 @@ def main() -> None:
         val_ids, _ = nanogpt_data(folder, text)
         data = glmlab_data(folder, text)
         tokens = args.iters * BATCH * SHAPE["block_size"]
+        auto = precision_name(resolve_precision("auto", torch.device("cpu")))
         print(f"nanoGPT's recipe, {args.iters} iterations x {BATCH} x {SHAPE['block_size']} tokens; "
-              f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}\n")
+              f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}; glmlab's "
+              f"automatic precision here: {auto} (nanoGPT trains in fp32 on a CPU)\n")
         print("| round | run | wall s | tokens/s | val loss |\n|---|---|---|---|---|")
         overheads, loops = [], []
         for r in range(args.rounds):

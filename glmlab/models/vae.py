@@ -149,14 +149,15 @@ class SentenceVAE(FamilyModel):
 
     def encode(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar), each (B, latent_dim), of q(z|x) for sentences given as targets ``y``
-        (words then ``<eos>``, padded with IGNORE_INDEX)."""
+        (words then ``<eos>``, padded with IGNORE_INDEX). In fp32 under bf16 autocast too: the KL, the sampled z
+        and the logged ELBO terms need more than bf16's three digits."""
         lengths = (y != IGNORE_INDEX).sum(1).clamp_min(1)
         tokens = y.masked_fill(y == IGNORE_INDEX, PAD_ID)
         emb = self.decoder.embedding(tokens)
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, (h, _) = self.encoder(packed)
         h = torch.cat([h[-2], h[-1]], dim=-1) if self.config.bidirectional else h[-1]
-        mu, logvar = self.to_posterior(h).chunk(2, dim=-1)
+        mu, logvar = self.to_posterior(h).float().chunk(2, dim=-1)
         if self.config.bn_gamma > 0:
             mu = self._normalise_means(mu)
         return mu, logvar

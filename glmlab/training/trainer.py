@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import math
 import signal
 import time
@@ -327,6 +328,7 @@ class Trainer:
         stop = _StopFlag()
         self.model.train()
         phase = self.phases[0]
+        gc.freeze()  # what the set-up made (PyTorch's modules, the model) is not scanned by each full collection
         try:
             with _graceful_stop(stop):
                 stopped_by = "max_steps"
@@ -344,6 +346,7 @@ class Trainer:
                     self._evaluate(phase, log)
                     self._checkpoint()
         finally:
+            gc.unfreeze()
             log.metrics.close()
             log.progress.close()
         total = state["elapsed"]
