@@ -65,6 +65,12 @@ class TrainResult:
     main_process: bool = True  # False on the other ranks of a distributed run, which print nothing
 
 
+# loss.png and samples.txt are written at an evaluation unless the last ones were written so recently that doing
+# it again would spend more than this share of the time since (a short run evaluating every few seconds redrew them
+# at each: ~4% of nanoGPT's recipe); the run's last evaluation is always written
+REPORT_SHARE = 0.02
+
+
 class _StopFlag:
     """Set by SIGINT/SIGTERM so the loop stops between steps; a second Ctrl-C aborts at once."""
 
@@ -174,6 +180,8 @@ class Trainer:
         self.notes = list(self.task.notes)
         self.saved_step = -1
         self.evaluated_at = -1
+        self._report_cost, self._reported_at = 0.0, -math.inf  # loss.png + samples.txt: their last cost and time
+        self._report_pending: tuple[int, float] | None = None  # the (step, val) of an evaluation not reported yet
         if self.resume:
             self._restore(later)
         step_module: nn.Module = self.task.loss_module(self.model)
@@ -296,12 +304,24 @@ class Trainer:
                 save_weights(self.model, self.out / BEST_DIR / WEIGHTS)
             log.metrics.write(record)
             if phase.selects_best:
-                plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
-                self.task.write_samples(self.out, self.model, self.cfg, state["step"], val)
+                self._report_pending = (state["step"], val)
+                if time.perf_counter() - self._reported_at >= self._report_cost / REPORT_SHARE:
+                    self._write_reports(log)
                 log.progress.val = val
             log.progress.message(message)
 
         self.on_main(write)
+
+    def _write_reports(self, log: RunLog) -> None:
+        """loss.png and samples.txt for the latest evaluation (:data:`REPORT_SHARE` says how often)."""
+        if self._report_pending is None:
+            return
+        started = time.perf_counter()
+        step, val = self._report_pending
+        plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
+        self.task.write_samples(self.out, self.model, self.cfg, step, val)
+        self._reported_at = time.perf_counter()
+        self._report_cost, self._report_pending = self._reported_at - started, None
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -345,6 +365,7 @@ class Trainer:
                 elif self.evaluated_at != state["step"]:
                     self._evaluate(phase, log)
                     self._checkpoint()
+                self.on_main(lambda: self._write_reports(log))  # the last evaluation's, if it was not written
         finally:
             gc.unfreeze()
             log.metrics.close()

@@ -135,3 +135,27 @@ def test_compiled_step_trains_like_the_eager_one(char_data, tmp_path):
     assert compiled.last_val_loss == pytest.approx(eager.last_val_loss, rel=1e-4)
     assert metrics_records(compiled.run_dir, "train")[-1]["loss"] == pytest.approx(
         metrics_records(eager.run_dir, "train")[-1]["loss"], rel=1e-4)
+
+
+def test_frequent_evaluations_redraw_the_reports_at_most_a_small_share_of_the_time(char_data, tmp_path,
+                                                                                 monkeypatch):
+    """loss.png and samples.txt cost ~0.1-0.2 s each: written at every evaluation of a short run they took ~4% of
+    it. They are skipped while the last ones are recent, and the run's last evaluation is always written."""
+    import time
+
+    import glmlab.training.trainer as trainer_module
+
+    drawn = []
+
+    def slow_plot(records, path, title=""):
+        drawn.append(max(r["step"] for r in records if r.get("split") == "val"))
+        time.sleep(0.05)  # 5% of the 1 s every later redraw must wait at REPORT_SHARE = 0.02
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(trainer_module, "plot_losses", slow_plot)
+    run = train(tiny_config("train.max_steps=30", "train.eval_interval=2", "train.sample_tokens=8"), char_data,
+                tmp_path / "run", show_progress=False)
+    evaluations = metrics_records(run.run_dir, "val")
+    assert len(evaluations) == 15 and 1 <= len(drawn) < len(evaluations)
+    assert drawn[0] == 2 and drawn[-1] == 30  # the first evaluation and the last are drawn
+    assert (tmp_path / "run" / "samples.txt").read_text().startswith("# step 30,")
