@@ -27,6 +27,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def pretrained(work: Path, data: Path, row: str, minutes: float, steps: int, see
 def steps_done(run_dir: Path) -> int:
     """The last step the run recorded (its metrics.jsonl)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return max(json.loads(line).get("step", 0) for line in lines if line.strip())
+    return max((json.loads(line).get("step", 0) for line in lines if line.strip()), default=0)
 
 
 def windows(data: Path, n: int, length: int, seed: int) -> list[list[int]]:
@@ -237,23 +238,32 @@ def main() -> None:
     parser.add_argument("--lm-tokens", type=int, default=65536, help="test tokens for the left-to-right NLL")
     parser.add_argument("--sst2-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one-seed-rows", default="", metavar="ROWS",
+                        help="rows measured on the first seed only (the issue asks for three seeds where differences "
+                             "are under half a nat: e.g. gpt+fim, whose infilling is more than half a nat from "
+                             "glm's)")
     args = parser.parse_args()
-    unknown = set(args.rows.split(",")) - set(ROWS)
+    unknown = (set(args.rows.split(",")) | set(filter(None, args.one_seed_rows.split(",")))) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {', '.join(sorted(unknown))}: choose from {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepared(args.work, args.shared)
     table: dict[str, dict[str, list[float]]] = {}
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    one_seed = set(filter(None, args.one_seed_rows.split(",")))
+    for n, seed in enumerate(int(s) for s in args.seeds.split(",")):
         for row in args.rows.split(","):
+            if n and row in one_seed:
+                continue
             figures = measured(args, data, row, seed)
             for key, value in figures.items():
                 table.setdefault(row, {}).setdefault(key, []).append(value)
             print(json.dumps({row: figures, "seed": seed}), flush=True)
     budget = f"{args.steps} steps (at most {args.minutes:g} min)" if args.steps else f"{args.minutes:g} min"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\npre-training {budget} per model on {device}, seeds {args.seeds}; WikiText-2 test, BPE 8192\n")
+    print(f"\npre-training {budget} per model on {device}, seeds {args.seeds}"
+          f"{f' ({args.one_seed_rows}: the first only)' if args.one_seed_rows else ''}; WikiText-2 test, BPE 8192; "
+          "mean ± standard deviation over seeds\n")
     print("| row | parameters | steps | infill NLL/token | L2R NLL/token | SST-2 head | SST-2 cloze "
           "| fill-mask top-1 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -264,14 +274,14 @@ def main() -> None:
               f"{cell(f, 'fill_top1', '{:.3f}')} |")
     if "gpt+fim" in table:
         print(f"\ngpt+fim infilling in SPM order: {cell(table['gpt+fim'], 'infill_nll_spm')} (the column: PSM)")
-    if "glm" in table and "gpt+fim" in table:
-        glm, fim = sum(table["glm"]["infill_nll"]), sum(min(p, s) for p, s in zip(
+    if "glm" in table and "gpt+fim" in table:  # means: the rows may have run different numbers of seeds
+        glm, fim = statistics.mean(table["glm"]["infill_nll"]), statistics.mean(min(p, s) for p, s in zip(
             table["gpt+fim"]["infill_nll"], table["gpt+fim"]["infill_nll_spm"], strict=True))
         change = 100 * (glm / fim - 1)
         print(f"glm's infill NLL against gpt+FIM's (its better order): {abs(change):.1f}% "
               f"{'lower' if change < 0 else 'higher'} (target: at least 10% lower)")
     if "glm" in table and "gpt" in table:
-        ratio = sum(table["glm"]["lm_nll"]) / sum(table["gpt"]["lm_nll"])
+        ratio = statistics.mean(table["glm"]["lm_nll"]) / statistics.mean(table["gpt"]["lm_nll"])
         print(f"glm's L2R NLL against gpt's: {100 * (ratio - 1):+.1f}% (target: within 5%)")
 
 
