@@ -36,7 +36,7 @@ FAST_BF16 = 1.5  # bf16 matmuls at least this many times fp32's speed make bf16 
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True where bf16 matmuls run clearly faster than fp32 on this CPU: AMX tiles, or a measured speed-up of at
-    least ``FAST_BF16`` (once per process, ~20 ms). Flags alone do not tell: on a 2-core Sapphire Rapids VM whose
+    least ``FAST_BF16`` (once per process, ~50 ms). Flags alone do not tell: on a 2-core Sapphire Rapids VM whose
     kernel exposes AVX512-BF16 but no AMX, a 1024x1024 bf16 matmul ran at 169 GFLOP/s against 327 in fp32; on a
     2-core AMD EPYC VM with AVX512-BF16, at 459 against 73 (one thread)."""
     try:
@@ -47,9 +47,10 @@ def cpu_has_fast_bf16() -> bool:
     return bf16_matmul_speedup() >= FAST_BF16
 
 
+@functools.cache
 def bf16_matmul_speedup(n: int = 256, repeats: int = 8) -> float:
     """How many times faster an n x n bf16 matmul runs than an fp32 one here (best of three timings of each, on
-    the current threads)."""
+    the threads of the first call: measured once per process)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -92,8 +93,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return {dtype: name for name, dtype in PRECISIONS.items()}[dtype]
 
 
 def set_threads(threads: int) -> None:

@@ -7,12 +7,21 @@ from collections.abc import Sequence
 from glmlab.data.tokenizer import Tokenizer
 
 
+def left_context(tokenizer: Tokenizer, context: Sequence[int], most: int = 8) -> list[int]:
+    """The shortest end of ``context`` that decodes to some text (a special token decodes to none), within its
+    last ``most`` tokens; [] when they are all special."""
+    for n in range(1, min(len(context), most) + 1):
+        if tokenizer.decode(list(context[-n:])):
+            return list(context[-n:])
+    return []
+
+
 def continuation(tokenizer: Tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
     """The text ``ids`` add after ``context`` (a prompt's ids): what appended to the prompt's text gives the whole
-    text. Decoding the new ids alone loses what their first token owes its left neighbour — the space a word,
-    WordPiece or unigram tokenizer puts between two words ("the game" + "place" read "the gameplace") —, so the
-    last context token is decoded with them (one token is enough, as for :class:`IncrementalText`)."""
-    head = list(context[-1:])
+    text. Decoding the new ids alone loses what their first token owes its left neighbour — the space a word or
+    WordPiece tokenizer puts between two words ("the game" + "place" read "the gameplace") —, so the context's
+    last token with text (:func:`left_context`) is decoded with them, as :class:`IncrementalText` does."""
+    head = left_context(tokenizer, context)
     if not head:
         return tokenizer.decode(ids)
     before, after = tokenizer.decode(head), tokenizer.decode([*head, *ids])
@@ -26,13 +35,13 @@ class IncrementalText:
     spacing and byte-level merges come out exactly as a full decode would); while the newest tokens
     end in an incomplete UTF-8 sequence, nothing is added until the character is whole. A tokenizer
     whose decoding is plain concatenation (``Tokenizer.pieces``) appends the token's text directly.
-    ``context``: the ids the text continues (a prompt's), whose last token starts the window, so the text is the
-    :func:`continuation` of them (a word tokenizer's first token brings its space).
+    ``context``: the ids the text continues (a prompt's), whose end (:func:`left_context`) starts the window, so
+    the text is the :func:`continuation` of them (a word tokenizer's first token brings its space).
     """
 
     def __init__(self, tokenizer: Tokenizer, keep_special: bool = False, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(context[-1:])
+        self.ids: list[int] = left_context(tokenizer, context) if context else []
         self.text = ""
         self._prefix = 0  # start of the context window that is re-decoded
         self._read = len(self.ids)  # tokens before this are already in self.text (or are the context)

@@ -149,12 +149,16 @@ def bert_tokenizer(hf_dir: Path) -> tuple[Tokenizer, list[int]]:
     special ids take the vocabulary's remaining special or reserved (``[unusedN]``) tokens, and every other token
     keeps its order after them. ``[SEP]`` also plays glmlab's ``<eos>`` (what separates documents, and ends a text
     a classifier reads). The post-processor is dropped: glmlab adds no ``[CLS]`` / ``[SEP]`` of its own (write them
-    in a text for a model pre-trained with them)."""
+    in a text for a model pre-trained with them). A tokenizer glmlab wrote (an exported bert run's) is taken as it
+    is."""
     tok = load_tokenizer(hf_dir)
     spec = json.loads(tok.to_str())
     if (spec.get("model") or {}).get("type") != "WordPiece":
-        raise GlmlabError(f"the tokenizer of {hf_dir} is {(spec.get('model') or {}).get('type')}, not BERT's "
-                          "WordPiece", "give a BERT directory saved by save_pretrained")
+        own = Tokenizer(tok)  # glmlab's own tokens by name: export-hf of a glmlab bert run, read back as it is
+        if all(own.has_role(role, at_glmlab_id=True) for role in BERT_ROLES):
+            return own, list(range(own.vocab_size))
+        raise GlmlabError(f"the tokenizer of {hf_dir} is {(spec.get('model') or {}).get('type')}, neither BERT's "
+                          "WordPiece nor one glmlab wrote", "give a BERT directory saved by save_pretrained")
     roles = named_tokens(hf_dir, tok, BERT_ROLES)
     for role, token in _BERT_TOKENS.items():
         if role not in roles and tok.token_to_id(token) is not None:
@@ -180,8 +184,9 @@ def _glmlab_order(tok: HFTokenizer, roles: dict[str, str], hf_dir: Path) -> list
     vocab = tok.get_vocab(with_added_tokens=True)
     size = max(vocab.values()) + 1
     if len(vocab) != size:
-        raise GlmlabError(f"the vocabulary of {hf_dir} leaves ids unused ({len(vocab)} tokens for ids 0-{size - 1})",
-                          "give a BERT whose vocab.txt / tokenizer.json numbers its tokens without gaps")
+        raise GlmlabError(f"the vocabulary of {hf_dir} has {len(vocab)} distinct tokens for ids 0-{size - 1} (a gap "
+                          "in its ids, or a token listed twice)",
+                          "give a BERT whose vocab.txt / tokenizer.json numbers each token once, without gaps")
     token_of = {i: t for t, i in vocab.items()}
     fixed = {ROLES.index(role): vocab[roles[role]] for role in BERT_ROLES}
     specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
@@ -276,15 +281,16 @@ def read_bert(hf_dir: Path) -> HFCheckpoint:
         raise GlmlabError(f"the tokenizer of {hf_dir} has {len(order)} tokens and the model {section['vocab_size']}",
                           "give the tokenizer saved with the model")
     order += range(len(order), section["vocab_size"])  # rows past the tokenizer's stay where they are
-    state = glmlab_state_dict(load_state(hf_dir), section["n_layer"], hf_dir)
-    index = torch.tensor(order)
-    for name in ("embeddings.wte.weight", "head.bias"):
-        state[name] = state[name][index]
-    state[_TIED] = state["embeddings.wte.weight"]
     model = build_model(resolve_config({"model": section}).model)
     try:
+        state = glmlab_state_dict(load_state(hf_dir), section["n_layer"], hf_dir)
+        index = torch.tensor(order)
+        for name in ("embeddings.wte.weight", "head.bias"):
+            state[name] = state[name][index]
+        state[_TIED] = state["embeddings.wte.weight"]
         model.load_state_dict(state)
-    except RuntimeError as exc:  # shapes that do not match the config
+    except (RuntimeError, IndexError) as exc:  # shapes that do not match the config
         raise GlmlabError(f"the weights in {hf_dir} do not match its config.json "
-                          f"({str(exc).splitlines()[-1].strip()})") from None
+                          f"({str(exc).splitlines()[-1].strip()})", "give the config.json saved with the weights") \
+            from None
     return HFCheckpoint(section, model, tokenizer)

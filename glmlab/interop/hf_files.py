@@ -62,7 +62,8 @@ def load_state(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_tokenizer(hf_dir: Path) -> HFTokenizer:
     """``tokenizer.json``; else GPT-2's ``vocab.json`` + ``merges.txt`` (byte-level BPE) or BERT's ``vocab.txt``
-    (WordPiece, lower-cased as ``tokenizer_config.json``'s ``do_lower_case`` says, BertTokenizer's default yes)."""
+    (WordPiece, lower-cased as ``tokenizer_config.json``'s ``do_lower_case`` says, BertTokenizer's default yes; its
+    special tokens read whole in a text, as BertTokenizer reads them)."""
     if (hf_dir / "tokenizer.json").is_file():
         try:
             return HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))
@@ -89,6 +90,9 @@ def load_tokenizer(hf_dir: Path) -> HFTokenizer:
                                                                                            True)))
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
+        named = named_tokens(hf_dir, tok, ("pad", "unk", "mask", "cls", "sep")).values()
+        defaults = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BertTokenizer's, where the files name none
+        tok.add_special_tokens([t for t in dict.fromkeys([*named, *defaults]) if tok.token_to_id(t) is not None])
         return tok
     raise GlmlabError(f"{hf_dir} has no tokenizer.json, nor vocab.json + merges.txt, nor vocab.txt",
                       "save the tokenizer next to the model (tokenizer.save_pretrained)")

@@ -40,7 +40,7 @@ from glmlab.errors import GlmlabError, RunDirError
 from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.models import get_family
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, TOKENIZER, WEIGHTS, read_run_config, save_weights
-from glmlab.runtime import autocast, precision_name, resolve_precision, select_device, set_threads
+from glmlab.runtime import PRECISIONS, autocast, precision_name, resolve_precision, select_device, set_threads
 from glmlab.training import distributed
 from glmlab.training.checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glmlab.training.checkpoint import write_error as training_write_error
@@ -161,6 +161,8 @@ class Trainer:
         self.on_main(self._take_lock)
         set_threads(cfg.threads)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        if cfg.precision == "auto" and self.dist.any(self.amp_dtype is None, self.device):
+            self.amp_dtype = None  # every process alike: bf16 only where each measured it faster
         self.amp = autocast(self.device, self.amp_dtype)
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         self.model = self.task.build_model(self.config, fresh=not self.resume).to(self.device)
@@ -175,7 +177,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val_loss": math.inf,
                                       "last_val_loss": math.inf, "evals_without_improvement": 0,
-                                      "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0}
+                                      "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0,
+                                      "precision": precision_name(self.amp_dtype)}
         self.hooks = self.model.training_hooks()
         self.notes = list(self.task.notes)
         self.saved_step = -1
@@ -184,6 +187,12 @@ class Trainer:
         self._report_pending: tuple[int, float] | None = None  # the (step, val) of an evaluation not reported yet
         if self.resume:
             self._restore(later)
+            if cfg.precision == "auto" and self.state["precision"] != precision_name(self.amp_dtype):
+                self.notes.append(f"training on in {self.state['precision']} as the run began (train.precision=auto "
+                                  f"measured {precision_name(self.amp_dtype)} on this machine)")
+                self.amp_dtype = PRECISIONS[self.state["precision"]]
+                self.amp = autocast(self.device, self.amp_dtype)
+            self.state["precision"] = precision_name(self.amp_dtype)  # what the checkpoints say it trained in
         step_module: nn.Module = self.task.loss_module(self.model)
         if self.dist.enabled:
             step_module = DistributedDataParallel(
@@ -312,14 +321,21 @@ class Trainer:
 
         self.on_main(write)
 
+    @property
+    def _plot_title(self) -> str:
+        return f"{self.out.name}: {self.mcfg.family}"
+
     def _write_reports(self, log: RunLog) -> None:
-        """loss.png and samples.txt for the latest evaluation (:data:`REPORT_SHARE` says how often)."""
+        """loss.png and samples.txt for the latest evaluation (:data:`REPORT_SHARE` says how often); samples only
+        while the weights are still those it evaluated (a run stopped, or a later phase begun, after it has moved
+        them: the plot alone is brought up to date)."""
         if self._report_pending is None:
             return
         started = time.perf_counter()
         step, val = self._report_pending
-        plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
-        self.task.write_samples(self.out, self.model, self.cfg, step, val)
+        plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=self._plot_title)
+        if step == self.state["step"]:
+            self.task.write_samples(self.out, self.model, self.cfg, step, val)
         self._reported_at = time.perf_counter()
         self._report_cost, self._report_pending = self._reported_at - started, None
 
@@ -348,13 +364,15 @@ class Trainer:
         stop = _StopFlag()
         self.model.train()
         phase = self.phases[0]
-        gc.freeze()  # what the set-up made (PyTorch's modules, the model) is not scanned by each full collection
+        gc.collect()  # what set-up left for collection (an earlier run's model, in a process that trains several)
+        gc.freeze()  # and what it made (PyTorch's modules, the model) is not scanned by each full collection
         try:
             with _graceful_stop(stop):
                 stopped_by = "max_steps"
                 for phase in self.phases:
                     if state["step"] < phase.end:
                         stopped_by = self._run_phase(phase, stop, log)
+                        self.on_main(lambda: self._write_reports(log))  # before a later phase moves the weights
                         if stopped_by != "max_steps":
                             break
                 self.phases[0].settle(state)
@@ -366,6 +384,11 @@ class Trainer:
                     self._evaluate(phase, log)
                     self._checkpoint()
                 self.on_main(lambda: self._write_reports(log))  # the last evaluation's, if it was not written
+        except BaseException:
+            if self.dist.is_main and self._report_pending is not None:  # e.g. a non-finite loss: the curve to it
+                with contextlib.suppress(Exception):
+                    plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=self._plot_title)
+            raise
         finally:
             gc.unfreeze()
             log.metrics.close()

@@ -101,6 +101,11 @@ def test_a_continuation_appended_to_its_prompt_reads_as_the_whole_text(kind):
     assert tok.decode(prompt) + "".join(inc.push(i) for i in rest) == whole
     if kind == "word":  # decoded alone, the first word would lose its space
         assert tok.decode(prompt) + tok.decode(rest) != whole
+        ended = [*prompt, tok.eos_id]  # a special token last: the word before it gives the spacing
+        expected = whole[len(tok.decode(prompt)):]
+        assert expected.startswith(" was") and continuation(tok, ended, rest) == expected
+        after_eos = IncrementalText(tok, context=ended)
+        assert "".join(after_eos.push(i) for i in rest) == expected
 
 
 def test_generated_text_keeps_the_space_between_the_prompt_and_the_first_word():

@@ -122,8 +122,9 @@ def test_a_vocab_txt_alone_gives_the_same_tokenizer(imported, tmp_path):
     with_json, order = bert_tokenizer(hf_dir)
     from_vocab, order_vocab = bert_tokenizer(bare)
     assert order == order_vocab and from_vocab.hf.get_vocab() == with_json.hf.get_vocab()
-    text = "The QUICK birds sang, and Paris is big."
+    text = "[CLS] The QUICK birds [MASK], and Paris is big. [SEP]"
     assert from_vocab.encode(text) == with_json.encode(text) and from_vocab.kind == "wordpiece"
+    assert from_vocab.encode(text)[:1] == [CLS_ID] and MASK_ID in from_vocab.encode(text)  # specials read whole
 
 
 def test_a_pretraining_checkpoint_imports_without_its_next_sentence_head(tmp_path):
@@ -150,6 +151,31 @@ def test_continued_pretraining_reads_data_prepared_with_the_berts_tokenizer(impo
     assert run.tokenizer.hf.to_str() == bert_tokenizer(hf_dir)[0].hf.to_str()
 
 
+def test_a_glmlab_bert_export_comes_back_as_it_left(tmp_path):
+    from tests.generation.test_fill_mask import tiny_run
+
+    run_dir = tiny_run(tmp_path / "run", "bert", seed=1)
+    assert main(["export-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    before, after = load_run(run_dir), load_run(tmp_path / "back")
+    ids = torch.tensor([before.tokenizer.encode("The [MASK]at sat on the mat.")])
+    assert after.tokenizer.encode("The [MASK]at sat") == before.tokenizer.encode("The [MASK]at sat")
+    with torch.no_grad():
+        assert (before.model.eval()(ids) - after.model.eval()(ids)).abs().max().item() < 1e-5
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The cat sat on the mat.\n" * 50)
+    hf_dir = str(tmp_path / "hf")
+    assert main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--tokenizer-from", hf_dir]) == 0
+
+
+def test_weights_of_another_shape_than_the_config_are_one_clear_error(tmp_path):
+    hf_dir = save_bert(tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "vocab_size": len(VOCAB) + 8}))
+    with pytest.raises(GlmlabError, match="do not match its config.json"):
+        import_hf(hf_dir, tmp_path / "run")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"hidden_act": "relu"}, "hidden_act='relu'"),
     ({"intermediate_size": 96}, "intermediate_size=96"),
@@ -172,3 +198,14 @@ def test_a_bert_without_its_masked_lm_head_is_refused(tmp_path):
     hf_dir = save_bert(tmp_path / "hf", model_class="BertModel")
     with pytest.raises(GlmlabError, match="no masked-LM head"):
         import_hf(hf_dir, tmp_path / "run")
+
+
+def test_text_written_by_mask_predict_reads_after_its_prompt(imported):
+    from glmlab.generation.mask_predict import mask_predict
+    from glmlab.generation.settings import GenerationSettings
+
+    run = load_run(imported[1])
+    for seed in range(4):
+        [done] = mask_predict(run.model, run.tokenizer, "the cat", GenerationSettings(max_new_tokens=4, seed=seed,
+                                                                                     stop_at_eos=False))
+        assert "the cat" + done.text == run.tokenizer.decode(run.tokenizer.encode("the cat") + done.token_ids)

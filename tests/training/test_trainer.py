@@ -159,3 +159,20 @@ def test_frequent_evaluations_redraw_the_reports_at_most_a_small_share_of_the_ti
     assert len(evaluations) == 15 and 1 <= len(drawn) < len(evaluations)
     assert drawn[0] == 2 and drawn[-1] == 30  # the first evaluation and the last are drawn
     assert (tmp_path / "run" / "samples.txt").read_text().startswith("# step 30,")
+
+
+def test_a_resumed_run_keeps_the_precision_auto_chose_when_it_began(char_data, tmp_path, monkeypatch):
+    """train.precision=auto measures bf16 against fp32 on the machine at hand; a run resumed where the
+    measurement differs (another machine, a busy one) trains on in the precision its checkpoints were made in."""
+    import glmlab.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: torch.bfloat16)
+    train(tiny_config("train.max_steps=2", "train.eval_interval=2"), char_data, tmp_path / "run", show_progress=False)
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: None)
+    with Trainer(tiny_config("train.max_steps=4", "train.eval_interval=2"), LanguageModelingTask(char_data),
+                 tmp_path / "run", resume=True, show_progress=False) as trainer:
+        assert trainer.amp_dtype == torch.bfloat16 and trainer.state["precision"] == "bf16"
+        assert any("training on in bf16 as the run began" in note for note in trainer.notes)
+    with Trainer(tiny_config("train.max_steps=4", "train.eval_interval=2", "train.precision=fp32"),
+                 LanguageModelingTask(char_data), tmp_path / "run", resume=True, show_progress=False) as trainer:
+        assert trainer.amp_dtype is None and trainer.state["precision"] == "fp32"  # asked for by name: as asked
