@@ -243,14 +243,14 @@ def main() -> None:
                              "are under half a nat: e.g. gpt+fim, whose infilling is more than half a nat from "
                              "glm's)")
     args = parser.parse_args()
-    unknown = (set(args.rows.split(",")) | set(filter(None, args.one_seed_rows.split(",")))) - set(ROWS)
+    one_seed = set(filter(None, args.one_seed_rows.split(",")))
+    unknown = (set(args.rows.split(",")) | one_seed) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {', '.join(sorted(unknown))}: choose from {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepared(args.work, args.shared)
     table: dict[str, dict[str, list[float]]] = {}
-    one_seed = set(filter(None, args.one_seed_rows.split(",")))
     for n, seed in enumerate(int(s) for s in args.seeds.split(",")):
         for row in args.rows.split(","):
             if n and row in one_seed:

@@ -156,20 +156,19 @@ def loop_rates(run_dir: Path, tokens: int) -> tuple[float, float]:
     return statistics.median(windows), tokens / records[-1]["elapsed"]
 
 
-def bare_step_rate(threads: int, steps: int) -> float:
-    """Tokens/s of glmlab's bare training step at the recipe's shape and glmlab's automatic precision (as the runs
-    train), timed as ``train_throughput.py`` times it (its ``make_step`` and ``measure``): the median of 5 timings
-    of ``steps``."""
+def bare_step_rate(threads: int, steps: int, dtype: torch.dtype | None) -> float:
+    """Tokens/s of glmlab's bare training step at the recipe's shape and autocast ``dtype`` (the runs' precision),
+    timed as ``train_throughput.py`` times it (its ``make_step`` and ``measure``): the median of 5 timings of
+    ``steps``."""
     from train_throughput import make_step, measure  # this folder is on the path of a script run from it
 
     from glmlab.models.gpt import GPT, GPTConfig
-    from glmlab.runtime import resolve_precision
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, dropout=0.0, bias=False, activation="gelu", **SHAPE)).train()
-    step = make_step(model, hf=False, dtype=resolve_precision("auto", torch.device("cpu")))  # as the runs train
+    step = make_step(model, hf=False, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     batches = [tuple(torch.randint(0, 65, (2, BATCH, SHAPE["block_size"]), generator=gen)) for _ in range(8)]
     measure(step, batches, 3)  # warm-up
@@ -242,7 +241,8 @@ def main() -> None:
         val_ids, _ = nanogpt_data(folder, text)
         data = glmlab_data(folder, text)
         tokens = args.iters * BATCH * SHAPE["block_size"]
-        auto = precision_name(resolve_precision("auto", torch.device("cpu")))
+        auto_dtype = resolve_precision("auto", torch.device("cpu"))  # what the glmlab runs train in
+        auto = precision_name(auto_dtype)
         print(f"nanoGPT's recipe, {args.iters} iterations x {BATCH} x {SHAPE['block_size']} tokens; "
               f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}; glmlab's "
               f"automatic precision here: {auto} (nanoGPT trains in fp32 on a CPU)\n")
@@ -266,7 +266,7 @@ def main() -> None:
               f"{losses['nanoGPT']:.4f}, glmlab {losses['glmlab']:.4f}")
         print(json.dumps({k: [{"wall": w, "val_loss": v} for w, v in runs] for k, runs in rows.items()}))
         if args.bare_steps:
-            bare = bare_step_rate(args.threads, args.bare_steps)
+            bare = bare_step_rate(args.threads, args.bare_steps, auto_dtype)
             steps_rate = statistics.median(rate for rate, _ in loops)
             run_rate = statistics.median(rate for _, rate in loops)
             print(f"\nthe loop: bare step {bare:,.0f} tokens/s; glmlab runs over their steps {steps_rate:,.0f} "

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from glmlab import atomic
 from glmlab.config import resolve_config
@@ -151,7 +152,8 @@ def bert_tokenizer(hf_dir: Path) -> tuple[Tokenizer, list[int]]:
     a classifier reads). The post-processor is dropped: glmlab adds no ``[CLS]`` / ``[SEP]`` of its own (write them
     in a text for a model pre-trained with them). A tokenizer glmlab wrote (an exported bert run's) is taken as it
     is."""
-    tok = load_tokenizer(hf_dir)
+    from_vocab = not (hf_dir / "tokenizer.json").is_file() and (hf_dir / "vocab.txt").is_file()
+    tok = _vocab_txt_tokenizer(hf_dir) if from_vocab else load_tokenizer(hf_dir)
     spec = json.loads(tok.to_str())
     if (spec.get("model") or {}).get("type") != "WordPiece":
         own = Tokenizer(tok)  # glmlab's own tokens by name: export-hf of a glmlab bert run, read back as it is
@@ -169,6 +171,9 @@ def bert_tokenizer(hf_dir: Path) -> tuple[Tokenizer, list[int]]:
                           f"{hf_dir} (each role needs a token of its own)",
                           "name them in tokenizer_config.json (pad_token, unk_token, mask_token, cls_token, "
                           "sep_token)")
+    if from_vocab:  # read whole in a text, as BertTokenizer reads them
+        tok.add_special_tokens(list(roles.values()))
+        spec = json.loads(tok.to_str())
     order = _glmlab_order(tok, roles, hf_dir)
     new_id = {old: new for new, old in enumerate(order)}
     spec["model"]["vocab"] = {token: new_id[i] for token, i in spec["model"]["vocab"].items()}
@@ -177,6 +182,24 @@ def bert_tokenizer(hf_dir: Path) -> tuple[Tokenizer, list[int]]:
     spec["post_processor"] = spec["padding"] = spec["truncation"] = None
     renumbered = HFTokenizer.from_str(json.dumps(spec))
     return Tokenizer(renumbered, {**roles, "eos": roles["sep"]}), order
+
+
+def _vocab_txt_tokenizer(hf_dir: Path) -> HFTokenizer:
+    """BERT's WordPiece tokenizer from ``vocab.txt`` alone, built as ``BertTokenizer`` builds it: lower-cased as
+    ``tokenizer_config.json``'s ``do_lower_case`` says (default yes), Chinese characters split apart."""
+    settings = read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
+    unk = named_tokens(hf_dir, None, ("unk",)).get("unk", _BERT_TOKENS["unk"])
+    try:
+        tok = HFTokenizer(models.WordPiece.from_file(str(hf_dir / "vocab.txt"), unk_token=unk))
+    except Exception as exc:  # tokenizers raises plain Exception on an unreadable vocabulary
+        raise GlmlabError(f"{hf_dir / 'vocab.txt'} cannot be read as a WordPiece vocabulary "
+                          f"({str(exc).splitlines()[0]})", "give the vocab.txt saved with the model") from None
+    tok.normalizer = normalizers.BertNormalizer(lowercase=bool(settings.get("do_lower_case", True)),
+                                                strip_accents=settings.get("strip_accents"),
+                                                handle_chinese_chars=bool(settings.get("tokenize_chinese_chars", True)))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
 
 
 def _glmlab_order(tok: HFTokenizer, roles: dict[str, str], hf_dir: Path) -> list[int]:
@@ -227,11 +250,13 @@ def _bert_section(hf_dir: Path, config: dict) -> dict:
             "layer_norm_epsilon": config.get("layer_norm_eps", 1e-12)}
 
 
-def glmlab_state_dict(state: dict[str, torch.Tensor], n_layer: int, hf_dir: Path) -> dict[str, torch.Tensor]:
+def glmlab_state_dict(state: dict[str, torch.Tensor], n_layer: int, hf_dir: Path,
+                      order: list[int]) -> dict[str, torch.Tensor]:
     """BertForMaskedLM (or BertForPreTraining) weights under glmlab `bert`'s names and layouts: the inverse of
-    :func:`bert_state_dict`. Sentence A's token-type embedding is added to every position's (glmlab reads one
-    segment: the same sums); the pooler and next-sentence head have no use in a masked LM and are left out;
-    any other weight left over is refused."""
+    :func:`bert_state_dict`, the vocabulary's rows (embeddings, output bias) in ``order`` (BERT's id for each of
+    glmlab's). Sentence A's token-type embedding is added to every position's (glmlab reads one segment: the same
+    sums); the pooler and next-sentence head have no use in a masked LM and are left out; any other weight left
+    over is refused."""
     state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
              for k, v in state.items() if not k.startswith(_UNUSED_WEIGHTS) and k not in _BUFFERS}
     if "cls.predictions.bias" not in state and "cls.predictions.decoder.bias" in state:
@@ -267,6 +292,9 @@ def glmlab_state_dict(state: dict[str, torch.Tensor], n_layer: int, hf_dir: Path
     if left:
         raise GlmlabError(f"{hf_dir} holds weights glmlab's bert has no place for: {', '.join(left[:5])}",
                           "check it has the layers its config.json says (num_hidden_layers)")
+    index = torch.tensor(order)
+    for name in ("embeddings.wte.weight", "head.bias"):
+        out[name] = out[name][index]
     out[_TIED] = out["embeddings.wte.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -283,12 +311,7 @@ def read_bert(hf_dir: Path) -> HFCheckpoint:
     order += range(len(order), section["vocab_size"])  # rows past the tokenizer's stay where they are
     model = build_model(resolve_config({"model": section}).model)
     try:
-        state = glmlab_state_dict(load_state(hf_dir), section["n_layer"], hf_dir)
-        index = torch.tensor(order)
-        for name in ("embeddings.wte.weight", "head.bias"):
-            state[name] = state[name][index]
-        state[_TIED] = state["embeddings.wte.weight"]
-        model.load_state_dict(state)
+        model.load_state_dict(glmlab_state_dict(load_state(hf_dir), section["n_layer"], hf_dir, order))
     except (RuntimeError, IndexError) as exc:  # shapes that do not match the config
         raise GlmlabError(f"the weights in {hf_dir} do not match its config.json "
                           f"({str(exc).splitlines()[-1].strip()})", "give the config.json saved with the weights") \

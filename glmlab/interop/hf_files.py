@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers
 
 from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError
@@ -61,9 +61,8 @@ def load_state(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(hf_dir: Path) -> HFTokenizer:
-    """``tokenizer.json``; else GPT-2's ``vocab.json`` + ``merges.txt`` (byte-level BPE) or BERT's ``vocab.txt``
-    (WordPiece, lower-cased as ``tokenizer_config.json``'s ``do_lower_case`` says, BertTokenizer's default yes; its
-    special tokens read whole in a text, as BertTokenizer reads them)."""
+    """``tokenizer.json``; else GPT-2's ``vocab.json`` + ``merges.txt`` (byte-level BPE). (BERT's ``vocab.txt`` alone:
+    :func:`glmlab.interop.hf_bert.bert_tokenizer`.)"""
     if (hf_dir / "tokenizer.json").is_file():
         try:
             return HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))
@@ -76,25 +75,7 @@ def load_tokenizer(hf_dir: Path) -> HFTokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return tok
-    if (hf_dir / "vocab.txt").is_file():
-        settings = read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
-        unk = named_tokens(hf_dir, None, ("unk",)).get("unk", "[UNK]")
-        try:
-            tok = HFTokenizer(models.WordPiece.from_file(str(hf_dir / "vocab.txt"), unk_token=unk))
-        except Exception as exc:  # tokenizers raises plain Exception on an unreadable vocabulary
-            raise GlmlabError(f"{hf_dir / 'vocab.txt'} cannot be read as a WordPiece vocabulary "
-                              f"({str(exc).splitlines()[0]})") from None
-        tok.normalizer = normalizers.BertNormalizer(lowercase=bool(settings.get("do_lower_case", True)),
-                                                    strip_accents=settings.get("strip_accents"),
-                                                    handle_chinese_chars=bool(settings.get("tokenize_chinese_chars",
-                                                                                           True)))
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        named = named_tokens(hf_dir, tok, ("pad", "unk", "mask", "cls", "sep")).values()
-        defaults = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BertTokenizer's, where the files name none
-        tok.add_special_tokens([t for t in dict.fromkeys([*named, *defaults]) if tok.token_to_id(t) is not None])
-        return tok
-    raise GlmlabError(f"{hf_dir} has no tokenizer.json, nor vocab.json + merges.txt, nor vocab.txt",
+    raise GlmlabError(f"{hf_dir} has no tokenizer.json, nor vocab.json + merges.txt",
                       "save the tokenizer next to the model (tokenizer.save_pretrained)")
 
 

@@ -76,10 +76,9 @@ def read_hf(hf_dir: str | Path) -> HFCheckpoint:
 
 
 def read_gpt2(hf_dir: str | Path) -> HFCheckpoint:
-    """Read a local Hugging Face GPT-2 directory, refusing what glmlab's `gpt` cannot hold."""
+    """Read a local Hugging Face GPT-2 directory (:func:`read_hf` checked it is one), refusing what glmlab's `gpt`
+    cannot hold."""
     hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise GlmlabError(f"{hf_dir} is not a directory", "give the directory a model was saved to")
     config = read_json(hf_dir / "config.json")
     if config.get("model_type") != "gpt2":
         raise GlmlabError(f"{hf_dir} holds a {config.get('model_type')!r} model; glmlab reads GPT-2 and BERT models",

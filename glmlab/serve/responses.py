@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from glmlab.data.tokenizer import Tokenizer
@@ -47,8 +47,8 @@ class Offsets:
     echoed prompt, whose own offsets come from decoding its tokens). ``context``: the prompt's ids, which the
     completion's text continues (see :func:`~glmlab.generation.text.continuation`)."""
 
-    def __init__(self, tokenizer: Tokenizer, base: int = 0, context: list[int] | None = None) -> None:
-        self.text, self.base = IncrementalText(tokenizer, context=context or []), base
+    def __init__(self, tokenizer: Tokenizer, base: int = 0, context: Sequence[int] = ()) -> None:
+        self.text, self.base = IncrementalText(tokenizer, context=context), base
 
     def of(self, entries: list[TokenLogprob]) -> list[int]:
         out = []

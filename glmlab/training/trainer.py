@@ -321,9 +321,8 @@ class Trainer:
 
         self.on_main(write)
 
-    @property
-    def _plot_title(self) -> str:
-        return f"{self.out.name}: {self.mcfg.family}"
+    def _plot(self, log: RunLog) -> None:
+        plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=f"{self.out.name}: {self.mcfg.family}")
 
     def _write_reports(self, log: RunLog) -> None:
         """loss.png and samples.txt for the latest evaluation (:data:`REPORT_SHARE` says how often); samples only
@@ -333,7 +332,7 @@ class Trainer:
             return
         started = time.perf_counter()
         step, val = self._report_pending
-        plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=self._plot_title)
+        self._plot(log)
         if step == self.state["step"]:
             self.task.write_samples(self.out, self.model, self.cfg, step, val)
         self._reported_at = time.perf_counter()
@@ -387,7 +386,7 @@ class Trainer:
         except BaseException:
             if self.dist.is_main and self._report_pending is not None:  # e.g. a non-finite loss: the curve to it
                 with contextlib.suppress(Exception):
-                    plot_losses(log.metrics.records, self.out / LOSS_PLOT, title=self._plot_title)
+                    self._plot(log)
             raise
         finally:
             gc.unfreeze()
