@@ -36,6 +36,10 @@ class TrainConfig:
     warmup_steps: int = field(100, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = field(0.1, "AdamW weight decay on matrices and embeddings; none on biases and norms",
                                 min=0.0)
+    optimizer: str = field("adamw", "adamw, or muon: Muon (momentum, orthogonalised updates) on the hidden Linear "
+                           "matrices and AdamW on embeddings, heads, norms and biases, at one train.lr",
+                           choices=("adamw", "muon"))
+    muon_momentum: float = field(0.95, "Muon's (Nesterov) momentum, with train.optimizer=muon", min=0.0, max=0.999999)
     beta1: float = field(0.9, "AdamW beta1", min=0.0, max=0.999999)
     beta2: float = field(0.99, "AdamW beta2", min=0.0, max=0.999999)
     grad_clip: float = field(1.0, "clip the global gradient norm to this value; 0 = no clipping", min=0.0)

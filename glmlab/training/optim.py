@@ -1,14 +1,21 @@
-"""AdamW with decay / no-decay parameter groups, and the learning-rate schedule."""
+"""The optimiser (AdamW with decay / no-decay parameter groups, or Muon for the hidden matrices with AdamW for the
+rest) and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from glmlab.config import TrainConfig
+from glmlab.errors import GlmlabError
 from glmlab.models.contract import decays
+from glmlab.models.transformer import Conv1D
+from glmlab.runtime import cpu_has_fast_bf16
+
+NARROW_OUTPUT = 16  # a Linear layer with fewer outputs is a head (class scores, a critic's value), not a hidden layer
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,9 +28,29 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The weights Muon orthogonalises: the matrices of the model's linear layers (``nn.Linear``, and the Transformer
+    blocks' ``Conv1D``, GPT-2's transposed layout), except its output layers (every family's logits layer is named
+    ``*head`` or shares the token embedding's weight; a layer with fewer than 16 outputs is a score or class head).
+    Embeddings, heads, recurrent cells, norms and biases stay with AdamW, as in Muon's recipe (Jordan et al.,
+    2024)."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    chosen, seen = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | Conv1D) or not module.weight.requires_grad:
+            continue
+        w = module.weight
+        outputs = w.size(1) if isinstance(module, Conv1D) else w.size(0)
+        output = outputs < NARROW_OUTPUT or name.endswith("head")
+        if output or id(w) in embedded or id(w) in seen:
+            continue
+        seen.add(id(w))
+        chosen.append(w)
+    return chosen
+
+
+def _adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused where this PyTorch supports it on ``device`` (one kernel for the whole update)."""
-    groups = parameter_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if device.type in ("cuda", "cpu"):
         try:
@@ -31,6 +58,104 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         except (RuntimeError, TypeError):
             pass
     return torch.optim.AdamW(groups, **kwargs)
+
+
+class Fp32Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` with its Newton-Schulz orthogonalisation in fp32 instead of bf16, for a CPU without fast
+    bf16 matmuls: torch's Muon always orthogonalises in bf16, which such a CPU emulates (an AVX2 EPYC ran a bf16
+    matmul at 1 GFLOP/s against fp32's 177). The same algorithm: Nesterov momentum, five quintic iterations on the
+    update scaled to unit norm, decoupled weight decay, Moonshot's per-matrix learning-rate scale."""
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list[torch.Tensor] = []
+            self._init_group(group, params, grads, buffers)
+            lr, momentum = group["lr"], group["momentum"]
+            for p, grad, buffer in zip(params, grads, buffers, strict=True):
+                buffer.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"]).to(p.dtype),
+                       alpha=-lr * 0.2 * math.sqrt(max(p.shape)))  # match_rms_adamw
+
+
+def orthogonalise(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """Muon's Newton-Schulz iterations on ``update`` in fp32 (Jordan et al., 2024): roughly U V^T of its SVD."""
+    a, b, c = coefficients
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class MuonWithAdamW:
+    """Muon (``torch.optim.Muon``: momentum, then the update's Newton-Schulz orthogonalisation) on the hidden
+    matrices and AdamW on every other parameter, stepped together as one optimiser. Muon's learning rate is scaled
+    per matrix to AdamW's update size (Moonshot's ``match_rms_adamw``), so one ``train.lr`` and one schedule drive
+    both. ``param_groups`` lists both optimisers' groups (the schedule sets their ``lr``)."""
+
+    kind = "muon"
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer) -> None:
+        self.adamw, self.muon = adamw, muon
+        self.param_groups = adamw.param_groups + muon.param_groups
+
+    def step(self) -> None:
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
+    """``train.optimizer``: AdamW on every parameter, or Muon on the hidden matrices with AdamW on the rest."""
+    if cfg.optimizer == "adamw":
+        return _adamw(parameter_groups(model, cfg.weight_decay), cfg, device)
+    hidden = hidden_matrices(model)
+    if not hidden:
+        raise GlmlabError(f"train.optimizer=muon, but this {type(model).__name__} has no hidden matrices for Muon "
+                          "(its layers are embeddings, recurrent cells and output heads)", "use train.optimizer=adamw")
+    chosen = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    groups = [{"params": [p for p in rest if decays(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if not decays(p)], "weight_decay": 0.0}]
+    fast_bf16 = device.type != "cpu" or cpu_has_fast_bf16()  # torch's Muon orthogonalises in bf16
+    muon = (torch.optim.Muon if fast_bf16 else Fp32Muon)(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                         momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    return MuonWithAdamW(_adamw([g for g in groups if g["params"]], cfg, device), muon)
+
+
+def optimizer_kind(state: dict[str, Any]) -> str:
+    """Which ``train.optimizer`` wrote a checkpoint's optimiser state."""
+    return state.get("kind", "adamw")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonWithAdamW, state: dict[str, Any],
+                         cfg: TrainConfig) -> None:
+    """Restore a checkpoint's optimiser state; a run resumed with another ``train.optimizer`` is refused."""
+    saved = optimizer_kind(state)
+    if saved != cfg.optimizer:
+        raise GlmlabError(f"the run's checkpoints were trained with train.optimizer={saved}, not {cfg.optimizer}",
+                          f"resume with train.optimizer={saved}, or train a new run with --out NEW_DIR")
+    optimizer.load_state_dict(state)
 
 
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:

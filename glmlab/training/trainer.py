@@ -46,7 +46,7 @@ from glmlab.training.checkpoint import checkpoint_dirs, load_checkpoint, rng_sta
 from glmlab.training.checkpoint import write_error as training_write_error
 from glmlab.training.initial import InitialWeights
 from glmlab.training.metrics import MetricsLog, plot_losses
-from glmlab.training.optim import make_optimizer
+from glmlab.training.optim import load_optimizer_state, make_optimizer
 from glmlab.training.phases import MaximumLikelihood, Optimisation, Phase, RunLog
 from glmlab.training.progress import Progress
 from glmlab.training.tasks import LanguageModelingTask, Task
@@ -247,7 +247,7 @@ class Trainer:
             return
         saved, skipped = load_checkpoint(self.out, self.model)
         self.notes.extend(f"checkpoint {name} is damaged ({why}); skipped it" for name, why in skipped)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(self.optimizer, saved["optimizer"], self.config.train)
         self.sampler.load_state_dict(saved["sampler"])
         if self.scaler is not None and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])

@@ -42,3 +42,116 @@ def test_weight_decay_skips_vectors_and_parameters_marked_no_weight_decay():
     assert id(model.z_to_state.weight) in decayed and id(model.z_to_state.bias) not in decayed
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    import torch
+
+    from glmlab.finetune.classifier import SequenceClassifier
+    from glmlab.models.gpt import GPT, GPTConfig
+    from glmlab.training.optim import MuonWithAdamW, hidden_matrices, make_optimizer
+
+    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    hidden = {id(p) for p in hidden_matrices(model)}
+    blocks = [b.attn.c_attn.weight for b in model.transformer.h] + [b.attn.c_proj.weight for b in model.transformer.h] \
+        + [b.mlp.c_fc.weight for b in model.transformer.h] + [b.mlp.c_proj.weight for b in model.transformer.h]
+    assert hidden == {id(p) for p in blocks}  # not the (tied) embedding and head, the positions, norms or biases
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, torch.optim.Muon)
+    in_adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert in_adamw.isdisjoint(hidden) and len(in_adamw) + len(hidden) == len(list(model.parameters()))
+    assert id(model.transformer.wte.weight) in in_adamw and id(model.transformer.wpe.weight) in in_adamw
+    classifier = SequenceClassifier(model, 3, "last", 0)  # a classifier's head is an output layer: AdamW
+    assert id(classifier.head.weight) not in {id(p) for p in hidden_matrices(classifier)}
+
+
+def test_a_muon_step_is_torch_muon_on_the_matrices_and_adamw_on_the_rest():
+    import torch
+
+    from glmlab.models.gpt import GPT, GPTConfig
+    from glmlab.training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    reference = GPT(model.config)
+    reference.load_state_dict(model.state_dict())
+    cfg = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1, beta2=0.95)
+    ours = make_optimizer(model, cfg, torch.device("cpu"))
+    names = {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+             "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+    params = dict(reference.named_parameters())
+    muon = torch.optim.Muon([params[n] for n in sorted(names)], lr=0.02, weight_decay=0.1,
+                            adjust_lr_fn="match_rms_adamw")
+    decay = [p for n, p in params.items() if n not in names and p.dim() >= 2]
+    plain = [p for n, p in params.items() if n not in names and p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
+                              lr=0.02, betas=(0.9, 0.95), fused=True)
+    x = torch.randint(0, 40, (4, 16))
+    for _ in range(3):
+        for m, opts in ((model, [ours]), (reference, [adamw, muon])):
+            m.loss(x[:, :-1], x[:, 1:]).backward()
+            for o in opts:
+                o.step()
+                o.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, GPT(model.config).transformer.h[0].mlp.c_fc.weight)
+
+
+def test_muon_on_a_model_without_hidden_matrices_is_refused():
+    import torch
+
+    from glmlab.errors import GlmlabError
+    from glmlab.models.lstm import LSTMLM, LSTMConfig
+    from glmlab.training.optim import make_optimizer
+
+    model = LSTMLM(LSTMConfig(vocab_size=30, n_embd=8, n_hidden=8, n_layer=1))
+    with pytest.raises(GlmlabError, match="(?s)no hidden matrices.*train.optimizer=adamw"):
+        make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+
+
+def test_fp32_muon_is_torch_muon_orthogonalising_in_fp32():
+    """Where bf16 matmuls are slow (emulated), Muon's Newton-Schulz iterations run in fp32: the same steps as torch's
+    Muon to bf16's rounding, and the same as the iteration computed in float64 to fp32's."""
+    import torch
+
+    from glmlab.training.optim import Fp32Muon, orthogonalise
+
+    torch.manual_seed(0)
+    weights = [torch.randn(24, 40, requires_grad=True), torch.randn(40, 24, requires_grad=True)]
+    copies = [w.detach().clone().requires_grad_() for w in weights]
+    kwargs = dict(lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ours, theirs = Fp32Muon(weights, **kwargs), torch.optim.Muon(copies, **kwargs)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, opt in ((weights, ours), (copies, theirs)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(weights, copies, strict=True):
+        assert a.dtype == torch.float32 and not torch.equal(a, b)  # not the bf16 computation
+        assert torch.allclose(a, b, atol=5e-3)
+    g = torch.randn(24, 40)
+    coefficients = (3.4445, -4.775, 2.0315)
+    ortho = orthogonalise(g.double(), coefficients, 5, 1e-7)
+    assert ortho.dtype == torch.float32  # computed in fp32 whatever comes in
+    x = g.double() / g.double().norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = 3.4445 * x + (-4.775 * gram + 2.0315 * gram @ gram) @ x
+    assert torch.allclose(ortho.double(), x, atol=1e-5)
+    s = torch.linalg.svdvals(ortho)
+    assert 0.5 < s.min() and s.max() < 1.5  # roughly orthogonal: Muon's quintic lands singular values near 1
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_muon_orthogonalises_in_bf16_only_where_bf16_is_fast(monkeypatch, fast_bf16):
+    import torch
+
+    from glmlab.models.gpt import GPT, GPTConfig
+    from glmlab.training import optim
+
+    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: fast_bf16)
+    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    muon = optim.make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).muon
+    assert isinstance(muon, optim.Fp32Muon) != fast_bf16

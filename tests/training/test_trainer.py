@@ -29,9 +29,11 @@ def test_training_lowers_the_loss_and_fills_the_run_directory(trained_run):
     assert config["model"]["vocab_size"] > 4 and config["train"]["max_steps"] == 40
 
 
-def test_resume_is_bit_exact(char_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_exact(char_data, tmp_path, optimizer):
     # A constant schedule makes a 10-step run the first half of the 20-step one; dropout checks RNG restore.
-    common = ("train.lr_schedule=constant", "model.dropout=0.1", "train.eval_interval=10")
+    common = ("train.lr_schedule=constant", "model.dropout=0.1", "train.eval_interval=10",
+              f"train.optimizer={optimizer}")
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(tiny_config("train.max_steps=20", *common), char_data, straight, show_progress=False)
     train(tiny_config("train.max_steps=10", *common), char_data, split, show_progress=False)
@@ -42,6 +44,15 @@ def test_resume_is_bit_exact(char_data, tmp_path):
     losses = [[r["loss"] for r in metrics_records(run, "train")] for run in (straight, split)]
     assert losses[0] == losses[1]
     assert [r["step"] for r in metrics_records(split, "val")] == [10, 20]
+
+
+def test_a_run_resumes_with_the_optimizer_it_began_with(char_data, tmp_path):
+    common = ("train.eval_interval=10", "train.optimizer=muon")
+    train(tiny_config("train.max_steps=10", *common), char_data, tmp_path / "run", show_progress=False)
+    with pytest.raises(GlmlabError, match="(?s)trained with train.optimizer=muon, not adamw.*resume with "
+                                          "train.optimizer=muon"):
+        train(tiny_config("train.max_steps=20", "train.eval_interval=10"), char_data, tmp_path / "run", resume=True,
+              show_progress=False)
 
 
 def test_existing_run_is_not_overwritten(trained_run, char_data):
