@@ -17,7 +17,8 @@ median ratio. glmlab runs the recipe with nanoGPT's exact (erf) GELU, ``model.ac
 Then the loop: glmlab's bare training step at the recipe's shape (``LossModule`` forward, backward, clipping,
 fused AdamW, as ``benchmarks/train_throughput.py`` times it), timed in this process, against the glmlab runs'
 tokens/s over their training steps (the median of their logged windows, evaluations excluded) and over the
-whole run (evaluations included).
+whole run (evaluations included); and, in this one process, ``--loop-rounds`` alternations of a ``train()`` of the
+recipe (``--loop-steps`` steps) and the bare step, so that the figure does not also compare two processes' speeds.
 
 Then glmlab's best configuration (``--best``, default ``configs/shakespeare-char-83s.yaml``) against the
 recipe: its validation loss when its whole process gets nanoGPT's median wall time (``train.max_time`` = that
@@ -92,14 +93,19 @@ def run_nanogpt(folder: Path, iters: int, threads: int) -> tuple[float, Path]:
     return time.perf_counter() - started, out / "ckpt.pt"
 
 
-def run_glmlab(data: Path, out: Path, iters: int, threads: int, extra: list[str]) -> float:
-    argv = [sys.executable, "-m", "glmlab", "train", "--data", str(data), "--out", str(out),
-            *(f"model.{k}={v}" for k, v in SHAPE.items()), "model.dropout=0.0", "model.bias=false",
+def recipe_overrides(iters: int, threads: int, extra: list[str]) -> list[str]:
+    """nanoGPT's recipe as glmlab config overrides."""
+    return [*(f"model.{k}={v}" for k, v in SHAPE.items()), "model.dropout=0.0", "model.bias=false",
             "model.activation=gelu",
             f"train.batch_size={BATCH}", f"train.max_steps={iters}", "train.lr=1e-3", "train.min_lr=1e-4",
             "train.warmup_steps=100", "train.beta2=0.99", "train.weight_decay=0.1", "train.grad_clip=1.0",
             "train.eval_interval=250", f"train.eval_tokens={EVAL_ITERS * BATCH * SHAPE['block_size']}",
             f"train.threads={threads}", *extra]
+
+
+def run_glmlab(data: Path, out: Path, iters: int, threads: int, extra: list[str]) -> float:
+    argv = [sys.executable, "-m", "glmlab", "train", "--data", str(data), "--out", str(out),
+            *recipe_overrides(iters, threads, extra)]
     started = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)
     return time.perf_counter() - started
@@ -175,6 +181,29 @@ def bare_step_rate(threads: int, steps: int, dtype: torch.dtype | None) -> float
     return steps * BATCH * SHAPE["block_size"] / statistics.median(measure(step, batches, steps) for _ in range(5))
 
 
+def loop_in_one_process(data: Path, folder: Path, args: argparse.Namespace, dtype: torch.dtype | None) -> None:
+    """The loop against the bare step timed in this one process, alternating ``--loop-rounds`` times: ``train()``
+    of the recipe for ``--loop-steps`` steps (the median of its logged windows' tokens/s, which leave evaluations
+    out) and the bare step at the same shape and precision. Across processes the two figures also carry each
+    process's own speed on a VM whose speed moves."""
+    from glmlab.config import resolve_config
+    from glmlab.training.trainer import train
+
+    overrides = recipe_overrides(args.loop_steps, args.threads, args.glmlab_extra.split())
+    print("\nthe loop timed in one process, alternating (tokens/s):\n\n| round | the run's steps | bare step | "
+          "run / bare |\n|---|---|---|---|")
+    ratios = []
+    for r in range(args.loop_rounds):
+        out = folder / f"loop-{r}"
+        train(resolve_config({}, overrides), data, out, show_progress=False)
+        windows = [x["tokens_per_sec"] for x in run_records(out) if x.get("split") == "train"][1:]  # after warm-up
+        run_rate = statistics.median(windows)
+        bare = bare_step_rate(args.threads, args.bare_steps, dtype)
+        ratios.append(run_rate / bare)
+        print(f"| {r + 1} | {run_rate:,.0f} | {bare:,.0f} | {run_rate / bare:.1%} |", flush=True)
+    print(f"\nmedian: the run's steps at {statistics.median(ratios):.1%} of the bare step's speed")
+
+
 def glmlab_val_loss(run_dir: Path, text_val: str) -> float:
     from glmlab.runs import load_run
 
@@ -223,6 +252,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: PyTorch's default)")
     parser.add_argument("--glmlab-extra", default="", help="more glmlab config overrides, space-separated")
     parser.add_argument("--bare-steps", type=int, default=200, help="steps per timing of the bare step (0: skip)")
+    parser.add_argument("--loop-rounds", type=int, default=2,
+                        help="alternations of a glmlab run and the bare step in this process (0: skip)")
+    parser.add_argument("--loop-steps", type=int, default=400, help="steps of each glmlab run of --loop-rounds")
     parser.add_argument("--best", type=Path, default=ROOT / "configs" / "shakespeare-char-83s.yaml",
                         help="glmlab's best configuration for the second table")
     parser.add_argument("--probes", type=int, default=4, help="bisection runs for the time to nanoGPT's val loss "
@@ -272,6 +304,8 @@ def main() -> None:
             print(f"\nthe loop: bare step {bare:,.0f} tokens/s; glmlab runs over their steps {steps_rate:,.0f} "
                   f"({steps_rate / bare:.1%} of the bare step), over the whole run with its "
                   f"{args.iters // 250} evaluations {run_rate:,.0f} ({run_rate / bare:.1%})")
+            if args.loop_rounds:
+                loop_in_one_process(data, folder, args, auto_dtype)
         if args.probes:
             budget = statistics.median(w for w, _ in rows["nanoGPT"])
             best_config_table(args, folder, data, text_val, budget, losses["nanoGPT"], statistics.median(overheads))

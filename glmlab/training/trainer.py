@@ -40,7 +40,15 @@ from glmlab.errors import GlmlabError, RunDirError
 from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.models import get_family
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, TOKENIZER, WEIGHTS, read_run_config, save_weights
-from glmlab.runtime import PRECISIONS, autocast, precision_name, resolve_precision, select_device, set_threads
+from glmlab.runtime import (
+    PRECISIONS,
+    autocast,
+    keep_freed_memory,
+    precision_name,
+    resolve_precision,
+    select_device,
+    set_threads,
+)
 from glmlab.training import distributed
 from glmlab.training.checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glmlab.training.checkpoint import write_error as training_write_error
@@ -160,6 +168,7 @@ class Trainer:
         self.on_main(lambda: _probe_writable(self.out))
         self.on_main(self._take_lock)
         set_threads(cfg.threads)
+        keep_freed_memory()  # a fresh process's heap otherwise page-faults its tensors back in every step
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         if cfg.precision == "auto" and self.dist.any(self.amp_dtype is None, self.device):
             self.amp_dtype = None  # every process alike: bf16 only where each measured it faster
