@@ -79,7 +79,14 @@ class Fp32Muon(torch.optim.Muon):
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"]).to(p.dtype),
-                       alpha=-lr * 0.2 * math.sqrt(max(p.shape)))  # match_rms_adamw
+                       alpha=-lr * muon_lr_scale(group["adjust_lr_fn"], p.shape))
+
+
+def muon_lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's per-matrix learning-rate factor, as torch's ``adjust_lr_fn`` names them: Moonshot's
+    ``match_rms_adamw`` (0.2 sqrt(max(A, B)): AdamW's update size) or Keller Jordan's ``original``."""
+    rows, cols = shape[0], shape[1]
+    return 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
 
 
 def orthogonalise(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int,

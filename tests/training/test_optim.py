@@ -118,10 +118,13 @@ def test_fp32_muon_is_torch_muon_orthogonalising_in_fp32():
     from glmlab.training.optim import Fp32Muon, orthogonalise
 
     torch.manual_seed(0)
-    weights = [torch.randn(24, 40, requires_grad=True), torch.randn(40, 24, requires_grad=True)]
+    weights = [torch.randn(24, 40, requires_grad=True), torch.randn(40, 24, requires_grad=True),
+               torch.randn(24, 96, requires_grad=True)]  # wide, tall; and one under Jordan's scale (1 here, not 1.96)
     copies = [w.detach().clone().requires_grad_() for w in weights]
-    kwargs = dict(lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-    ours, theirs = Fp32Muon(weights, **kwargs), torch.optim.Muon(copies, **kwargs)
+    ours = Fp32Muon([{"params": weights[:2], "adjust_lr_fn": "match_rms_adamw"},
+                     {"params": weights[2:], "adjust_lr_fn": "original"}], lr=0.05, weight_decay=0.1)
+    theirs = torch.optim.Muon([{"params": copies[:2], "adjust_lr_fn": "match_rms_adamw"},
+                               {"params": copies[2:], "adjust_lr_fn": "original"}], lr=0.05, weight_decay=0.1)
     for _ in range(3):
         grads = [torch.randn_like(w) for w in weights]
         for params, opt in ((weights, ours), (copies, theirs)):
