@@ -118,9 +118,11 @@ def keep_freed_memory() -> bool:
     heap to the OS whenever more than 128 KiB of it is free, and takes it back, one page fault per 4 KiB, at the
     next allocation: measured on nanoGPT's recipe, ~1,600 page faults per step in a new process against ~1 once the
     heap had grown in a long-lived one. Raising the trim threshold to 1 GiB (and serving allocations up to 32 MiB,
-    glibc's most, from the heap) keeps those pages. A no-op where the C library is not glibc. Once per process."""
+    glibc's most, from the heap) keeps those pages. It holds for the whole process, not only its training; a no-op
+    where the C library is not glibc. Once per process."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
+    kept = bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and kept

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from glmlab.config import TrainConfig
 from glmlab.errors import GlmlabError
@@ -31,17 +32,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The weights Muon orthogonalises: the matrices of the model's linear layers (``nn.Linear``, and the Transformer
     blocks' ``Conv1D``, GPT-2's transposed layout), except its output layers (every family's logits layer is named
-    ``*head`` or shares the token embedding's weight; a layer with fewer than 16 outputs is a score or class head).
+    ``*head`` or shares the token embedding's weight; a layer inside a ``head`` module, like BERT's MLM transform,
+    belongs to it; a layer with fewer than 16 outputs is a score or class head) and LoRA-adapted layers (their weight
+    is computed; the adapter's factors go to AdamW).
     Embeddings, heads, recurrent cells, norms and biases stay with AdamW, as in Muon's recipe (Jordan et al.,
     2024)."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     chosen, seen = [], set()
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear | Conv1D) or not module.weight.requires_grad:
-            continue
+        if not isinstance(module, nn.Linear | Conv1D) or parametrize.is_parametrized(module, "weight"):
+            continue  # a LoRA-adapted layer's weight is computed from its frozen base and the adapter's factors
         w = module.weight
+        if not w.requires_grad:
+            continue
         outputs = w.size(1) if isinstance(module, Conv1D) else w.size(0)
-        output = outputs < NARROW_OUTPUT or name.endswith("head")
+        output = outputs < NARROW_OUTPUT or "head" in name.split(".")[-2:] or name.endswith("head")
         if output or id(w) in embedded or id(w) in seen:
             continue
         seen.add(id(w))
@@ -114,7 +119,11 @@ class MuonWithAdamW:
 
     def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer) -> None:
         self.adamw, self.muon = adamw, muon
-        self.param_groups = adamw.param_groups + muon.param_groups
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Both optimisers' groups, read afresh: ``load_state_dict`` replaces an optimiser's group dicts."""
+        return self.adamw.param_groups + self.muon.param_groups
 
     def step(self) -> None:
         self.adamw.step()
@@ -138,8 +147,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         return _adamw(parameter_groups(model, cfg.weight_decay), cfg, device)
     hidden = hidden_matrices(model)
     if not hidden:
-        raise GlmlabError(f"train.optimizer=muon, but this {type(model).__name__} has no hidden matrices for Muon "
-                          "(its layers are embeddings, recurrent cells and output heads)", "use train.optimizer=adamw")
+        raise GlmlabError(f"train.optimizer=muon, but this {type(model).__name__} has no trainable hidden matrices "
+                          "for Muon (its trainable layers are embeddings, recurrent cells, output heads or adapters)",
+                          "use train.optimizer=adamw")
     chosen = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     groups = [{"params": [p for p in rest if decays(p)], "weight_decay": cfg.weight_decay},
