@@ -260,6 +260,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=4, help="bisection runs for the time to nanoGPT's val loss "
                                                               "(0: skip the second table)")
     args = parser.parse_args()
+    if args.loop_rounds and args.loop_steps < 30:  # its logged windows (every 10 steps) after the first
+        parser.error(f"--loop-steps {args.loop_steps}: give at least 30 (or --loop-rounds 0)")
     if args.probes and not args.best.is_file():
         parser.error(f"--best {args.best}: no such config file (give a glmlab YAML config, or --probes 0)")
     from glmlab.data.corpus import default_corpus_path

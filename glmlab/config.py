@@ -34,8 +34,8 @@ class TrainConfig:
     min_lr: float | None = field(None, "final learning rate of the decay; none = lr / 10", min=0.0)
     lr_schedule: str = field("cosine", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
     warmup_steps: int = field(100, "linear learning-rate warm-up steps", min=0)
-    weight_decay: float = field(0.1, "AdamW weight decay on matrices and embeddings; none on biases and norms",
-                                min=0.0)
+    weight_decay: float = field(0.1, "decoupled weight decay (AdamW's, and Muon's on its matrices) on matrices and "
+                                "embeddings; none on biases and norms", min=0.0)
     optimizer: str = field("adamw", "adamw, or muon: Muon (momentum, orthogonalised updates) on the hidden Linear "
                            "matrices and AdamW on embeddings, heads, norms and biases, at one train.lr",
                            choices=("adamw", "muon"))

@@ -19,12 +19,13 @@ from glmlab.runtime import cpu_has_fast_bf16
 NARROW_OUTPUT = 16  # a Linear layer with fewer outputs is a head (class scores, a critic's value), not a hidden layer
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, skip: frozenset[int] = frozenset()) -> list[dict]:
     """Weight decay on matrices (dim >= 2: linear weights, embeddings); none on biases and norms, nor on
-    parameters marked ``no_weight_decay`` (a learned prior's means and variances)."""
+    parameters marked ``no_weight_decay`` (a learned prior's means and variances). ``skip``: ids of parameters
+    another optimiser takes (Muon's matrices)."""
     decay, no_decay = [], []
     for p in model.parameters():  # .parameters() de-duplicates tied weights
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in skip:
             (decay if decays(p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -46,7 +47,7 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
         if not w.requires_grad:
             continue
         outputs = w.size(1) if isinstance(module, Conv1D) else w.size(0)
-        output = outputs < NARROW_OUTPUT or "head" in name.split(".")[-2:] or name.endswith("head")
+        output = outputs < NARROW_OUTPUT or any(part.endswith("head") for part in name.split(".")[-2:])
         if output or id(w) in embedded or id(w) in seen:
             continue
         seen.add(id(w))
@@ -150,25 +151,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         raise GlmlabError(f"train.optimizer=muon, but this {type(model).__name__} has no trainable hidden matrices "
                           "for Muon (its trainable layers are embeddings, recurrent cells, output heads or adapters)",
                           "use train.optimizer=adamw")
-    chosen = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    groups = [{"params": [p for p in rest if decays(p)], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if not decays(p)], "weight_decay": 0.0}]
+    groups = parameter_groups(model, cfg.weight_decay, skip=frozenset(id(p) for p in hidden))
     fast_bf16 = device.type != "cpu" or cpu_has_fast_bf16()  # torch's Muon orthogonalises in bf16
     muon = (torch.optim.Muon if fast_bf16 else Fp32Muon)(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                          momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
     return MuonWithAdamW(_adamw([g for g in groups if g["params"]], cfg, device), muon)
 
 
-def optimizer_kind(state: dict[str, Any]) -> str:
-    """Which ``train.optimizer`` wrote a checkpoint's optimiser state."""
-    return state.get("kind", "adamw")
-
-
 def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonWithAdamW, state: dict[str, Any],
                          cfg: TrainConfig) -> None:
     """Restore a checkpoint's optimiser state; a run resumed with another ``train.optimizer`` is refused."""
-    saved = optimizer_kind(state)
+    saved = state.get("kind", "adamw")  # what wrote it: a MuonWithAdamW's state says so; AdamW's is torch's own
     if saved != cfg.optimizer:
         raise GlmlabError(f"the run's checkpoints were trained with train.optimizer={saved}, not {cfg.optimizer}",
                           f"resume with train.optimizer={saved}, or train a new run with --out NEW_DIR")
