@@ -9,12 +9,20 @@ prints the bandwidth bound: weight bytes read per decoding step / bandwidth.
     python benchmarks/generate_speed.py
     python benchmarks/generate_speed.py --rounds 2 --shapes a
     python benchmarks/generate_speed.py --shapes b --weights fp32,int8
+    python benchmarks/generate_speed.py --shapes a --weights fp32,compiled   # --compile-decode's step too
+
+``compiled`` is fp32 weights decoded by the step compiled ahead of time (``--compile-decode``); its compilation
+(or its load from the cache, ``$GLMLAB_CACHE_DIR``) happens before the timed rounds and is printed apart.
+``--hf-compiled`` adds Hugging Face's own compiled path beside its default one: a static cache
+(``cache_implementation="static"``) and ``torch.compile`` of the model's forward (``generate`` compiles by itself
+on CUDA only, so the script compiles it); its compilation also happens before the timed rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 import types
@@ -45,15 +53,20 @@ def read_bandwidth(megabytes: int = 1024) -> float:
 
 @torch.inference_mode()
 def max_decode_diff(model: GPT, reference: GPT, prompts: torch.Tensor) -> float:
-    """Largest logit difference of one decoding step of ``model`` (in its decode format) against fp32."""
+    """Largest logit difference of one decoding step of ``model`` (in its decode format and step) against fp32
+    weights decoded by the scripted step."""
     results = []
-    for m, fmt in ((model, model.decode_weight_format), (reference, "native")):
-        saved = m.decode_weight_format
+    for m, fmt, compiled in ((model, model.decode_weight_format, model.decode_compiled), (reference, "native", False)):
+        saved = m.decode_weight_format, m.decode_compiled
+        m.set_decode_compiled(False)
         m.set_decode_weights(fmt)
+        m.set_decode_compiled(compiled)
         cache = m.new_cache(prompts.size(0), torch.device("cpu"))
         m(prompts[:, :-1], cache)
         results.append(m(prompts[:, -1:], cache)[:, -1].float())
-        m.set_decode_weights(saved)
+        m.set_decode_compiled(False)
+        m.set_decode_weights(saved[0])
+        m.set_decode_compiled(saved[1])
     return (results[0] - results[1]).abs().max().item()
 
 
@@ -76,13 +89,18 @@ def main() -> None:
     parser.add_argument("--shapes", default="a,b")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--weights", default="fp32,bf16,int8",
-                        help="which weights to time (bf16 is slow on a CPU without native bf16: AVX2 emulates it)")
+                        help="which weights to time (bf16 is slow on a CPU without native bf16: AVX2 emulates it); "
+                             "'compiled': fp32 with --compile-decode's step")
+    parser.add_argument("--hf-compiled", action="store_true",
+                        help="also time transformers with a static cache and torch.compile of its forward")
     args = parser.parse_args()
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")
     print("| shape | batch | weights | glmlab tokens/s | HF tokens/s | glmlab / HF | same tokens | "
-          "max logit diff vs fp32 | bandwidth bound tokens/s (batch 1) |\n|---|---|---|---|---|---|---|---|---|")
+          "max logit diff vs fp32 | bandwidth bound tokens/s (batch 1) |"
+          + (" HF compiled tokens/s | glmlab / HF compiled | same tokens |" if args.hf_compiled else "")
+          + "\n" + "|---" * (12 if args.hf_compiled else 9) + "|")
     tokenizer = types.SimpleNamespace(eos_id=-1, kind="bpe", encode=lambda text: [], decode=lambda ids, **kw: "")
     for key in args.shapes.split(","):
         name, n_layer, n_head, n_embd, vocab, block, new = SHAPES[key]
@@ -90,32 +108,49 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen)
-            kinds = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16), "int8": ("int8 (glmlab)", None)}
-            for label, dtype in (kinds[w] for w in args.weights.split(",")):
+            kinds = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16), "int8": ("int8 (glmlab)", None),
+                     "compiled": ("fp32, compiled step", torch.float32)}
+            for weights in args.weights.split(","):
+                label, dtype = kinds[weights]
                 ours = ours32 if dtype != torch.bfloat16 else GPT(ours32.config).to(dtype).eval()
                 hf = hf32 if dtype != torch.bfloat16 else copy.deepcopy(hf32).to(dtype)
                 if dtype == torch.bfloat16:
                     ours.load_state_dict(ours32.state_dict())
+                ours32.set_decode_compiled(False)
                 ours32.set_decode_weights("int8" if dtype is None else "native")
+                ours32.set_decode_compiled(weights == "compiled")
                 settings = GenerationSettings(max_new_tokens=new, temperature=0, stop_at_eos=False)
 
                 def run_ours(ours=ours, settings=settings, prompts=prompts):
                     out = generate_batch(ours, tokenizer, prompts.tolist(), settings)
                     return [c[0].token_ids for c in out]
 
-                def run_hf(hf=hf, prompts=prompts, new=new):
+                def run_hf(hf=hf, prompts=prompts, new=new, **options):
                     with torch.no_grad():
                         out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
-                                          min_new_tokens=new, do_sample=False, pad_token_id=0)
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0, **options)
                     return out[:, PROMPT_LEN:].tolist()
 
                 if dtype is None:
                     generate_batch(ours, tokenizer, prompts.tolist()[:1],  # quantize once, outside the timing
                                    GenerationSettings(max_new_tokens=1, temperature=0))
-                times: dict[str, list[float]] = {"ours": [], "hf": []}
+                if weights == "compiled":  # compile (or load from the cache) once, outside the timing
+                    start = time.perf_counter()
+                    generate_batch(ours, tokenizer, prompts.tolist(),
+                                   GenerationSettings(max_new_tokens=2, temperature=0))
+                    print(f"compiled step for batch {batch}: ready in {time.perf_counter() - start:.1f} s", flush=True)
+                sides = {"ours": run_ours, "hf": run_hf}
+                if args.hf_compiled:
+                    hf_compiled = copy.deepcopy(hf)
+                    hf_compiled.forward = torch.compile(hf_compiled.forward, dynamic=False)
+                    sides["hfc"] = functools.partial(run_hf, hf_compiled, cache_implementation="static")
+                    start = time.perf_counter()
+                    sides["hfc"]()  # compiles, outside the timing
+                    print(f"transformers compiled for batch {batch} in {time.perf_counter() - start:.1f} s", flush=True)
+                times: dict[str, list[float]] = {side: [] for side in sides}
                 outputs = {}
                 for _ in range(args.rounds):
-                    for side, fn in (("ours", run_ours), ("hf", run_hf)):
+                    for side, fn in sides.items():
                         start = time.perf_counter()
                         outputs[side] = fn()
                         times[side].append(time.perf_counter() - start)
@@ -127,7 +162,9 @@ def main() -> None:
                 bound = bandwidth / weight_bytes if batch == 1 else float("nan")
                 print(f"| {name} | {batch} | {label} | {rate['ours']:,.1f} | {rate['hf']:,.1f} | "
                       f"{rate['ours'] / rate['hf']:.2f} | {same} | {diff:.2e} | "
-                      f"{'' if batch != 1 else f'{bound:,.1f}'} |", flush=True)
+                      f"{'' if batch != 1 else f'{bound:,.1f}'} |"
+                      + (f" {rate['hfc']:,.1f} | {rate['ours'] / rate['hfc']:.2f} | "
+                         f"{outputs['ours'] == outputs['hfc']} |" if args.hf_compiled else ""), flush=True)
 
 
 if __name__ == "__main__":

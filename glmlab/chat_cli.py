@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed: the same conversation gives the same replies")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode through a step compiled ahead of time (gpt on a CPU; needs a C++ compiler; 15-30 s "
+                        "before the first reply the first time, then cached)")
     add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_chat)
@@ -96,6 +99,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from glmlab.runtime import select_device
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
+    if args.compile_decode:
+        run.use_compiled_decode()
     if not run.model.traits.left_to_right:
         raise GlmlabError(f"a {run.model.traits.family} run writes by mask-predict, not a reply token by token",
                           "chat with a gpt, lstm or glm run; use glmlab generate / fill for this one")

@@ -117,6 +117,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-weights", default="native", choices=("native", "int8"),
                    help="int8: int8 matrices for token-by-token decoding on a CPU (faster for large models; "
                         "logits move by a few percent)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode through a step compiled ahead of time (gpt on a CPU; needs a C++ compiler; the "
+                        "first run per batch size compiles for 15-30 s, later runs load it from ~/.cache/glmlab)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -360,6 +363,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           "or --stream")
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
     run.use_decode_weights(args.decode_weights)
+    if args.compile_decode:
+        run.use_compiled_decode()
     prompt = _read_prompt(args)
     suffix = unescape(args.suffix) if args.suffix is not None else None
     if args.iterations < 1:

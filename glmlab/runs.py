@@ -334,6 +334,14 @@ class LoadedRun:
                               f"{self.config.model.family}", "drop --decode-weights")
         self.model.set_decode_weights(fmt)
 
+    def use_compiled_decode(self) -> None:
+        """Decode through the step compiled ahead of time (gpt runs on a CPU; ``--compile-decode``): a C++
+        compiler and 15-30 s at the first generation per batch size, then cached (:mod:`glmlab.models.gpt_aot`)."""
+        if not self.model.traits.compiled_decode:
+            raise GlmlabError(f"--compile-decode is not available for this run's family, {self.config.model.family}",
+                              "drop --compile-decode")
+        self.model.set_decode_compiled(True)
+
     # --- a sentence VAE's latent tools (model.family=vae; glmlab.generation.latent) ---------------------
 
     def sample_prior(self, n: int = 1, seed: int | None = None, **settings: Any) -> list[str]:

@@ -51,6 +51,7 @@ class Traits:
     adapter_targets: tuple[str, ...] = ()  # module-name suffixes whose weight LoRA adapts; (): none
     fast_paths: frozenset[str] = frozenset()  # which FastDecoding methods exist
     decode_weights: tuple[str, ...] = ("native",)  # formats set_decode_weights accepts
+    compiled_decode: bool = False  # set_decode_compiled exists (--compile-decode: a step compiled ahead of time)
     special_tokens: tuple[str, ...] = ()  # tokenizer roles its own code uses, at glmlab's ids (data.tokenizer)
     auxiliary: tuple[str, ...] = ()  # submodules that are not part of the language model (a discriminator)
     phases: tuple[str, ...] = ()  # training phases after maximum likelihood, in order
@@ -170,6 +171,9 @@ class FastDecoding(Protocol):
 
     def set_decode_weights(self, fmt: str) -> None:
         """Decode with ``traits.decode_weights`` format ``fmt`` (``int8``)."""
+
+    def set_decode_compiled(self, enabled: bool = True) -> None:
+        """Decode through a step compiled ahead of time (``traits.compiled_decode``)."""
 
 
 class BlankFilling(Protocol):
@@ -293,6 +297,19 @@ def exempt_from_weight_decay(parameter: nn.Parameter) -> nn.Parameter:
     """Mark a parameter the optimiser must not decay (a density's parameters: decay pulls it to a point)."""
     parameter.no_weight_decay = True  # type: ignore[attr-defined]
     return parameter
+
+
+def not_hidden(layer: nn.Module) -> nn.Module:
+    """Mark a linear layer as a model's input or output map rather than a hidden layer (a VAE's posterior head and
+    its projection of z into the decoder): ``train.optimizer=muon`` leaves its weight to AdamW, as Muon's recipe
+    does with embeddings and output layers."""
+    layer.weight.not_hidden = True  # type: ignore[attr-defined]
+    return layer
+
+
+def is_hidden(parameter: nn.Parameter) -> bool:
+    """False for a weight :func:`not_hidden` marked."""
+    return not parameter.__dict__.get("not_hidden", False)
 
 
 def decays(parameter: nn.Parameter) -> bool:

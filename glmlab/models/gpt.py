@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from glmlab.errors import ConfigError
 from glmlab.models.contract import FAST_PATHS, FamilyModel, Traits
+from glmlab.models.gpt_aot import CompiledDecodeStep, compiled_decode_step
 from glmlab.models.gpt_decode import (
     DecodeWeights,
     Int8Linear,
@@ -74,6 +75,7 @@ class KVCache:
         self.max_len = max_len
         self.lengths = [0] * batch_size
         self.weights: DecodeWeights | None = None  # the model's weights, gathered once for fast decoding
+        self.compiled: CompiledDecodeStep | None = None  # --compile-decode's step for this cache, made at first use
         self._split_layers()
 
     def _split_layers(self) -> None:
@@ -156,6 +158,8 @@ class GPT(FamilyModel):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.decode_weight_format = "native"
         self._int8_cache: tuple | None = None
+        self.decode_compiled = False  # set_decode_compiled: the one-position step compiled ahead of time
+        self._compiled_steps: dict[tuple, CompiledDecodeStep] = {}
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
@@ -171,7 +175,7 @@ class GPT(FamilyModel):
     def declare(cls, config: GPTConfig) -> Traits:
         return Traits(family="gpt", feature_width=config.n_embd, adapter_targets=ADAPTER_TARGETS,
                       fast_paths=frozenset(FAST_PATHS), decode_weights=DECODE_WEIGHTS,
-                      hf_architecture="GPT2LMHeadModel")
+                      compiled_decode=True, hf_architecture="GPT2LMHeadModel")
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -248,9 +252,13 @@ class GPT(FamilyModel):
             logits = decode_rows_int8(tokens, rows, starts, cache.layers, weights, c.n_head, c.layer_norm_epsilon)
         elif starts.count(starts[0]) == count and (count == 1 or rows == list(range(first, first + count))):
             # one position, consecutive slots: the plain step on a view of those slots (no mask, no gather)
-            with unoptimised_graphs():
-                logits = scripted_decode_layers()(tokens, starts[0], cache.slot_views(first, count), weights,
-                                                  c.n_head, c.layer_norm_epsilon)
+            compiled = self._compiled_step(cache, count) if self.decode_compiled and first == 0 else None
+            if compiled is not None and compiled.covers(starts[0]):
+                logits = compiled(tokens, starts[0], cache.layers)
+            else:
+                with unoptimised_graphs():
+                    logits = scripted_decode_layers()(tokens, starts[0], cache.slot_views(first, count), weights,
+                                                      c.n_head, c.layer_norm_epsilon)
         else:
             device = tokens.device
             with unoptimised_graphs():
@@ -260,6 +268,25 @@ class GPT(FamilyModel):
         for r in rows:
             cache.lengths[r] += 1
         return logits
+
+    def _compiled_step(self, cache: KVCache, count: int) -> CompiledDecodeStep | None:
+        """The compiled step for a decoding step over every slot of ``cache`` (None when the step covers only
+        some of them, or the cache's dtype or device is not the weights'): made at the cache's first step, kept
+        in memory per batch size, cache length, thread count and version of the weights."""
+        step, weights = cache.compiled, cache.weights
+        if step is not None and step.batch == count:
+            return step
+        if count != len(cache.lengths) or cache.kv.dtype != weights.ln_f_weight.dtype or cache.kv.device.type != "cpu":
+            return None
+        key = (count, cache.max_len, cache.kv.dtype, torch.get_num_threads(),
+               tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        if key not in self._compiled_steps:
+            self._compiled_steps = {k: v for k, v in self._compiled_steps.items() if k[4] == key[4]}  # same weights
+            c = self.config
+            self._compiled_steps[key] = compiled_decode_step(weights, c.n_head, c.layer_norm_epsilon, count,
+                                                             cache.max_len)
+        cache.compiled = self._compiled_steps[key]
+        return cache.compiled
 
     def prefill_rows(self, idx: torch.Tensor, cache: KVCache, rows: list[int], valid: list[int]) -> torch.Tensor | None:
         """Logits (B, vocab) at the last real token of each right-padded prompt in idx (B, T) (``valid``:
@@ -315,7 +342,22 @@ class GPT(FamilyModel):
         if fmt == "int8" and self.transformer.wte.weight.device.type != "cpu":
             raise ConfigError("int8 decode weights run on a CPU (PyTorch's quantized kernels)",
                               "use native decode weights on this device")
+        if fmt == "int8" and self.decode_compiled:
+            raise ConfigError("--compile-decode compiles the native-weight step, not the int8 one",
+                              "choose one of --compile-decode and --decode-weights int8")
         self.decode_weight_format = fmt
+
+    def set_decode_compiled(self, enabled: bool = True) -> None:
+        """Decode with the one-position step compiled ahead of time (:mod:`glmlab.models.gpt_aot`; a C++ compiler,
+        seconds to a minute at the first generation per batch size, then cached on disk), on a CPU, native
+        weights. Steps it does not cover (rows at different positions, the first and last positions of the
+        cache) run the scripted steps."""
+        if enabled and self.transformer.wte.weight.device.type != "cpu":
+            raise ConfigError("--compile-decode compiles a CPU step", "drop --compile-decode on this device")
+        if enabled and self.decode_weight_format == "int8":
+            raise ConfigError("--compile-decode compiles the native-weight step, not the int8 one",
+                              "choose one of --compile-decode and --decode-weights int8")
+        self.decode_compiled = enabled
 
     def _cache_step(self, cache: KVCache, rows: list[int] | None, B: int, T: int,
                     device: torch.device) -> KVCacheStep:

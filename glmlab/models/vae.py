@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from glmlab.data.dataset import IGNORE_INDEX
 from glmlab.data.tokenizer import PAD_ID, UNK_ID
 from glmlab.errors import ConfigError
-from glmlab.models.contract import FamilyModel, StepContext, TrainingHook, Traits, exempt_from_weight_decay
+from glmlab.models.contract import FamilyModel, StepContext, TrainingHook, Traits, exempt_from_weight_decay, not_hidden
 from glmlab.models.lstm import LSTMNet, LSTMState, token_nll
 from glmlab.schema import field
 
@@ -106,8 +106,8 @@ class SentenceVAE(FamilyModel):
                                cond_dim=c.latent_dim)
         self.encoder = nn.LSTM(c.n_embd, c.encoder_hidden, 1, batch_first=True, bidirectional=c.bidirectional)
         enc_out = c.encoder_hidden * (2 if c.bidirectional else 1)
-        self.to_posterior = nn.Linear(enc_out, 2 * c.latent_dim)
-        self.z_to_state = nn.Linear(c.latent_dim, 2 * c.n_layer * c.n_hidden)
+        self.to_posterior = not_hidden(nn.Linear(enc_out, 2 * c.latent_dim))  # (Muon leaves these two to AdamW)
+        self.z_to_state = not_hidden(nn.Linear(c.latent_dim, 2 * c.n_layer * c.n_hidden))
         if c.bn_gamma > 0:
             # eps far below batch norm's default: with 1e-5 the encoder escapes the floor by shrinking the
             # raw means' variance under eps (measured on PTB: KL 0.2 nats at gamma = 0.5)

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from glmlab.config import TrainConfig
 from glmlab.errors import GlmlabError
-from glmlab.models.contract import decays
+from glmlab.models.contract import FamilyModel, decays, is_hidden
 from glmlab.models.transformer import Conv1D
 from glmlab.runtime import cpu_has_fast_bf16
 
@@ -34,17 +34,20 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The weights Muon orthogonalises: the matrices of the model's linear layers (``nn.Linear``, and the Transformer
     blocks' ``Conv1D``, GPT-2's transposed layout), except its output layers (every family's logits layer is named
     ``*head`` or shares the token embedding's weight; a layer inside a ``head`` module, like BERT's MLM transform,
-    belongs to it; a layer with fewer than 16 outputs is a score or class head) and LoRA-adapted layers (their weight
-    is computed; the adapter's factors go to AdamW).
+    belongs to it; a layer with fewer than 16 outputs is a score or class head; a layer marked ``not_hidden`` is an
+    input or output map of a latent), LoRA-adapted layers (their weight is computed; the adapter's factors go to
+    AdamW) and modules outside the language model (``traits.auxiliary``: a SeqGAN's discriminator, which maximum
+    likelihood does not train).
     Embeddings, heads, recurrent cells, norms and biases stay with AdamW, as in Muon's recipe (Jordan et al.,
     2024)."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    auxiliary = model.traits.auxiliary if isinstance(model, FamilyModel) else ()
     chosen, seen = [], set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear | Conv1D) or parametrize.is_parametrized(module, "weight"):
             continue  # a LoRA-adapted layer's weight is computed from its frozen base and the adapter's factors
         w = module.weight
-        if not w.requires_grad:
+        if not w.requires_grad or not is_hidden(w) or name.split(".")[0] in auxiliary:
             continue
         outputs = w.size(1) if isinstance(module, Conv1D) else w.size(0)
         output = outputs < NARROW_OUTPUT or any(part.endswith("head") for part in name.split(".")[-2:])
@@ -149,7 +152,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     hidden = hidden_matrices(model)
     if not hidden:
         raise GlmlabError(f"train.optimizer=muon, but this {type(model).__name__} has no trainable hidden matrices "
-                          "for Muon (its trainable layers are embeddings, recurrent cells, output heads or adapters)",
+                          "for Muon (its trainable layers are embeddings, recurrent cells, input or output maps, "
+                          "adapters, or modules outside the language model)",
                           "use train.optimizer=adamw")
     groups = parameter_groups(model, cfg.weight_decay, skip=frozenset(id(p) for p in hidden))
     fast_bf16 = device.type != "cpu" or cpu_has_fast_bf16()  # torch's Muon orthogonalises in bf16

@@ -113,6 +113,27 @@ def test_muon_on_a_model_without_hidden_matrices_is_refused():
         make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
 
 
+def test_muon_leaves_a_vae_s_latent_maps_and_a_seqgan_s_discriminator_to_adamw():
+    """A VAE's posterior head and z's projection are input / output maps; a SeqGAN's discriminator is outside the
+    language model and maximum likelihood does not train it, so a SeqGAN (an LSTM otherwise) has nothing for Muon."""
+    import torch
+
+    from glmlab.errors import GlmlabError
+    from glmlab.models.seqgan import SeqGAN, SeqGANConfig
+    from glmlab.models.vae import SentenceVAE, VAEConfig
+    from glmlab.training.optim import hidden_matrices, make_optimizer
+
+    vae = SentenceVAE(VAEConfig(vocab_size=20, n_embd=8, n_hidden=32, encoder_hidden=32, latent_dim=16))
+    chosen = {id(p) for p in hidden_matrices(vae)}
+    assert id(vae.to_posterior.weight) not in chosen and id(vae.z_to_state.weight) not in chosen
+    assert vae.to_posterior.weight.size(0) >= 16  # wide enough that only the mark keeps it out
+    gan = SeqGAN(SeqGANConfig(vocab_size=30, n_embd=8, n_hidden=8, n_layer=1))
+    assert any(p.dim() == 2 and p.size(0) >= 16 for n, p in gan.named_parameters() if n.startswith("discriminator"))
+    assert hidden_matrices(gan) == []
+    with pytest.raises(GlmlabError, match="no trainable hidden matrices"):
+        make_optimizer(gan, TrainConfig(optimizer="muon"), torch.device("cpu"))
+
+
 def test_fp32_muon_is_torch_muon_orthogonalising_in_fp32():
     """Where bf16 matmuls are slow (emulated), Muon's Newton-Schulz iterations run in fp32: the same steps as torch's
     Muon to bf16's rounding, and the same as the iteration computed in float64 to fp32's."""

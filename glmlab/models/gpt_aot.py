@@ -1,0 +1,157 @@
+"""The `gpt` family's decoding step compiled ahead of time (AOTInductor): ``--compile-decode``.
+
+TorchScript runs :func:`~glmlab.models.gpt_decode.decode_layers` one PyTorch call at a time (~70 per token on a
+4 x 128 model). Here the same step is exported with ``torch.export`` and compiled by inductor's C++ backend into a
+shared library: the weights are frozen into it, so the matrix products become GEMMs generated for those
+matrices (``max_autotune`` picks them by timing), and the layer norms, GELU, residual adds and the one-query
+attention are fused into a few vectorised loops. On a 2-core AVX-512 CPU the 4 x 128 step fell from ~155 to
+~70 us at batch 1 and from ~450 to ~250 us at batch 8 (benchmarks/README.md, "Compiled decoding").
+
+The cost is a compilation (a C++ compiler, 15-30 s for a small model) per model, batch size, dtype and thread
+count. Each compiled step is cached on disk under ``$GLMLAB_CACHE_DIR`` (default ``~/.cache/glmlab``), keyed by
+all of those, the weights' bytes, PyTorch's version and this file, so a second generation with the same run
+loads it in well under a second. A step is specialised to one batch size (a dynamic one ran batch 1 at
+115 instead of 70 us) and one cache length; the position is dynamic.
+
+The attention of the one new query is written as a product, a sum and a softmax (which inductor fuses) rather
+than SDPA (which it would call as the flash kernel, slower at this size): the logits differ from the scripted
+step's by rounding (~1e-6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glmlab.errors import GlmlabError
+from glmlab.models.gpt_decode import DecodeWeights, LayerWeights
+
+_INDUCTOR_SETTINGS = {"max_autotune": True, "freezing": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                      # (its tables of timings would go to the user's terminal)
+                      "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where compiled steps are kept: ``$GLMLAB_CACHE_DIR/decode-steps`` (default ``~/.cache/glmlab``)."""
+    root = os.environ.get("GLMLAB_CACHE_DIR") or Path.home() / ".cache" / "glmlab"
+    return Path(root) / "decode-steps"
+
+
+class DecodeStep(nn.Module):
+    """:func:`~glmlab.models.gpt_decode.decode_layers` as a module to export: the weights are its buffers; the
+    inputs are the new tokens (B,), a tensor whose length is the number of positions to attend to (the new
+    token's position + 1; its contents are unused: a length is what ``torch.export`` can keep dynamic) and each
+    layer's (B, 2, n_head, max_len, head_dim) cache, where the step stores the new key and value."""
+
+    def __init__(self, w: DecodeWeights, n_head: int, eps: float) -> None:
+        super().__init__()
+        self.n_head, self.eps, self.exact_gelu, self.n_layer = n_head, eps, w.exact_gelu, len(w.layers)
+        for name in ("wte", "wpe", "ln_f_weight", "ln_f_bias", "head"):
+            self.register_buffer(name, getattr(w, name).detach())
+        for i, layer in enumerate(w.layers):
+            for name, tensor in layer._asdict().items():
+                self.register_buffer(f"layer{i}_{name}", tensor.detach())
+
+    def forward(self, tokens: torch.Tensor, span: torch.Tensor, *kv_layers: torch.Tensor) -> torch.Tensor:
+        B, C, end = tokens.size(0), self.wte.size(1), span.size(0)
+        pos, hs = end - 1, C // self.n_head
+        x = (self.wte[tokens] + self.wpe[pos]).to(self.ln_f_weight.dtype)  # (B, C)
+        for i, kv in enumerate(kv_layers):
+            w = {name: getattr(self, f"layer{i}_{name}") for name in LayerWeights._fields}
+            h = F.layer_norm(x, [C], w["ln_1_weight"], w["ln_1_bias"], self.eps)
+            qkv = torch.addmm(w["attn_bias"], h, w["attn_weight"]).view(B, 3, self.n_head, 1, hs)
+            kv.narrow(3, pos, 1).copy_(qkv.narrow(1, 1, 2))  # k and v stored together
+            k, v = kv.narrow(3, 0, end).unbind(1)  # (B, nh, end, hs)
+            scores = (qkv.select(1, 0) * hs ** -0.5 * k).sum(-1, keepdim=True)  # (B, nh, end, 1)
+            y = (torch.softmax(scores, 2) * v).sum(2)  # (B, nh, hs)
+            x = torch.addmm(w["attn_proj_bias"], y.reshape(B, C), w["attn_proj_weight"]) + x
+            h = F.layer_norm(x, [C], w["ln_2_weight"], w["ln_2_bias"], self.eps)
+            h = F.gelu(torch.addmm(w["fc_bias"], h, w["fc_weight"]), approximate="none" if self.exact_gelu else "tanh")
+            x = torch.addmm(w["mlp_proj_bias"], h, w["mlp_proj_weight"]) + x
+        return F.linear(F.layer_norm(x, [C], self.ln_f_weight, self.ln_f_bias, self.eps), self.head)
+
+
+def _key(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int) -> str:
+    """The cache key of a compiled step: everything that changes the library."""
+    digest = hashlib.sha256(repr((torch.__version__, _SOURCE, n_head, eps, batch, max_len, w.exact_gelu,
+                                  torch.get_num_threads(), len(w.layers))).encode())
+    tensors = [w.wte, w.wpe, w.ln_f_weight, w.ln_f_bias, w.head] + [t for layer in w.layers for t in layer]
+    for t in tensors:
+        digest.update(repr((t.dtype, tuple(t.shape))).encode())
+        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int, path: Path) -> None:
+    step = DecodeStep(w, n_head, eps).eval()
+    kv = [torch.zeros(batch, 2, n_head, max_len, w.wte.size(1) // n_head, dtype=w.ln_f_weight.dtype)
+          for _ in w.layers]
+    tokens = torch.zeros(batch, dtype=torch.long)
+    # positions 1 .. max_len - 2: at end == max_len the cache view is the whole cache, a case export specialises
+    end = torch.export.Dim("end", min=2, max=max_len - 1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(step, (tokens, torch.empty(10), *kv),
+                                      dynamic_shapes=({}, {0: end}, ({},) * len(kv)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
+        os.close(fd)
+    except OSError as exc:
+        raise GlmlabError(f"cannot write the compiled decoding step to {path.parent}: {exc.strerror or exc}",
+                          "set GLMLAB_CACHE_DIR to a writable directory, or drop --compile-decode") from exc
+    from torch import _inductor  # (imported here: loading inductor takes a second or two)
+
+    try:
+        with warnings.catch_warnings():  # PyTorch's deprecation notices about its own internals
+            warnings.simplefilter("ignore")
+            _inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=_INDUCTOR_SETTINGS)
+        os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001 — inductor's build failures (no compiler, a compiler error) vary
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise GlmlabError(f"compiling the decoding step failed: {lines[0][:300]}",
+                          "--compile-decode needs a C++ compiler (g++ or clang) on PATH; install one, "
+                          "or drop --compile-decode") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class CompiledDecodeStep:
+    """A loaded compiled step for one batch size and cache length: ``step(tokens, pos, kv_layers)`` gives the
+    logits (B, vocab) and stores the keys and values at ``pos`` (1 <= pos <= max_len - 2; :meth:`covers`)."""
+
+    def __init__(self, runner: Callable, batch: int, max_len: int) -> None:
+        self.runner, self.batch, self.max_len = runner, batch, max_len
+        self._span = torch.empty(max_len)
+
+    def covers(self, pos: int) -> bool:
+        return 1 <= pos <= self.max_len - 2
+
+    def __call__(self, tokens: torch.Tensor, pos: int, kv_layers: list[torch.Tensor]) -> torch.Tensor:
+        # (the library reads its inputs as laid out at export: contiguous, which a column of a prompt is not)
+        return self.runner(tokens.contiguous(), self._span[:pos + 1], *kv_layers)
+
+
+def compiled_decode_step(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int) -> CompiledDecodeStep:
+    """The compiled step for these weights, batch size and cache length: loaded from the cache directory, or
+    compiled there first (seconds to a minute). Raises a :class:`GlmlabError` naming the fix when it cannot be
+    built (no C++ compiler, an unwritable cache directory)."""
+    if w.wte.device.type != "cpu":
+        raise GlmlabError(f"--compile-decode compiles a CPU step; this model is on {w.wte.device.type}",
+                          "drop --compile-decode (or decode on --device cpu)")
+    path = cache_dir() / f"gpt-{_key(w, n_head, eps, batch, max_len)}.pt2"
+    if not path.exists():
+        _compile(w, n_head, eps, batch, max_len, path)
+    from torch import _inductor
+
+    return CompiledDecodeStep(_inductor.aoti_load_package(str(path)), batch, max_len)
