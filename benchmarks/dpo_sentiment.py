@@ -8,7 +8,8 @@ costs in KL divergence from where it started.
    words of a training phrase of 8 or more words, completion = the rest.
 3. **Preference pairs**: two samples (temperature 1) from the SFT policy for each of ``--pairs`` training
    prefixes, the one with the higher reward chosen (pairs whose texts or rewards tie, or with an empty answer,
-   are dropped).
+   are dropped). ``--pair-rule label``: a positive answer over a negative one, drawn at random within each class
+   (``--pair-samples`` answers per prefix; a prefix whose answers are all of one class gives no pair).
 4. **DPO** from the SFT policy (its frozen reference) at each ``--betas`` value (``finetune dpo``; ``--loss ipo``
    for IPO, whose tau is the beta, ``--rpo-alpha`` for RPO's likelihood term). ``--rounds R`` iterates it
    (on-policy pairs): round r samples pairs on fresh prefixes from round r - 1's policy and trains from it, with
@@ -116,6 +117,8 @@ def preference_pairs(args: argparse.Namespace, policy: Path, train: list[str], c
     path, made_with = args.work / f"{name}.jsonl", args.work / f"{name}-settings.json"
     settings = {"pairs": args.pairs, "pair_samples": args.pair_samples, "min_margin": args.min_margin,
                 "max_new_tokens": args.max_new_tokens}
+    if args.pair_rule != "score":  # (recorded only when set: files made before the option stay reusable)
+        settings["pair_rule"] = args.pair_rule
     if path.is_file():  # reused only if made as asked (pairs from before this record are taken as they are)
         if made_with.is_file() and json.loads(made_with.read_text()) != settings:
             sys.exit(f"{path} was made with {made_with.read_text().strip()}, not {json.dumps(settings)}: give another "
@@ -126,15 +129,22 @@ def preference_pairs(args: argparse.Namespace, policy: Path, train: list[str], c
     k = args.pair_samples
     samples = sample(load_run(policy), prompts, k, seed=11, max_new_tokens=args.max_new_tokens)
     scores = rewards(classifier, [p + c.text for p, row in zip(prompts, samples, strict=True) for c in row])
-    kept = 0
+    kept, pick = 0, random.Random(prefix_seed)
     with path.open("w", encoding="utf-8") as f:
         for i, (prompt, row) in enumerate(zip(prompts, samples, strict=True)):
             ranked = sorted((s, j) for j, s in enumerate(scores[k * i:k * i + k]) if row[j].text.strip())
             if len(ranked) < 2:
                 continue  # DPO refuses an empty answer
             (low, worst), (high, best) = ranked[0], ranked[-1]
-            if row[best].text == row[worst].text or high - low < max(args.min_margin, 1e-3):
-                continue  # equal answers carry no preference
+            if args.pair_rule == "label":  # a positive answer over a negative one, each drawn at random in its class
+                positive, negative = [j for s, j in ranked if s > 0.5], [j for s, j in ranked if s <= 0.5]
+                if not positive or not negative:
+                    continue
+                best, worst = pick.choice(positive), pick.choice(negative)
+            elif high - low < max(args.min_margin, 1e-3):
+                continue  # equal rewards carry no preference
+            if row[best].text == row[worst].text:
+                continue  # nor do equal answers
             f.write(json.dumps({"prompt": prompt, "chosen": row[best].text, "rejected": row[worst].text}) + "\n")
             kept += 1
     made_with.write_text(json.dumps(settings))
@@ -252,6 +262,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4000, help="training prefixes sampled twice for pairs")
     parser.add_argument("--pair-samples", type=int, default=2,
                         help="completions per training prefix; the best and the worst make the pair (default 2)")
+    parser.add_argument("--pair-rule", default="score", choices=("score", "label"),
+                        help="score: the answer of highest reward over the one of lowest (the DPO paper's pairs); "
+                             "label: a positive answer (reward > 0.5) over a negative one, each drawn at random "
+                             "among the prefix's answers of its class, and no pair where all answers share a class "
+                             "(the preference the positive rate measures, nothing within a class)")
     parser.add_argument("--min-margin", type=float, default=0.0,
                         help="drop pairs whose rewards differ by less (default 0: only ties)")
     parser.add_argument("--eval-prefixes", type=int, default=300)

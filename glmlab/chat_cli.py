@@ -99,11 +99,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from glmlab.runtime import select_device
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=select_device(args.device))
-    if args.compile_decode:
-        run.use_compiled_decode()
     if not run.model.traits.left_to_right:
         raise GlmlabError(f"a {run.model.traits.family} run writes by mask-predict, not a reply token by token",
                           "chat with a gpt, lstm or glm run; use glmlab generate / fill for this one")
+    if args.compile_decode:
+        run.use_compiled_decode()
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
     from glmlab.generation.settings import GenerationSettings

@@ -74,9 +74,6 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}", "lower train.min_lr")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"train.device={self.device!r} is not a device", "use auto, cpu, cuda or cuda:N")
-        if self.optimizer != "muon" and self.muon_momentum != 0.95:  # a setting that would be ignored is refused
-            raise ConfigError(f"train.muon_momentum={self.muon_momentum} applies to train.optimizer=muon, not "
-                              f"{self.optimizer}", "drop train.muon_momentum, or set train.optimizer=muon")
 
 
 @dataclasses.dataclass

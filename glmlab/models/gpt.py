@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from glmlab.errors import ConfigError
 from glmlab.models.contract import FAST_PATHS, FamilyModel, Traits
-from glmlab.models.gpt_aot import CompiledDecodeStep, compiled_decode_step
+from glmlab.models.gpt_aot import MIN_CACHE_LEN, CompiledDecodeStep, compiled_decode_step
 from glmlab.models.gpt_decode import (
     DecodeWeights,
     Int8Linear,
@@ -94,6 +94,7 @@ class KVCache:
         """Keep (or repeat, for beams) the given rows, in that order."""
         self.kv = self.kv.index_select(1, torch.tensor(rows, device=self.kv.device))
         self.lengths = [self.lengths[r] for r in rows]
+        self.compiled = None  # (built for the old batch size)
         self._split_layers()
 
     def reset_row(self, row: int) -> None:
@@ -159,7 +160,7 @@ class GPT(FamilyModel):
         self.decode_weight_format = "native"
         self._int8_cache: tuple | None = None
         self.decode_compiled = False  # set_decode_compiled: the one-position step compiled ahead of time
-        self._compiled_steps: dict[tuple, CompiledDecodeStep] = {}
+        self._compiled_steps: dict[tuple, tuple] = {}  # key -> (step, the parameters and storages it was made of)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
@@ -252,8 +253,10 @@ class GPT(FamilyModel):
             logits = decode_rows_int8(tokens, rows, starts, cache.layers, weights, c.n_head, c.layer_norm_epsilon)
         elif starts.count(starts[0]) == count and (count == 1 or rows == list(range(first, first + count))):
             # one position, consecutive slots: the plain step on a view of those slots (no mask, no gather)
-            compiled = self._compiled_step(cache, count) if self.decode_compiled and first == 0 else None
-            if compiled is not None and compiled.covers(starts[0]):
+            covered = self.decode_compiled and first == 0 and count == len(cache.lengths) \
+                and 1 <= starts[0] <= cache.max_len - 2  # (CompiledDecodeStep.covers, asked before any compiling)
+            compiled = self._compiled_step(cache, count) if covered else None
+            if compiled is not None:
                 logits = compiled(tokens, starts[0], cache.layers)
             else:
                 with unoptimised_graphs():
@@ -271,21 +274,26 @@ class GPT(FamilyModel):
 
     def _compiled_step(self, cache: KVCache, count: int) -> CompiledDecodeStep | None:
         """The compiled step for a decoding step over every slot of ``cache`` (None when the step covers only
-        some of them, or the cache's dtype or device is not the weights'): made at the cache's first step, kept
-        in memory per batch size, cache length, thread count and version of the weights."""
+        some of them, the cache is too short, or its dtype or device is not the weights'): made at the cache's
+        first step, kept in memory per batch size, cache length, thread count and state of the weights (each
+        parameter's identity, storage and in-place version; the steps kept hold on to those storages, so no new
+        weights can reuse their addresses); the disk cache is keyed by the weights' bytes."""
         step, weights = cache.compiled, cache.weights
+        if count != len(cache.lengths) or cache.max_len < MIN_CACHE_LEN:
+            return None
         if step is not None and step.batch == count:
             return step
-        if count != len(cache.lengths) or cache.kv.dtype != weights.ln_f_weight.dtype or cache.kv.device.type != "cpu":
+        if cache.kv.dtype != weights.ln_f_weight.dtype or cache.kv.device.type != "cpu":
             return None
-        key = (count, cache.max_len, cache.kv.dtype, torch.get_num_threads(),
-               tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        params = list(self.parameters())
+        state = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        key = (count, cache.max_len, cache.kv.dtype, torch.get_num_threads(), state)
         if key not in self._compiled_steps:
-            self._compiled_steps = {k: v for k, v in self._compiled_steps.items() if k[4] == key[4]}  # same weights
+            self._compiled_steps = {k: v for k, v in self._compiled_steps.items() if k[4] == state}  # same weights
             c = self.config
-            self._compiled_steps[key] = compiled_decode_step(weights, c.n_head, c.layer_norm_epsilon, count,
-                                                             cache.max_len)
-        cache.compiled = self._compiled_steps[key]
+            step = compiled_decode_step(weights, c.n_head, c.layer_norm_epsilon, count, cache.max_len)
+            self._compiled_steps[key] = (step, params, [p.detach() for p in params])
+        cache.compiled = self._compiled_steps[key][0]
         return cache.compiled
 
     def prefill_rows(self, idx: torch.Tensor, cache: KVCache, rows: list[int], valid: list[int]) -> torch.Tensor | None:
@@ -346,6 +354,11 @@ class GPT(FamilyModel):
             raise ConfigError("--compile-decode compiles the native-weight step, not the int8 one",
                               "choose one of --compile-decode and --decode-weights int8")
         self.decode_weight_format = fmt
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickling) leaves the compiled steps behind: they are loaded libraries, and
+        made again (from the disk cache) at the copy's first generation."""
+        return {**super().__getstate__(), "_compiled_steps": {}}
 
     def set_decode_compiled(self, enabled: bool = True) -> None:
         """Decode with the one-position step compiled ahead of time (:mod:`glmlab.models.gpt_aot`; a C++ compiler,

@@ -9,8 +9,9 @@ attention are fused into a few vectorised loops. On a 2-core AVX-512 CPU the 4 x
 
 The cost is a compilation (a C++ compiler, 15-30 s for a small model) per model, batch size, dtype and thread
 count. Each compiled step is cached on disk under ``$GLMLAB_CACHE_DIR`` (default ``~/.cache/glmlab``), keyed by
-all of those, the weights' bytes, PyTorch's version and this file, so a second generation with the same run
-loads it in well under a second. A step is specialised to one batch size (a dynamic one ran batch 1 at
+all of those, the weights' bytes, the CPU, PyTorch's version and this file, so a second generation with the same
+run loads it in about a second. A library holds a copy of the weights (6.6 MB for a 4 x 128 model); nothing
+evicts old ones. A step is specialised to one batch size (a dynamic one ran batch 1 at
 115 instead of 70 us) and one cache length; the position is dynamic.
 
 The attention of the one new query is written as a product, a sum and a softmax (which inductor fuses) rather
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -31,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glmlab.atomic import write_error
 from glmlab.errors import GlmlabError
 from glmlab.models.gpt_decode import DecodeWeights, LayerWeights
 
@@ -38,6 +42,9 @@ _INDUCTOR_SETTINGS = {"max_autotune": True, "freezing": True, "max_autotune_gemm
                       # (its tables of timings would go to the user's terminal)
                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+MIN_CACHE_LEN = 4  # a cache this long or longer has positions the step covers (1 .. max_len - 2)
 
 
 def cache_dir() -> Path:
@@ -55,7 +62,8 @@ class DecodeStep(nn.Module):
     def __init__(self, w: DecodeWeights, n_head: int, eps: float) -> None:
         super().__init__()
         self.n_head, self.eps, self.exact_gelu, self.n_layer = n_head, eps, w.exact_gelu, len(w.layers)
-        for name in ("wte", "wpe", "ln_f_weight", "ln_f_bias", "head"):
+        self.tied = w.head is w.wte  # GPT-2's tied output layer: one copy of the matrix in the library
+        for name in ("wte", "wpe", "ln_f_weight", "ln_f_bias") + (() if self.tied else ("head",)):
             self.register_buffer(name, getattr(w, name).detach())
         for i, layer in enumerate(w.layers):
             for name, tensor in layer._asdict().items():
@@ -77,17 +85,30 @@ class DecodeStep(nn.Module):
             h = F.layer_norm(x, [C], w["ln_2_weight"], w["ln_2_bias"], self.eps)
             h = F.gelu(torch.addmm(w["fc_bias"], h, w["fc_weight"]), approximate="none" if self.exact_gelu else "tanh")
             x = torch.addmm(w["mlp_proj_bias"], h, w["mlp_proj_weight"]) + x
-        return F.linear(F.layer_norm(x, [C], self.ln_f_weight, self.ln_f_bias, self.eps), self.head)
+        head = self.wte if self.tied else self.head
+        return F.linear(F.layer_norm(x, [C], self.ln_f_weight, self.ln_f_bias, self.eps), head)
+
+
+def _machine() -> str:
+    """What the library's machine code depends on: inductor compiles for this CPU (``-march=native``), so a
+    library built where AVX-512 exists would crash a CPU without it (a home directory shared between hosts)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags.strip()}"
 
 
 def _key(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int) -> str:
     """The cache key of a compiled step: everything that changes the library."""
-    digest = hashlib.sha256(repr((torch.__version__, _SOURCE, n_head, eps, batch, max_len, w.exact_gelu,
-                                  torch.get_num_threads(), len(w.layers))).encode())
+    digest = hashlib.sha256(repr((torch.__version__, _machine(), _SOURCE, n_head, eps, batch, max_len,
+                                  w.exact_gelu, torch.get_num_threads(), len(w.layers))).encode())
     tensors = [w.wte, w.wpe, w.ln_f_weight, w.ln_f_bias, w.head] + [t for layer in w.layers for t in layer]
     for t in tensors:
         digest.update(repr((t.dtype, tuple(t.shape))).encode())
-        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:32]
 
 
@@ -98,39 +119,52 @@ def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int
     tokens = torch.zeros(batch, dtype=torch.long)
     # positions 1 .. max_len - 2: at end == max_len the cache view is the whole cache, a case export specialises
     end = torch.export.Dim("end", min=2, max=max_len - 1)
+    example = torch.empty(min(10, max_len - 1))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(step, (tokens, torch.empty(10), *kv),
-                                      dynamic_shapes=({}, {0: end}, ({},) * len(kv)))
+        program = torch.export.export(step, (tokens, example, *kv), dynamic_shapes=({}, {0: end}, ({},) * len(kv)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
         os.close(fd)
     except OSError as exc:
-        raise GlmlabError(f"cannot write the compiled decoding step to {path.parent}: {exc.strerror or exc}",
-                          "set GLMLAB_CACHE_DIR to a writable directory, or drop --compile-decode") from exc
+        raise write_error(path.parent, exc, "set GLMLAB_CACHE_DIR to a writable directory, or drop "
+                                            "--compile-decode") from exc
+    print(f"compiling the decoding step for batch {batch} (once: kept in {path.parent})", file=sys.stderr,
+          flush=True)
     from torch import _inductor  # (imported here: loading inductor takes a second or two)
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
 
     try:
         with warnings.catch_warnings():  # PyTorch's deprecation notices about its own internals
             warnings.simplefilter("ignore")
             _inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=_INDUCTOR_SETTINGS)
         os.replace(tmp, path)
-    except Exception as exc:  # noqa: BLE001 — inductor's build failures (no compiler, a compiler error) vary
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise GlmlabError(f"compiling the decoding step failed: {lines[0][:300]}",
-                          "--compile-decode needs a C++ compiler (g++ or clang) on PATH; install one, "
-                          "or drop --compile-decode") from exc
+    except (InvalidCxxCompiler, CppCompileError) as exc:
+        raise GlmlabError(f"compiling the decoding step failed: {_first_line(exc)}",
+                          "--compile-decode needs a working C++ compiler (g++ or clang) on PATH; install one, or "
+                          "drop --compile-decode") from exc
+    except OSError as exc:
+        raise write_error(path.parent, exc, "free space in GLMLAB_CACHE_DIR, or drop --compile-decode") from exc
+    except Exception as exc:  # noqa: BLE001 — any other failure inside inductor: the scripted step still works
+        raise GlmlabError(f"compiling the decoding step failed: {_first_line(exc)}",
+                          "drop --compile-decode (the scripted step gives the same tokens); please report this") \
+            from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0][:300]
 
 
 class CompiledDecodeStep:
     """A loaded compiled step for one batch size and cache length: ``step(tokens, pos, kv_layers)`` gives the
     logits (B, vocab) and stores the keys and values at ``pos`` (1 <= pos <= max_len - 2; :meth:`covers`)."""
 
-    def __init__(self, runner: Callable, batch: int, max_len: int) -> None:
+    def __init__(self, runner: Callable[..., torch.Tensor], batch: int, max_len: int) -> None:
         self.runner, self.batch, self.max_len = runner, batch, max_len
         self._span = torch.empty(max_len)
 
@@ -138,14 +172,16 @@ class CompiledDecodeStep:
         return 1 <= pos <= self.max_len - 2
 
     def __call__(self, tokens: torch.Tensor, pos: int, kv_layers: list[torch.Tensor]) -> torch.Tensor:
-        # (the library reads its inputs as laid out at export: contiguous, which a column of a prompt is not)
+        # (the library reads its inputs as laid out at export, unchecked: contiguous, which a column of a prompt
+        # is not, and of the batch size and cache length it was built for, which the caller checks)
         return self.runner(tokens.contiguous(), self._span[:pos + 1], *kv_layers)
 
 
 def compiled_decode_step(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int) -> CompiledDecodeStep:
-    """The compiled step for these weights, batch size and cache length: loaded from the cache directory, or
-    compiled there first (seconds to a minute). Raises a :class:`GlmlabError` naming the fix when it cannot be
-    built (no C++ compiler, an unwritable cache directory)."""
+    """The compiled step for these weights, batch size and cache length (>= :data:`MIN_CACHE_LEN`): loaded from
+    the cache directory, or compiled there first (seconds to a minute). A library that does not load (damaged,
+    or from another PyTorch build) is compiled again. Raises a :class:`GlmlabError` naming the fix when it cannot
+    be built (no C++ compiler, an unwritable cache directory)."""
     if w.wte.device.type != "cpu":
         raise GlmlabError(f"--compile-decode compiles a CPU step; this model is on {w.wte.device.type}",
                           "drop --compile-decode (or decode on --device cpu)")
@@ -154,4 +190,10 @@ def compiled_decode_step(w: DecodeWeights, n_head: int, eps: float, batch: int, 
         _compile(w, n_head, eps, batch, max_len, path)
     from torch import _inductor
 
-    return CompiledDecodeStep(_inductor.aoti_load_package(str(path)), batch, max_len)
+    try:
+        runner = _inductor.aoti_load_package(str(path))
+    except Exception:  # noqa: BLE001 — whatever is wrong with the file, building it again replaces it
+        path.unlink(missing_ok=True)
+        _compile(w, n_head, eps, batch, max_len, path)
+        runner = _inductor.aoti_load_package(str(path))
+    return CompiledDecodeStep(runner, batch, max_len)

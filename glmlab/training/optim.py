@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from glmlab.config import TrainConfig
-from glmlab.errors import GlmlabError
+from glmlab.errors import ConfigError, GlmlabError
 from glmlab.models.contract import FamilyModel, decays, is_hidden
 from glmlab.models.transformer import Conv1D
 from glmlab.runtime import cpu_has_fast_bf16
@@ -148,6 +148,10 @@ class MuonWithAdamW:
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
     """``train.optimizer``: AdamW on every parameter, or Muon on the hidden matrices with AdamW on the rest."""
     if cfg.optimizer == "adamw":
+        # a Muon setting would be ignored: refused here, where training starts (not where a saved run is read)
+        if cfg.muon_momentum != TrainConfig.muon_momentum:
+            raise ConfigError(f"train.muon_momentum={cfg.muon_momentum} applies to train.optimizer=muon, not adamw",
+                              "drop train.muon_momentum, or set train.optimizer=muon")
         return _adamw(parameter_groups(model, cfg.weight_decay), cfg, device)
     hidden = hidden_matrices(model)
     if not hidden:
@@ -169,7 +173,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonWithAdamW, state
     if saved != cfg.optimizer:
         raise GlmlabError(f"the run's checkpoints were trained with train.optimizer={saved}, not {cfg.optimizer}",
                           f"resume with train.optimizer={saved}, or train a new run with --out NEW_DIR")
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as exc:  # torch: "loaded state dict contains a parameter group that doesn't match the size ..."
+        raise GlmlabError(f"the checkpoint's optimiser state does not fit this model's parameter groups ({exc})",
+                          "this glmlab splits the parameters between Muon and AdamW differently from the one that "
+                          "wrote the checkpoint: train a new run with --out NEW_DIR, or --init from this one") from exc
 
 
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:

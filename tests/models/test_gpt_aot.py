@@ -1,20 +1,25 @@
 """``--compile-decode``: the `gpt` decoding step compiled ahead of time (AOTInductor) against the module forward,
-its on-disk cache (loaded, not rebuilt; rebuilt when the weights change), where it steps aside, and its
-refusals. Each compilation takes ~15 s, so the module compiles two models once and shares them."""
+its on-disk cache (loaded, not rebuilt; rebuilt when the weights change), which steps it runs (checked with a
+stand-in library that runs the scripted step and counts its calls, so no compiler is needed for those), and its
+refusals. Each real compilation takes ~15 s: the module shares one cache directory between its tests."""
 
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
 
 from glmlab.errors import ConfigError, GlmlabError
+from glmlab.generation.generate import GenerationSettings, generate_batch
+from glmlab.models import gpt as gpt_module
 from glmlab.models import gpt_aot
 from glmlab.models.gpt import GPT, GPTConfig
+from glmlab.models.gpt_decode import scripted_decode_layers, unoptimised_graphs
 from glmlab.models.lstm import LSTMLM, LSTMConfig
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, BLOCK = 50, 16
 CPU = torch.device("cpu")
@@ -38,6 +43,19 @@ def cache_root(tmp_path_factory):
         yield root
 
 
+def count_calls(monkeypatch) -> list[int]:
+    """Wrap every compiled step made from now on so that each call appends its position to the returned list."""
+    calls: list[int] = []
+    real = gpt_aot.CompiledDecodeStep.__call__
+
+    def counted(self, tokens, pos, kv_layers):
+        calls.append(pos)
+        return real(self, tokens, pos, kv_layers)
+
+    monkeypatch.setattr(gpt_aot.CompiledDecodeStep, "__call__", counted)
+    return calls
+
+
 @torch.no_grad()
 def greedy(model: GPT, prompts: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Greedy tokens and each step's logits (steps, B, vocab) through the cache, and the cache."""
@@ -51,8 +69,9 @@ def greedy(model: GPT, prompts: torch.Tensor, steps: int) -> tuple[torch.Tensor,
     return torch.stack(tokens, 1), torch.stack(every), cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("activation", "batch"), [("gelu_tanh", 3), ("gelu", 1)])
-def test_the_compiled_step_is_the_forward_pass(activation, batch, cache_root):
+def test_the_compiled_step_is_the_forward_pass(activation, batch, cache_root, monkeypatch):
     """Every position a generation meets, from the first decoded token to the full context (the last one steps
     aside to the scripted step): the same tokens, logits to rounding, the same keys and values in the cache;
     the logits are the module forward's over the whole row."""
@@ -61,7 +80,9 @@ def test_the_compiled_step_is_the_forward_pass(activation, batch, cache_root):
     steps = BLOCK - prompts.size(1)
     tokens, logits, cache = greedy(model, prompts, steps)
     model.set_decode_compiled(True)
+    calls = count_calls(monkeypatch)
     fast_tokens, fast_logits, fast_cache = greedy(model, prompts, steps)
+    assert calls == list(range(2, BLOCK - 1))  # every position but the last of the context (scripted)
     assert fast_cache.compiled is not None and fast_cache.compiled.batch == batch
     assert torch.equal(fast_tokens, tokens)
     torch.testing.assert_close(fast_logits, logits, atol=2e-5, rtol=1e-4)
@@ -74,23 +95,73 @@ def test_the_compiled_step_is_the_forward_pass(activation, batch, cache_root):
     assert len(list((cache_root / "decode-steps").glob("gpt-*.pt2"))) >= 1
 
 
+@pytest.mark.slow
 def test_a_compiled_step_is_loaded_from_the_cache_and_rebuilt_for_new_weights(cache_root, monkeypatch):
-    model = model_with("gelu_tanh")  # the weights compiled at batch 3 above
+    model = model_with("gelu_tanh")
     model.set_decode_compiled(True)
     prompts = torch.randint(0, VOCAB, (3, 4), generator=torch.Generator().manual_seed(2))
+    greedy(model, prompts, 1)  # built here unless an earlier test built it
     built = []
     real_compile = gpt_aot._compile
     monkeypatch.setattr(gpt_aot, "_compile", lambda *args: built.append(args[3]) or real_compile(*args))
-    fresh = copy.deepcopy(model)  # another process would start like this: nothing in memory
-    tokens, _, cache = greedy(fresh, prompts, 3)
-    assert built == [] and cache.compiled is not None  # loaded from disk
+    calls = count_calls(monkeypatch)
+    fresh = copy.deepcopy(model)  # a copy leaves the loaded library behind, as another process starts
+    assert model._compiled_steps and not fresh._compiled_steps and fresh.decode_compiled
+    _, _, cache = greedy(fresh, prompts, 3)
+    assert built == [] and calls == [4, 5, 6]  # loaded from disk, and run
     with torch.no_grad():
         fresh.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
-    moved, moved_logits, moved_cache = greedy(fresh, prompts, 3)
+    _, moved_logits, moved_cache = greedy(fresh, prompts, 3)
     assert built == [3] and moved_cache.compiled is not cache.compiled  # a new library for the new weights
     fresh.set_decode_compiled(False)
     _, scripted_logits, _ = greedy(fresh, prompts, 3)
     torch.testing.assert_close(moved_logits, scripted_logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Compiled steps replaced by a library that runs the scripted step (the same numbers) and records each call's
+    batch size and position, and each build's batch size: which steps go to the library, without a compiler."""
+    record = types.SimpleNamespace(builds=[], calls=[])
+
+    def build(w, n_head, eps, batch, max_len):
+        record.builds.append(batch)
+
+        def runner(tokens, span, *kv_layers):
+            assert all(kv.size(0) == batch and kv.size(3) == max_len for kv in kv_layers)
+            record.calls.append((tokens.size(0), span.size(0) - 1))
+            with unoptimised_graphs():
+                return scripted_decode_layers()(tokens, span.size(0) - 1, list(kv_layers), w, n_head, eps)
+
+        return gpt_aot.CompiledDecodeStep(runner, batch, max_len)
+
+    monkeypatch.setattr(gpt_module, "compiled_decode_step", build)
+    return record
+
+
+def test_beams_and_ended_rows_reach_the_compiled_step_only_where_it_fits(stand_in):
+    """Beam search reorders the cache (KVCache.select): the step follows the new rows; a one-token prompt's first
+    step (position 0) is not compiled for; a batch whose rows ended early returns to the scripted step."""
+    model = model_with("gelu_tanh")
+    model.set_decode_compiled(True)
+    tokenizer = types.SimpleNamespace(eos_id=7, kind="bpe", encode=lambda text: [], decode=lambda ids, **kw: "")
+    beams = GenerationSettings(max_new_tokens=6, num_beams=2, early_stopping="never", stop_at_eos=False)
+    expected = generate_batch(model_with("gelu_tanh"), tokenizer, [[3]], beams)
+    out = generate_batch(model, tokenizer, [[3]], beams)
+    assert [c.token_ids for c in out[0]] == [c.token_ids for c in expected[0]]
+    assert stand_in.builds and all(b == 2 for b in stand_in.builds)
+    assert stand_in.calls and all(pos >= 1 for _, pos in stand_in.calls)
+    stand_in.builds.clear(), stand_in.calls.clear()
+    cache = model.new_cache(3, CPU)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2], [3, 4], [5, 6]]), cache)
+        model.decode_rows(torch.tensor([1, 2, 3]), cache, [0, 1, 2])  # every row at position 2: the library
+        model.decode_rows(torch.tensor([1, 2]), cache, [0, 1])  # row 2 has ended: scripted
+    assert stand_in.calls == [(3, 2)] and stand_in.builds == [3]
+    one = model.new_cache(1, CPU)
+    with torch.no_grad():
+        model.decode_rows(torch.tensor([1]), one, [0])  # position 0: nothing compiled for it
+    assert stand_in.builds == [3]
 
 
 def test_rows_at_different_positions_step_aside(cache_root):
@@ -119,17 +190,29 @@ def test_refusals(tmp_path, monkeypatch):
         greedy(model, torch.tensor([[1, 2]]), 1)
     monkeypatch.setenv("GLMLAB_CACHE_DIR", str(tmp_path / "cache"))
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
-
     from torch import _inductor
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler(*args, **kwargs):
+        raise InvalidCxxCompiler()
+
     monkeypatch.setattr(_inductor, "aoti_compile_and_package", no_compiler)
-    with pytest.raises(GlmlabError, match="needs a C\\+\\+ compiler") as caught:
+    with pytest.raises(GlmlabError, match="needs a working C\\+\\+ compiler") as caught:
         greedy(model, torch.tensor([[1, 2]]), 1)
     assert "No working C++ compiler" in str(caught.value)
+
+    def lowering_bug(*args, **kwargs):
+        raise AssertionError("a bug inside inductor")
+
+    monkeypatch.setattr(_inductor, "aoti_compile_and_package", lowering_bug)
+    with pytest.raises(GlmlabError, match="a bug inside inductor") as caught:
+        greedy(model, torch.tensor([[1, 2]]), 1)
+    assert "drop --compile-decode (the scripted step gives the same tokens)" in str(caught.value)
+    assert "compiler" not in str(caught.value)
     assert list((tmp_path / "cache" / "decode-steps").iterdir()) == []  # no partial library left behind
 
 
+@pytest.mark.slow
 def test_generate_compile_decode_from_the_cli(capsys, trained_run, cache_root):
     """``glmlab generate --compile-decode`` writes what the scripted step writes, and builds its library once."""
     from glmlab.cli import main

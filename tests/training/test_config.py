@@ -46,14 +46,6 @@ def test_min_lr_above_lr():
         build_section(TrainConfig, {"lr": 1e-3, "min_lr": 1e-2}, "train")
 
 
-def test_muon_momentum_needs_muon():
-    """A Muon setting with AdamW would be ignored, so it is refused; with Muon it is taken."""
-    with pytest.raises(ConfigError, match="applies to train.optimizer=muon") as err:
-        resolve_config({}, ["train.muon_momentum=0.9"])
-    assert "drop train.muon_momentum" in str(err.value)
-    assert resolve_config({}, ["train.optimizer=muon", "train.muon_momentum=0.9"]).train.muon_momentum == 0.9
-
-
 def test_parse_duration():
     assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration(12) == 12
     with pytest.raises(ValueError):

@@ -134,6 +134,37 @@ def test_muon_leaves_a_vae_s_latent_maps_and_a_seqgan_s_discriminator_to_adamw()
         make_optimizer(gan, TrainConfig(optimizer="muon"), torch.device("cpu"))
 
 
+def test_a_muon_setting_with_adamw_is_refused_where_training_starts():
+    """It would be ignored; a saved run's config that holds it still loads (generate, serve and eval read it)."""
+    import torch
+
+    from glmlab.config import resolve_config
+    from glmlab.errors import ConfigError
+    from glmlab.models.gpt import GPT, GPTConfig
+    from glmlab.training.optim import make_optimizer
+
+    model = GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ConfigError, match="muon_momentum=0.9 applies to train.optimizer=muon") as err:
+        make_optimizer(model, TrainConfig(muon_momentum=0.9), torch.device("cpu"))
+    assert "drop train.muon_momentum" in str(err.value)
+    assert resolve_config({}, ["train.muon_momentum=0.9"]).train.muon_momentum == 0.9
+    make_optimizer(model, TrainConfig(optimizer="muon", muon_momentum=0.9), torch.device("cpu"))
+
+
+def test_optimiser_state_of_another_parameter_split_is_refused_clearly():
+    import torch
+
+    from glmlab.errors import GlmlabError
+    from glmlab.models.gpt import GPT, GPTConfig
+    from glmlab.training.optim import load_optimizer_state, make_optimizer
+
+    cfg = TrainConfig(optimizer="muon")
+    small, large = (GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=n, n_head=2, n_embd=16)) for n in (1, 2))
+    state = make_optimizer(small, cfg, torch.device("cpu")).state_dict()
+    with pytest.raises(GlmlabError, match="does not fit this model's parameter groups"):
+        load_optimizer_state(make_optimizer(large, cfg, torch.device("cpu")), state, cfg)
+
+
 def test_fp32_muon_is_torch_muon_orthogonalising_in_fp32():
     """Where bf16 matmuls are slow (emulated), Muon's Newton-Schulz iterations run in fp32: the same steps as torch's
     Muon to bf16's rounding, and the same as the iteration computed in float64 to fp32's."""
