@@ -20,7 +20,9 @@ costs in KL divergence from where it started.
    tokens (a Monte-Carlo estimate; the end-of-text token counted where it was sampled). Against **best-of-N**
    from the SFT policy (N = 1, 2, 4, ..., ``--best-of``): the sample of highest reward among N, its KL the
    analytic log N - (N - 1) / N per sequence (Stiennon et al., 2020), per token over the chosen samples' mean
-   length. The table goes to stdout, the reward-KL plot to ``WORK/reward_kl.png``.
+   length. And the bound no policy can pass: the least KL that buys each positive rate (the SFT policy with its
+   positive answers' probabilities scaled up, per prefix, estimated from its samples). The table goes to stdout,
+   the reward-KL plot to ``WORK/reward_kl.png``.
 
 Every stage is kept in ``--work`` and skipped when present, so a run can be continued.
 
@@ -148,8 +150,10 @@ def preference_pairs(args: argparse.Namespace, policy: Path, train: list[str], c
             f.write(json.dumps({"prompt": prompt, "chosen": row[best].text, "rejected": row[worst].text}) + "\n")
             kept += 1
     made_with.write_text(json.dumps(settings))
-    print(f"preference pairs from {policy.name}: {kept} of {len(prompts)} prefixes ({k} samples each; ties, margins "
-          f"under {args.min_margin} and empty answers dropped)", flush=True)
+    dropped = "prefixes whose answers are all of one class" if args.pair_rule == "label" else \
+        f"ties, margins under {args.min_margin}"
+    print(f"preference pairs from {policy.name}: {kept} of {len(prompts)} prefixes ({k} samples each; {dropped} and "
+          "empty answers dropped)", flush=True)
     return path
 
 
@@ -232,6 +236,26 @@ def best_of_n(sft_eval: dict, per_prefix: int, ns: list[int]) -> list[dict]:
     return rows
 
 
+def reweighting_bound(sft_eval: dict, per_prefix: int, shifts: list[float]) -> list[dict]:
+    """The least KL any policy can pay for a positive rate: for the rate as reward, the KL-regularised optimum is
+    the SFT policy with each positive answer's probability multiplied by e^a and renormalised, per prefix — each
+    prefix's positive rate p0 then becomes p0 e^a / (p0 e^a + 1 - p0) at the Bernoulli KL between the two rates.
+    p0 is estimated from the SFT policy's ``per_prefix`` samples ((k + 0.5) / (n + 1), so that no prefix is
+    hopeless); KL per token over the SFT samples' mean length."""
+    scores, n = sft_eval["scores"], per_prefix
+    p0s = [(sum(s > 0.5 for s in scores[b:b + n]) + 0.5) / (n + 1) for b in range(0, len(scores), n)]
+    rows = []
+    for a in shifts:
+        rate = kl = 0.0
+        for p0 in p0s:
+            p = p0 * math.exp(a) / (p0 * math.exp(a) + 1 - p0)
+            rate += p
+            kl += p * math.log(p / p0) + (1 - p) * math.log((1 - p) / (1 - p0))
+        rows.append({"name": f"optimum, e^{a:g} on positive answers (bound)", "positive": rate / len(p0s),
+                     "reward": float("nan"), "kl_per_token": kl / len(p0s) / sft_eval["tokens_per_sample"]})
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -241,8 +265,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     best = [r for r in rows if r["name"].startswith("best-of")]
     ax.plot([r["kl_per_token"] for r in best], [r["positive"] for r in best], "o-", label="best-of-N (SFT)")
+    bound = [r for r in rows if r["name"].startswith("optimum")]
+    ax.plot([r["kl_per_token"] for r in bound], [r["positive"] for r in bound], "--", color="grey",
+            label="least KL for the rate (bound)")
     for r in rows:
-        if not r["name"].startswith("best-of"):
+        if not r["name"].startswith(("best-of", "optimum")):
             ax.plot(r["kl_per_token"], r["positive"], "s", label=r["name"])
     ax.set_xlabel("KL to the SFT policy (nats per token)")
     ax.set_ylabel("positive rate (reward > 0.5)")
@@ -311,6 +338,7 @@ def main() -> None:
     rows.append({"name": "sft", **{k: sft_eval[k] for k in ("positive", "reward", "kl_per_token")}})
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.best_of]
     rows += best_of_n(sft_eval, args.best_of, ns)
+    rows += reweighting_bound(sft_eval, args.best_of, [1, 1.5, 2, 2.5, 3, 4])
     for name, policy in policies.items():
         if name == "sft":
             continue
@@ -321,7 +349,8 @@ def main() -> None:
     print(f"\n{len(prompts)} held-out prefixes; reward: {args.reward or args.work / 'reward'}\n")
     print("| policy | positive rate | mean reward | KL to SFT (nats/token) |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['positive']:.3f} | {r['reward']:.3f} | {r['kl_per_token']:.4f} |")
+        reward = "" if math.isnan(r["reward"]) else f"{r['reward']:.3f}"
+        print(f"| {r['name']} | {r['positive']:.3f} | {reward} | {r['kl_per_token']:.4f} |")
     (args.work / "results.json").write_text(json.dumps(rows, indent=2))
     plot(rows, args.work / "reward_kl.png")
     print(f"\nplot: {args.work / 'reward_kl.png'}")
