@@ -10,9 +10,10 @@ attention are fused into a few vectorised loops. On a 2-core AVX-512 CPU the 4 x
 The cost is a compilation (a C++ compiler, 15-30 s for a small model) per model, batch size, dtype and thread
 count. Each compiled step is cached on disk under ``$GLMLAB_CACHE_DIR`` (default ``~/.cache/glmlab``), keyed by
 all of those, the weights' bytes, the CPU, PyTorch's version and this file, so a second generation with the same
-run loads it in about a second. A library holds a copy of the weights (6.6 MB for a 4 x 128 model); nothing
-evicts old ones. A step is specialised to one batch size (a dynamic one ran batch 1 at
-115 instead of 70 us) and one cache length; the position is dynamic.
+run loads it in about a second. A library holds the weights, some twice (as read and as packed for its GEMMs):
+6.6 MB for a 4 x 128 model, 655 MB for GPT-2 small (compiled in 41-50 s); nothing evicts old ones. A step is
+specialised to one batch size (a dynamic one ran batch 1 at 115 instead of 70 us) and one cache length; the
+position is dynamic.
 
 The attention of the one new query is written as a product, a sum and a softmax (which inductor fuses) rather
 than SDPA (which it would call as the flash kernel, slower at this size): the logits differ from the scripted
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glmlab.atomic import write_error
+from glmlab.atomic import usual_permissions, write_error
 from glmlab.errors import GlmlabError
 from glmlab.models.gpt_decode import DecodeWeights, LayerWeights
 
@@ -139,6 +140,7 @@ def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int
         with warnings.catch_warnings():  # PyTorch's deprecation notices about its own internals
             warnings.simplefilter("ignore")
             _inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=_INDUCTOR_SETTINGS)
+        usual_permissions(tmp)  # (mkstemp made it private)
         os.replace(tmp, path)
     except (InvalidCxxCompiler, CppCompileError) as exc:
         raise GlmlabError(f"compiling the decoding step failed: {_first_line(exc)}",

@@ -6,6 +6,8 @@ refusals. Each real compilation takes ~15 s: the module shares one cache directo
 from __future__ import annotations
 
 import copy
+import os
+import stat
 import types
 
 import pytest
@@ -92,7 +94,10 @@ def test_the_compiled_step_is_the_forward_pass(activation, batch, cache_root, mo
         whole = model(rows[:, :-1])  # the forward without a cache: row t predicts t + 1
     torch.testing.assert_close(fast_logits[:-1], whole[:, prompts.size(1) - 1:].transpose(0, 1), atol=2e-5,
                                rtol=1e-4)
-    assert len(list((cache_root / "decode-steps").glob("gpt-*.pt2"))) >= 1
+    libraries = list((cache_root / "decode-steps").glob("gpt-*.pt2"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert libraries and all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in libraries)  # not private
 
 
 @pytest.mark.slow
