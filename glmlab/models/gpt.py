@@ -249,19 +249,19 @@ class GPT(FamilyModel):
             return None
         c = self.config
         first, count = rows[0], len(rows)
+        # every slot of the cache, in order, at any positions: the step compiled ahead of time, if asked for
+        covered = self.decode_compiled and count == len(cache.lengths) and rows == list(range(count)) \
+            and 1 <= span - 1 <= cache.max_len - 2  # (CompiledDecodeStep.covers, asked before any compiling)
+        compiled = self._compiled_step(cache, count) if covered else None
         if isinstance(weights.head, Int8Linear):
             logits = decode_rows_int8(tokens, rows, starts, cache.layers, weights, c.n_head, c.layer_norm_epsilon)
+        elif compiled is not None:
+            logits = compiled(tokens, starts, cache.layers)
         elif starts.count(starts[0]) == count and (count == 1 or rows == list(range(first, first + count))):
             # one position, consecutive slots: the plain step on a view of those slots (no mask, no gather)
-            covered = self.decode_compiled and first == 0 and count == len(cache.lengths) \
-                and 1 <= starts[0] <= cache.max_len - 2  # (CompiledDecodeStep.covers, asked before any compiling)
-            compiled = self._compiled_step(cache, count) if covered else None
-            if compiled is not None:
-                logits = compiled(tokens, starts[0], cache.layers)
-            else:
-                with unoptimised_graphs():
-                    logits = scripted_decode_layers()(tokens, starts[0], cache.slot_views(first, count), weights,
-                                                      c.n_head, c.layer_norm_epsilon)
+            with unoptimised_graphs():
+                logits = scripted_decode_layers()(tokens, starts[0], cache.slot_views(first, count), weights,
+                                                  c.n_head, c.layer_norm_epsilon)
         else:
             device = tokens.device
             with unoptimised_graphs():

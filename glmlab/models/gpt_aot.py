@@ -1,11 +1,12 @@
 """The `gpt` family's decoding step compiled ahead of time (AOTInductor): ``--compile-decode``.
 
-TorchScript runs :func:`~glmlab.models.gpt_decode.decode_layers` one PyTorch call at a time (~70 per token on a
-4 x 128 model). Here the same step is exported with ``torch.export`` and compiled by inductor's C++ backend into a
-shared library: the weights are frozen into it, so the matrix products become GEMMs generated for those
-matrices (``max_autotune`` picks them by timing), and the layer norms, GELU, residual adds and the one-query
-attention are fused into a few vectorised loops. On a 2-core AVX-512 CPU the 4 x 128 step fell from ~155 to
-~70 us at batch 1 and from ~450 to ~250 us at batch 8 (benchmarks/README.md, "Compiled decoding").
+TorchScript runs :func:`~glmlab.models.gpt_decode.decode_layers` (and ``decode_rows`` for rows at different
+positions) one PyTorch call at a time (~70 per token on a 4 x 128 model). Here the step is exported with
+``torch.export`` and compiled by inductor's C++ backend into a shared library: the weights are frozen into it, so
+the matrix products become GEMMs generated for those matrices (``max_autotune`` picks them by timing), and the
+layer norms, GELU, residual adds and the one-query attention are fused into a few vectorised loops. On a 2-core
+AVX-512 CPU the 4 x 128 step fell from ~155 to ~70 us at batch 1 and from ~450 to ~250 us at batch 8
+(benchmarks/README.md, "Compiled decoding").
 
 The cost is a compilation (a C++ compiler, 15-30 s for a small model) per model, batch size, dtype and thread
 count. Each compiled step is cached on disk under ``$GLMLAB_CACHE_DIR`` (default ``~/.cache/glmlab``), keyed by
@@ -13,7 +14,7 @@ all of those, the weights' bytes, the CPU, PyTorch's version and this file, so a
 run loads it in about a second. A library holds the weights, some twice (as read and as packed for its GEMMs):
 6.6 MB for a 4 x 128 model, 655 MB for GPT-2 small (compiled in 41-50 s); nothing evicts old ones. A step is
 specialised to one batch size (a dynamic one ran batch 1 at 115 instead of 70 us) and one cache length; the
-position is dynamic.
+rows' positions are inputs and the span of keys read is dynamic.
 
 The attention of the one new query is written as a product, a sum and a softmax (which inductor fuses) rather
 than SDPA (which it would call as the flash kernel, slower at this size): the logits differ from the scripted
@@ -55,10 +56,13 @@ def cache_dir() -> Path:
 
 
 class DecodeStep(nn.Module):
-    """:func:`~glmlab.models.gpt_decode.decode_layers` as a module to export: the weights are its buffers; the
-    inputs are the new tokens (B,), a tensor whose length is the number of positions to attend to (the new
-    token's position + 1; its contents are unused: a length is what ``torch.export`` can keep dynamic) and each
-    layer's (B, 2, n_head, max_len, head_dim) cache, where the step stores the new key and value."""
+    """:func:`~glmlab.models.gpt_decode.decode_rows` for every slot of a cache, in order, as a module to export: the
+    weights are its buffers; the inputs are the new tokens (B,), each row's position (B,), a tensor whose length is
+    the number of positions to attend to (the largest position + 1; its contents are unused: a length is what
+    ``torch.export`` can keep dynamic) and each layer's (B, 2, n_head, max_len, head_dim) cache, where the step
+    stores each row's new key and value at its position. Each row attends to its own positions only, so rows at
+    one position (a batch of prompts of one length) and rows at several (prompts of different lengths) run the
+    same library, as fast (measured within noise of a one-position form: 218-234 against 224-257 us at batch 8)."""
 
     def __init__(self, w: DecodeWeights, n_head: int, eps: float) -> None:
         super().__init__()
@@ -70,18 +74,21 @@ class DecodeStep(nn.Module):
             for name, tensor in layer._asdict().items():
                 self.register_buffer(f"layer{i}_{name}", tensor.detach())
 
-    def forward(self, tokens: torch.Tensor, span: torch.Tensor, *kv_layers: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
+                *kv_layers: torch.Tensor) -> torch.Tensor:
         B, C, end = tokens.size(0), self.wte.size(1), span.size(0)
-        pos, hs = end - 1, C // self.n_head
-        x = (self.wte[tokens] + self.wpe[pos]).to(self.ln_f_weight.dtype)  # (B, C)
+        hs = C // self.n_head
+        x = (self.wte[tokens] + self.wpe[positions]).to(self.ln_f_weight.dtype)  # (B, C)
+        rows = torch.arange(B, device=tokens.device)
+        visible = (torch.arange(end, device=tokens.device)[None, :] <= positions[:, None])[:, None, :, None]
         for i, kv in enumerate(kv_layers):
             w = {name: getattr(self, f"layer{i}_{name}") for name in LayerWeights._fields}
             h = F.layer_norm(x, [C], w["ln_1_weight"], w["ln_1_bias"], self.eps)
-            qkv = torch.addmm(w["attn_bias"], h, w["attn_weight"]).view(B, 3, self.n_head, 1, hs)
-            kv.narrow(3, pos, 1).copy_(qkv.narrow(1, 1, 2))  # k and v stored together
+            qkv = torch.addmm(w["attn_bias"], h, w["attn_weight"]).view(B, 3, self.n_head, hs)
+            kv[rows, :, :, positions] = qkv[:, 1:]  # each row's k and v, stored together at its position
             k, v = kv.narrow(3, 0, end).unbind(1)  # (B, nh, end, hs)
-            scores = (qkv.select(1, 0) * hs ** -0.5 * k).sum(-1, keepdim=True)  # (B, nh, end, 1)
-            y = (torch.softmax(scores, 2) * v).sum(2)  # (B, nh, hs)
+            scores = (qkv[:, 0, :, None, :] * hs ** -0.5 * k).sum(-1, keepdim=True)  # (B, nh, end, 1)
+            y = (torch.softmax(scores.masked_fill(~visible, float("-inf")), 2) * v).sum(2)  # (B, nh, hs)
             x = torch.addmm(w["attn_proj_bias"], y.reshape(B, C), w["attn_proj_weight"]) + x
             h = F.layer_norm(x, [C], w["ln_2_weight"], w["ln_2_bias"], self.eps)
             h = F.gelu(torch.addmm(w["fc_bias"], h, w["fc_weight"]), approximate="none" if self.exact_gelu else "tanh")
@@ -123,7 +130,8 @@ def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int
     example = torch.empty(min(10, max_len - 1))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(step, (tokens, example, *kv), dynamic_shapes=({}, {0: end}, ({},) * len(kv)))
+        program = torch.export.export(step, (tokens, tokens.clone(), example, *kv),
+                                      dynamic_shapes=({}, {}, {0: end}, ({},) * len(kv)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
@@ -163,20 +171,22 @@ def _first_line(exc: BaseException) -> str:
 
 
 class CompiledDecodeStep:
-    """A loaded compiled step for one batch size and cache length: ``step(tokens, pos, kv_layers)`` gives the
-    logits (B, vocab) and stores the keys and values at ``pos`` (1 <= pos <= max_len - 2; :meth:`covers`)."""
+    """A loaded compiled step for one batch size and cache length: ``step(tokens, starts, kv_layers)`` gives the
+    logits (B, vocab) for row i's new token at position ``starts[i]`` and stores the keys and values there; it
+    covers positions up to ``max_len - 2`` with at least one row past position 0 (:meth:`covers`)."""
 
     def __init__(self, runner: Callable[..., torch.Tensor], batch: int, max_len: int) -> None:
         self.runner, self.batch, self.max_len = runner, batch, max_len
         self._span = torch.empty(max_len)
 
-    def covers(self, pos: int) -> bool:
-        return 1 <= pos <= self.max_len - 2
+    def covers(self, starts: list[int]) -> bool:
+        return 1 <= max(starts) <= self.max_len - 2
 
-    def __call__(self, tokens: torch.Tensor, pos: int, kv_layers: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, starts: list[int], kv_layers: list[torch.Tensor]) -> torch.Tensor:
         # (the library reads its inputs as laid out at export, unchecked: contiguous, which a column of a prompt
         # is not, and of the batch size and cache length it was built for, which the caller checks)
-        return self.runner(tokens.contiguous(), self._span[:pos + 1], *kv_layers)
+        positions = torch.tensor(starts, device=tokens.device)
+        return self.runner(tokens.contiguous(), positions, self._span[:max(starts) + 1], *kv_layers)
 
 
 def compiled_decode_step(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int) -> CompiledDecodeStep:

@@ -18,7 +18,7 @@ from glmlab.generation.generate import GenerationSettings, generate_batch
 from glmlab.models import gpt as gpt_module
 from glmlab.models import gpt_aot
 from glmlab.models.gpt import GPT, GPTConfig
-from glmlab.models.gpt_decode import scripted_decode_layers, unoptimised_graphs
+from glmlab.models.gpt_decode import scripted_decode_rows, unoptimised_graphs
 from glmlab.models.lstm import LSTMLM, LSTMConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,13 +46,13 @@ def cache_root(tmp_path_factory):
 
 
 def count_calls(monkeypatch) -> list[int]:
-    """Wrap every compiled step made from now on so that each call appends its position to the returned list."""
+    """Wrap every compiled step so that each call appends its rows' largest position to the returned list."""
     calls: list[int] = []
     real = gpt_aot.CompiledDecodeStep.__call__
 
-    def counted(self, tokens, pos, kv_layers):
-        calls.append(pos)
-        return real(self, tokens, pos, kv_layers)
+    def counted(self, tokens, starts, kv_layers):
+        calls.append(max(starts))
+        return real(self, tokens, starts, kv_layers)
 
     monkeypatch.setattr(gpt_aot.CompiledDecodeStep, "__call__", counted)
     return calls
@@ -132,11 +132,12 @@ def stand_in(monkeypatch):
     def build(w, n_head, eps, batch, max_len):
         record.builds.append(batch)
 
-        def runner(tokens, span, *kv_layers):
+        def runner(tokens, positions, span, *kv_layers):
             assert all(kv.size(0) == batch and kv.size(3) == max_len for kv in kv_layers)
             record.calls.append((tokens.size(0), span.size(0) - 1))
             with unoptimised_graphs():
-                return scripted_decode_layers()(tokens, span.size(0) - 1, list(kv_layers), w, n_head, eps)
+                return scripted_decode_rows()(tokens, torch.arange(batch), positions, span.size(0), list(kv_layers),
+                                              w, n_head, eps)
 
         return gpt_aot.CompiledDecodeStep(runner, batch, max_len)
 
@@ -169,17 +170,31 @@ def test_beams_and_ended_rows_reach_the_compiled_step_only_where_it_fits(stand_i
     assert stand_in.builds == [3]
 
 
-def test_rows_at_different_positions_step_aside(cache_root):
-    """A batch whose rows sit at different positions (a server's, or prompts of different lengths) runs the
-    scripted step: the compiled one covers all rows at one position."""
-    model = model_with("gelu_tanh")
-    model.set_decode_compiled(True)
-    cache = model.new_cache(3, CPU)
-    with torch.no_grad():
-        for slot, n in enumerate([2, 5, 3]):
-            model(torch.arange(n)[None], cache, rows=[slot])
-        logits = model.decode_rows(torch.tensor([1, 2, 3]), cache, [0, 1, 2])
-    assert cache.compiled is None and logits.shape == (3, VOCAB)
+@pytest.mark.slow
+def test_rows_at_different_positions_run_the_library(cache_root, monkeypatch):
+    """Prompts of different lengths (a batch whose rows sit at different positions) decode through the same
+    library: each row attends to its own positions; logits and cache as the scripted step's."""
+    model = model_with("gelu_tanh")  # (the weights, batch and cache length compiled above: loaded, not rebuilt)
+
+    def run(compiled: bool) -> tuple[torch.Tensor, object]:
+        model.set_decode_compiled(compiled)
+        cache = model.new_cache(3, CPU)
+        with torch.no_grad():
+            for slot, n in enumerate([2, 5, 3]):
+                model(torch.arange(1, n + 1)[None], cache, rows=[slot])
+            tokens, every = torch.tensor([7, 8, 9]), []
+            for _ in range(6):
+                every.append(model.decode_rows(tokens, cache, [0, 1, 2]))
+                tokens = every[-1].argmax(-1)
+        return torch.stack(every), cache
+
+    scripted, scripted_cache = run(False)
+    calls = count_calls(monkeypatch)
+    fast, fast_cache = run(True)
+    assert calls == [5, 6, 7, 8, 9, 10]
+    torch.testing.assert_close(fast, scripted, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_cache.kv, scripted_cache.kv, atol=1e-6, rtol=1e-5)
+    assert fast_cache.lengths == [8, 11, 9]
 
 
 def test_refusals(tmp_path, monkeypatch):
