@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from glmlab.errors import ConfigError
 from glmlab.models.contract import FAST_PATHS, FamilyModel, Traits
-from glmlab.models.gpt_aot import MIN_CACHE_LEN, CompiledDecodeStep, compiled_decode_step
+from glmlab.models.gpt_aot import CompiledDecodeStep, compiled_decode_step, covers
 from glmlab.models.gpt_decode import (
     DecodeWeights,
     Int8Linear,
@@ -251,7 +251,7 @@ class GPT(FamilyModel):
         first, count = rows[0], len(rows)
         # every slot of the cache, in order, at any positions: the step compiled ahead of time, if asked for
         covered = self.decode_compiled and count == len(cache.lengths) and rows == list(range(count)) \
-            and 1 <= span - 1 <= cache.max_len - 2  # (CompiledDecodeStep.covers, asked before any compiling)
+            and covers(starts, cache.max_len)  # (asked before anything is compiled)
         compiled = self._compiled_step(cache, count) if covered else None
         if isinstance(weights.head, Int8Linear):
             logits = decode_rows_int8(tokens, rows, starts, cache.layers, weights, c.n_head, c.layer_norm_epsilon)
@@ -274,12 +274,12 @@ class GPT(FamilyModel):
 
     def _compiled_step(self, cache: KVCache, count: int) -> CompiledDecodeStep | None:
         """The compiled step for a decoding step over every slot of ``cache`` (None when the step covers only
-        some of them, the cache is too short, or its dtype or device is not the weights'): made at the cache's
+        some of them, or the cache's dtype or device is not the weights'): made at the cache's
         first step, kept in memory per batch size, cache length, thread count and state of the weights (each
         parameter's identity, storage and in-place version; the steps kept hold on to those storages, so no new
         weights can reuse their addresses); the disk cache is keyed by the weights' bytes."""
         step, weights = cache.compiled, cache.weights
-        if count != len(cache.lengths) or cache.max_len < MIN_CACHE_LEN:
+        if count != len(cache.lengths):
             return None
         if step is not None and step.batch == count:
             return step

@@ -170,17 +170,21 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:300]
 
 
+def covers(starts: list[int], max_len: int) -> bool:
+    """Whether a compiled step runs rows at these positions of a cache of ``max_len``: the span of keys it reads
+    (the largest position + 1) is exported as 2 .. max_len - 1 (at max_len the cache view is the whole cache, a
+    case export specialises; 1 is a size export specialises too)."""
+    return max_len >= MIN_CACHE_LEN and 1 <= max(starts) <= max_len - 2
+
+
 class CompiledDecodeStep:
     """A loaded compiled step for one batch size and cache length: ``step(tokens, starts, kv_layers)`` gives the
-    logits (B, vocab) for row i's new token at position ``starts[i]`` and stores the keys and values there; it
-    covers positions up to ``max_len - 2`` with at least one row past position 0 (:meth:`covers`)."""
+    logits (B, vocab) for row i's new token at position ``starts[i]`` and stores the keys and values there, where
+    :func:`covers` the positions."""
 
     def __init__(self, runner: Callable[..., torch.Tensor], batch: int, max_len: int) -> None:
         self.runner, self.batch, self.max_len = runner, batch, max_len
         self._span = torch.empty(max_len)
-
-    def covers(self, starts: list[int]) -> bool:
-        return 1 <= max(starts) <= self.max_len - 2
 
     def __call__(self, tokens: torch.Tensor, starts: list[int], kv_layers: list[torch.Tensor]) -> torch.Tensor:
         # (the library reads its inputs as laid out at export, unchecked: contiguous, which a column of a prompt
