@@ -28,6 +28,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +135,7 @@ def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int
                                       dynamic_shapes=({}, {}, {0: end}, ({},) * len(kv)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
         os.close(fd)
     except OSError as exc:
@@ -163,6 +165,17 @@ def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_stale_partials(folder: Path, age: float = 3600.0) -> None:
+    """Delete what compilations killed midway left (``.partial-*.pt2`` older than ``age`` seconds: no compilation
+    takes that long, so a younger one may be another process's, still being written)."""
+    for partial in folder.glob(".partial-*.pt2"):
+        try:
+            if time.time() - partial.stat().st_mtime > age:
+                partial.unlink()
+        except OSError:
+            pass  # gone already, or not ours to delete
 
 
 def _first_line(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import stat
+import time
 import types
 
 import pytest
@@ -209,6 +210,11 @@ def test_refusals(tmp_path, monkeypatch):
     with pytest.raises(GlmlabError, match="GLMLAB_CACHE_DIR to a writable directory"):
         greedy(model, torch.tensor([[1, 2]]), 1)
     monkeypatch.setenv("GLMLAB_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "decode-steps"
+    folder.mkdir(parents=True)
+    killed, running = folder / ".partial-killed.pt2", folder / ".partial-running.pt2"  # left by other processes
+    killed.write_text(""), running.write_text("")
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
 
     from torch import _inductor
     from torch._inductor.exc import InvalidCxxCompiler
@@ -229,7 +235,7 @@ def test_refusals(tmp_path, monkeypatch):
         greedy(model, torch.tensor([[1, 2]]), 1)
     assert "drop --compile-decode (the scripted step gives the same tokens)" in str(caught.value)
     assert "compiler" not in str(caught.value)
-    assert list((tmp_path / "cache" / "decode-steps").iterdir()) == []  # no partial library left behind
+    assert list(folder.iterdir()) == [running]  # no partial library of ours left, a killed one's removed
 
 
 @pytest.mark.slow
