@@ -55,19 +55,19 @@ def read_bandwidth(megabytes: int = 1024) -> float:
 def max_decode_diff(model: GPT, reference: GPT, prompts: torch.Tensor) -> float:
     """Largest logit difference of one decoding step of ``model`` (in its decode format and step) against fp32
     weights decoded by the scripted step."""
-    results = []
-    for m, fmt, compiled in ((model, model.decode_weight_format, model.decode_compiled), (reference, "native", False)):
-        saved = m.decode_weight_format, m.decode_compiled
-        m.set_decode_compiled(False)
-        m.set_decode_weights(fmt)
-        m.set_decode_compiled(compiled)
+    def step_logits(m: GPT) -> torch.Tensor:
         cache = m.new_cache(prompts.size(0), torch.device("cpu"))
         m(prompts[:, :-1], cache)
-        results.append(m(prompts[:, -1:], cache)[:, -1].float())
-        m.set_decode_compiled(False)
-        m.set_decode_weights(saved[0])
-        m.set_decode_compiled(saved[1])
-    return (results[0] - results[1]).abs().max().item()
+        return m(prompts[:, -1:], cache)[:, -1].float()
+
+    measured = step_logits(model)
+    saved = reference.decode_weight_format, reference.decode_compiled  # (the reference may be the model itself)
+    reference.set_decode_compiled(False)
+    reference.set_decode_weights("native")
+    expected = step_logits(reference)
+    reference.set_decode_weights(saved[0])
+    reference.set_decode_compiled(saved[1])
+    return (measured - expected).abs().max().item()
 
 
 def build_pair(n_layer, n_head, n_embd, vocab, block):

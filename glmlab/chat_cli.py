@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed: the same conversation gives the same replies")
     p.add_argument("--compile-decode", action="store_true",
-                   help="decode through a step compiled ahead of time (gpt on a CPU; needs a C++ compiler; 15-30 s "
-                        "before the first reply the first time, then cached)")
+                   help="decode through a step compiled ahead of time (gpt on a CPU; needs a C++ compiler; ~15-30 s "
+                        "before the first reply for a small model, the first time; then cached)")
     add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_chat)

@@ -336,7 +336,8 @@ class LoadedRun:
 
     def use_compiled_decode(self) -> None:
         """Decode through the step compiled ahead of time (gpt runs on a CPU; ``--compile-decode``): a C++
-        compiler and 15-30 s at the first generation per batch size, then cached (:mod:`glmlab.models.gpt_aot`)."""
+        compiler and ~15-30 s for a small model (~45 s for GPT-2 small) at the first generation per batch size, then
+        cached (:mod:`glmlab.models.gpt_aot`)."""
         if not self.model.traits.compiled_decode:
             raise GlmlabError(f"--compile-decode is not available for this run's family, {self.config.model.family}",
                               "drop --compile-decode")

@@ -159,7 +159,7 @@ class GPT(FamilyModel):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.decode_weight_format = "native"
         self._int8_cache: tuple | None = None
-        self.decode_compiled = False  # set_decode_compiled: the one-position step compiled ahead of time
+        self.decode_compiled = False  # set_decode_compiled: the decoding step compiled ahead of time
         self._compiled_steps: dict[tuple, tuple] = {}  # key -> (step, the parameters and storages it was made of)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
@@ -240,7 +240,8 @@ class GPT(FamilyModel):
     def decode_rows(self, tokens: torch.Tensor, cache: KVCache, rows: list[int]) -> torch.Tensor | None:
         """Logits (B, vocab) for one new token in each of the cache slots ``rows``, which may sit at
         different positions (a server's continuous batch), through the compiled steps of
-        :mod:`glmlab.models.gpt_decode` (or the int8 one); None when the general ``forward`` is needed
+        :mod:`glmlab.models.gpt_decode` (or the int8 one, or with :meth:`set_decode_compiled` the step compiled
+        ahead of time, :mod:`glmlab.models.gpt_aot`); None when the general ``forward`` is needed
         (training, a slot that is full)."""
         weights = cache.weights
         starts = [cache.lengths[r] for r in rows]
@@ -273,16 +274,14 @@ class GPT(FamilyModel):
         return logits
 
     def _compiled_step(self, cache: KVCache, count: int) -> CompiledDecodeStep | None:
-        """The compiled step for a decoding step over every slot of ``cache`` (None when the step covers only
-        some of them, or the cache's dtype or device is not the weights'): made at the cache's
-        first step, kept in memory per batch size, cache length, thread count and state of the weights (each
+        """The compiled step for a decoding step over all ``count`` slots of ``cache`` (None when the cache's dtype
+        or device is not the weights'): made at the cache's first step (and again after ``KVCache.select``, which
+        drops it), kept in memory per batch size, cache length, thread count and state of the weights (each
         parameter's identity, storage and in-place version; the steps kept hold on to those storages, so no new
         weights can reuse their addresses); the disk cache is keyed by the weights' bytes."""
-        step, weights = cache.compiled, cache.weights
-        if count != len(cache.lengths):
-            return None
-        if step is not None and step.batch == count:
-            return step
+        weights = cache.weights
+        if cache.compiled is not None:
+            return cache.compiled
         if cache.kv.dtype != weights.ln_f_weight.dtype or cache.kv.device.type != "cpu":
             return None
         params = list(self.parameters())
@@ -361,10 +360,10 @@ class GPT(FamilyModel):
         return {**super().__getstate__(), "_compiled_steps": {}}
 
     def set_decode_compiled(self, enabled: bool = True) -> None:
-        """Decode with the one-position step compiled ahead of time (:mod:`glmlab.models.gpt_aot`; a C++ compiler,
-        seconds to a minute at the first generation per batch size, then cached on disk), on a CPU, native
-        weights. Steps it does not cover (rows at different positions, the first and last positions of the
-        cache) run the scripted steps."""
+        """Decode with the step compiled ahead of time (:mod:`glmlab.models.gpt_aot`; a C++ compiler, seconds to a
+        minute at the first generation per batch size, then cached on disk), on a CPU, native weights. It runs
+        steps over every slot of the cache, at any positions; the others (a subset of the slots, as after some rows
+        ended; the first and last positions of the cache) run the scripted steps."""
         if enabled and self.transformer.wte.weight.device.type != "cpu":
             raise ConfigError("--compile-decode compiles a CPU step", "drop --compile-decode on this device")
         if enabled and self.decode_weight_format == "int8":

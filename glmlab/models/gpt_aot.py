@@ -23,11 +23,11 @@ step's by rounding (~1e-6).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glmlab.atomic import usual_permissions, write_error
+from glmlab.atomic import atomic_path, write_error
 from glmlab.errors import GlmlabError
 from glmlab.models.gpt_decode import DecodeWeights, LayerWeights
 
@@ -67,7 +67,7 @@ class DecodeStep(nn.Module):
 
     def __init__(self, w: DecodeWeights, n_head: int, eps: float) -> None:
         super().__init__()
-        self.n_head, self.eps, self.exact_gelu, self.n_layer = n_head, eps, w.exact_gelu, len(w.layers)
+        self.n_head, self.eps, self.exact_gelu = n_head, eps, w.exact_gelu
         self.tied = w.head is w.wte  # GPT-2's tied output layer: one copy of the matrix in the library
         for name in ("wte", "wpe", "ln_f_weight", "ln_f_bias") + (() if self.tied else ("head",)):
             self.register_buffer(name, getattr(w, name).detach())
@@ -98,6 +98,7 @@ class DecodeStep(nn.Module):
         return F.linear(F.layer_norm(x, [C], self.ln_f_weight, self.ln_f_bias, self.eps), head)
 
 
+@functools.cache
 def _machine() -> str:
     """What the library's machine code depends on: inductor compiles for this CPU (``-march=native``), so a
     library built where AVX-512 exists would crash a CPU without it (a home directory shared between hosts)."""
@@ -113,8 +114,9 @@ def _machine() -> str:
 def _key(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int) -> str:
     """The cache key of a compiled step: everything that changes the library."""
     digest = hashlib.sha256(repr((torch.__version__, _machine(), _SOURCE, n_head, eps, batch, max_len,
-                                  w.exact_gelu, torch.get_num_threads(), len(w.layers))).encode())
-    tensors = [w.wte, w.wpe, w.ln_f_weight, w.ln_f_bias, w.head] + [t for layer in w.layers for t in layer]
+                                  w.exact_gelu, torch.get_num_threads(), w.head is w.wte)).encode())
+    tensors = [w.wte, w.wpe, w.ln_f_weight, w.ln_f_bias] + ([] if w.head is w.wte else [w.head]) \
+        + [t for layer in w.layers for t in layer]  # (a tied head's bytes are the embedding's: read once)
     for t in tensors:
         digest.update(repr((t.dtype, tuple(t.shape))).encode())
         digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
@@ -136,8 +138,6 @@ def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
-        os.close(fd)
     except OSError as exc:
         raise write_error(path.parent, exc, "set GLMLAB_CACHE_DIR to a writable directory, or drop "
                                             "--compile-decode") from exc
@@ -146,31 +146,27 @@ def _compile(w: DecodeWeights, n_head: int, eps: float, batch: int, max_len: int
     from torch import _inductor  # (imported here: loading inductor takes a second or two)
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
 
-    try:
-        with warnings.catch_warnings():  # PyTorch's deprecation notices about its own internals
-            warnings.simplefilter("ignore")
-            _inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=_INDUCTOR_SETTINGS)
-        usual_permissions(tmp)  # (mkstemp made it private)
-        os.replace(tmp, path)
+    try:  # (aoti_compile_and_package insists on a name ending in .pt2)
+        with atomic_path(path, suffix=".pt2") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's deprecation notices about its own internals
+            _inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=_INDUCTOR_SETTINGS)
     except (InvalidCxxCompiler, CppCompileError) as exc:
         raise GlmlabError(f"compiling the decoding step failed: {_first_line(exc)}",
                           "--compile-decode needs a working C++ compiler (g++ or clang) on PATH; install one, or "
                           "drop --compile-decode") from exc
     except OSError as exc:
-        raise write_error(path.parent, exc, "free space in GLMLAB_CACHE_DIR, or drop --compile-decode") from exc
+        raise write_error(path.parent, exc, "free space in GLMLAB_CACHE_DIR (or point it at a writable directory), "
+                                            "or drop --compile-decode") from exc
     except Exception as exc:  # noqa: BLE001 — any other failure inside inductor: the scripted step still works
         raise GlmlabError(f"compiling the decoding step failed: {_first_line(exc)}",
                           "drop --compile-decode (the scripted step gives the same tokens); please report this") \
             from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _remove_stale_partials(folder: Path, age: float = 3600.0) -> None:
-    """Delete what compilations killed midway left (``.partial-*.pt2`` older than ``age`` seconds: no compilation
-    takes that long, so a younger one may be another process's, still being written)."""
-    for partial in folder.glob(".partial-*.pt2"):
+    """Delete what compilations killed midway left (hidden ``.*.pt2`` files older than ``age`` seconds: no
+    compilation takes that long, so a younger one may be another process's, still being written)."""
+    for partial in folder.glob(".*.pt2"):
         try:
             if time.time() - partial.stat().st_mtime > age:
                 partial.unlink()
@@ -196,8 +192,8 @@ class CompiledDecodeStep:
     :func:`covers` the positions."""
 
     def __init__(self, runner: Callable[..., torch.Tensor], batch: int, max_len: int) -> None:
-        self.runner, self.batch, self.max_len = runner, batch, max_len
-        self._span = torch.empty(max_len)
+        self.runner, self.batch = runner, batch
+        self._span = torch.empty(max_len)  # sliced to each step's span of keys
 
     def __call__(self, tokens: torch.Tensor, starts: list[int], kv_layers: list[torch.Tensor]) -> torch.Tensor:
         # (the library reads its inputs as laid out at export, unchecked: contiguous, which a column of a prompt
@@ -210,10 +206,8 @@ def compiled_decode_step(w: DecodeWeights, n_head: int, eps: float, batch: int, 
     """The compiled step for these weights, batch size and cache length (>= :data:`MIN_CACHE_LEN`): loaded from
     the cache directory, or compiled there first (seconds to a minute). A library that does not load (damaged,
     or from another PyTorch build) is compiled again. Raises a :class:`GlmlabError` naming the fix when it cannot
-    be built (no C++ compiler, an unwritable cache directory)."""
-    if w.wte.device.type != "cpu":
-        raise GlmlabError(f"--compile-decode compiles a CPU step; this model is on {w.wte.device.type}",
-                          "drop --compile-decode (or decode on --device cpu)")
+    be built (no C++ compiler, an unwritable cache directory). CPU weights (``GPT.set_decode_compiled`` refuses
+    another device)."""
     path = cache_dir() / f"gpt-{_key(w, n_head, eps, batch, max_len)}.pt2"
     if not path.exists():
         _compile(w, n_head, eps, batch, max_len, path)
