@@ -174,7 +174,7 @@ def bare_step_rate(threads: int, steps: int, dtype: torch.dtype | None) -> float
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, dropout=0.0, bias=False, activation="gelu", **SHAPE)).train()
-    step = make_step(model, hf=False, dtype=dtype)
+    step = make_step(model, hf=False, dtype=dtype, batch_size=BATCH)
     gen = torch.Generator().manual_seed(0)
     batches = [tuple(torch.randint(0, 65, (2, BATCH, SHAPE["block_size"]), generator=gen)) for _ in range(8)]
     measure(step, batches, 3)  # warm-up

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glmlab.runtime import bf16_attention_slowdown
+
 NORMS = ("pre", "post")
 ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
                "gelu": F.gelu}  # BERT's exact GELU
@@ -71,6 +73,7 @@ class SelfAttention(nn.Module):
         self.c_attn = Conv1D(shape.n_embd, 3 * shape.n_embd, shape.bias)  # q, k, v together
         self.c_proj = Conv1D(shape.n_embd, shape.n_embd, shape.bias)
         self.resid_dropout = nn.Dropout(shape.dropout)
+        self.attend_in_fp32 = False  # bf16 q, k, v attended in fp32: see attend_in_fp32_where_faster
 
     def forward(self, x: torch.Tensor, step: CacheStep | None = None, mask: torch.Tensor | None = None,
                 ) -> torch.Tensor:
@@ -85,8 +88,14 @@ class SelfAttention(nn.Module):
         if step is not None:
             k, v = step.write_and_read(self.layer_index, k, v)  # (B, nh, span, hs)
             mask, causal = step.mask, step.causal
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        dropout = self.dropout if self.training else 0.0
+        if self.attend_in_fp32 and q.dtype == torch.bfloat16:
+            with torch.autocast(q.device.type, enabled=False):  # autocast would cast q, k and v back to bf16
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   dropout_p=dropout, is_causal=causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout,
+                                               is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -119,6 +128,23 @@ class Block(nn.Module):
             return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), step, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+SLOW_BF16_ATTENTION = 1.1  # bf16 attention this many times slower than fp32 (measured) runs in fp32
+
+
+def attend_in_fp32_where_faster(model: nn.Module, batch: int, length: int) -> float | None:
+    """For training on a CPU under bf16 autocast: measure bf16 against fp32 attention at each of ``model``'s
+    attention shapes (``batch`` rows of ``length`` tokens) and let the layers where bf16 is at least
+    ``SLOW_BF16_ATTENTION`` times slower attend in fp32 (their projections stay in bf16). Returns the largest
+    slowdown measured, None when the model has no self-attention."""
+    layers = [module for module in model.modules() if isinstance(module, SelfAttention)]
+    slowdowns = []
+    for layer in layers:
+        slowdown = bf16_attention_slowdown(batch, layer.n_head, length, layer.n_embd // layer.n_head)
+        layer.attend_in_fp32 = slowdown >= SLOW_BF16_ATTENTION
+        slowdowns.append(slowdown)
+    return max(slowdowns, default=None)
 
 
 def key_padding_mask(idx: torch.Tensor, pad_id: int) -> torch.Tensor | None:

@@ -39,6 +39,7 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError, RunDirError
 from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.models import get_family
+from glmlab.models.transformer import SLOW_BF16_ATTENTION, attend_in_fp32_where_faster
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, TOKENIZER, WEIGHTS, read_run_config, save_weights
 from glmlab.runtime import (
     PRECISIONS,
@@ -188,6 +189,11 @@ class Trainer:
                                       "last_val_loss": math.inf, "evals_without_improvement": 0,
                                       "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0,
                                       "precision": precision_name(self.amp_dtype)}
+        self.attention_note = ""
+        if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16:
+            slowdown = attend_in_fp32_where_faster(self.model, cfg.batch_size, self.model.block_size)
+            if slowdown is not None and slowdown >= SLOW_BF16_ATTENTION:
+                self.attention_note = f", attention in fp32 ({slowdown:.1f}x faster than bf16 here)"
         self.hooks = self.model.training_hooks()
         self.notes = list(self.task.notes)
         self.saved_step = -1
@@ -413,8 +419,8 @@ class Trainer:
         processes = f", {self.dist.world_size} processes" if self.dist.enabled else ""
         examples = self.task.describe_step(self.cfg, self.mcfg.block_size, self.dist.world_size)
         log.progress.message(f"{'resuming' if self.resume else 'training'} {self.mcfg.family}: "
-                             f"{n_params / 1e6:.2f}M parameters, {precision_name(self.amp_dtype)} on {self.device} "
-                             f"({torch.get_num_threads()} threads{processes}), {examples}, "
+                             f"{n_params / 1e6:.2f}M parameters, {precision_name(self.amp_dtype)}{self.attention_note} "
+                             f"on {self.device} ({torch.get_num_threads()} threads{processes}), {examples}, "
                              f"from step {self.state['step']} -> {self.out}")
 
     def _run_phase(self, phase: Phase, stop: _StopFlag, log: RunLog) -> str:
