@@ -68,27 +68,6 @@ def bf16_matmul_speedup(n: int = 256, repeats: int = 8) -> float:
     return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
 
 
-@functools.cache
-def bf16_attention_slowdown(batch: int, heads: int, length: int, head_size: int) -> float:
-    """How many times longer causal self-attention (``F.scaled_dot_product_attention``, forward and backward) takes
-    on bf16 than on fp32 q/k/v on this CPU at this shape: best of three timings of each, once per process and shape.
-    PyTorch's CPU flash-attention kernel can be far slower in bf16 at short sequences and narrow heads (3.4 against
-    1.2 ms at 12 x 4 heads x 64 x 32 on a 2-core AVX512-BF16 EPYC) and faster at long ones, so it is measured.
-    Enough rows of the batch to keep every thread busy stand in for all of it (the cost is per row and head)."""
-    rows = max(1, min(batch, -(-4 * torch.get_num_threads() // heads)))
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        q, k, v = (torch.randn(rows, heads, length, head_size, dtype=dtype, requires_grad=True) for _ in range(3))
-        grad = torch.randn(rows, heads, length, head_size, dtype=dtype)
-        timings = []
-        for _ in range(4):  # the first call allocates and picks kernels
-            start = time.perf_counter()
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
-            timings.append(time.perf_counter() - start)
-        best[dtype] = min(timings[1:])
-    return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
-
-
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.precision`` on ``device``; None means plain fp32."""
     if name == "fp32":

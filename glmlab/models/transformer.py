@@ -9,14 +9,14 @@ which ``glmlab export-hf`` maps onto ``BertForMaskedLM`` by a plain copy). Weigh
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from glmlab.runtime import bf16_attention_slowdown
 
 NORMS = ("pre", "post")
 ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
@@ -128,6 +128,29 @@ class Block(nn.Module):
             return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), step, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+@functools.cache
+def bf16_attention_slowdown(batch: int, heads: int, length: int, head_size: int) -> float:
+    """How many times longer causal self-attention (``F.scaled_dot_product_attention``, forward and backward) takes
+    on bf16 than on fp32 q/k/v on this CPU at this shape: best of three timings of each, once per process and shape.
+    PyTorch's CPU flash-attention kernel can be far slower in bf16 at short sequences and narrow heads (3.4 against
+    1.2 ms at 12 x 4 heads x 64 x 32 on a 2-core AVX512-BF16 EPYC) and faster at long ones, so it is measured.
+    Enough rows of the batch to keep every thread busy stand in for all of it (the cost is per row and head)."""
+    rows = max(1, min(batch, -(-4 * torch.get_num_threads() // heads)))
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.enable_grad():
+            q, k, v = (torch.randn(rows, heads, length, head_size, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            grad = torch.randn(rows, heads, length, head_size, dtype=dtype)
+            timings = []
+            for _ in range(4):  # the first call allocates and picks kernels
+                start = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+                timings.append(time.perf_counter() - start)
+        best[dtype] = min(timings[1:])
+    return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
 
 
 SLOW_BF16_ATTENTION = 1.1  # bf16 attention this many times slower than fp32 (measured) runs in fp32

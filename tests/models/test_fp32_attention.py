@@ -10,8 +10,13 @@ import torch.nn.functional as F
 import glmlab.models.transformer as transformer
 from glmlab.models.gpt import GPT, GPTConfig
 from glmlab.models.lstm import LSTMLM, LSTMConfig
-from glmlab.models.transformer import SLOW_BF16_ATTENTION, BlockShape, SelfAttention, attend_in_fp32_where_faster
-from glmlab.runtime import bf16_attention_slowdown
+from glmlab.models.transformer import (
+    SLOW_BF16_ATTENTION,
+    BlockShape,
+    SelfAttention,
+    attend_in_fp32_where_faster,
+    bf16_attention_slowdown,
+)
 from glmlab.training.tasks import LanguageModelingTask
 from glmlab.training.trainer import Trainer
 from tests.conftest import tiny_config
