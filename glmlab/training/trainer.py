@@ -189,11 +189,6 @@ class Trainer:
                                       "last_val_loss": math.inf, "evals_without_improvement": 0,
                                       "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0,
                                       "precision": precision_name(self.amp_dtype)}
-        self.attention_note = ""
-        if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16:
-            slowdown = attend_in_fp32_where_faster(self.model, cfg.batch_size, self.model.block_size)
-            if slowdown is not None and slowdown >= SLOW_BF16_ATTENTION:
-                self.attention_note = f", attention in fp32 ({slowdown:.1f}x faster than bf16 here)"
         self.hooks = self.model.training_hooks()
         self.notes = list(self.task.notes)
         self.saved_step = -1
@@ -209,6 +204,11 @@ class Trainer:
                 self.amp = autocast(self.device, self.amp_dtype)
             self.state["precision"] = precision_name(self.amp_dtype)  # what the checkpoints say it trained in
         step_module: nn.Module = self.task.loss_module(self.model)
+        self.attention_note = ""
+        if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16:  # the loss's modules: a DPO reference too
+            slowdown = attend_in_fp32_where_faster(step_module, cfg.batch_size, self.model.block_size)
+            if slowdown is not None and slowdown >= SLOW_BF16_ATTENTION:
+                self.attention_note = f", attention in fp32 ({slowdown:.1f}x faster than bf16 here)"
         if self.dist.enabled:
             step_module = DistributedDataParallel(
                 step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,

@@ -246,3 +246,26 @@ def test_a_second_round_keeps_the_first_rounds_reference(pretrained, tmp_path, c
         assert code == 1 and match in capsys.readouterr().err
     with pytest.raises(GlmlabError, match="dpo's frozen reference"):
         FinetuneOptions(task="sft", init=str(pretrained), train=str(prefs), reference=str(pretrained)).check()
+
+
+def test_the_frozen_reference_attends_as_the_policy_does(pretrained, tmp_path, monkeypatch):
+    """Under bf16 on a CPU, the trainer's choice of fp32 attention covers the loss's every attention layer: the DPO
+    reference's forward passes run in the same autocast as the policy's."""
+    import glmlab.models.transformer as transformer
+    import glmlab.training.trainer as trainer_module
+
+    flagged = []
+
+    def spy(module, batch, length):
+        slowdown = transformer.attend_in_fp32_where_faster(module, batch, length)
+        flagged.extend(m.attend_in_fp32 for m in module.modules() if isinstance(m, transformer.SelfAttention))
+        return slowdown
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: torch.bfloat16)
+    monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: 3.0)
+    monkeypatch.setattr(trainer_module, "attend_in_fp32_where_faster", spy)
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 40, 2)
+    finetune(FinetuneOptions(task="dpo", init=str(pretrained), train=str(prefs), beta=0.1), tmp_path / "dpo",
+             overrides=["train.max_steps=2", "train.eval_interval=2", "train.threads=1"], show_progress=False)
+    n_layer = json.loads((pretrained / "config.json").read_text())["model"]["n_layer"]
+    assert flagged == [True] * (2 * n_layer)  # the policy's layers and the reference's
