@@ -75,8 +75,8 @@ def measure(model: nn.Module, task: FinetuneTask, batch_size: int, device: torch
 
 def resolve_finetune_config(options: FinetuneOptions, base: dict[str, Any], overrides: list[str],
                             ) -> tuple[RunConfig, dict[str, Any] | None]:
-    """The run's config: the init (or --arch) run's model section, fine-tuning defaults for train:, then
-    the user's file and overrides. A pre-trained architecture cannot change (except dropout)."""
+    """The run's config: the init (or --arch) run's model section (for dpo with dropout off), fine-tuning defaults
+    for train:, then the user's file and overrides. A pre-trained architecture cannot change (except dropout)."""
     source = options.init or options.arch
     init_raw = None
     layers: dict[str, dict[str, Any]] = {"model": {}, "train": {**TRAIN_DEFAULTS, "lr": MODE_LR[options.mode]}}
@@ -97,6 +97,8 @@ def resolve_finetune_config(options: FinetuneOptions, base: dict[str, Any], over
         if fixed:
             raise ConfigError(f"model.{fixed[0]} comes from the pre-trained run {source} and cannot change",
                               f"drop it (only model.{', model.'.join(MODEL_KEYS_TUNABLE)} may be set)")
+    if options.task == "dpo" and source:  # as trl's disable_dropout (its default): dropout would make the log-ratios
+        layers["model"]["dropout"] = 0.0  # noisy and biased (the reference runs without); model.dropout sets it
     merged = {s: {**layers[s], **user[s]} for s in ("model", "train")}
     # the language model alone is fine-tuned (a seqgan's generator: no adversarial phase)
     merged["model"].update(get_family(str(merged["model"].get("family", "gpt"))).language_model)

@@ -269,3 +269,21 @@ def test_the_frozen_reference_attends_as_the_policy_does(pretrained, tmp_path, m
              overrides=["train.max_steps=2", "train.eval_interval=2", "train.threads=1"], show_progress=False)
     n_layer = json.loads((pretrained / "config.json").read_text())["model"]["n_layer"]
     assert flagged == [True] * (2 * n_layer)  # the policy's layers and the reference's
+
+
+def test_dpo_trains_without_dropout_unless_asked(char_data, tmp_path):
+    """As trl's DPOTrainer (disable_dropout=True by default): the policy's log-ratios are taken without dropout,
+    as the reference's are; model.dropout sets it, and the other tasks keep the init run's."""
+    from glmlab.finetune.run import resolve_finetune_config
+    from glmlab.training.trainer import train
+    from tests.conftest import tiny_config
+
+    init = tmp_path / "init"
+    train(tiny_config("model.dropout=0.2", "train.max_steps=1", "train.eval_interval=1", "train.sample_tokens=0"),
+          char_data, init, show_progress=False)
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 8, 3)
+    dpo = FinetuneOptions(task="dpo", init=str(init), train=str(prefs), beta=0.1)
+    assert resolve_finetune_config(dpo, {}, [])[0].model.dropout == 0.0
+    assert resolve_finetune_config(dpo, {}, ["model.dropout=0.1"])[0].model.dropout == 0.1
+    sft = FinetuneOptions(task="sft", init=str(init), train=str(prefs))
+    assert resolve_finetune_config(sft, {}, [])[0].model.dropout == 0.2
