@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from glmlab.models.gpt import GPT, GPTConfig
-from glmlab.models.transformer import attend_in_fp32_where_faster
+from glmlab.models.transformer import SLOW_BF16_ATTENTION, attend_in_fp32, measured_attention_slowdown
 from glmlab.runtime import autocast, cpu_has_fast_bf16, resolve_precision
 from glmlab.training.tasks import LossModule
 
@@ -72,7 +72,8 @@ def make_step(model: torch.nn.Module, hf: bool, dtype: torch.dtype | None, batch
     else:
         loss_fn = LossModule(model)  # exactly what glmlab's trainer runs
         if dtype == torch.bfloat16:  # and where the trainer measures fp32 attention faster, so does this step
-            attend_in_fp32_where_faster(model, batch_size, model.block_size)
+            slowdown = measured_attention_slowdown(model, batch_size, model.block_size)
+            attend_in_fp32(model, slowdown is not None and slowdown >= SLOW_BF16_ATTENTION)
         if compile_:
             loss_fn = torch.compile(loss_fn)
 

@@ -10,6 +10,7 @@ which ``glmlab export-hf`` maps onto ``BertForMaskedLM`` by a plain copy). Weigh
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,7 +74,7 @@ class SelfAttention(nn.Module):
         self.c_attn = Conv1D(shape.n_embd, 3 * shape.n_embd, shape.bias)  # q, k, v together
         self.c_proj = Conv1D(shape.n_embd, shape.n_embd, shape.bias)
         self.resid_dropout = nn.Dropout(shape.dropout)
-        self.attend_in_fp32 = False  # bf16 q, k, v attended in fp32: see attend_in_fp32_where_faster
+        self.attend_in_fp32 = False  # bf16 q, k, v attended in fp32 (where measured faster: the trainer)
 
     def forward(self, x: torch.Tensor, step: CacheStep | None = None, mask: torch.Tensor | None = None,
                 ) -> torch.Tensor:
@@ -92,7 +93,7 @@ class SelfAttention(nn.Module):
         if self.attend_in_fp32 and q.dtype == torch.bfloat16:
             with torch.autocast(q.device.type, enabled=False):  # autocast would cast q, k and v back to bf16
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                   dropout_p=dropout, is_causal=causal)
+                                                   dropout_p=dropout, is_causal=causal).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout,
                                                is_causal=causal)
@@ -130,44 +131,64 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def bf16_attention_slowdown(batch: int, heads: int, length: int, head_size: int, dropout: float = 0.0) -> float:
+    """How many times longer causal self-attention (``F.scaled_dot_product_attention``, forward and backward, with
+    ``dropout``) takes on bf16 q/k/v than through :class:`SelfAttention`'s fp32 branch (cast up, attend, cast back)
+    on this CPU at this shape: once per process, shape and thread count. PyTorch's CPU flash-attention kernel can be
+    far slower in bf16 at short sequences and narrow heads (3.4 against 1.2 ms at 12 x 4 heads x 64 x 32 on a
+    2-core AVX512-BF16 EPYC) and faster at long ones (0.74x at 1 x 12 x 1024 x 64), so it is measured."""
+    return _bf16_attention_slowdown(batch, heads, length, head_size, dropout, torch.get_num_threads())
+
+
 @functools.cache
-def bf16_attention_slowdown(batch: int, heads: int, length: int, head_size: int) -> float:
-    """How many times longer causal self-attention (``F.scaled_dot_product_attention``, forward and backward) takes
-    on bf16 than on fp32 q/k/v on this CPU at this shape: best of three timings of each, once per process and shape.
-    PyTorch's CPU flash-attention kernel can be far slower in bf16 at short sequences and narrow heads (3.4 against
-    1.2 ms at 12 x 4 heads x 64 x 32 on a 2-core AVX512-BF16 EPYC) and faster at long ones, so it is measured.
-    Enough rows of the batch to keep every thread busy stand in for all of it (the cost is per row and head)."""
-    rows = max(1, min(batch, -(-4 * torch.get_num_threads() // heads)))
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.enable_grad():
-            q, k, v = (torch.randn(rows, heads, length, head_size, dtype=dtype, requires_grad=True)
-                       for _ in range(3))
-            grad = torch.randn(rows, heads, length, head_size, dtype=dtype)
-            timings = []
-            for _ in range(4):  # the first call allocates and picks kernels
+def _bf16_attention_slowdown(batch: int, heads: int, length: int, head_size: int, dropout: float,
+                             threads: int) -> float:
+    """The measurement: best of three timings of each way, alternating (after a first round that allocates and
+    picks kernels); enough rows of the batch to keep every thread busy stand in for all of it (the cost is per row
+    and head). The random numbers it draws (inputs, dropout) leave the global generator as it was: a run's
+    dropout masks, and a resumed run's, do not depend on whether this process measured before."""
+    rows = max(1, min(batch, -(-4 * threads // heads)))
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        q, k, v = (torch.randn(rows, heads, length, head_size, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn(rows, heads, length, head_size, dtype=torch.bfloat16)
+
+        def in_bf16() -> None:
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True).backward(grad)
+
+        def in_fp32() -> None:
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout, is_causal=True)
+            y.to(torch.bfloat16).backward(grad)
+
+        best = {in_bf16: math.inf, in_fp32: math.inf}
+        for attempt in range(4):
+            for way in (in_fp32, in_bf16):
                 start = time.perf_counter()
-                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
-                timings.append(time.perf_counter() - start)
-        best[dtype] = min(timings[1:])
-    return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
+                way()
+                if attempt:
+                    best[way] = min(best[way], time.perf_counter() - start)
+    return best[in_bf16] / max(best[in_fp32], 1e-9)
 
 
 SLOW_BF16_ATTENTION = 1.1  # bf16 attention this many times slower than fp32 (measured) runs in fp32
 
 
-def attend_in_fp32_where_faster(model: nn.Module, batch: int, length: int) -> float | None:
-    """For training on a CPU under bf16 autocast: measure bf16 against fp32 attention at each of ``model``'s
-    attention shapes (``batch`` rows of ``length`` tokens) and let the layers where bf16 is at least
-    ``SLOW_BF16_ATTENTION`` times slower attend in fp32 (their projections stay in bf16). Returns the largest
-    slowdown measured, None when the model has no self-attention."""
-    layers = [module for module in model.modules() if isinstance(module, SelfAttention)]
-    slowdowns = []
-    for layer in layers:
-        slowdown = bf16_attention_slowdown(batch, layer.n_head, length, layer.n_embd // layer.n_head)
-        layer.attend_in_fp32 = slowdown >= SLOW_BF16_ATTENTION
-        slowdowns.append(slowdown)
-    return max(slowdowns, default=None)
+def attention_layers(module: nn.Module) -> list[SelfAttention]:
+    return [m for m in module.modules() if isinstance(m, SelfAttention)]
+
+
+def measured_attention_slowdown(module: nn.Module, batch: int, length: int) -> float | None:
+    """The largest :func:`bf16_attention_slowdown` over ``module``'s attention layers (their heads, head sizes and
+    dropout; ``batch`` rows of ``length`` tokens, causal), None when it has none."""
+    shapes = {(layer.n_head, layer.n_embd // layer.n_head, layer.dropout) for layer in attention_layers(module)}
+    return max((bf16_attention_slowdown(batch, heads, length, size, dropout) for heads, size, dropout in shapes),
+               default=None)
+
+
+def attend_in_fp32(module: nn.Module, on: bool) -> None:
+    """Let every attention layer of ``module`` attend bf16 q, k, v in fp32 (on) or as they are (off)."""
+    for layer in attention_layers(module):
+        layer.attend_in_fp32 = on
 
 
 def key_padding_mask(idx: torch.Tensor, pad_id: int) -> torch.Tensor | None:

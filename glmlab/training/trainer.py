@@ -39,7 +39,12 @@ from glmlab.data.tokenizer import Tokenizer
 from glmlab.errors import GlmlabError, RunDirError
 from glmlab.generation.chat import TEMPLATE_FILE
 from glmlab.models import get_family
-from glmlab.models.transformer import SLOW_BF16_ATTENTION, attend_in_fp32_where_faster
+from glmlab.models.transformer import (
+    SLOW_BF16_ATTENTION,
+    attend_in_fp32,
+    attention_layers,
+    measured_attention_slowdown,
+)
 from glmlab.runs import BEST_DIR, CONFIG, LOSS_PLOT, METRICS, TOKENIZER, WEIGHTS, read_run_config, save_weights
 from glmlab.runtime import (
     PRECISIONS,
@@ -188,7 +193,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val_loss": math.inf,
                                       "last_val_loss": math.inf, "evals_without_improvement": 0,
                                       "skipped_batches": 0, "window_loss": 0.0, "window_steps": 0,
-                                      "precision": precision_name(self.amp_dtype)}
+                                      "precision": precision_name(self.amp_dtype), "attention": None}
         self.hooks = self.model.training_hooks()
         self.notes = list(self.task.notes)
         self.saved_step = -1
@@ -204,11 +209,7 @@ class Trainer:
                 self.amp = autocast(self.device, self.amp_dtype)
             self.state["precision"] = precision_name(self.amp_dtype)  # what the checkpoints say it trained in
         step_module: nn.Module = self.task.loss_module(self.model)
-        self.attention_note = ""
-        if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16:  # the loss's modules: a DPO reference too
-            slowdown = attend_in_fp32_where_faster(step_module, cfg.batch_size, self.model.block_size)
-            if slowdown is not None and slowdown >= SLOW_BF16_ATTENTION:
-                self.attention_note = f", attention in fp32 ({slowdown:.1f}x faster than bf16 here)"
+        self.attention_note = self._choose_attention(step_module)
         if self.dist.enabled:
             step_module = DistributedDataParallel(
                 step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -238,6 +239,23 @@ class Trainer:
             if failure is not None:
                 raise failure
             raise GlmlabError("rank 0 stopped with an error (see its message above)")
+
+    def _choose_attention(self, loss_module: nn.Module) -> str:
+        """Under bf16 autocast on a CPU, attention in fp32 where bf16 attention measured ``SLOW_BF16_ATTENTION``
+        times slower at the run's shape, in every attention layer of the loss (a DPO reference's too). The choice
+        is the run's: the same on every process (fp32 if any measured it faster), kept in the checkpoints, and a
+        resumed run attends as it began. Returns the intro line's note."""
+        if self.device.type != "cpu" or self.amp_dtype != torch.bfloat16 or not attention_layers(loss_module):
+            return ""
+        if self.state["attention"] is None:
+            slowdown = measured_attention_slowdown(loss_module, self.cfg.batch_size, self.model.block_size)
+            fp32 = self.dist.any(slowdown >= SLOW_BF16_ATTENTION, self.device)
+            self.state["attention"] = "fp32" if fp32 else "bf16"
+            note = f", attention in fp32 ({slowdown:.1f}x faster than bf16 here)" if fp32 else ""
+        else:
+            note = ", attention in fp32 (as the run began)" if self.state["attention"] == "fp32" else ""
+        attend_in_fp32(loss_module, self.state["attention"] == "fp32")
+        return note
 
     def _take_lock(self) -> None:
         """One trainer per run directory: a second one would interleave checkpoints with the first."""

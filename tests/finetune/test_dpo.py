@@ -256,14 +256,13 @@ def test_the_frozen_reference_attends_as_the_policy_does(pretrained, tmp_path, m
 
     flagged = []
 
-    def spy(module, batch, length):
-        slowdown = transformer.attend_in_fp32_where_faster(module, batch, length)
-        flagged.extend(m.attend_in_fp32 for m in module.modules() if isinstance(m, transformer.SelfAttention))
-        return slowdown
+    def spy(module, on):
+        transformer.attend_in_fp32(module, on)
+        flagged.extend(layer.attend_in_fp32 for layer in transformer.attention_layers(module))
 
     monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: torch.bfloat16)
     monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: 3.0)
-    monkeypatch.setattr(trainer_module, "attend_in_fp32_where_faster", spy)
+    monkeypatch.setattr(trainer_module, "attend_in_fp32", spy)
     prefs = write_preferences(tmp_path / "prefs.jsonl", 40, 2)
     finetune(FinetuneOptions(task="dpo", init=str(pretrained), train=str(prefs), beta=0.1), tmp_path / "dpo",
              overrides=["train.max_steps=2", "train.eval_interval=2", "train.threads=1"], show_progress=False)

@@ -14,8 +14,9 @@ from glmlab.models.transformer import (
     SLOW_BF16_ATTENTION,
     BlockShape,
     SelfAttention,
-    attend_in_fp32_where_faster,
+    attend_in_fp32,
     bf16_attention_slowdown,
+    measured_attention_slowdown,
 )
 from glmlab.training.tasks import LanguageModelingTask
 from glmlab.training.trainer import Trainer
@@ -58,33 +59,41 @@ def test_a_layer_set_to_fp32_attends_in_fp32_under_bf16_autocast(monkeypatch, ma
         torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2, msg=f"in fp32: {in_fp32}")
 
 
-@pytest.mark.parametrize("slowdown, in_fp32", [(3.0, True), (SLOW_BF16_ATTENTION, True), (1.05, False),
-                                               (0.7, False)])
-def test_layers_attend_in_fp32_only_where_bf16_measured_slower(monkeypatch, slowdown, in_fp32):
+def test_the_slowdown_is_measured_at_each_layer_shape_and_dropout(monkeypatch):
     asked = []
 
-    def measured(batch, heads, length, head_size):
-        asked.append((batch, heads, length, head_size))
-        return slowdown
+    def measured(batch, heads, length, head_size, dropout):
+        asked.append((batch, heads, length, head_size, dropout))
+        return 2.5
 
     monkeypatch.setattr(transformer, "bf16_attention_slowdown", measured)
-    model = GPT(GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=4, n_embd=32))
-    assert attend_in_fp32_where_faster(model, batch=6, length=24) == slowdown
-    assert set(asked) == {(6, 4, 24, 8)}  # the run's batch and length, each layer's heads and head size
-    assert [layer.attn.attend_in_fp32 for layer in model.transformer.h] == [in_fp32] * 3
+    model = GPT(GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=4, n_embd=32, dropout=0.1))
+    assert measured_attention_slowdown(model, batch=6, length=24) == 2.5
+    assert asked == [(6, 4, 24, 8, 0.1)]  # the run's batch and length; the layers' heads, head size and dropout
+    attend_in_fp32(model, True)
+    assert [block.attn.attend_in_fp32 for block in model.transformer.h] == [True] * 3
+    attend_in_fp32(model, False)
+    assert not any(block.attn.attend_in_fp32 for block in model.transformer.h)
 
 
 def test_a_model_without_self_attention_measures_nothing(monkeypatch):
     monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: pytest.fail("measured"))
-    assert attend_in_fp32_where_faster(LSTMLM(LSTMConfig(vocab_size=20)), batch=4, length=16) is None
+    assert measured_attention_slowdown(LSTMLM(LSTMConfig(vocab_size=20)), batch=4, length=16) is None
 
 
-def test_the_measurement_is_a_ratio_taken_once_per_shape():
-    bf16_attention_slowdown.cache_clear()
-    first = bf16_attention_slowdown(2, 2, 16, 8)
+def test_the_measurement_is_a_ratio_taken_once_per_shape_and_leaves_the_random_stream_alone():
+    """A run's dropout masks (and a resumed run's) must not depend on whether this process measured before."""
+    transformer._bf16_attention_slowdown.cache_clear()
+    torch.manual_seed(7)
+    first = bf16_attention_slowdown(2, 2, 16, 8, dropout=0.1)
+    after_measuring = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after_measuring)
     assert math.isfinite(first) and first > 0
-    assert bf16_attention_slowdown(2, 2, 16, 8) == first
-    assert bf16_attention_slowdown.cache_info().misses == 1
+    assert bf16_attention_slowdown(2, 2, 16, 8, dropout=0.1) == first
+    assert transformer._bf16_attention_slowdown.cache_info().misses == 1
+    with torch.inference_mode():  # a caller in inference mode still gets its measurement (it needs a backward)
+        assert bf16_attention_slowdown(2, 2, 12, 8) > 0
 
 
 @pytest.mark.parametrize("precision, slowdown, note", [
@@ -99,6 +108,24 @@ def test_the_trainer_measures_attention_where_it_trains_in_bf16_on_a_cpu(char_da
     config = tiny_config("train.max_steps=2", f"train.precision={precision}", "train.batch_size=5")
     with Trainer(config, LanguageModelingTask(char_data), tmp_path / "run", show_progress=False) as trainer:
         assert trainer.attention_note == note
-        assert asked == ([(5, 2, 32, 16)] if precision == "bf16" else [])  # tiny_config: 2 heads x 16, block 32
+        assert asked == ([(5, 2, 32, 16, 0.0)] if precision == "bf16" else [])  # tiny_config: 2 x 16, block 32
         in_fp32 = precision == "bf16" and slowdown >= SLOW_BF16_ATTENTION
         assert [block.attn.attend_in_fp32 for block in trainer.model.transformer.h] == [in_fp32]
+        assert trainer.state["attention"] == ({"bf16": "fp32" if in_fp32 else "bf16"}.get(precision))
+
+
+def test_a_resumed_run_attends_as_it_began(char_data, tmp_path, monkeypatch):
+    """The choice is timed once per run, not per process: a resumed run whose machine now measures otherwise keeps
+    its checkpoints' attention, as train.precision=auto keeps their precision."""
+    import glmlab.training.trainer as trainer_module
+    from glmlab.training.trainer import train
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: torch.bfloat16)
+    monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: 3.0)
+    common = ("train.eval_interval=2", "train.sample_tokens=0")
+    train(tiny_config("train.max_steps=2", *common), char_data, tmp_path / "run", show_progress=False)
+    monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: pytest.fail("measured again"))
+    with Trainer(tiny_config("train.max_steps=4", *common), LanguageModelingTask(char_data), tmp_path / "run",
+                 resume=True, show_progress=False) as trainer:
+        assert trainer.state["attention"] == "fp32" and trainer.model.transformer.h[0].attn.attend_in_fp32
+        assert trainer.attention_note == ", attention in fp32 (as the run began)"
