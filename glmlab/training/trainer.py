@@ -241,13 +241,20 @@ class Trainer:
             raise GlmlabError("rank 0 stopped with an error (see its message above)")
 
     def _choose_attention(self, loss_module: nn.Module) -> str:
-        """Under bf16 autocast on a CPU, attention in fp32 where bf16 attention measured ``SLOW_BF16_ATTENTION``
-        times slower at the run's shape, in every attention layer of the loss (a DPO reference's too). The choice
-        is the run's: the same on every process (fp32 if any measured it faster), kept in the checkpoints, and a
-        resumed run attends as it began. Returns the intro line's note."""
-        if self.device.type != "cpu" or self.amp_dtype != torch.bfloat16 or not attention_layers(loss_module):
+        """Under bf16 autocast, attention in fp32 or bf16 in every attention layer of the loss (a DPO reference's
+        too): as ``train.attention_precision`` names it, or (auto, on a CPU) fp32 where bf16 attention measured
+        ``SLOW_BF16_ATTENTION`` times slower at the run's shape. A measured choice is the run's: the same on every
+        process (fp32 if any measured it faster), kept in the checkpoints, and a resumed run attends as it began.
+        Returns the intro line's note."""
+        if self.amp_dtype != torch.bfloat16 or not attention_layers(loss_module):
             return ""
-        if self.state["attention"] is None:
+        asked = self.cfg.attention_precision
+        if asked != "auto":
+            self.state["attention"] = asked
+            note = ", attention in fp32 (train.attention_precision=fp32)" if asked == "fp32" else ""
+        elif self.device.type != "cpu":
+            return ""
+        elif self.state["attention"] is None:
             slowdown = measured_attention_slowdown(loss_module, self.cfg.batch_size, self.model.block_size)
             fp32 = self.dist.any(slowdown >= SLOW_BF16_ATTENTION, self.device)
             self.state["attention"] = "fp32" if fp32 else "bf16"

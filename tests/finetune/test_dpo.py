@@ -147,7 +147,7 @@ def test_dpo_learns_the_preference_and_logs_rewards(pretrained, tmp_path):
     assert after["loss"] < 0.5 and after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 1.0
     trained = metrics_records(out, "train")
     assert {"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} <= set(trained[-1])
-    assert trained[-1]["reward_accuracy"] > trained[0]["reward_accuracy"]
+    assert trained[-1]["reward_margin"] > trained[0]["reward_margin"]  # accuracy may be 1.0 from the first record
     val = metrics_records(out, "val")
     assert val[-1]["reward_accuracy"] >= 0.9
     assert main(["generate", str(out), "--prompt", "say moon:", "--max-new-tokens", "5", "--seed", "0"]) == 0

@@ -105,13 +105,26 @@ def test_the_trainer_measures_attention_where_it_trains_in_bf16_on_a_cpu(char_da
                                                                          precision, slowdown, note):
     asked = []
     monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: asked.append(shape) or slowdown)
-    config = tiny_config("train.max_steps=2", f"train.precision={precision}", "train.batch_size=5")
+    config = tiny_config("train.max_steps=2", f"train.precision={precision}", "train.batch_size=5",
+                         "train.attention_precision=auto")
     with Trainer(config, LanguageModelingTask(char_data), tmp_path / "run", show_progress=False) as trainer:
         assert trainer.attention_note == note
         assert asked == ([(5, 2, 32, 16, 0.0)] if precision == "bf16" else [])  # tiny_config: 2 x 16, block 32
         in_fp32 = precision == "bf16" and slowdown >= SLOW_BF16_ATTENTION
         assert [block.attn.attend_in_fp32 for block in trainer.model.transformer.h] == [in_fp32]
         assert trainer.state["attention"] == ({"bf16": "fp32" if in_fp32 else "bf16"}.get(precision))
+
+
+@pytest.mark.parametrize("asked", ["fp32", "bf16"])
+def test_attention_precision_by_name_is_not_timed(char_data, tmp_path, monkeypatch, asked):
+    """train.attention_precision=fp32|bf16: two runs of one config attend alike, whatever a timing would say."""
+    monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: pytest.fail("timed"))
+    config = tiny_config("train.max_steps=2", "train.precision=bf16", f"train.attention_precision={asked}")
+    with Trainer(config, LanguageModelingTask(char_data), tmp_path / "run", show_progress=False) as trainer:
+        assert trainer.model.transformer.h[0].attn.attend_in_fp32 == (asked == "fp32")
+        assert trainer.attention_note == (", attention in fp32 (train.attention_precision=fp32)"
+                                          if asked == "fp32" else "")
+        assert trainer.state["attention"] == asked
 
 
 def test_a_resumed_run_attends_as_it_began(char_data, tmp_path, monkeypatch):
@@ -122,7 +135,7 @@ def test_a_resumed_run_attends_as_it_began(char_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: torch.bfloat16)
     monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: 3.0)
-    common = ("train.eval_interval=2", "train.sample_tokens=0")
+    common = ("train.eval_interval=2", "train.sample_tokens=0", "train.attention_precision=auto")
     train(tiny_config("train.max_steps=2", *common), char_data, tmp_path / "run", show_progress=False)
     monkeypatch.setattr(transformer, "bf16_attention_slowdown", lambda *shape: pytest.fail("measured again"))
     with Trainer(tiny_config("train.max_steps=4", *common), LanguageModelingTask(char_data), tmp_path / "run",
