@@ -55,7 +55,7 @@ class TrainConfig:
                            "(CUDA; a CPU with AMX, or whose bf16 matmuls measure 1.5x fp32's), else fp32",
                            choices=("auto", "fp32", "bf16", "fp16"))
     attention_precision: str = field("auto", "attention's precision under bf16 autocast: auto = fp32 on a CPU where "
-                                     "bf16 attention measures 1.1x slower at the run's shape (timed once per run), "
+                                     "bf16 attention measures 1.25x slower at the run's shape (timed once per run), "
                                      "else bf16; fp32, bf16 = as named, untimed (two runs of one config then attend "
                                      "alike even where the timing is close)", choices=("auto", "fp32", "bf16"))
     compile: str = field("auto", "torch.compile the training step: auto = on CUDA only (on a CPU it measured ~2% "
