@@ -24,28 +24,27 @@ from glmlab.finetune import preferences
 
 
 def with_token_kl(weight: float):
-    """``PreferenceObjective.forward`` plus ``weight`` x the token-level KL to the reference while training."""
+    """``PreferenceObjective.forward`` plus ``weight`` x the token-level KL to the reference while training: the
+    plain forward runs as it is (losses, stats), and the policy's logits are caught on their way through it."""
+    plain = preferences.PreferenceObjective.forward
+
     def forward(self: preferences.PreferenceObjective, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        log_probs = F.log_softmax(self.model(x).float(), -1)
+        if not (self.model.training and weight):
+            return plain(self, x, y)
+        caught: list[torch.Tensor] = []
+        hook = self.model.register_forward_hook(lambda module, args, output: caught.append(output))
+        try:
+            loss = plain(self, x, y)
+        finally:
+            hook.remove()
+        log_probs = F.log_softmax(caught[0].float(), -1)  # the policy's one pass over the pairs
+        with torch.no_grad():
+            ref_log_probs = F.log_softmax(self.reference(x).float(), -1)
         scored = y != IGNORE_INDEX
-        picked = torch.gather(log_probs, 2, y.clamp(min=0)[..., None])[..., 0]
-        logps, tokens = (picked * scored).sum(1), scored.sum(1)
-        ref_logps = self.reference_logps(x, y).to(logps.dtype)
-        (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref_logps.chunk(2)
-        chosen_tokens, rejected_tokens = tokens.chunk(2)
-        losses, r_chosen, r_rejected = preferences.preference_loss(
-            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing,
-            chosen_tokens, rejected_tokens)
-        self.model.stats = preferences.reward_figures(r_chosen, r_rejected)
-        loss, _ = self.total(losses, chosen, chosen_tokens)
-        if self.model.training and weight:
-            with torch.no_grad():
-                ref_log_probs = F.log_softmax(self.reference(x).float(), -1)
-            kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
-            token_kl = (kl * scored).sum() / scored.sum().clamp(min=1)
-            self.model.stats["token_kl"] = token_kl.detach()
-            loss = loss + weight * token_kl
-        return loss
+        kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
+        token_kl = (kl * scored).sum() / scored.sum().clamp(min=1)
+        self.model.stats["token_kl"] = token_kl.detach()
+        return loss + weight * token_kl
 
     return forward
 

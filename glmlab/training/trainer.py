@@ -256,9 +256,11 @@ class Trainer:
             return ""
         elif self.state["attention"] is None:
             slowdown = measured_attention_slowdown(loss_module, self.cfg.batch_size, self.model.block_size)
-            fp32 = self.dist.any(slowdown >= SLOW_BF16_ATTENTION, self.device)
+            here = slowdown >= SLOW_BF16_ATTENTION
+            fp32 = self.dist.any(here, self.device)
             self.state["attention"] = "fp32" if fp32 else "bf16"
-            note = f", attention in fp32 ({slowdown:.1f}x faster than bf16 here)" if fp32 else ""
+            why = f"{slowdown:.1f}x faster than bf16 here" if here else "another process measured it faster"
+            note = f", attention in fp32 ({why})" if fp32 else ""
         else:
             note = ", attention in fp32 (as the run began)" if self.state["attention"] == "fp32" else ""
         attend_in_fp32(loss_module, self.state["attention"] == "fp32")
