@@ -162,6 +162,7 @@ def dpo_policy(args: argparse.Namespace, init: Path, prefs: Path, beta: float, r
     """DPO (or ``--loss``) at ``beta`` from ``init`` on ``prefs``, against ``reference`` (default: ``init``)."""
     out = args.work / (f"dpo-beta{beta:g}" + (f"-rpo{args.rpo_alpha:g}" if args.rpo_alpha else "")
                        + (f"-{args.loss}" if args.loss != "sigmoid" else "")
+                       + (f"-lora{args.lora_rank}" if args.dpo_mode == "lora" else "")
                        + (f"-round{round_}" if round_ > 1 else ""))
     if (out / "results.json").is_file():  # a finished run is reused only if it was trained as asked
         train = json.loads((out / "config.json").read_text())["train"]
@@ -171,7 +172,8 @@ def dpo_policy(args: argparse.Namespace, init: Path, prefs: Path, beta: float, r
     else:
         shutil.rmtree(out, ignore_errors=True)
         finetune(FinetuneOptions(task="dpo", init=str(init), train=str(prefs), beta=beta, val_fraction=0.05,
-                                 loss=args.loss, rpo_alpha=args.rpo_alpha,
+                                 loss=args.loss, rpo_alpha=args.rpo_alpha, mode=args.dpo_mode,
+                                 lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank,
                                  reference=None if reference is None else str(reference)), out,
                  overrides=[f"train.max_steps={args.dpo_steps}", "train.eval_interval=100", f"train.lr={args.dpo_lr}",
                             "train.batch_size=16", f"train.threads={args.threads}", "train.warmup_steps=20"],
@@ -207,17 +209,23 @@ def sequence_logprobs(run, prompts: list[str], completions: list) -> list[tuple[
 
 def evaluate(args: argparse.Namespace, policy: Path, sft_run, prompts: list[str], classifier, n: int, seed: int
              ) -> dict:
-    run = load_run(policy)
-    samples = sample(run, prompts, n, seed, args.max_new_tokens)
+    return measure(load_run(policy), sft_run, prompts, classifier, n, seed, args.max_new_tokens)
+
+
+def measure(run, sft_run, prompts: list[str], classifier, n: int, seed: int, max_new_tokens: int) -> dict:
+    """A loaded policy's ``n`` samples per prompt: positive rate, mean reward, KL to the SFT policy per token and
+    per sequence, the samples and their scores."""
+    samples = sample(run, prompts, n, seed, max_new_tokens)
     flat_prompts = [p for p, row in zip(prompts, samples, strict=True) for _ in row]
     flat = [c for row in samples for c in row]
     scores = rewards(classifier, [p + c.text for p, c in zip(flat_prompts, flat, strict=True)])
     mine = sequence_logprobs(run, flat_prompts, flat)
     ref = sequence_logprobs(sft_run, flat_prompts, flat)
     tokens = sum(t for _, t in mine)
-    kl = sum(a - b for (a, _), (b, _) in zip(mine, ref, strict=True)) / max(tokens, 1)
+    kl = sum(a - b for (a, _), (b, _) in zip(mine, ref, strict=True))
     return {"positive": sum(s > 0.5 for s in scores) / len(scores), "reward": sum(scores) / len(scores),
-            "kl_per_token": kl, "tokens_per_sample": tokens / len(flat), "scores": scores, "samples": flat}
+            "kl_per_token": kl / max(tokens, 1), "kl_per_sequence": kl / len(flat),
+            "tokens_per_sample": tokens / len(flat), "scores": scores, "samples": flat}
 
 
 def best_of_n(sft_eval: dict, per_prefix: int, ns: list[int]) -> list[dict]:
@@ -306,6 +314,9 @@ def main() -> None:
                         help="finetune dpo --loss: sigmoid (DPO) or ipo (IPO: beta is its tau)")
     parser.add_argument("--rpo-alpha", type=float, default=0.0,
                         help="finetune dpo --rpo-alpha: weight of the chosen answers' NLL (default 0: DPO alone)")
+    parser.add_argument("--dpo-mode", default="full", choices=("full", "lora"),
+                        help="finetune dpo --mode: full (every weight) or lora (low-rank updates, alpha 2r)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="--dpo-mode lora: the rank (default 8)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="iterated DPO: each later round samples --pairs fresh prefixes from the last round's "
                              "policy, ranks them by the reward and trains from that policy, the SFT policy still its "

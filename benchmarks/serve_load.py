@@ -12,8 +12,13 @@ compares memory before and after. Each client holds one keep-alive connection an
 raw asyncio streams (see :class:`Connection`): on loopback the load generator competes with the server
 for the same cores, and an HTTP library's per-chunk work would be measured as the server's.
 
+``--compile-decode both`` starts two servers, one with ``glmlab serve --compile-decode`` (its steps compiled, or
+loaded from the disk cache, before it answers), and measures each level on both, alternating ``--rounds`` times in
+one sitting: the ratio of their tokens/s is the median of the rounds' ratios (no memory soak).
+
     python benchmarks/serve_load.py
     python benchmarks/serve_load.py --levels 1,4,16 --requests 4 --tokens 32 --soak 0
+    python benchmarks/serve_load.py --compile-decode both --levels 1,4,16 --requests 16 --rounds 3
 """
 
 from __future__ import annotations
@@ -73,11 +78,15 @@ def rss_mb(pid: int) -> float:
     return total if total else float("nan")
 
 
-def start_server(run: Path, max_batch: int, threads: int, engine: str = "process") -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, max_batch: int, threads: int, engine: str = "process", compile_decode: bool = False
+                 ) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-c", SERVE, "serve", str(run), "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", "4096", "--threads", str(threads), "--engine", engine]
+           "--max-queue", "4096", "--threads", str(threads), "--engine", engine] \
+        + (["--compile-decode"] if compile_decode else [])
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = proc.stderr.readline()
+    while line.startswith("compiling the decoding step"):  # (--compile-decode, before the server answers)
+        line = proc.stderr.readline()
     if " on http" not in line:
         proc.kill()
         raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")
@@ -195,6 +204,44 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+def compare_compile_decode(args: argparse.Namespace, run: Path) -> None:
+    """Each level on a scripted and a ``--compile-decode`` server, alternating ``--rounds`` times."""
+    servers = {}
+    try:
+        for name, compiled in (("scripted", False), ("compiled", True)):
+            started = time.perf_counter()
+            servers[name] = start_server(run, args.max_batch, args.threads, args.engine, compiled)
+            print(f"{name} server ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            asyncio.run(level(servers[name][1], 2, 2, 8))  # warm-up
+        rows = []
+        for clients in [int(c) for c in args.levels.split(",")]:
+            got: dict[str, list[dict]] = {"scripted": [], "compiled": []}
+            for r in range(args.rounds):
+                for name in (("scripted", "compiled") if r % 2 == 0 else ("compiled", "scripted")):
+                    got[name].append(asyncio.run(level(servers[name][1], clients, args.requests, args.tokens)))
+            ratios = [c["tokens_per_s"] / s["tokens_per_s"] for s, c in zip(got["scripted"], got["compiled"],
+                                                                           strict=True)]
+            rows.append((clients, got, ratios))
+            print(f"{clients} clients: compiled / scripted {statistics.median(ratios):.2f}", file=sys.stderr,
+                  flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"\nserver: {run} (max batch {args.max_batch}, {args.threads} PyTorch thread(s), engine {args.engine}); "
+          f"{args.requests} requests per client, {args.tokens} tokens each, {args.rounds} alternations\n")
+    print("| clients | scripted tokens/s | compiled tokens/s | compiled / scripted (rounds) | ITL p50 scripted → "
+          "compiled | errors |")
+    print("|---|---|---|---|---|---|")
+    for clients, got, ratios in rows:
+        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in got.items()}
+        itl = {k: statistics.median(pct(r["gaps"], 50) for r in v) * 1000 for k, v in got.items()}
+        errors = sum(len(r["errors"]) for v in got.values() for r in v)
+        print(f"| {clients} | {med['scripted']:,.0f} | {med['compiled']:,.0f} | **{statistics.median(ratios):.2f}** "
+              f"({', '.join(f'{x:.2f}' for x in ratios)}) | {itl['scripted']:.2f} → {itl['compiled']:.2f} ms "
+              f"| {errors} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "shakespeare-char")
@@ -208,10 +255,16 @@ def main() -> None:
     ap.add_argument("--engine", default="process", choices=("process", "thread"),
                     help="glmlab serve --engine: the model in its own process (default) or the server's")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--compile-decode", default="off", choices=("off", "on", "both"),
+                    help="glmlab serve --compile-decode: off (default), on, or both (two servers compared)")
+    ap.add_argument("--rounds", type=int, default=3, help="--compile-decode both: alternations per level")
     args = ap.parse_args()
 
     run = default_run(args.run, args.train_time)
-    proc, url = start_server(run, args.max_batch, args.threads, args.engine)
+    if args.compile_decode == "both":
+        compare_compile_decode(args, run)
+        return
+    proc, url = start_server(run, args.max_batch, args.threads, args.engine, args.compile_decode == "on")
     try:
         asyncio.run(level(url, 2, 2, 8))  # warm-up: first-call costs out of the way
         rows = []

@@ -120,8 +120,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile-decode", action="store_true",
                    help="decode through a step compiled ahead of time (gpt on a CPU; needs a C++ compiler; the "
                         "first run per model and batch size compiles, ~15-30 s for small models, ~45 s for GPT-2 "
-                        "small; later runs load it from $GLMLAB_CACHE_DIR, default ~/.cache/glmlab). Steps after some "
-                        "rows of a batch have ended run the usual step")
+                        "small; later runs load it from $GLMLAB_CACHE_DIR, default ~/.cache/glmlab)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     add_checkpoint(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 from glmlab.config import resolve_config
 from glmlab.data.corpus import default_corpus_path
 from glmlab.data.prepare import prepare
+from glmlab.models import gpt as gpt_module
+from glmlab.models import gpt_aot
+from glmlab.models.gpt_decode import scripted_decode_rows, unoptimised_graphs
 from glmlab.training.trainer import train
 
 
@@ -86,3 +90,25 @@ def metrics_records(run: Path, split: str) -> list[dict]:
     """The records of one split (train, val, adversarial, ...) in a run's metrics.jsonl."""
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Compiled steps replaced by a library that runs the scripted step (the same numbers) and records each call's
+    batch size and position, and each build's batch size: which steps go to the library, without a compiler."""
+    record = types.SimpleNamespace(builds=[], calls=[])
+
+    def build(w, n_head, eps, batch, max_len):
+        record.builds.append(batch)
+
+        def runner(tokens, positions, span, *kv_layers):
+            assert all(kv.size(0) == batch and kv.size(3) == max_len for kv in kv_layers)
+            record.calls.append((tokens.size(0), span.size(0) - 1))
+            with unoptimised_graphs():
+                return scripted_decode_rows()(tokens, torch.arange(batch), positions, span.size(0), list(kv_layers),
+                                              w, n_head, eps)
+
+        return gpt_aot.CompiledDecodeStep(runner, batch, max_len)
+
+    monkeypatch.setattr(gpt_module, "compiled_decode_step", build)
+    return record

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from glmlab.errors import ConfigError
 from glmlab.models.contract import FAST_PATHS, FamilyModel, Traits
-from glmlab.models.gpt_aot import CompiledDecodeStep, compiled_decode_step, covers
+from glmlab.models.gpt_aot import CompiledDecodeStep, compiled_batch_sizes, compiled_decode_step, covers
 from glmlab.models.gpt_decode import (
     DecodeWeights,
     Int8Linear,
@@ -75,7 +75,9 @@ class KVCache:
         self.max_len = max_len
         self.lengths = [0] * batch_size
         self.weights: DecodeWeights | None = None  # the model's weights, gathered once for fast decoding
-        self.compiled: CompiledDecodeStep | None = None  # --compile-decode's step for this cache, made at first use
+        # --compile-decode's steps for this cache, by batch size: those ready at its first step (all of them, after
+        # GPT.prepare_compiled_decode), or the cache's own size, compiled then
+        self.compiled: dict[int, CompiledDecodeStep] | None = None
         self._split_layers()
 
     def _split_layers(self) -> None:
@@ -94,7 +96,7 @@ class KVCache:
         """Keep (or repeat, for beams) the given rows, in that order."""
         self.kv = self.kv.index_select(1, torch.tensor(rows, device=self.kv.device))
         self.lengths = [self.lengths[r] for r in rows]
-        self.compiled = None  # (built for the old batch size)
+        self.compiled = None  # (chosen for the old batch size)
         self._split_layers()
 
     def reset_row(self, row: int) -> None:
@@ -243,21 +245,23 @@ class GPT(FamilyModel):
         :mod:`glmlab.models.gpt_decode` (or the int8 one, or with :meth:`set_decode_compiled` the step compiled
         ahead of time, :mod:`glmlab.models.gpt_aot`); None when the general ``forward`` is needed
         (training, a slot that is full)."""
-        weights = cache.weights
         starts = [cache.lengths[r] for r in rows]
-        span = max(starts) + 1
-        if self.training or weights is None or span > cache.max_len:
+        if self.training or cache.weights is None or max(starts) + 1 > cache.max_len:
             return None
-        c = self.config
+        logits = self._decode_compiled(tokens, cache, rows, starts) if self.decode_compiled else None
+        if logits is None:
+            logits = self._decode_scripted(tokens, cache, rows, starts)
+        for r in rows:
+            cache.lengths[r] += 1
+        return logits
+
+    def _decode_scripted(self, tokens: torch.Tensor, cache: KVCache, rows: list[int], starts: list[int]
+                         ) -> torch.Tensor:
+        """:meth:`decode_rows` through the TorchScript steps (or the int8 one)."""
+        c, weights = self.config, cache.weights
         first, count = rows[0], len(rows)
-        # every slot of the cache, in order, at any positions: the step compiled ahead of time, if asked for
-        covered = self.decode_compiled and count == len(cache.lengths) and rows == list(range(count)) \
-            and covers(starts, cache.max_len)  # (asked before anything is compiled)
-        compiled = self._compiled_step(cache, count) if covered else None
         if isinstance(weights.head, Int8Linear):
             logits = decode_rows_int8(tokens, rows, starts, cache.layers, weights, c.n_head, c.layer_norm_epsilon)
-        elif compiled is not None:
-            logits = compiled(tokens, starts, cache.layers)
         elif starts.count(starts[0]) == count and (count == 1 or rows == list(range(first, first + count))):
             # one position, consecutive slots: the plain step on a view of those slots (no mask, no gather)
             with unoptimised_graphs():
@@ -267,33 +271,85 @@ class GPT(FamilyModel):
             device = tokens.device
             with unoptimised_graphs():
                 logits = scripted_decode_rows()(tokens, torch.tensor(rows, device=device),
-                                                torch.tensor(starts, device=device), span, cache.layers, weights,
-                                                c.n_head, c.layer_norm_epsilon)
-        for r in rows:
-            cache.lengths[r] += 1
+                                                torch.tensor(starts, device=device), max(starts) + 1, cache.layers,
+                                                weights, c.n_head, c.layer_norm_epsilon)
         return logits
 
-    def _compiled_step(self, cache: KVCache, count: int) -> CompiledDecodeStep | None:
-        """The compiled step for a decoding step over all ``count`` slots of ``cache`` (None when the cache's dtype
-        or device is not the weights'): made at the cache's first step (and again after ``KVCache.select``, which
-        drops it), kept in memory per batch size, cache length, thread count and state of the weights (each
-        parameter's identity, storage and in-place version; the steps kept hold on to those storages, so no new
-        weights can reuse their addresses); the disk cache is keyed by the weights' bytes."""
-        weights = cache.weights
-        if cache.compiled is not None:
-            return cache.compiled
-        if cache.kv.dtype != weights.ln_f_weight.dtype or cache.kv.device.type != "cpu":
+    def _decode_compiled(self, tokens: torch.Tensor, cache: KVCache, rows: list[int], starts: list[int]
+                         ) -> torch.Tensor | None:
+        """Logits for ``rows`` through a step compiled ahead of time: the one of the smallest batch size ready for
+        this cache that spans slots 0 .. max(rows) (else the whole cache's, compiled now). Slots in that span but not
+        in ``rows`` (free, or not decoding this step) ride along with token 0 at their next free position, which
+        nothing reads before the slot writes it again; their logits are dropped and their lengths kept. None where no
+        compiled step fits (repeated rows, a position the step was not built for, another dtype or device)."""
+        if len(set(rows)) != len(rows):
             return None
+        steps = self._compiled_steps_for(cache, build_full=False)
+        if steps is None:
+            return None
+        top = max(rows) + 1
+        size = min((n for n in steps if n >= top), default=len(cache.lengths))
+        positions = cache.lengths[:size]
+        for r, s in zip(rows, starts, strict=True):
+            positions[r] = s
+        if not covers(positions, cache.max_len):  # (asked before anything is compiled)
+            return None
+        step = steps.get(size) or self._compiled_steps_for(cache, build_full=True)[size]
+        if rows == list(range(size)):
+            return step(tokens, positions, cache.slot_views(0, size))
+        every = torch.zeros(size, dtype=tokens.dtype, device=tokens.device)
+        every[rows] = tokens
+        return step(every, positions, cache.slot_views(0, size))[rows]
+
+    def _step_key(self, cache: KVCache, size: int) -> tuple:
         params = list(self.parameters())
         state = tuple((id(p), p.data_ptr(), p._version) for p in params)
-        key = (count, cache.max_len, cache.kv.dtype, torch.get_num_threads(), state)
-        if key not in self._compiled_steps:
-            self._compiled_steps = {k: v for k, v in self._compiled_steps.items() if k[4] == state}  # same weights
-            c = self.config
-            step = compiled_decode_step(weights, c.n_head, c.layer_norm_epsilon, count, cache.max_len)
-            self._compiled_steps[key] = (step, params, [p.detach() for p in params])
-        cache.compiled = self._compiled_steps[key][0]
+        return (size, cache.max_len, cache.kv.dtype, torch.get_num_threads(), state)
+
+    def _compiled_steps_for(self, cache: KVCache, build_full: bool) -> dict[int, CompiledDecodeStep] | None:
+        """The compiled steps this cache decodes with, by batch size (None when its dtype or device is not the
+        weights'): chosen at its first step among those in memory for these weights, cache length and thread count
+        (each parameter's identity, storage and in-place version: the steps kept hold on to those storages, so no new
+        weights can reuse their addresses), and dropped by ``KVCache.select``. ``build_full``: make sure the one for
+        the whole cache is among them, compiling it (or loading it from the disk cache, keyed by the weights'
+        bytes) if need be."""
+        weights = cache.weights
+        if cache.kv.dtype != weights.ln_f_weight.dtype or cache.kv.device.type != "cpu":
+            return None
+        if cache.compiled is None or (build_full and len(cache.lengths) not in cache.compiled):
+            full = self._step_key(cache, len(cache.lengths))
+            if build_full:
+                self._load_compiled_step(full, weights)
+            ready = {key[0]: value[0] for key, value in self._compiled_steps.items() if key[1:] == full[1:]}
+            cache.compiled = ready
         return cache.compiled
+
+    def _load_compiled_step(self, key: tuple, weights: DecodeWeights) -> None:
+        """Compile (or load from the disk cache) the step of ``key`` into the steps kept in memory, which keep
+        only those of the current weights."""
+        if key in self._compiled_steps:
+            return
+        state = key[4]
+        self._compiled_steps = {k: v for k, v in self._compiled_steps.items() if k[4] == state}  # same weights
+        c = self.config
+        step = compiled_decode_step(weights, c.n_head, c.layer_norm_epsilon, key[0], key[1])
+        params = list(self.parameters())
+        self._compiled_steps[key] = (step, params, [p.detach() for p in params])
+
+    def prepare_compiled_decode(self, slots: int) -> list[int]:
+        """Compile (or load) the decoding step for every batch size a continuous batch of ``slots`` slots steps
+        with: 1, 2, 4, ... below ``slots``, and ``slots`` (a server's, before it takes requests, so that no request
+        waits for a compilation; :meth:`set_decode_compiled` first). A batch then runs the smallest that spans its
+        rows' slots. Returns the sizes."""
+        if not self.decode_compiled:
+            raise ConfigError("prepare_compiled_decode prepares --compile-decode's steps", "set_decode_compiled first")
+        if slots < 1:
+            raise ConfigError(f"a batch of {slots} slots holds nothing", "use at least 1 slot")
+        sizes = compiled_batch_sizes(slots)
+        cache = self.new_cache(1, self.transformer.wte.weight.device)
+        for size in sizes:
+            self._load_compiled_step(self._step_key(cache, size), cache.weights)
+        return sizes
 
     def prefill_rows(self, idx: torch.Tensor, cache: KVCache, rows: list[int], valid: list[int]) -> torch.Tensor | None:
         """Logits (B, vocab) at the last real token of each right-padded prompt in idx (B, T) (``valid``:
@@ -361,9 +417,11 @@ class GPT(FamilyModel):
 
     def set_decode_compiled(self, enabled: bool = True) -> None:
         """Decode with the step compiled ahead of time (:mod:`glmlab.models.gpt_aot`; a C++ compiler, seconds to a
-        minute at the first generation per batch size, then cached on disk), on a CPU, native weights. It runs
-        steps over every slot of the cache, at any positions; the others (a subset of the slots, as after some rows
-        ended; the first and last positions of the cache) run the scripted steps."""
+        minute at the first generation per batch size, then cached on disk), on a CPU, native weights. A step runs
+        the rows of the smallest compiled batch that spans them, at any positions (a generation's rows after some
+        ended included); repeated rows (beams that have not been reordered yet) and the first and last positions of
+        the cache run the scripted steps. :meth:`prepare_compiled_decode` compiles the smaller batch sizes a
+        server's continuous batch uses."""
         if enabled and self.transformer.wte.weight.device.type != "cpu":
             raise ConfigError("--compile-decode compiles a CPU step", "drop --compile-decode on this device")
         if enabled and self.decode_weight_format == "int8":

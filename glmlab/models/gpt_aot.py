@@ -186,6 +186,16 @@ def covers(starts: list[int], max_len: int) -> bool:
     return max_len >= MIN_CACHE_LEN and 1 <= max(starts) <= max_len - 2
 
 
+def compiled_batch_sizes(slots: int) -> list[int]:
+    """The batch sizes compiled for a continuous batch of ``slots`` slots: the powers of two below it, and it
+    (8 -> 1, 2, 4, 8; 12 -> 1, 2, 4, 8, 12), so a step with rows in the first k slots runs at most 2k - 1 rows."""
+    sizes, n = [], 1
+    while n < slots:
+        sizes.append(n)
+        n *= 2
+    return sizes + [slots]
+
+
 class CompiledDecodeStep:
     """A loaded compiled step for one batch size and cache length: ``step(tokens, starts, kv_layers)`` gives the
     logits (B, vocab) for row i's new token at position ``starts[i]`` and stores the keys and values there, where

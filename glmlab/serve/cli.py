@@ -52,6 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--decode-weights", default="native", choices=("native", "int8"),
                    help="int8: int8 matrices for decoding on a CPU (gpt runs)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode through steps compiled ahead of time (gpt on a CPU; a C++ compiler): one per batch "
+                        "size the continuous batch steps with (1, 2, 4, ... up to --max-batch), compiled at startup "
+                        "before the server takes requests (~15-30 s each for a small model, once: later starts load "
+                        "them from $GLMLAB_CACHE_DIR, default ~/.cache/glmlab)")
     p.add_argument("--engine", default="process", choices=("process", "thread"),
                    help="process (default): the model decodes in a process of its own, so its Python and the "
                         "HTTP server's never wait for each other's interpreter lock (the server keeps a second "
@@ -167,6 +172,7 @@ def _run(args: argparse.Namespace, sock: socket.socket) -> int:
                            limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                          max_n=args.max_n, max_body_bytes=args.max_body_bytes),
                            checkpoint=args.checkpoint, engine=args.engine, decode_weights=args.decode_weights,
+                           compile_decode=args.compile_decode,
                            engine_device=str(device), engine_restarts=args.engine_restarts,
                            allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
                            connection=ConnectionLimits(args.max_header_bytes, args.read_timeout))

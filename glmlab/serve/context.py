@@ -49,6 +49,8 @@ class ServeOptions:
     engine: str = "thread"  # "process": the model decodes in a process of its own (glmlab serve's default;
     # a model that does not decode left to right, a bert, has nothing to decode there: its thread runs mask-predict)
     decode_weights: str = "native"  # what the engine process decodes with (glmlab serve --decode-weights)
+    compile_decode: bool = False  # decode through steps compiled ahead of time, for every batch size the server's
+    # continuous batch steps with, compiled (or loaded) before it takes requests (glmlab serve --compile-decode)
     engine_device: str | None = None  # where the engine process decodes; None: the served model's device
     engine_restarts: int = 3  # deaths of the engine process within a minute that are restarted; then it gives up
     connection: ConnectionLimits = ConnectionLimits()  # a request's head size and read timeouts
@@ -93,9 +95,11 @@ class Served:
         run.model.eval()
         # mask-predict runs as model calls, on the model's thread: an engine process would have nothing to decode
         self.engine = options.engine if run.model.traits.left_to_right else "thread"
+        if options.compile_decode:
+            self._check_compile_decode()
         if self.engine == "process":
             spec = EngineSpec(str(run.run_dir), options.checkpoint, options.engine_device or str(run.device),
-                              options.decode_weights, torch.get_num_threads())
+                              options.decode_weights, torch.get_num_threads(), options.compile_decode)
             self.scheduler = ProcessScheduler(spec, options.max_batch, options.max_queue, self.deliver,
                                               max_restarts=options.engine_restarts)
         elif self.engine == "thread":
@@ -107,6 +111,21 @@ class Served:
         self.scheduler.metrics = self.metrics
         self.card = model_card(run, options.model_name, options.checkpoint)
         self.start = start_id(run.model, run.tokenizer)  # what every prompt starts with (<bos>, or nothing)
+
+    def _check_compile_decode(self) -> None:
+        """Refuse --compile-decode where it cannot run, here rather than in the engine; with the model decoding in
+        this process, compile its steps now, before any request waits for one."""
+        run, options = self.run, self.options
+        device = options.engine_device if self.engine == "process" and options.engine_device else str(run.device)
+        if not device.startswith("cpu"):
+            raise GlmlabError(f"--compile-decode compiles a CPU step; this server decodes on {device}",
+                              "drop --compile-decode, or serve with --device cpu")
+        if self.engine == "process" and options.decode_weights != "native":  # (this process's copy is native)
+            raise GlmlabError(f"--compile-decode compiles the native-weight step, not the {options.decode_weights} one",
+                              f"choose one of --compile-decode and --decode-weights {options.decode_weights}")
+        run.use_compiled_decode()  # (the family's and int8 weights' refusals; the engine process's copy decodes)
+        if self.engine == "thread":
+            run.model.prepare_compiled_decode(options.max_batch)
 
     @property
     def model(self) -> LanguageModel:

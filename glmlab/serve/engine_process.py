@@ -60,6 +60,7 @@ class EngineSpec:
     device: str = "cpu"
     decode_weights: str = "native"
     threads: int = 0  # PyTorch CPU threads; 0 = PyTorch's choice
+    compile_decode: bool = False  # steps compiled ahead of time for every batch size of the engine's batch
 
 
 class _StepStats:
@@ -101,6 +102,9 @@ def _engine_main(conn: Any, spec: EngineSpec, slots: int) -> None:
     try:
         run = load_run(spec.run_dir, checkpoint=spec.checkpoint, device=spec.device)
         run.use_decode_weights(spec.decode_weights)
+        if spec.compile_decode:  # compiled (or loaded) before the server says it is ready
+            run.use_compiled_decode()
+            run.model.prepare_compiled_decode(slots)
     except Exception as exc:  # noqa: BLE001 — reported to the server, which says it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

@@ -16,10 +16,8 @@ import torch
 
 from glmlab.errors import ConfigError, GlmlabError
 from glmlab.generation.generate import GenerationSettings, generate_batch
-from glmlab.models import gpt as gpt_module
 from glmlab.models import gpt_aot
 from glmlab.models.gpt import GPT, GPTConfig
-from glmlab.models.gpt_decode import scripted_decode_rows, unoptimised_graphs
 from glmlab.models.lstm import LSTMLM, LSTMConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +84,7 @@ def test_the_compiled_step_is_the_forward_pass(activation, batch, cache_root, mo
     calls = count_calls(monkeypatch)
     fast_tokens, fast_logits, fast_cache = greedy(model, prompts, steps)
     assert calls == list(range(2, BLOCK - 1))  # every position but the last of the context (scripted)
-    assert fast_cache.compiled is not None and fast_cache.compiled.batch == batch
+    assert fast_cache.compiled is not None and [s.batch for s in fast_cache.compiled.values()] == [batch]
     assert torch.equal(fast_tokens, tokens)
     torch.testing.assert_close(fast_logits, logits, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(fast_cache.kv, cache.kv, atol=1e-6, rtol=1e-5)
@@ -118,37 +116,16 @@ def test_a_compiled_step_is_loaded_from_the_cache_and_rebuilt_for_new_weights(ca
     with torch.no_grad():
         fresh.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
     _, moved_logits, moved_cache = greedy(fresh, prompts, 3)
-    assert built == [3] and moved_cache.compiled is not cache.compiled  # a new library for the new weights
+    assert built == [3] and moved_cache.compiled[3] is not cache.compiled[3]  # a new library for the new weights
     fresh.set_decode_compiled(False)
     _, scripted_logits, _ = greedy(fresh, prompts, 3)
     torch.testing.assert_close(moved_logits, scripted_logits, atol=2e-5, rtol=1e-4)
 
 
-@pytest.fixture
-def stand_in(monkeypatch):
-    """Compiled steps replaced by a library that runs the scripted step (the same numbers) and records each call's
-    batch size and position, and each build's batch size: which steps go to the library, without a compiler."""
-    record = types.SimpleNamespace(builds=[], calls=[])
-
-    def build(w, n_head, eps, batch, max_len):
-        record.builds.append(batch)
-
-        def runner(tokens, positions, span, *kv_layers):
-            assert all(kv.size(0) == batch and kv.size(3) == max_len for kv in kv_layers)
-            record.calls.append((tokens.size(0), span.size(0) - 1))
-            with unoptimised_graphs():
-                return scripted_decode_rows()(tokens, torch.arange(batch), positions, span.size(0), list(kv_layers),
-                                              w, n_head, eps)
-
-        return gpt_aot.CompiledDecodeStep(runner, batch, max_len)
-
-    monkeypatch.setattr(gpt_module, "compiled_decode_step", build)
-    return record
-
-
 def test_beams_and_ended_rows_reach_the_compiled_step_only_where_it_fits(stand_in):
     """Beam search reorders the cache (KVCache.select): the step follows the new rows; a one-token prompt's first
-    step (position 0) is not compiled for; a batch whose rows ended early returns to the scripted step."""
+    step (position 0) is not compiled for; a batch whose last row ended runs the smallest step in memory that spans
+    the others (here beam search's, of batch 2)."""
     model = model_with("gelu_tanh")
     model.set_decode_compiled(True)
     tokenizer = types.SimpleNamespace(eos_id=7, kind="bpe", encode=lambda text: [], decode=lambda ids, **kw: "")
@@ -163,12 +140,102 @@ def test_beams_and_ended_rows_reach_the_compiled_step_only_where_it_fits(stand_i
     with torch.no_grad():
         model(torch.tensor([[1, 2], [3, 4], [5, 6]]), cache)
         model.decode_rows(torch.tensor([1, 2, 3]), cache, [0, 1, 2])  # every row at position 2: the library
-        model.decode_rows(torch.tensor([1, 2]), cache, [0, 1])  # row 2 has ended: scripted
-    assert stand_in.calls == [(3, 2)] and stand_in.builds == [3]
+        model.decode_rows(torch.tensor([1, 2]), cache, [0, 1])  # row 2 has ended: slots 0-1, batch 2's step
+    assert stand_in.calls == [(3, 2), (2, 3)] and stand_in.builds == [3]
     one = model.new_cache(1, CPU)
     with torch.no_grad():
         model.decode_rows(torch.tensor([1]), one, [0])  # position 0: nothing compiled for it
     assert stand_in.builds == [3]
+
+
+def scripted_twin(model: GPT) -> GPT:
+    twin = copy.deepcopy(model)
+    twin.set_decode_compiled(False)
+    return twin
+
+
+def test_rows_that_skip_slots_ride_along_in_the_smallest_step_that_spans_them(stand_in):
+    """Rows 0 and 2 of a 4-slot cache (slot 1 holding a row that does not decode, slot 3 empty) run the whole
+    cache's step, batch 4, the only one ready; logits and the decoding rows' keys and values are the scripted
+    step's, and the slot that rides along keeps its length and every position it holds. Once a 4-slot batch's sizes
+    are prepared, row 0 runs batch 1's step, rows 0-1 batch 2's, rows 0 and 2 batch 4's (the smallest spanning
+    slot 2)."""
+    model = model_with("gelu_tanh")
+    model.set_decode_compiled(True)
+    twin = scripted_twin(model)
+
+    def filled(m: GPT):
+        cache = m.new_cache(4, CPU)
+        with torch.no_grad():
+            for slot, n in [(0, 3), (1, 5), (2, 2)]:  # slot 3 stays empty
+                m(torch.arange(1, n + 1)[None], cache, rows=[slot])
+        return cache
+
+    fast, slow = filled(model), filled(twin)
+    held = fast.kv[:, 1, :, :, :5].clone()
+    with torch.no_grad():
+        for tokens, rows in [([4, 6], [0, 2]), ([5, 7], [0, 2]), ([9], [2])]:
+            got = model.decode_rows(torch.tensor(tokens), fast, rows)
+            want = twin.decode_rows(torch.tensor(tokens), slow, rows)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert stand_in.builds == [4] and [batch for batch, _ in stand_in.calls] == [4, 4, 4]
+    assert fast.lengths == slow.lengths == [5, 5, 5, 0]
+    torch.testing.assert_close(fast.kv[:, 1, :, :, :5], held)  # the slot that rode along: untouched
+    for slot in (0, 2):
+        torch.testing.assert_close(fast.kv[:, slot, :, :, :5], slow.kv[:, slot, :, :, :5], atol=1e-6, rtol=1e-6)
+    stand_in.calls.clear()
+    assert model.prepare_compiled_decode(4) == [1, 2, 4] and stand_in.builds == [4, 1, 2]
+    cache = filled(model)
+    with torch.no_grad():
+        model.decode_rows(torch.tensor([1]), cache, [0])
+        model.decode_rows(torch.tensor([1, 2]), cache, [0, 1])
+        model.decode_rows(torch.tensor([1, 2]), cache, [0, 2])
+    assert [batch for batch, _ in stand_in.calls] == [1, 2, 4]
+
+
+def test_prepared_sizes_and_their_refusals(stand_in):
+    model = model_with("gelu_tanh")
+    with pytest.raises(ConfigError, match="set_decode_compiled"):
+        model.prepare_compiled_decode(8)
+    model.set_decode_compiled(True)
+    with pytest.raises(ConfigError, match="slots"):
+        model.prepare_compiled_decode(0)
+    assert gpt_aot.compiled_batch_sizes(1) == [1]
+    assert gpt_aot.compiled_batch_sizes(12) == [1, 2, 4, 8, 12]
+    assert model.prepare_compiled_decode(8) == [1, 2, 4, 8] and stand_in.builds == [1, 2, 4, 8]
+    model.prepare_compiled_decode(8)
+    assert stand_in.builds == [1, 2, 4, 8]  # kept in memory: nothing built twice
+
+
+def test_a_continuous_batch_decodes_the_scripted_tokens_through_prepared_steps(stand_in):
+    """Rows that join and leave a server-sized batch at their own times: the same tokens as the scripted steps,
+    and every step after the first prefill runs a compiled step."""
+    from glmlab.generation.continuous import ContinuousBatch
+
+    tokenizer = types.SimpleNamespace(eos_id=7, kind="bpe", encode=lambda text: [], decode=lambda ids, **kw: "")
+
+    def serve(model: GPT) -> dict:
+        batch = ContinuousBatch(model, tokenizer, 8, deltas=False)
+        done, queue = {}, [(i, [1 + i, 2, 3][: 1 + i % 3], 3 + 2 * i) for i in range(6)]
+        for step in range(40):
+            if step % 2 == 0 and step // 2 < len(queue):  # a row joins every other step
+                key, prompt, n = queue[step // 2]
+                batch.add(key, prompt, GenerationSettings(max_new_tokens=n, temperature=0, stop_at_eos=False))
+            for event in batch.step():
+                if event.completion is not None:
+                    done[event.key] = event.completion.token_ids
+        return done
+
+    model = model_with("gelu_tanh")
+    model.set_decode_compiled(True)
+    model.prepare_compiled_decode(8)
+    expected = serve(scripted_twin(model))
+    scripted = []
+    real = model._decode_scripted
+    model._decode_scripted = lambda *a: scripted.append(a[2]) or real(*a)
+    assert serve(model) == expected and all(len(v) == 3 + 2 * k for k, v in expected.items())
+    assert stand_in.builds == [1, 2, 4, 8] and len(stand_in.calls) > 10 and scripted == []
+    assert {batch for batch, _ in stand_in.calls} <= {1, 2, 4, 8}
 
 
 @pytest.mark.slow

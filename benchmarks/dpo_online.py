@@ -1,0 +1,144 @@
+"""Online DPO (Guo et al., 2024) on ``dpo_sentiment.py``'s controlled sentiment task (issue 21): the pairs come
+from the policy being trained, not from the SFT policy once.
+
+Each step draws ``--prefixes`` training prefixes, samples ``--k`` answers to each from the current policy
+(temperature 1), scores them with the reward, pairs a positive answer with a negative one per prefix (each drawn
+at random within its class, as ``--pair-rule label``; prefixes whose answers share a class give none) and takes one
+DPO step (``glmlab.finetune.preferences.preference_loss``, optionally RPO's likelihood term) against the frozen SFT
+policy, on the sampled tokens themselves. No dropout (trl's ``disable_dropout``). Every ``--eval-every`` steps the
+policy is measured as ``dpo_sentiment.py`` measures its policies, on the same held-out prefixes, seed and samples
+per prefix: the positive rate and the mean per-token KL to the SFT policy (also per sequence), one JSON line each
+(``--out``/log.jsonl). Compare with that script's best-of-N and bound rows for the same SFT policy and reward.
+
+    python benchmarks/dpo_online.py --sft W/sft --reward /work/bench-ae3/sst2-gpt-head-1337 --out OUT \\
+        --beta 1 --lr 1e-5 --steps 1000 --eval-every 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from glmlab.data.dataset import IGNORE_INDEX
+from glmlab.finetune import load_classifier
+from glmlab.finetune.preferences import chosen_nll, preference_loss, sequence_logps
+from glmlab.generation.engine import start_id
+from glmlab.runs import load_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from autoencoding import SHARED  # noqa: E402
+from dpo_sentiment import measure, phrases, rewards, sample, split_prefix  # noqa: E402
+
+
+def scored_rows(run, pairs: list[tuple[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (B, T) for completions as sampled (their token ids, and the end-of-text token where it
+    was sampled) after their prompts; only the completions' tokens are scored."""
+    start = start_id(run.model, run.tokenizer)
+    rows = []
+    for prompt, c in pairs:
+        head = ([start] if start is not None else []) + run.tokenizer.encode(prompt)
+        rows.append((head, list(c.token_ids) + ([run.tokenizer.eos_id] if c.ended_at_eos else [])))
+    width = max(len(h) + len(t) for h, t in rows) - 1
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (head, tail) in enumerate(rows):
+        row = head + tail
+        x[i, :len(row) - 1] = torch.tensor(row[:-1])
+        y[i, len(head) - 1:len(row) - 1] = torch.tensor(tail)
+    return x, y
+
+
+def label_pairs(prompts: list[str], samples: list[list], scores: list[float], k: int, rng: random.Random
+                ) -> list[tuple[tuple[str, object], tuple[str, object]]]:
+    """(chosen, rejected) per prefix: a positive answer over a negative one, each drawn within its class."""
+    pairs = []
+    for i, (prompt, row) in enumerate(zip(prompts, samples, strict=True)):
+        answered = [j for j in range(k) if row[j].token_ids]
+        positive = [j for j in answered if scores[k * i + j] > 0.5]
+        negative = [j for j in answered if scores[k * i + j] <= 0.5]
+        if positive and negative:
+            pairs.append(((prompt, row[rng.choice(positive)]), (prompt, row[rng.choice(negative)])))
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sft", type=Path, required=True, help="the SFT policy (dpo_sentiment.py's WORK/sft)")
+    ap.add_argument("--reward", type=Path, required=True, help="the classifier run used as the reward")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shared", type=Path, default=SHARED)
+    ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo"))
+    ap.add_argument("--rpo-alpha", type=float, default=0.0)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--prefixes", type=int, default=32, help="training prefixes per step")
+    ap.add_argument("--k", type=int, default=4, help="answers sampled per prefix")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-prefixes", type=int, default=300)
+    ap.add_argument("--samples", type=int, default=4, help="answers per held-out prefix when measuring")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--stop-at", type=float, default=0.95, help="stop once the measured positive rate reaches this")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train, held = phrases(args.shared)
+    rng = random.Random(3)  # dpo_sentiment.py's held-out prefixes
+    eval_prompts = [split_prefix(t, rng)[0] for t in rng.sample(held, args.eval_prefixes)]
+    classifier = load_classifier(args.reward)
+    run, sft_run = load_run(args.sft), load_run(args.sft)
+    policy, reference = run.model.eval(), sft_run.model.eval().requires_grad_(False)  # eval(): no dropout
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    draw = random.Random(7)
+    started, pairs_seen = time.time(), 0
+    with (args.out / "log.jsonl").open("a") as log:
+        for step in range(args.steps + 1):
+            if step % args.eval_every == 0 or step == args.steps:
+                with torch.no_grad():  # (dpo_sentiment.py's seed for its policies, 202)
+                    result = measure(run, sft_run, eval_prompts, classifier, args.samples, 202, args.max_new_tokens)
+                example = f"{eval_prompts[0]}|{result['samples'][0].text}"
+                result = {k: v for k, v in result.items() if k not in ("scores", "samples")}
+                result.update(step=step, pairs=pairs_seen, seconds=round(time.time() - started, 1), example=example)
+                print(json.dumps(result), flush=True)
+                log.write(json.dumps(result) + "\n")
+                log.flush()
+                if result["positive"] >= args.stop_at or step == args.steps:
+                    break
+            prompts = [split_prefix(t, draw)[0] for t in draw.sample(train, args.prefixes)]
+            with torch.no_grad():
+                samples = sample(run, prompts, args.k, 1000 + 7919 * step, args.max_new_tokens)
+                scores = rewards(classifier, [p + c.text for p, row in zip(prompts, samples, strict=True)
+                                              for c in row])
+            pairs = label_pairs(prompts, samples, scores, args.k, draw)
+            if not pairs:
+                continue
+            pairs_seen += len(pairs)
+            x, y = scored_rows(run, [c for c, _ in pairs] + [r for _, r in pairs])
+            logps, tokens = sequence_logps(policy, x, y)
+            with torch.no_grad():
+                ref_logps, _ = sequence_logps(reference, x, y)
+            (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref_logps.chunk(2)
+            chosen_tokens, rejected_tokens = tokens.chunk(2)
+            losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, 0.0,
+                                           chosen_tokens, rejected_tokens)
+            loss = losses.mean() + (args.rpo_alpha * chosen_nll(chosen, chosen_tokens) if args.rpo_alpha else 0)
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+    torch.save(policy.state_dict(), args.out / "policy.pt")
+
+
+if __name__ == "__main__":
+    main()

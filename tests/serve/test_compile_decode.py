@@ -1,0 +1,69 @@
+"""``glmlab serve --compile-decode``: every batch size the continuous batch steps with is compiled before the server
+takes requests, the answers are the scripted steps', and where it cannot run it is refused at startup. The in-process
+tests use the stand-in library of tests/conftest.py (no compiler); one slow test compiles for real in an engine
+process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx2 as httpx
+import pytest
+
+from glmlab.errors import GlmlabError
+from glmlab.serve.cli import add_parser
+
+REQUESTS = [{"prompt": p, "max_tokens": 6 + 3 * i, "seed": i, "temperature": 0.9}
+            for i, p in enumerate(["First", "Citizen", "O", "ROMEO:", "What", "MENENIUS:"])]
+
+
+def answers(server, parallel: bool) -> list[str]:
+    def ask(body: dict) -> str:
+        reply = httpx.post(server.url + "/v1/completions", json={"model": "tiny", **body}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["text"]
+
+    if not parallel:
+        return [ask(body) for body in REQUESTS]
+    with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+        return list(pool.map(ask, REQUESTS))
+
+
+def test_every_batch_size_is_ready_before_requests_and_answers_are_the_scripted_ones(make_server, live, stand_in):
+    server = make_server(compile_decode=True, max_batch=8)
+    assert stand_in.builds == [1, 2, 4, 8]  # at startup, none at a request
+    expected = answers(live, parallel=False)
+    assert answers(server, parallel=False) == expected
+    assert answers(server, parallel=True) == expected
+    assert stand_in.builds == [1, 2, 4, 8]
+    sizes = {batch for batch, _ in stand_in.calls}
+    assert 1 in sizes and sizes <= {1, 2, 4, 8}  # one request alone ran batch 1's step, not the 8 slots'
+
+
+def test_where_it_cannot_run_it_is_refused_at_startup(make_server, infill_runs, stand_in):
+    with pytest.raises(GlmlabError, match="not available for this run's family, lstm"):
+        make_server(infill_runs["lstm"], compile_decode=True)
+    with pytest.raises(GlmlabError, match="compiles a CPU step; this server decodes on cuda"):
+        make_server(compile_decode=True, engine="process", engine_device="cuda")
+    with pytest.raises(GlmlabError, match="native-weight step, not the int8 one"):
+        make_server(compile_decode=True, engine="process", decode_weights="int8")
+    assert stand_in.builds == []
+
+
+def test_the_flag_reaches_the_server(trained_run, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert parser.parse_args(["serve", str(trained_run), "--compile-decode"]).compile_decode is True
+    assert parser.parse_args(["serve", str(trained_run)]).compile_decode is False
+
+
+@pytest.mark.slow
+def test_an_engine_process_compiles_its_steps_and_answers_as_the_one_process_server(make_server, live, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("GLMLAB_CACHE_DIR", str(tmp_path))  # (the engine process inherits it)
+    server = make_server(compile_decode=True, engine="process", max_batch=2)
+    assert len(list((tmp_path / "decode-steps").glob("gpt-*.pt2"))) == 2  # batches 1 and 2, before any request
+    assert answers(server, parallel=False) == answers(live, parallel=False)
+    assert answers(server, parallel=True) == answers(live, parallel=False)
