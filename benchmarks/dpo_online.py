@@ -5,7 +5,10 @@ Each step draws ``--prefixes`` training prefixes, samples ``--k`` answers to eac
 (temperature 1), scores them with the reward, pairs a positive answer with a negative one per prefix (each drawn
 at random within its class, as ``--pair-rule label``; prefixes whose answers share a class give none) and takes one
 DPO step (``glmlab.finetune.preferences.preference_loss``, optionally RPO's likelihood term) against the frozen SFT
-policy, on the sampled tokens themselves. No dropout (trl's ``disable_dropout``). Every ``--eval-every`` steps the
+policy, on the sampled tokens themselves. ``--token-kl λ`` adds λ times the mean over the answers' positions of
+KL(π(·|context) ‖ π_ref(·|context)) between the full next-token distributions: on answers the policy sampled, the
+per-token form of the KL that is measured (the KL penalty of RLHF's objective), where DPO constrains only each
+pair's difference of log-ratios. No dropout (trl's ``disable_dropout``). Every ``--eval-every`` steps the
 policy is measured as ``dpo_sentiment.py`` measures its policies, on the same held-out prefixes, seed and samples
 per prefix: the positive rate and the mean per-token KL to the SFT policy (also per sequence), one JSON line each
 (``--out``/log.jsonl). Compare with that script's best-of-N and bound rows for the same SFT policy and reward.
@@ -24,10 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from glmlab.data.dataset import IGNORE_INDEX
 from glmlab.finetune import load_classifier
-from glmlab.finetune.preferences import chosen_nll, preference_loss, sequence_logps
+from glmlab.finetune.preferences import chosen_nll, preference_loss, target_logps
 from glmlab.generation.engine import start_id
 from glmlab.runs import load_run
 
@@ -76,6 +80,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo"))
     ap.add_argument("--rpo-alpha", type=float, default=0.0)
+    ap.add_argument("--token-kl", type=float, default=0.0, help="weight of the token-level KL(policy || SFT) term")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--prefixes", type=int, default=32, help="training prefixes per step")
@@ -123,14 +128,21 @@ def main() -> None:
                 continue
             pairs_seen += len(pairs)
             x, y = scored_rows(run, [c for c, _ in pairs] + [r for _, r in pairs])
-            logps, tokens = sequence_logps(policy, x, y)
+            logits = policy(x).float()
+            logps, tokens = target_logps(logits, y)
             with torch.no_grad():
-                ref_logps, _ = sequence_logps(reference, x, y)
+                ref_logits = reference(x).float()
+                ref_logps, _ = target_logps(ref_logits, y)
             (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref_logps.chunk(2)
             chosen_tokens, rejected_tokens = tokens.chunk(2)
             losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, 0.0,
                                            chosen_tokens, rejected_tokens)
             loss = losses.mean() + (args.rpo_alpha * chosen_nll(chosen, chosen_tokens) if args.rpo_alpha else 0)
+            if args.token_kl:
+                scored = y != IGNORE_INDEX
+                log_p, log_ref = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
+                kl = (log_p.exp() * (log_p - log_ref)).sum(-1)
+                loss = loss + args.token_kl * kl[scored].mean()
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
             optimizer.zero_grad(set_to_none=True)

@@ -102,6 +102,7 @@ def stand_in(monkeypatch):
         record.builds.append(batch)
 
         def runner(tokens, positions, span, *kv_layers):
+            assert tokens.size(0) == positions.numel() == batch
             assert all(kv.size(0) == batch and kv.size(3) == max_len for kv in kv_layers)
             record.calls.append((tokens.size(0), span.size(0) - 1))
             with unoptimised_graphs():

@@ -154,7 +154,11 @@ def encode_preferences(tokenizer: Tokenizer, template: ChatTemplate | None, pair
 
 def sequence_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's scored targets, and how many there are."""
-    logits = model(x).float()
+    return target_logps(model(x).float(), y)
+
+
+def target_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logps` from logits (B, T, vocab) already computed."""
     scored = y != IGNORE_INDEX
     logp = torch.gather(F.log_softmax(logits, -1), 2, y.clamp(min=0)[..., None])[..., 0]
     return (logp * scored).sum(1), scored.sum(1)

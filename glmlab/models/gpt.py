@@ -320,7 +320,8 @@ class GPT(FamilyModel):
             full = self._step_key(cache, len(cache.lengths))
             if build_full:
                 self._load_compiled_step(full, weights)
-            ready = {key[0]: value[0] for key, value in self._compiled_steps.items() if key[1:] == full[1:]}
+            ready = {key[0]: value[0] for key, value in self._compiled_steps.items()  # (none wider than the cache)
+                     if key[1:] == full[1:] and key[0] <= len(cache.lengths)}
             cache.compiled = ready
         return cache.compiled
 

@@ -120,7 +120,7 @@ class Served:
         if not device.startswith("cpu"):
             raise GlmlabError(f"--compile-decode compiles a CPU step; this server decodes on {device}",
                               "drop --compile-decode, or serve with --device cpu")
-        if self.engine == "process" and options.decode_weights != "native":  # (this process's copy is native)
+        if self.engine == "process" and options.decode_weights != "native":  # (what the engine would decode with)
             raise GlmlabError(f"--compile-decode compiles the native-weight step, not the {options.decode_weights} one",
                               f"choose one of --compile-decode and --decode-weights {options.decode_weights}")
         run.use_compiled_decode()  # (the family's and int8 weights' refusals; the engine process's copy decodes)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmlab.generation.continuous import RowEvent
+from glmlab.models.gpt_aot import compiled_batch_sizes
 from glmlab.serve.metrics import Metrics
 from glmlab.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped, account
 
@@ -49,6 +50,7 @@ log = logging.getLogger("glmlab.serve")
 MAX_RESTARTS = 3  # engine deaths within RESTART_WINDOW that are restarted (glmlab serve --engine-restarts)
 RESTART_WINDOW = 60.0  # seconds
 STARTUP_TIMEOUT = 600.0  # seconds for the engine to import PyTorch and load the run
+COMPILE_ALLOWANCE = 120.0  # more seconds per decoding step it compiles first (--compile-decode; GPT-2 small: ~50)
 
 
 @dataclass(frozen=True)
@@ -221,14 +223,17 @@ class ProcessScheduler:
         theirs.close()
         self._conn = ours
         started = time.monotonic()
+        steps = len(compiled_batch_sizes(self.slots)) if self.spec.compile_decode else 0
+        timeout = STARTUP_TIMEOUT + COMPILE_ALLOWANCE * steps
         while not ours.poll(0.1):
             if not self._process.is_alive():
                 raise SchedulerStopped(f"the engine process exited (code {self._process.exitcode}) while loading "
                                        f"{self.spec.run_dir}")
-            if time.monotonic() - started > STARTUP_TIMEOUT:
+            if time.monotonic() - started > timeout:
                 self._process.kill()
-                raise SchedulerStopped(f"the engine process did not load {self.spec.run_dir} in "
-                                       f"{STARTUP_TIMEOUT:.0f} s")
+                doing = f"load {self.spec.run_dir} and compile its {steps} decoding steps" if steps else \
+                    f"load {self.spec.run_dir}"
+                raise SchedulerStopped(f"the engine process did not {doing} in {timeout:.0f} s")
         first = ours.recv()
         if first[0] != "ready":
             self._process.join(timeout=10)

@@ -193,6 +193,20 @@ def test_rows_that_skip_slots_ride_along_in_the_smallest_step_that_spans_them(st
     assert [batch for batch, _ in stand_in.calls] == [1, 2, 4]
 
 
+def test_a_cache_never_runs_a_step_wider_than_itself(stand_in):
+    """Steps of a larger batch in memory (a bigger generation before, or a server's prepared sizes) are not for a
+    smaller cache: a 3-slot batch after a 4-slot one runs its own size, with the same tokens as the scripted step."""
+    model = model_with("gelu_tanh")
+    model.set_decode_compiled(True)
+    tokenizer = types.SimpleNamespace(eos_id=7, kind="bpe", encode=lambda text: [], decode=lambda ids, **kw: "")
+    greedy_settings = GenerationSettings(max_new_tokens=5, temperature=0, stop_at_eos=False)
+    generate_batch(model, tokenizer, [[1, 2]] * 4, greedy_settings)
+    out = generate_batch(model, tokenizer, [[1, 2], [3], [4, 5, 6]], greedy_settings)
+    expected = generate_batch(scripted_twin(model), tokenizer, [[1, 2], [3], [4, 5, 6]], greedy_settings)
+    assert [c[0].token_ids for c in out] == [c[0].token_ids for c in expected]
+    assert stand_in.builds == [4, 3] and {batch for batch, _ in stand_in.calls} == {4, 3}
+
+
 def test_prepared_sizes_and_their_refusals(stand_in):
     model = model_with("gelu_tanh")
     with pytest.raises(ConfigError, match="set_decode_compiled"):
@@ -216,7 +230,7 @@ def test_a_continuous_batch_decodes_the_scripted_tokens_through_prepared_steps(s
 
     def serve(model: GPT) -> dict:
         batch = ContinuousBatch(model, tokenizer, 8, deltas=False)
-        done, queue = {}, [(i, [1 + i, 2, 3][: 1 + i % 3], 3 + 2 * i) for i in range(6)]
+        done, queue = {}, [(i, [1 + i, 2, 3][: 1 + i % 3], 2 + 2 * i) for i in range(6)]  # (within the context)
         for step in range(40):
             if step % 2 == 0 and step // 2 < len(queue):  # a row joins every other step
                 key, prompt, n = queue[step // 2]
@@ -233,9 +247,11 @@ def test_a_continuous_batch_decodes_the_scripted_tokens_through_prepared_steps(s
     scripted = []
     real = model._decode_scripted
     model._decode_scripted = lambda *a: scripted.append(a[2]) or real(*a)
-    assert serve(model) == expected and all(len(v) == 3 + 2 * k for k, v in expected.items())
+    assert serve(model) == expected and all(len(v) == 2 + 2 * k for k, v in expected.items())
     assert stand_in.builds == [1, 2, 4, 8] and len(stand_in.calls) > 10 and scripted == []
-    assert {batch for batch, _ in stand_in.calls} <= {1, 2, 4, 8}
+    sizes = [batch for batch, _ in stand_in.calls]
+    # the batch grows and shrinks; rows move down into freed slots, so at most 4 rows live: never the 8 slots' step
+    assert sizes[0] == 1 and set(sizes) == {1, 2, 4} and sizes[-1] < 4
 
 
 @pytest.mark.slow

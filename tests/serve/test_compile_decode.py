@@ -50,13 +50,25 @@ def test_where_it_cannot_run_it_is_refused_at_startup(make_server, infill_runs, 
     assert stand_in.builds == []
 
 
-def test_the_flag_reaches_the_server(trained_run, monkeypatch):
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_flag_reaches_the_server(trained_run, monkeypatch, flag):
     import argparse
 
+    from glmlab.serve import app
+
+    seen = []
+
+    def create_app(run, options):
+        seen.append(options)
+        raise KeyboardInterrupt  # (stop before the server starts)
+
+    monkeypatch.setattr(app, "create_app", create_app)
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    assert parser.parse_args(["serve", str(trained_run), "--compile-decode"]).compile_decode is True
-    assert parser.parse_args(["serve", str(trained_run)]).compile_decode is False
+    args = parser.parse_args(["serve", str(trained_run), "--port", "0"] + (["--compile-decode"] if flag else []))
+    with pytest.raises(KeyboardInterrupt):
+        args.handler(args)
+    assert [options.compile_decode for options in seen] == [flag]
 
 
 @pytest.mark.slow
