@@ -81,10 +81,14 @@ def main() -> None:
     ap.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo"))
     ap.add_argument("--rpo-alpha", type=float, default=0.0)
     ap.add_argument("--token-kl", type=float, default=0.0, help="weight of the token-level KL(policy || SFT) term")
+    ap.add_argument("--objective", default="dpo", choices=("dpo", "rloo"),
+                    help="dpo (default), or rloo: REINFORCE with the leave-one-out baseline on every sampled "
+                         "answer, the positive label as the reward (a reference point for what a policy trained "
+                         "on the reward itself reaches; with --token-kl, RLHF's KL-penalised objective)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--prefixes", type=int, default=32, help="training prefixes per step")
-    ap.add_argument("--k", type=int, default=4, help="answers sampled per prefix")
+    ap.add_argument("--k", type=int, default=4, help="answers sampled per prefix (at least 2)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-prefixes", type=int, default=300)
@@ -123,21 +127,33 @@ def main() -> None:
                 samples = sample(run, prompts, args.k, 1000 + 7919 * step, args.max_new_tokens)
                 scores = rewards(classifier, [p + c.text for p, row in zip(prompts, samples, strict=True)
                                               for c in row])
-            pairs = label_pairs(prompts, samples, scores, args.k, draw)
-            if not pairs:
-                continue
-            pairs_seen += len(pairs)
-            x, y = scored_rows(run, [c for c, _ in pairs] + [r for _, r in pairs])
-            logits = policy(x).float()
-            logps, tokens = target_logps(logits, y)
-            with torch.no_grad():
-                ref_logits = reference(x).float()
-                ref_logps, _ = target_logps(ref_logits, y)
-            (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref_logps.chunk(2)
-            chosen_tokens, rejected_tokens = tokens.chunk(2)
-            losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, 0.0,
-                                           chosen_tokens, rejected_tokens)
-            loss = losses.mean() + (args.rpo_alpha * chosen_nll(chosen, chosen_tokens) if args.rpo_alpha else 0)
+            if args.objective == "rloo":
+                answers = [(p, c) for p, row in zip(prompts, samples, strict=True) for c in row]
+                pairs_seen += len(answers)
+                x, y = scored_rows(run, answers)
+                logits = policy(x).float()
+                logps, _ = target_logps(logits, y)
+                with torch.no_grad():
+                    ref_logits = reference(x).float() if args.token_kl else None
+                label = torch.tensor([float(score > 0.5) for score in scores]).view(-1, args.k)
+                advantage = label - (label.sum(1, keepdim=True) - label) / (args.k - 1)  # leave-one-out baseline
+                loss = -(advantage.view(-1) * logps).mean()
+            else:
+                pairs = label_pairs(prompts, samples, scores, args.k, draw)
+                if not pairs:
+                    continue
+                pairs_seen += len(pairs)
+                x, y = scored_rows(run, [c for c, _ in pairs] + [r for _, r in pairs])
+                logits = policy(x).float()
+                logps, tokens = target_logps(logits, y)
+                with torch.no_grad():
+                    ref_logits = reference(x).float()
+                    ref_logps, _ = target_logps(ref_logits, y)
+                (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref_logps.chunk(2)
+                chosen_tokens, rejected_tokens = tokens.chunk(2)
+                losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, 0.0,
+                                               chosen_tokens, rejected_tokens)
+                loss = losses.mean() + (args.rpo_alpha * chosen_nll(chosen, chosen_tokens) if args.rpo_alpha else 0)
             if args.token_kl:
                 scored = y != IGNORE_INDEX
                 log_p, log_ref = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
