@@ -34,6 +34,7 @@ import itertools
 import logging
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -94,6 +95,10 @@ def _engine_main(conn: Any, spec: EngineSpec, slots: int) -> None:
     """The engine process: load the run, start a thread :class:`Scheduler` over it, forward requests to
     it and its events back, until told to stop or the server's end of the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
+    # a server leaving while we start (Ctrl-C during --compile-decode's compilations) terminates us: exit as Python
+    # does, so that what the compilation registered with multiprocessing's resource tracker is released, not
+    # reported at the server's exit as leaked
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     import torch
 
     from glmlab.runs import UncheckedWeights, load_run

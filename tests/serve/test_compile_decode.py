@@ -79,3 +79,33 @@ def test_an_engine_process_compiles_its_steps_and_answers_as_the_one_process_ser
     assert len(list((tmp_path / "decode-steps").glob("gpt-*.pt2"))) == 2  # batches 1 and 2, before any request
     assert answers(server, parallel=False) == answers(live, parallel=False)
     assert answers(server, parallel=True) == answers(live, parallel=False)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_startup_compilations_stops_cleanly(trained_run, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's whole process group) while the engine compiles: the server says it was
+    interrupted, nothing is reported leaked at its exit, and no engine or compiler is left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "GLMLAB_CACHE_DIR": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, "-m", "glmlab", "serve", str(trained_run), "--port", "0",
+                               "--compile-decode", "--max-batch", "2", "--threads", "1"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    first = server.stdout.readline()  # (printed by the engine as its first compilation starts)
+    assert first.startswith("compiling the decoding step for batch 1"), first
+    time.sleep(1.0)
+    os.killpg(server.pid, signal.SIGINT)
+    rest = server.communicate(timeout=60)[0]
+    assert server.returncode == 130 and "glmlab serve: interrupted" in rest
+    assert "leaked" not in rest and "Traceback" not in rest, rest
+    deadline = time.monotonic() + 20  # (the engine and multiprocessing's resource tracker exit just after it)
+    while (left := subprocess.run(["ps", "-o", "pid=,args=", "-g", str(server.pid)], capture_output=True,
+                                  text=True).stdout.strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == "", left
+    assert not list((tmp_path / "decode-steps").glob("*.pt2"))  # nothing half-written is kept
