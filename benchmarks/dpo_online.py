@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo"))
     ap.add_argument("--rpo-alpha", type=float, default=0.0)
     ap.add_argument("--token-kl", type=float, default=0.0, help="weight of the token-level KL(policy || SFT) term")
+    ap.add_argument("--kl-in-reward", type=float, default=0.0, metavar="BETA",
+                    help="--objective rloo: subtract BETA x each answer's sampled log-ratio to the SFT policy from its "
+                         "reward before the baseline (trl's RLOO: the gradient of E[r] - BETA KL, whose optimum is the "
+                         "SFT policy reweighted by exp(r / BETA), the bound's policy)")
     ap.add_argument("--objective", default="dpo", choices=("dpo", "rloo"),
                     help="dpo (default), or rloo: REINFORCE with the leave-one-out baseline on every sampled "
                          "answer, the positive label as the reward (a reference point for what a policy trained "
@@ -97,6 +101,10 @@ def main() -> None:
     ap.add_argument("--stop-at", type=float, default=0.95, help="stop once the measured positive rate reaches this")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.k < 2:
+        ap.error("--k must be at least 2 (pairs, and RLOO's leave-one-out baseline)")
+    if args.kl_in_reward and args.objective != "rloo":
+        ap.error("--kl-in-reward is for --objective rloo")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,9 +142,12 @@ def main() -> None:
                 logits = policy(x).float()
                 logps, _ = target_logps(logits, y)
                 with torch.no_grad():
-                    ref_logits = reference(x).float() if args.token_kl else None
-                label = torch.tensor([float(score > 0.5) for score in scores]).view(-1, args.k)
-                advantage = label - (label.sum(1, keepdim=True) - label) / (args.k - 1)  # leave-one-out baseline
+                    ref_logits = reference(x).float() if args.token_kl or args.kl_in_reward else None
+                reward = torch.tensor([float(score > 0.5) for score in scores]).view(-1, args.k)
+                if args.kl_in_reward:
+                    log_ratio = logps.detach() - target_logps(ref_logits, y)[0]
+                    reward = reward - args.kl_in_reward * log_ratio.view(-1, args.k)
+                advantage = reward - (reward.sum(1, keepdim=True) - reward) / (args.k - 1)  # leave-one-out baseline
                 loss = -(advantage.view(-1) * logps).mean()
             else:
                 pairs = label_pairs(prompts, samples, scores, args.k, draw)

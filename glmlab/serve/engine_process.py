@@ -227,9 +227,27 @@ class ProcessScheduler:
         self._process.start()
         theirs.close()
         self._conn = ours
-        started = time.monotonic()
         steps = len(compiled_batch_sizes(self.slots)) if self.spec.compile_decode else 0
         timeout = STARTUP_TIMEOUT + COMPILE_ALLOWANCE * steps
+        try:
+            self._wait_until_loaded(ours, timeout, steps)
+        except BaseException:  # Ctrl-C while it loads or compiles: end it here, in bounded time
+            self._process.terminate()  # (it exits as Python does: what it registered is released)
+            self._process.join(timeout=15)
+            if self._process.is_alive():
+                self._process.kill()
+            raise
+        first = ours.recv()
+        if first[0] != "ready":
+            self._process.join(timeout=10)
+            raise SchedulerStopped(f"the engine process could not load the run: {first[1]}")
+        self._reader = threading.Thread(target=self._read, name="glmlab-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_until_loaded(self, ours: Any, timeout: float, steps: int) -> None:
+        """Wait for the engine's first message; an engine that exits, or takes more than ``timeout`` seconds, is a
+        :class:`SchedulerStopped` (``steps``: the decoding steps it compiles first, named in the message)."""
+        started = time.monotonic()
         while not ours.poll(0.1):
             if not self._process.is_alive():
                 raise SchedulerStopped(f"the engine process exited (code {self._process.exitcode}) while loading "
@@ -239,12 +257,6 @@ class ProcessScheduler:
                 doing = f"load {self.spec.run_dir} and compile its {steps} decoding steps" if steps else \
                     f"load {self.spec.run_dir}"
                 raise SchedulerStopped(f"the engine process did not {doing} in {timeout:.0f} s")
-        first = ours.recv()
-        if first[0] != "ready":
-            self._process.join(timeout=10)
-            raise SchedulerStopped(f"the engine process could not load the run: {first[1]}")
-        self._reader = threading.Thread(target=self._read, name="glmlab-engine-reader", daemon=True)
-        self._reader.start()
 
     def stop(self) -> None:
         self._stopping = True
