@@ -32,22 +32,17 @@ import torch.nn.functional as F
 from glmlab.data.dataset import IGNORE_INDEX
 from glmlab.finetune import load_classifier
 from glmlab.finetune.preferences import chosen_nll, preference_loss, target_logps
-from glmlab.generation.engine import start_id
 from glmlab.runs import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autoencoding import SHARED  # noqa: E402
-from dpo_sentiment import measure, phrases, rewards, sample, split_prefix  # noqa: E402
+from dpo_sentiment import answer_rows, measure, phrases, rewards, sample, split_prefix  # noqa: E402
 
 
 def scored_rows(run, pairs: list[tuple[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (B, T) for completions as sampled (their token ids, and the end-of-text token where it
     was sampled) after their prompts; only the completions' tokens are scored."""
-    start = start_id(run.model, run.tokenizer)
-    rows = []
-    for prompt, c in pairs:
-        head = ([start] if start is not None else []) + run.tokenizer.encode(prompt)
-        rows.append((head, list(c.token_ids) + ([run.tokenizer.eos_id] if c.ended_at_eos else [])))
+    rows = answer_rows(run, [p for p, _ in pairs], [c for _, c in pairs])
     width = max(len(h) + len(t) for h, t in rows) - 1
     x = torch.zeros(len(rows), width, dtype=torch.long)
     y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

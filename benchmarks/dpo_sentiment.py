@@ -182,17 +182,21 @@ def dpo_policy(args: argparse.Namespace, init: Path, prefs: Path, beta: float, r
 
 
 @torch.no_grad()
+def answer_rows(run, prompts: list[str], completions: list) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per completion as sampled: the start token and the prompt, then its tokens and
+    the end-of-text token where it was sampled."""
+    start = start_id(run.model, run.tokenizer)
+    return [(([start] if start is not None else []) + run.tokenizer.encode(prompt),
+             list(c.token_ids) + ([run.tokenizer.eos_id] if c.ended_at_eos else []))
+            for prompt, c in zip(prompts, completions, strict=True)]
+
+
 def sequence_logprobs(run, prompts: list[str], completions: list) -> list[tuple[float, int]]:
     """Each completion's summed log-probability under ``run``'s model given its prompt, and its token count
     (the end-of-text token included where it was sampled)."""
-    model, tokenizer = run.model, run.tokenizer
-    start = start_id(model, tokenizer)
-    rows, spans = [], []
-    for prompt, c in zip(prompts, completions, strict=True):
-        head = ([start] if start is not None else []) + tokenizer.encode(prompt)
-        tail = list(c.token_ids) + ([tokenizer.eos_id] if c.ended_at_eos else [])
-        rows.append(head + tail)
-        spans.append((len(head), len(tail)))
+    model = run.model
+    pairs = answer_rows(run, prompts, completions)
+    rows, spans = [head + tail for head, tail in pairs], [(len(head), len(tail)) for head, tail in pairs]
     out = []
     for begin in range(0, len(rows), 64):
         batch = rows[begin:begin + 64]
