@@ -73,7 +73,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shared", type=Path, default=SHARED)
     ap.add_argument("--beta", type=float, default=1.0)
-    ap.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo"))
+    ap.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "cdpo"))
+    ap.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="--loss cdpo: ε, whose optimum tilts the reference by (1 - ε) / ε on the positive answers "
+                         "(e^a with a = log((1 - ε) / ε), the bound's row of that a when β is 1)")
     ap.add_argument("--rpo-alpha", type=float, default=0.0)
     ap.add_argument("--token-kl", type=float, default=0.0, help="weight of the token-level KL(policy || SFT) term")
     ap.add_argument("--kl-in-reward", type=float, default=0.0, metavar="BETA",
@@ -95,11 +98,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--stop-at", type=float, default=0.95, help="stop once the measured positive rate reaches this")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=100,
+                    help="keep OUT/state.pt (policy, optimizer, step, sampler state) every this many steps; a run "
+                         "started again with the same --out goes on from it")
     args = ap.parse_args()
     if args.k < 2:
         ap.error("--k must be at least 2 (pairs, and RLOO's leave-one-out baseline)")
     if args.kl_in_reward and args.objective != "rloo":
         ap.error("--kl-in-reward is for --objective rloo")
+    if (args.loss == "cdpo") != (args.label_smoothing > 0):
+        ap.error("--loss cdpo goes with --label-smoothing ε > 0, and only it")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,10 +119,23 @@ def main() -> None:
     policy, reference = run.model.eval(), sft_run.model.eval().requires_grad_(False)  # eval(): no dropout
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     draw = random.Random(7)
-    started, pairs_seen = time.time(), 0
+    started, pairs_seen, first = time.time(), 0, 0
+    state_path = args.out / "state.pt"
+    if state_path.is_file():  # go on where the last run of this --out stopped
+        state = torch.load(state_path, weights_only=False)
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        draw.setstate(state["draw"])
+        first, pairs_seen, started = state["step"], state["pairs"], time.time() - state["seconds"]
+        print(f"resuming at step {first}", flush=True)
     with (args.out / "log.jsonl").open("a") as log:
-        for step in range(args.steps + 1):
-            if step % args.eval_every == 0 or step == args.steps:
+        for step in range(first, args.steps + 1):
+            if step > first and step % args.save_every == 0:
+                state = {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "draw": draw.getstate(),
+                         "step": step, "pairs": pairs_seen, "seconds": time.time() - started}
+                torch.save(state, state_path.with_suffix(".tmp"))
+                state_path.with_suffix(".tmp").replace(state_path)
+            if (step % args.eval_every == 0 and step > first) or step == args.steps or (step == 0 and first == 0):
                 with torch.no_grad():  # (dpo_sentiment.py's seed for its policies, 202)
                     result = measure(run, sft_run, eval_prompts, classifier, args.samples, 202, args.max_new_tokens)
                 example = f"{eval_prompts[0]}|{result['samples'][0].text}"
@@ -157,8 +178,8 @@ def main() -> None:
                     ref_logps, _ = target_logps(ref_logits, y)
                 (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref_logps.chunk(2)
                 chosen_tokens, rejected_tokens = tokens.chunk(2)
-                losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, 0.0,
-                                               chosen_tokens, rejected_tokens)
+                losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss,
+                                               args.label_smoothing, chosen_tokens, rejected_tokens)
                 loss = losses.mean() + (args.rpo_alpha * chosen_nll(chosen, chosen_tokens) if args.rpo_alpha else 0)
             if args.token_kl:
                 scored = y != IGNORE_INDEX

@@ -105,11 +105,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _common(d)
     _pairs_data(d, "PREFS.jsonl")
     d.add_argument("--beta", type=float, default=0.1, help="strength of the pull toward the reference (default 0.1)")
-    d.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "robust"),
+    d.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "robust", "cdpo"),
                    help="sigmoid: DPO; ipo: IPO's squared loss on mean log-ratios; robust: rDPO with "
-                        "--label-smoothing (default sigmoid)")
+                        "--label-smoothing; cdpo: conservative DPO with --label-smoothing, whose optimum is "
+                        "finite (default sigmoid)")
     d.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="--loss robust: the probability that a pair's preference is wrong (default 0)")
+                   help="--loss robust or cdpo: the probability that a pair's preference is wrong (default 0)")
     d.add_argument("--rpo-alpha", type=float, default=0.0,
                    help="add this times the chosen answers' mean NLL to the loss (RPO; trl's loss_type "
                         "[sigmoid, sft]): keeps the policy near the chosen answers (default 0: DPO alone)")

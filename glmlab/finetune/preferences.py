@@ -9,7 +9,11 @@ over the completion's tokens (and the token that ends it), and Δ = r(chosen) �
 * ``sigmoid`` (DPO): −log σ(β Δ);
 * ``ipo`` (Azar et al., 2023): (Δ̄ − 1 / 2β)², Δ̄ the difference of the per-token mean log-ratios;
 * ``robust`` (rDPO, Chowdhury et al., 2024: labels flipped with probability ε = ``label_smoothing``):
-  (−(1−ε) log σ(β Δ) + ε log σ(−β Δ)) / (1 − 2ε).
+  (−(1−ε) log σ(β Δ) + ε log σ(−β Δ)) / (1 − 2ε);
+* ``cdpo`` (conservative DPO, Mitchell, 2023; older trl's ``sigmoid`` with ``label_smoothing``, which trl 1.x
+  dropped): −(1−ε) log σ(β Δ) − ε log σ(−β Δ), the cross-entropy against labels right with probability 1 − ε.
+  DPO's and rDPO's losses keep falling as a margin widens; this one's is least at β Δ = log((1 − ε) / ε), so its
+  optimum is the reference reweighted by a finite factor, not pushed without end.
 
 ``rpo_alpha`` > 0 adds α times the mean negative log-likelihood of the chosen answers' tokens (RPO, Pang et al.,
 2024; trl's ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, α]``): DPO alone can raise the margin by
@@ -36,7 +40,7 @@ from glmlab.errors import DataError
 from glmlab.finetune.examples import Examples, Pair, encode_pairs, length_ordered, read_jsonl_objects
 from glmlab.generation.chat import CHAT_ROLES, ChatTemplate
 
-LOSSES = ("sigmoid", "ipo", "robust")
+LOSSES = ("sigmoid", "ipo", "robust", "cdpo")
 FORMAT_HINT = ('write one {"prompt": ..., "chosen": ..., "rejected": ...} per line (texts, or a list of messages for '
                'the prompt and [{"role": "assistant", "content": ...}] for each answer)')
 
@@ -182,6 +186,9 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: to
     elif loss == "robust":
         eps = label_smoothing
         losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+    elif loss == "cdpo":
+        eps = label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
     else:
         raise ValueError(f"unknown preference loss {loss!r}; use one of {', '.join(LOSSES)}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

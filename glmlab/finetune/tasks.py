@@ -86,7 +86,7 @@ class FinetuneOptions:
     pack: bool = False  # sft: join short training examples into rows of up to the context
     beta: float = 0.1  # dpo: strength of the pull toward the reference (the KL penalty's coefficient)
     loss: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
-    label_smoothing: float = 0.0  # dpo, robust: the probability that a pair's preference is flipped
+    label_smoothing: float = 0.0  # dpo, robust and cdpo: the probability that a pair's preference is wrong
     rpo_alpha: float = 0.0  # dpo: weight of the chosen answers' NLL added to the loss (RPO)
     reference: str | None = None  # dpo: the frozen reference run (None: the init run)
     metric_tokenizer: str = "auto"  # sft: the units of exact match, BLEU and ROUGE-L (text_units)
@@ -114,9 +114,12 @@ class FinetuneOptions:
             if not self.rpo_alpha >= 0:
                 raise ConfigError(f"--rpo-alpha {self.rpo_alpha}: the weight of the chosen answers' NLL",
                                   "use --rpo-alpha >= 0 (0: DPO alone; 1: RPO's usual weight)")
-            if self.label_smoothing and self.loss != "robust":
-                raise ConfigError(f"--label-smoothing is the robust loss's flip probability, and --loss is {self.loss}",
-                                  "add --loss robust, or drop --label-smoothing")
+            if self.label_smoothing and self.loss not in ("robust", "cdpo"):
+                raise ConfigError(f"--label-smoothing is the robust and cdpo losses' flip probability, and --loss is "
+                                  f"{self.loss}", "add --loss cdpo or --loss robust, or drop --label-smoothing")
+            if self.loss == "cdpo" and not self.label_smoothing:
+                raise ConfigError("--loss cdpo without --label-smoothing is plain DPO",
+                                  "give --label-smoothing ε in (0, 0.5), e.g. 0.1, or use --loss sigmoid")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"unknown --pooling {self.pooling!r}", f"use one of: {', '.join(POOLINGS)}")
         if self.class_weights not in ("none", "balanced"):

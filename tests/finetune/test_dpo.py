@@ -99,6 +99,41 @@ def test_hand_worked_values():
     assert float(ipo) == pytest.approx((0.5 - -1.0 - 1.0) ** 2)
 
 
+def test_conservative_dpo_is_trls_sigmoid_on_soft_labels():
+    """cDPO (trl 1.x dropped it from its sigmoid loss) is trl's DPO loss on the pair weighted 1 − ε plus trl's
+    DPO loss on the swapped pair weighted ε: the cross-entropy against a label that is right with probability 1 − ε."""
+    pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(1)
+    pairs, width, beta, eps = 5, 10, 0.3, 0.15
+    mask = torch.zeros(2 * pairs, width, dtype=torch.long)
+    mask[:, 2:] = 1
+    policy = -torch.rand(2 * pairs, width - 1, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(2 * pairs, generator=g, dtype=torch.float64) * 20
+    swap = torch.cat([torch.arange(pairs, 2 * pairs), torch.arange(pairs)])
+    as_given, _ = trl_loss("sigmoid", beta, 0.0, policy, ref, mask)
+    swapped, _ = trl_loss("sigmoid", beta, 0.0, policy[swap], ref[swap], mask)
+    sums = (policy * mask[:, 1:]).sum(1)
+    losses, _, _ = preference_loss(*sums.chunk(2), *ref.chunk(2), beta, "cdpo", eps)
+    assert float(losses.mean()) == pytest.approx((1 - eps) * as_given + eps * swapped, rel=1e-9)
+
+
+def test_conservative_dpo_stops_at_its_margin():
+    """cDPO has a finite optimum, β Δ = log((1 − ε) / ε): its gradient in Δ is zero there, pushes the margin up
+    below it and down above it; DPO's and rDPO's push it up everywhere."""
+    eps, beta = 0.1, 0.5
+    optimum = math.log((1 - eps) / eps) / beta
+
+    def slope(loss: str, smoothing: float, delta: float) -> float:
+        d = torch.tensor([delta], dtype=torch.float64, requires_grad=True)
+        zero = torch.zeros(1, dtype=torch.float64)
+        preference_loss(d, zero, zero, zero, beta, loss, smoothing)[0].sum().backward()
+        return float(d.grad)
+
+    assert slope("cdpo", eps, optimum) == pytest.approx(0.0, abs=1e-12)
+    assert slope("cdpo", eps, optimum - 1) < 0 < slope("cdpo", eps, optimum + 1)
+    assert slope("sigmoid", 0.0, optimum + 1) < 0 and slope("robust", eps, optimum + 1) < 0
+
+
 def test_reference_cache_scores_each_answer_once_and_as_the_model_does():
     """The frozen reference's log-probabilities are remembered by content: the same rows padded to another width
     (a later epoch's batch) are not run again, and every value equals the model's own on that row."""
@@ -170,6 +205,23 @@ def test_rpo_adds_the_chosen_answers_nll(pretrained, tmp_path):
     assert "chosen_nll" in metrics_records(out, "train")[-1]
 
 
+def test_conservative_dpo_holds_its_margin_where_dpo_keeps_widening(pretrained, tmp_path):
+    """--loss cdpo through the CLI: trained alike, DPO's reward margin runs past cDPO's optimum, log((1 − ε) / ε),
+    while cDPO's settles near it."""
+    prefs = write_preferences(tmp_path / "prefs.jsonl", 80, 2)
+    margins = {}
+    for loss in ("sigmoid", "cdpo"):
+        out = tmp_path / loss
+        extra = ["--label-smoothing", "0.2"] if loss == "cdpo" else []
+        assert main(["finetune", "dpo", "--init", str(pretrained), "--data", str(prefs), "--out", str(out), "--quiet",
+                     "--beta", "0.5", "--loss", loss, *extra, "train.max_steps=80", "train.eval_interval=80",
+                     "train.threads=1", "train.lr=3e-3", "train.batch_size=16"]) == 0
+        margins[loss] = [r["reward_margin"] for r in metrics_records(out, "train")][-3:]
+    optimum = math.log(0.8 / 0.2)
+    assert all(abs(m - optimum) < 0.2 for m in margins["cdpo"])
+    assert all(m > optimum + 3 for m in margins["sigmoid"])
+
+
 def test_dpo_on_messages_uses_the_chat_template_and_refuses_bad_pairs(pretrained, tmp_path, capsys):
     rows = [{"prompt": [{"role": "user", "content": f"say {w}"}], "chosen": [{"role": "assistant", "content": w}],
              "rejected": [{"role": "assistant", "content": "no"}]} for w in WORDS[:6]]
@@ -193,7 +245,8 @@ def test_dpo_on_messages_uses_the_chat_template_and_refuses_bad_pairs(pretrained
     refused({"chosen": "a", "rejected": "b"}, "no prompt")
     refused({"prompt": "p", "chosen": "", "rejected": "b"}, "chosen is missing or empty")
     refused({"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "one assistant message")
-    for args, match in ((["--init", "none"], "needs --init"), (["--label-smoothing", "0.1"], "--loss robust"),
+    for args, match in ((["--init", "none"], "needs --init"), (["--label-smoothing", "0.1"], "--loss cdpo or"),
+                        (["--loss", "cdpo"], "is plain DPO"),
                         (["--beta", "0"], "--beta > 0"), (["--rpo-alpha", "-1"], "--rpo-alpha >= 0")):
         code = main(["finetune", "dpo", "--data", str(chat), "--out", str(tmp_path / "x"),
                      *(["--init", str(pretrained)] if args[0] != "--init" else []), *args])
