@@ -13,6 +13,11 @@ policy is measured as ``dpo_sentiment.py`` measures its policies, on the same he
 per prefix: the positive rate and the mean per-token KL to the SFT policy (also per sequence), one JSON line each
 (``--out``/log.jsonl). Compare with that script's best-of-N and bound rows for the same SFT policy and reward.
 
+``--loss cdpo --label-smoothing ε`` is conservative DPO, whose optimum (β 1) is the bound's reweighting by
+(1 − ε) / ε; ``--train head`` trains only an LM head of the policy's own over the SFT policy's frozen features.
+``OUT/state.pt`` is kept every ``--save-every`` steps: run the same command again and it goes on from there,
+with the same draws as an uninterrupted run.
+
     python benchmarks/dpo_online.py --sft W/sft --reward /work/bench-ae3/sst2-gpt-head-1337 --out OUT \\
         --beta 1 --lr 1e-5 --steps 1000 --eval-every 50
 """
@@ -98,6 +103,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--stop-at", type=float, default=0.95, help="stop once the measured positive rate reaches this")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train", default="all", choices=("all", "head"),
+                    help="all: every weight (default); head: only an LM head of its own (untied from the token "
+                         "embedding, which stays the SFT policy's), over the SFT policy's frozen features: the policy "
+                         "is the SFT policy's logits plus a learnt linear tilt of its last hidden state")
     ap.add_argument("--save-every", type=int, default=100,
                     help="keep OUT/state.pt (policy, optimizer, step, sampler state) every this many steps; a run "
                          "started again with the same --out goes on from it")
@@ -117,7 +126,21 @@ def main() -> None:
     classifier = load_classifier(args.reward)
     run, sft_run = load_run(args.sft), load_run(args.sft)
     policy, reference = run.model.eval(), sft_run.model.eval().requires_grad_(False)  # eval(): no dropout
+    if args.train == "head":  # the backbone is the reference's: one forward gives both models' features
+        policy.requires_grad_(False)
+        policy.lm_head.weight = torch.nn.Parameter(policy.transformer.wte.weight.detach().clone())
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+
+    def both_logits(x: torch.Tensor, with_reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The policy's logits (with gradients) and, if asked, the reference's, on the same rows."""
+        if args.train == "head":
+            with torch.no_grad():
+                h = policy.features(x)
+            ref = F.linear(h, reference.lm_head.weight).float() if with_reference else None
+            return policy.lm_head(h).float(), ref
+        logits = policy(x).float()
+        with torch.no_grad():
+            return logits, reference(x).float() if with_reference else None
     draw = random.Random(7)
     started, pairs_seen, first = time.time(), 0, 0
     state_path = args.out / "state.pt"
@@ -155,10 +178,8 @@ def main() -> None:
                 answers = [(p, c) for p, row in zip(prompts, samples, strict=True) for c in row]
                 pairs_seen += len(answers)
                 x, y = scored_rows(run, answers)
-                logits = policy(x).float()
+                logits, ref_logits = both_logits(x, bool(args.token_kl or args.kl_in_reward))
                 logps, _ = target_logps(logits, y)
-                with torch.no_grad():
-                    ref_logits = reference(x).float() if args.token_kl or args.kl_in_reward else None
                 reward = torch.tensor([float(score > 0.5) for score in scores]).view(-1, args.k)
                 if args.kl_in_reward:
                     log_ratio = logps.detach() - target_logps(ref_logits, y)[0]
@@ -171,10 +192,9 @@ def main() -> None:
                     continue
                 pairs_seen += len(pairs)
                 x, y = scored_rows(run, [c for c, _ in pairs] + [r for _, r in pairs])
-                logits = policy(x).float()
+                logits, ref_logits = both_logits(x, True)
                 logps, tokens = target_logps(logits, y)
                 with torch.no_grad():
-                    ref_logits = reference(x).float()
                     ref_logps, _ = target_logps(ref_logits, y)
                 (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref_logps.chunk(2)
                 chosen_tokens, rejected_tokens = tokens.chunk(2)

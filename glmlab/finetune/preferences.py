@@ -1,4 +1,4 @@
-"""Preference tuning (``glmlab finetune dpo``): Direct Preference Optimization (Rafailov et al., 2023) and two
+"""Preference tuning (``glmlab finetune dpo``): Direct Preference Optimization (Rafailov et al., 2023) and three
 variants, on ``{"prompt", "chosen", "rejected"}`` JSONL (plain text, or messages rendered by the run's chat
 template), against a frozen reference — the init run.
 

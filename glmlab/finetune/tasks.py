@@ -85,7 +85,7 @@ class FinetuneOptions:
     chat_template: str | None = None  # sft: a Jinja chat template file (default: the init run's, or ChatML)
     pack: bool = False  # sft: join short training examples into rows of up to the context
     beta: float = 0.1  # dpo: strength of the pull toward the reference (the KL penalty's coefficient)
-    loss: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
+    loss: str = "sigmoid"  # dpo: sigmoid (DPO), ipo, robust or cdpo
     label_smoothing: float = 0.0  # dpo, robust and cdpo: the probability that a pair's preference is wrong
     rpo_alpha: float = 0.0  # dpo: weight of the chosen answers' NLL added to the loss (RPO)
     reference: str | None = None  # dpo: the frozen reference run (None: the init run)
