@@ -144,8 +144,15 @@ def main() -> None:
     draw = random.Random(7)
     started, pairs_seen, first = time.time(), 0, 0
     state_path = args.out / "state.pt"
+    # what a resumed run must share with the run it goes on from (--lr may change: an annealed continuation)
+    settings = {k: str(v) for k, v in vars(args).items()
+                if k not in ("out", "lr", "steps", "threads", "stop_at", "save_every", "eval_every")}
     if state_path.is_file():  # go on where the last run of this --out stopped
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)  # tensors, numbers and the sampler's tuple: no code
+        if state.get("settings", settings) != settings:
+            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            options = ", ".join("--" + k.replace("_", "-") for k in changed)
+            sys.exit(f"{state_path} was saved by a run with other {options}: give another --out, or the same options")
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         draw.setstate(state["draw"])
@@ -155,10 +162,12 @@ def main() -> None:
         for step in range(first, args.steps + 1):
             if step > first and step % args.save_every == 0:
                 state = {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "draw": draw.getstate(),
-                         "step": step, "pairs": pairs_seen, "seconds": time.time() - started}
-                torch.save(state, state_path.with_suffix(".tmp"))
-                state_path.with_suffix(".tmp").replace(state_path)
-            if (step % args.eval_every == 0 and step > first) or step == args.steps or (step == 0 and first == 0):
+                         "step": step, "pairs": pairs_seen, "seconds": time.time() - started, "settings": settings}
+                partial = state_path.with_suffix(".tmp")
+                torch.save(state, partial)
+                partial.replace(state_path)
+            due = step % args.eval_every == 0 or step == args.steps
+            if due and (step != first or first == 0 or step == args.steps):  # (a resumed step was measured before)
                 with torch.no_grad():  # (dpo_sentiment.py's seed for its policies, 202)
                     result = measure(run, sft_run, eval_prompts, classifier, args.samples, 202, args.max_new_tokens)
                 example = f"{eval_prompts[0]}|{result['samples'][0].text}"

@@ -181,7 +181,6 @@ def dpo_policy(args: argparse.Namespace, init: Path, prefs: Path, beta: float, r
     return out
 
 
-@torch.no_grad()
 def answer_rows(run, prompts: list[str], completions: list) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) per completion as sampled: the start token and the prompt, then its tokens and
     the end-of-text token where it was sampled."""
@@ -191,6 +190,7 @@ def answer_rows(run, prompts: list[str], completions: list) -> list[tuple[list[i
             for prompt, c in zip(prompts, completions, strict=True)]
 
 
+@torch.no_grad()
 def sequence_logprobs(run, prompts: list[str], completions: list) -> list[tuple[float, int]]:
     """Each completion's summed log-probability under ``run``'s model given its prompt, and its token count
     (the end-of-text token included where it was sampled)."""
